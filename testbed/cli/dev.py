@@ -1,0 +1,86 @@
+"""Tasks: test, bench, lint."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from invoke import task
+from invoke.exceptions import Exit
+
+from testbed.cli.common import user_error
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@task(help={"k": "pytest -k expression", "marker": "unit, netns, vm, or a pytest -m expression",
+            "verbose": "pytest -v"})
+def test(c, k="", marker="", verbose=False):
+    """Run the test suite: unit + netns (as root) + the vm tests that fit CI's budget."""
+    args = [sys.executable, "-m", "pytest", str(ROOT / "tests"), "-q" if not verbose else "-v"]
+    if marker:
+        args += ["-m", marker]
+    if k:
+        args += ["-k", k]
+    if os.geteuid() != 0:
+        print("note: not root: netns and vm tests are skipped")
+    res = c.run(" ".join(f"'{a}'" for a in args), pty=False, warn=True)
+    if res.exited:
+        raise Exit(code=res.exited)
+
+
+@task
+def lint(c):
+    """ruff over the project."""
+    c.run(f"{sys.executable} -m ruff check {ROOT}", pty=False)
+
+
+BENCHES = ("logstore", "local-drill", "fec", "gateway", "vm")
+
+
+@task(positional=["which"], help={"which": f"all, or a comma list of: {', '.join(BENCHES)}"})
+def bench(c, which="all"):
+    """Benchmarks; prints one JSON object with the figures (never asserts timings)."""
+    chosen = BENCHES if which == "all" else tuple(w.strip() for w in which.split(","))
+    for w in chosen:
+        if w not in BENCHES:
+            raise user_error(f"bench: unknown benchmark {w!r}; use all or some of {', '.join(BENCHES)}")
+    results: dict[str, object] = {}
+    for name in chosen:
+        print(f"bench: {name} ...", file=sys.stderr, flush=True)
+        try:
+            results[name] = _run_bench(name)
+        except ImportError as err:
+            results[name] = {"skipped": f"not available yet: {err}"}
+    print(json.dumps(results, indent=1))
+
+
+def _run_bench(name: str) -> object:
+    if name == "logstore":
+        from smfs.bench_logstore import bench_logstore
+
+        with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
+            return bench_logstore(Path(tmp))
+    if name == "fec":
+        from smfs.bench_fec import bench_fec
+
+        return bench_fec()
+    if name == "local-drill":
+        from testbed.bench_drill import bench_local_drill
+
+        return bench_local_drill()
+    if name == "gateway":
+        from testbed.bench_gateway import bench_gateway
+
+        return bench_gateway()
+    if name == "vm":
+        from testbed.bench_vm import bench_vm
+
+        return bench_vm()
+    raise AssertionError(name)
+
+
+TASKS = [test, lint, bench]
