@@ -1,0 +1,210 @@
+"""Primary storage server: local log store + one TCP connection to its mirror server.
+
+Clients (the testers) send APPEND frames over a Unix socket. Each append is assigned its range on
+the mirror stream, sent to the mirror and written locally (one fdatasync per batch), and
+acknowledged when ``AckTracker`` says the mode's condition holds (see ``smfs.modes``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+
+from smfs.acks import AckTracker, Pending, SequenceRejected
+from smfs.logstore import LogStore
+from smfs.modes import Mode
+from smfs.wire import FrameDecoder, FrameType, ProtocolError, encode, encode_header
+
+CONNECT_TIMEOUT = 30.0  # s to reach the mirror at start-up
+
+
+class PrimaryServer:
+    def __init__(
+        self,
+        index: int,
+        store: LogStore,
+        mode: Mode,
+        sock_path: str,
+        mirror: tuple[str, int],
+        source: str | None = None,
+        gateway_control: tuple[str, int] | None = None,
+    ) -> None:
+        self.index = index
+        self.store = store
+        self.mode = mode
+        self.sock_path = sock_path
+        self.mirror = mirror
+        self.source = source
+        self.gateway_control = gateway_control
+        self.log = logging.getLogger(f"smfs.primary.{index}")
+        self.tracker = AckTracker(mode, {lg: store.next_seq(lg) for lg in store.logs()})
+        self._queue: asyncio.Queue[tuple[Pending, bytes]] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._server: asyncio.base_events.Server | None = None
+        self._mreader: asyncio.StreamReader | None = None
+        self._mwriter: asyncio.StreamWriter | None = None
+        self.flow: tuple[str, int, str, int] | None = None
+        self.stats = {"acked": 0, "failed": 0, "callbacks": 0}
+
+    async def start(self) -> None:
+        await self._connect_mirror()
+        self._tasks = [
+            asyncio.create_task(self._pipeline(), name=f"pipeline-{self.index}"),
+            asyncio.create_task(self._mirror_acks(), name=f"macks-{self.index}"),
+        ]
+        if self.mode.ack_on == "network":
+            self._tasks.append(asyncio.create_task(self._callbacks(), name=f"callbacks-{self.index}"))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.sock_path)
+        self._server = await asyncio.start_unix_server(self._serve_client, self.sock_path, limit=8 << 20)
+        self.log.info("serving %s, mirroring to %s:%d in %s", self.sock_path, *self.mirror, self.mode)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._mwriter is not None:
+            self._mwriter.close()
+
+    async def _connect_mirror(self) -> None:
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        while True:
+            try:
+                local = (self.source, 0) if self.source else None
+                reader, writer = await asyncio.open_connection(*self.mirror, local_addr=local)
+                break
+            except OSError as err:
+                if time.monotonic() > deadline:
+                    raise ConnectionError(f"mirror {self.mirror[0]}:{self.mirror[1]} unreachable: {err}") from err
+                await asyncio.sleep(0.2)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # High-water mark 0: drain() returns only when every byte is in the kernel socket buffer,
+        # which is what "handed to the socket" means for local-sync.
+        writer.transport.set_write_buffer_limits(high=0)
+        lhost, lport = sock.getsockname()[:2]
+        rhost, rport = sock.getpeername()[:2]
+        self.flow = (lhost, lport, rhost, rport)
+        self._mreader, self._mwriter = reader, writer
+        self.log.info("mirror stream %s:%d -> %s:%d", *self.flow)
+
+    async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        decoder = FrameDecoder(allowed=frozenset({FrameType.APPEND}))
+        reason = "client closed"
+        try:
+            while data := await reader.read(1 << 20):
+                for frame in decoder.feed(data):
+                    if self.tracker.failed:
+                        self._answer(writer, FrameType.FAIL, frame.log, frame.seq, "mirror connection lost")
+                        continue
+                    try:
+                        item = self.tracker.submit(writer, frame.log, frame.seq, len(frame.payload))
+                    except SequenceRejected as err:
+                        self._answer(writer, FrameType.FAIL, frame.log, frame.seq, str(err))
+                        continue
+                    self._queue.put_nowait((item, frame.payload))
+        except ProtocolError as err:
+            reason = f"protocol error: {err}"
+        except (ConnectionError, OSError) as err:
+            reason = f"connection lost: {err}"
+        finally:
+            self.log.info("client connection closed: %s", reason)
+            writer.close()
+
+    def _answer(self, writer: asyncio.StreamWriter, ftype: FrameType, log: int, seq: int, reason: str = "") -> None:
+        self.stats["acked" if ftype == FrameType.ACK else "failed"] += 1
+        if not writer.is_closing():
+            writer.write(encode(ftype, log, seq, reason.encode()))
+
+    def _ack(self, items: list[Pending]) -> None:
+        for item in items:
+            self._answer(item.client, FrameType.ACK, item.log, item.seq)  # type: ignore[arg-type]
+
+    def _fail_all(self, reason: str) -> None:
+        if not self.tracker.failed:
+            self.log.error("failing every pending append: %s", reason)
+        for item in self.tracker.fail_all():
+            self._answer(item.client, FrameType.FAIL, item.log, item.seq, reason)  # type: ignore[arg-type]
+
+    async def _pipeline(self) -> None:
+        """Send to the mirror and write locally, batch by batch, in submission order."""
+        assert self._mwriter is not None
+        sent = 0
+        while True:
+            batch = [await self._queue.get()]
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            if self.tracker.failed:
+                self._fail_all("mirror connection lost")
+                continue
+            for item, payload in batch:
+                self._mwriter.write(encode_header(FrameType.MIRROR, item.log, item.seq, payload))
+                self._mwriter.write(payload)
+                sent = item.end
+            local = asyncio.create_task(
+                asyncio.to_thread(self.store.append_many, [(i.log, i.seq, p) for i, p in batch])
+            )
+            try:
+                await self._mwriter.drain()
+                self._ack(self.tracker.advance("handoff", sent))
+            except (ConnectionError, OSError) as err:
+                self._fail_all(f"mirror connection lost: {err}")
+            try:
+                await local
+            except Exception as err:  # noqa: BLE001 - a local write failure fails the batch, loudly
+                self.log.error("local write failed: %s", err)
+                self._fail_all(f"local write failed: {err}")
+                continue
+            self._ack(self.tracker.local_written([i for i, _ in batch]))
+
+    async def _mirror_acks(self) -> None:
+        assert self._mreader is not None
+        decoder = FrameDecoder(allowed=frozenset({FrameType.MACK}))
+        reason = "mirror closed the connection"
+        try:
+            while data := await self._mreader.read(65536):
+                for frame in decoder.feed(data):
+                    self._ack(self.tracker.advance("mirror", frame.seq))
+        except (ProtocolError, ValueError) as err:
+            reason = f"bad mirror ack: {err}"
+        except (ConnectionError, OSError) as err:
+            reason = f"connection lost: {err}"
+        self._fail_all(reason)
+
+    async def _callbacks(self) -> None:
+        """Subscribe to the gateway's network-level callbacks for our flow and apply them."""
+        from smfs.callbacks import decode_callback, encode_subscribe
+
+        assert self.flow is not None and self.gateway_control is not None
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.setblocking(False)
+        subscribe = encode_subscribe(self.flow)
+        last_sub = 0.0
+        with sock:
+            while True:
+                if time.monotonic() - last_sub > 1.0 and self.stats["callbacks"] == 0:
+                    sock.sendto(subscribe, self.gateway_control)
+                    last_sub = time.monotonic()
+                try:
+                    data = await asyncio.wait_for(loop.sock_recv(sock, 256), 1.0)
+                except TimeoutError:
+                    continue
+                try:
+                    flow, offset = decode_callback(data)
+                except ValueError as err:
+                    self.log.warning("dropping malformed callback: %s", err)
+                    continue
+                if tuple(flow) != self.flow:
+                    continue
+                self.stats["callbacks"] += 1
+                self._ack(self.tracker.advance("network", min(offset, self.tracker.assigned)))

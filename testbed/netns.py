@@ -1,0 +1,209 @@
+"""Sites as network namespaces on this machine: fast tests of the stack and the gateway (like Mininet).
+
+Topology of one run (``ID`` is the run id; every name is unique so runs never collide)::
+
+    smfs-ID-primary                 smfs-ID-wan                    smfs-ID-mirror
+    lo    198.18.11.1/32            to-primary 198.18.1.254/24     lo    198.18.12.1/32
+    wan0  198.18.1.1/24  ══veth══   to-mirror  198.18.2.254/24 ══veth══ wan0 198.18.2.1/24
+
+Storage servers use the storage addresses on ``lo``; the sites route to each other through the ``wan``
+namespace, which forwards and is where WAN loss is applied. Addresses are from 198.18.0.0/15, the
+range reserved for benchmarking (RFC 2544). Every namespace and process is recorded in the registry
+before it is created; ``teardown()`` (and ``./inv down`` after a crash) removes exactly those.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyroute2 import IPRoute, NetlinkError, NetNS, netns
+
+from testbed import procs
+from testbed.registry import Registry, Resource, register_teardown
+
+log = logging.getLogger(__name__)
+
+SITES = ("primary", "mirror")
+
+
+@dataclass(frozen=True)
+class SiteAddr:
+    wan: str  # address on the site's WAN-facing link
+    wan_gw: str  # the wan namespace's address on that link
+    storage: str  # storage servers' address
+    storage_net: str  # the site's storage subnet
+
+
+ADDRS = {
+    "primary": SiteAddr("198.18.1.1", "198.18.1.254", "198.18.11.1", "198.18.11.0/24"),
+    "mirror": SiteAddr("198.18.2.1", "198.18.2.254", "198.18.12.1", "198.18.12.0/24"),
+}
+
+
+def other(site: str) -> str:
+    return "mirror" if site == "primary" else "primary"
+
+
+def host_has_netem() -> bool:
+    """Try a netem qdisc on a scratch namespace's loopback; this machine's kernel may lack sch_netem."""
+    name = f"smfs-probe-{secrets.token_hex(3)}"
+    netns.create(name)
+    try:
+        with NetNS(name) as ns:
+            try:
+                ns.tc("add", "netem", index=1, delay=1000)
+                return True
+            except NetlinkError:
+                return False
+    finally:
+        netns.remove(name)
+
+
+@dataclass
+class NamespaceTestbed:
+    run_id: str = field(default_factory=lambda: secrets.token_hex(3))
+    registry: Registry = field(default_factory=Registry)
+    loss_method: str = "none"
+
+    @property
+    def owner(self) -> str:
+        return f"netns-{self.run_id}"
+
+    def ns(self, site: str) -> str:
+        return f"smfs-{self.run_id}-{site}"
+
+    # -- building --------------------------------------------------------------------------
+    def build(self) -> None:
+        for site in (*SITES, "wan"):
+            self.registry.add("netns", self.ns(site), self.owner)
+            netns.create(self.ns(site))
+            with NetNS(self.ns(site)) as ns:
+                ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+        for site in SITES:
+            self._link_site(site)
+        self.sh("wan", "sysctl", "-qw", "net.ipv4.ip_forward=1")
+
+    def _link_site(self, site: str) -> None:
+        a = ADDRS[site]
+        tmp_site, tmp_wan = f"s{self.run_id}{site[0]}", f"w{self.run_id}{site[0]}"
+        with IPRoute() as ip:
+            ip.link("add", ifname=tmp_site, kind="veth", peer={"ifname": tmp_wan, "net_ns_fd": self.ns("wan")})
+            ip.link("set", index=ip.link_lookup(ifname=tmp_site)[0], net_ns_fd=self.ns(site))
+        with NetNS(self.ns(site)) as ns:
+            idx = ns.link_lookup(ifname=tmp_site)[0]
+            ns.link("set", index=idx, ifname="wan0")
+            ns.addr("add", index=idx, address=a.wan, prefixlen=24)
+            ns.link("set", index=idx, state="up")
+            # The storage address lives on lo (this host kernel has no dummy links).
+            ns.addr("add", index=ns.link_lookup(ifname="lo")[0], address=a.storage, prefixlen=32)
+            ns.route("add", dst="0.0.0.0/0", gateway=a.wan_gw)
+        with NetNS(self.ns("wan")) as ns:
+            idx = ns.link_lookup(ifname=tmp_wan)[0]
+            ns.link("set", index=idx, ifname=f"to-{site}")
+            ns.addr("add", index=idx, address=a.wan_gw, prefixlen=24)
+            ns.link("set", index=idx, state="up")
+            ns.route("add", dst=a.storage_net, gateway=a.wan)
+
+    # -- running ---------------------------------------------------------------------------
+    def sh(self, site: str, *argv: str, check: bool = True, input: bytes | None = None) -> str:
+        """Run a short command in a site's namespace and return its stdout."""
+        res = subprocess.run(["ip", "netns", "exec", self.ns(site), *argv], capture_output=True, input=input)
+        if check and res.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} in {site}: {res.stderr.decode().strip()}")
+        return res.stdout.decode()
+
+    def spawn(self, site: str, name: str, argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+        """Start a long-running process in a site's namespace, recorded under this run."""
+        return procs.spawn(
+            ["ip", "netns", "exec", self.ns(site), *argv], owner=self.owner, name=f"{site}:{name}",
+            log_path=log_path, registry=self.registry,
+        )
+
+    def site_processes(self, site: str) -> list[Resource]:
+        return [r for r in self.registry.items("process", self.owner) if r.meta.get("name", "").startswith(f"{site}:")]
+
+    # -- the WAN ---------------------------------------------------------------------------
+    def set_loss(self, percent: float) -> str:
+        """Random loss on every packet crossing the WAN, each direction; returns the method used.
+
+        netem when the host kernel has it; otherwise an nftables random drop in the wan namespace
+        (this machine's kernel has no sch_netem; nftables can drop but cannot delay).
+        """
+        if percent <= 0:
+            self.loss_method = "none"
+            return self.loss_method
+        if host_has_netem():
+            with NetNS(self.ns("wan")) as ns:
+                for site in SITES:
+                    idx = ns.link_lookup(ifname=f"to-{site}")[0]
+                    ns.tc("replace", "netem", index=idx, loss=percent)
+            self.loss_method = "netem"
+        else:
+            threshold = round(percent * 100)  # out of 10000: 0.01 % resolution
+            rules = (
+                "table inet smfs_wan {\n chain loss {\n  type filter hook forward priority 0; policy accept;\n"
+                f"  numgen random mod 10000 < {threshold} counter drop\n }}\n}}\n"
+            )
+            self.sh("wan", "nft", "-f", "-", input=rules.encode())
+            listed = self.sh("wan", "nft", "list", "table", "inet", "smfs_wan")
+            if f"< {threshold}" not in listed:
+                raise RuntimeError(f"nftables loss rule not in place after applying it: {listed!r}")
+            self.loss_method = "nftables-random-drop"
+        return self.loss_method
+
+    def wan_drops(self) -> int | None:
+        """Packets dropped by the nftables loss rule so far (None when it is not in use)."""
+        if self.loss_method != "nftables-random-drop":
+            return None
+        out = self.sh("wan", "nft", "list", "table", "inet", "smfs_wan", check=False)
+        for line in out.splitlines():
+            if "counter packets" in line:
+                return int(line.split("counter packets")[1].split()[0])
+        return None
+
+    # -- failures ---------------------------------------------------------------------------
+    def cut_link(self, site: str) -> None:
+        """Take the site's WAN link down: nothing more leaves, including data in socket buffers."""
+        with NetNS(self.ns(site)) as ns:
+            ns.link("set", index=ns.link_lookup(ifname="wan0")[0], state="down")
+
+    def kill_site(self, site: str) -> list[str]:
+        """SIGKILL every process of the site (power cut); returns their names."""
+        killed = []
+        for res in self.site_processes(site):
+            procs.kill(int(res.ident), res.meta.get("started"))
+            self.registry.remove("process", res.ident)
+            killed.append(res.meta.get("name", res.ident))
+        return killed
+
+    def power_cut(self, site: str) -> list[str]:
+        self.cut_link(site)
+        return self.kill_site(site)
+
+    def teardown(self) -> None:
+        self.registry.teardown(owner=self.owner)
+
+
+def _teardown_netns(res: Resource) -> None:
+    name = res.ident
+    if name not in netns.listnetns():
+        return
+    # Everything inside a namespace we created is ours: stop it before removing the namespace.
+    pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), 9)
+    netns.remove(name)
+    deadline = time.monotonic() + 5
+    while name in netns.listnetns() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+register_teardown("netns", _teardown_netns)

@@ -1,0 +1,94 @@
+"""Primary and mirror servers over loopback, in one event loop: modes end to end, and hostile
+bytes on any socket close only that connection, never the server or a log."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from smfs.client import AppendFailed, Client, ConnectionLost
+from smfs.logstore import LogStore
+from smfs.mirror import MirrorServer
+from smfs.modes import MODES
+from smfs.primary import PrimaryServer
+from smfs.wire import FrameType, encode
+
+
+async def _pair(tmp: Path, mode: str) -> tuple[PrimaryServer, MirrorServer, LogStore, LogStore]:
+    mstore = LogStore.open(tmp / "m", sync=False)
+    pstore = LogStore.open(tmp / "p", sync=False)
+    mirror = MirrorServer(0, mstore, "127.0.0.1", 0)
+    await mirror.start()
+    port = mirror._server.sockets[0].getsockname()[1]  # noqa: SLF001 - ephemeral port for the test
+    primary = PrimaryServer(0, pstore, MODES[mode], str(tmp / "p.sock"), ("127.0.0.1", port))
+    await primary.start()
+    return primary, mirror, pstore, mstore
+
+
+@pytest.mark.parametrize("mode", ["local-sync", "remote-sync"])
+def test_appends_reach_both_stores(tmp_path: Path, mode: str) -> None:
+    async def go() -> None:
+        primary, mirror, pstore, mstore = await _pair(tmp_path, mode)
+        client = await Client.connect(str(tmp_path / "p.sock"))
+        for seq in range(20):
+            await client.append(3, seq, bytes([seq]) * (1000 + seq))
+        with pytest.raises(AppendFailed, match="not the next one"):
+            await client.append(3, 7, b"again")
+        await client.close()
+        if mode == "remote-sync":
+            # Acked after the mirror's ack: already on the mirror.
+            assert mstore.next_seq(3) == 20
+        for _ in range(100):
+            if mstore.next_seq(3) == 20:
+                break
+            await asyncio.sleep(0.02)
+        assert [r.payload for r in mstore.read(3)] == [r.payload for r in pstore.read(3)]
+        await primary.close()
+        await mirror.close()
+
+    asyncio.run(go())
+
+
+def test_garbage_closes_only_that_connection(tmp_path: Path) -> None:
+    async def go() -> None:
+        primary, mirror, pstore, mstore = await _pair(tmp_path, "remote-sync")
+        port = mirror._server.sockets[0].getsockname()[1]  # noqa: SLF001
+        # Garbage and a truncated frame to the mirror's TCP port.
+        for junk in (b"GET / HTTP/1.0\r\n\r\n" * 3, encode(FrameType.MIRROR, 9, 0, b"x" * 100)[:-5]):
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(junk)
+            w.write_eof()
+            assert await asyncio.wait_for(r.read(), 5) == b""
+            w.close()
+        # A frame type a client may not send, then a bad checksum, to the primary's socket.
+        for junk in (encode(FrameType.MACK, 0, 1), encode(FrameType.APPEND, 1, 0, b"abc")[:-1] + b"X"):
+            r, w = await asyncio.open_unix_connection(str(tmp_path / "p.sock"))
+            w.write(junk)
+            assert await asyncio.wait_for(r.read(), 5) == b""
+            w.close()
+        # The servers still work, and nothing of the garbage reached a log.
+        client = await Client.connect(str(tmp_path / "p.sock"))
+        await client.append(1, 0, b"good")
+        await client.close()
+        assert mstore.logs() == [1] and [r.payload for r in mstore.read(1)] == [b"good"]
+        await primary.close()
+        await mirror.close()
+
+    asyncio.run(go())
+
+
+def test_mirror_loss_fails_pending_appends(tmp_path: Path) -> None:
+    async def go() -> None:
+        primary, mirror, *_ = await _pair(tmp_path, "remote-sync")
+        client = await Client.connect(str(tmp_path / "p.sock"))
+        await client.append(1, 0, b"one")
+        await mirror.close()
+        primary._mwriter.transport.abort()  # noqa: SLF001 - the mirror connection drops
+        with pytest.raises((AppendFailed, ConnectionLost)):
+            await asyncio.wait_for(client.append(1, 1, b"two"), 5)
+        await client.close()
+        await primary.close()
+
+    asyncio.run(go())

@@ -1,0 +1,106 @@
+"""Append testers: ``python -m workloads.tester ...``.
+
+Each tester appends to its own log (log id = tester id), one outstanding append at a time, for a
+duration or a count. Payloads are derived from (tester, seq), so the checker verifies content by
+digest. Every operation is in the tester's ledger before it is sent (outcome ``info``) and again
+when it completes (``ok`` or ``fail``): a tester killed mid-append still leaves a record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from smfs.client import AppendFailed, Client, ConnectionLost
+from smfs.site import server_for_log, socket_path
+from workloads.ledger import LedgerWriter
+from workloads.payload import digest, payload
+
+ANSWER_TIMEOUT = 30.0  # s; no answer by then: outcome info, the tester stops
+
+
+@dataclass(frozen=True)
+class TesterConfig:
+    testers: int = 64
+    append_size: int = 512 * 1024  # bytes
+    duration: float | None = None  # s
+    count: int | None = None  # appends per tester
+    servers: int = 8
+    run_dir: str = "."
+    ledger_dir: str = "ledger"
+
+
+async def run_tester(cfg: TesterConfig, tester: int, deadline: float, stats: dict[str, int]) -> None:
+    log = tester
+    path = socket_path(cfg.run_dir, server_for_log(log, cfg.servers))
+    ledger = LedgerWriter(Path(cfg.ledger_dir) / f"tester-{tester:03d}.jsonl")
+    try:
+        client = await Client.connect(path)
+    except OSError as err:
+        logging.getLogger("tester").error("tester %d cannot connect to %s: %s", tester, path, err)
+        stats["connect_failed"] += 1
+        return
+    seq = 0
+    try:
+        while (cfg.count is None or seq < cfg.count) and time.monotonic() < deadline:
+            data = payload(tester, seq, cfg.append_size)
+            dig = digest(data)
+            ledger.invoke(tester, log, seq, len(data), dig)
+            try:
+                await asyncio.wait_for(client.append(log, seq, data), ANSWER_TIMEOUT)
+            except AppendFailed:
+                ledger.complete(tester, seq, "fail")
+                stats["fail"] += 1
+                break  # the log cannot continue past a refused seq
+            except (ConnectionLost, TimeoutError):
+                stats["info"] += 1
+                break  # outcome unknown: stays "info" in the ledger
+            ledger.complete(tester, seq, "ok")
+            stats["ok"] += 1
+            seq += 1
+    finally:
+        ledger.close()
+        await client.close()
+
+
+async def run_all(cfg: TesterConfig) -> dict[str, int]:
+    Path(cfg.ledger_dir).mkdir(parents=True, exist_ok=True)
+    stats = {"ok": 0, "fail": 0, "info": 0, "connect_failed": 0}
+    deadline = time.monotonic() + (cfg.duration if cfg.duration is not None else 1e9)
+    await asyncio.gather(*(run_tester(cfg, t, deadline, stats) for t in range(cfg.testers)))
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    from smfs.units import parse_size
+
+    p = argparse.ArgumentParser(prog="workloads.tester", description=__doc__)
+    p.add_argument("--testers", type=int, default=64)
+    p.add_argument("--append-size", default="512KiB")
+    p.add_argument("--duration", type=float, default=None, help="seconds")
+    p.add_argument("--count", type=int, default=None, help="appends per tester")
+    p.add_argument("--servers", type=int, default=8)
+    p.add_argument("--run", required=True, help="directory with the primary servers' sockets")
+    p.add_argument("--ledger", required=True, help="directory for the ledgers")
+    args = p.parse_args(argv)
+    if args.duration is None and args.count is None:
+        p.error("give --duration or --count")
+    try:
+        size = parse_size(args.append_size, "--append-size")
+    except ValueError as err:
+        p.error(str(err))
+    cfg = TesterConfig(args.testers, size, args.duration, args.count, args.servers, args.run, args.ledger)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    stats = asyncio.run(run_all(cfg))
+    print(json.dumps(stats), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
