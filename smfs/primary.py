@@ -58,6 +58,8 @@ class PrimaryServer:
         ]
         if self.mode.ack_on == "network":
             self._tasks.append(asyncio.create_task(self._callbacks(), name=f"callbacks-{self.index}"))
+        for task in self._tasks:
+            task.add_done_callback(self._task_done)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.sock_path)
         self._server = await asyncio.start_unix_server(self._serve_client, self.sock_path, limit=8 << 20)
@@ -73,6 +75,14 @@ class PrimaryServer:
                 await task
         if self._mwriter is not None:
             self._mwriter.close()
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        """A background task must never die silently: log it and fail what is pending."""
+        if task.cancelled() or task.exception() is None:
+            return
+        err = task.exception()
+        self.log.error("%s failed: %r", task.get_name(), err, exc_info=err)
+        self._fail_all(f"{task.get_name()} failed: {err!r}")
 
     async def _connect_mirror(self) -> None:
         deadline = time.monotonic() + CONNECT_TIMEOUT
@@ -181,14 +191,14 @@ class PrimaryServer:
 
     async def _callbacks(self) -> None:
         """Subscribe to the gateway's network-level callbacks for our flow and apply them."""
-        from smfs.callbacks import decode_callback, encode_subscribe
+        from smfs.callbacks import Flow, decode_callback, encode_subscribe
 
         assert self.flow is not None and self.gateway_control is not None
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.bind(("127.0.0.1", 0))
         sock.setblocking(False)
-        subscribe = encode_subscribe(self.flow)
+        subscribe = encode_subscribe(Flow(*self.flow))
         last_sub = 0.0
         with sock:
             while True:

@@ -45,3 +45,16 @@ def test_local_sync_losses_are_counted_not_failed(tmp_path: Path) -> None:
     assert mode["lost"] >= 0 and mode["verdict"] == "ok"
     assert (mode["corrupt"], mode["prefix_violations"], mode["unexpected"]) == (0, 0, 0)
     assert mode["timeline"][-1]["event"].startswith("checked")
+
+
+def test_network_sync_through_the_gateways_keeps_acked_appends(tmp_path: Path) -> None:
+    result = _drill(tmp_path, "network-sync")
+    [mode] = result["modes"]
+    assert mode["acked"] > 0, mode.get("error")
+    assert (mode["lost"], mode["corrupt"], mode["prefix_violations"]) == (0, 0, 0)
+    assert mode["verdict"] == "ok"
+    fec = mode["fec"]
+    # 2 % random loss each way: the mirror's gateway saw losses and rebuilt them.
+    assert fec["lost_on_wan"] > 0 and fec["rebuilt"] > 0
+    assert fec["rebuilt"] >= 0.9 * fec["lost_on_wan"]
+    assert fec["sites"]["primary"]["callbacks_sent"] > 0

@@ -1,0 +1,288 @@
+"""The Maelstrom gateway of one site: ``python -m smfs.gateway ...`` (thin asyncio glue).
+
+Egress: IP packets routed from the site's storage subnet to the peer site's enter a TUN device;
+each is sent unaltered inside an authenticated UDP datagram to the peer gateway, numbered, and fed
+to the FEC encoder, whose repair datagrams go out alongside. The flow tracker turns "sent, with
+every covering repair" into per-TCP-flow safe stream offsets, pushed as callbacks to the local
+storage servers that subscribed (network-sync).
+
+Ingress: datagrams from the peer are authenticated (HMAC, per-testbed key) and checked against a
+replay window; data is written to the TUN at once, repairs rebuild lost packets, which are written
+as soon as they are rebuilt. Hostile or foreign datagrams are counted and dropped.
+
+Statistics are written to ``--stats`` every second, on SIGUSR1 and on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from smfs.callbacks import Flow, FlowTracker, decode_subscribe, encode_callback
+from smfs.fec import Decoder, Encoder, FecParams, Repair
+from smfs.tunnel import DataMsg, ReplayWindow, TunnelError, decode, encode_data, encode_repair
+
+TUNSETIFF = 0x400454CA
+IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
+TUN_MTU = 1300  # bytes: inner packet + tunnel header + MAC stays below the WAN's 1500 (no fragments)
+SITE_IDS = {"primary": 1, "mirror": 2}
+
+log = logging.getLogger("smfs.gateway")
+
+
+def open_tun(name: str) -> int:
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+    fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
+    return fd
+
+
+def configure_tun(name: str, address: str, routes: list[str]) -> None:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ip:
+        idx = ip.link_lookup(ifname=name)[0]
+        ip.link("set", index=idx, mtu=TUN_MTU, state="up")
+        for dst in routes:
+            ip.route("replace", dst=dst, oif=idx, prefsrc=address)
+
+
+class Gateway:
+    def __init__(self, args: argparse.Namespace, key: bytes, tun: int) -> None:
+        self.args = args
+        self.key = key
+        self.site = SITE_IDS[args.site]
+        self.peer_site = SITE_IDS["mirror" if args.site == "primary" else "primary"]
+        self.params = FecParams(r=args.r, c=len(args.interleaves), interleaves=tuple(args.interleaves),
+                                flush_ms=args.flush_ms)
+        self.encoder = Encoder(self.params)
+        self.decoder = Decoder(self.params, window=max(4096, 2 * self.params.span))
+        self.tracker = FlowTracker(self.params.c)
+        self.replay = ReplayWindow()
+        self.subscribers: dict[Flow, tuple[str, int]] = {}
+        self.seq = 0
+        self.stats = collections.Counter()
+        self.reasons: collections.Counter[str] = collections.Counter()
+        self._timer: asyncio.TimerHandle | None = None
+        self.loop = asyncio.get_running_loop()
+        self.tun = tun
+        self.wan = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.wan.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        self.wan.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.wan.bind(_hostport(args.local))
+        self.wan.setblocking(False)
+        self.peer = _hostport(args.peer)
+        self.control = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.control.bind(_hostport(args.control))
+        self.control.setblocking(False)
+        self.loop.add_reader(self.tun, self._on_tun)
+        self.loop.add_reader(self.wan, self._on_wan)
+        self.loop.add_reader(self.control, self._on_control)
+
+    # -- egress ------------------------------------------------------------------------------
+    def _send(self, datagram: bytes) -> bool:
+        try:
+            self.wan.sendto(datagram, self.peer)
+            return True
+        except OSError as err:  # link cut, buffer full: the datagram did not reach the WAN
+            self.stats["send_errors"] += 1
+            self.reasons[f"send: {err.strerror}"] += 1
+            return False
+
+    def _on_tun(self) -> None:
+        now = self.loop.time()
+        for _ in range(256):
+            try:
+                packet = os.read(self.tun, 65535)
+            except BlockingIOError:
+                break
+            seq, self.seq = self.seq, self.seq + 1
+            self.stats["tun_in"] += 1
+            repairs = self.encoder.add(seq, packet, now)
+            if self._send(encode_data(seq, packet, self.site, self.key)):
+                self.stats["data_out"] += 1
+                self.tracker.on_packet_sent(seq, packet, now)
+            self._send_repairs(repairs)
+        self._arm_timer()
+
+    def _send_repairs(self, repairs: list[Repair]) -> None:
+        sent = [r for r in repairs if self._send(encode_repair(r, self.site, self.key))]
+        self.stats["repairs_out"] += len(sent)
+        if sent:
+            self.tracker.on_repairs_sent(sent, self.loop.time())
+        self._push_callbacks()
+
+    def _arm_timer(self) -> None:
+        deadline = self.encoder.get_timer()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None:
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._send_repairs(self.encoder.handle_timer(self.loop.time()))
+        self._arm_timer()
+
+    def _push_callbacks(self) -> None:
+        for flow, offset in self.tracker.safe_offsets():
+            dest = self.subscribers.get(flow)
+            if dest is not None:
+                with contextlib.suppress(OSError):
+                    self.control.sendto(encode_callback(flow, offset), dest)
+                    self.stats["callbacks_sent"] += 1
+
+    def _on_control(self) -> None:
+        while True:
+            try:
+                data, addr = self.control.recvfrom(512)
+            except BlockingIOError:
+                return
+            try:
+                flow = decode_subscribe(data)
+            except ValueError as err:
+                self.reasons[f"control: {err}"] += 1
+                continue
+            self.subscribers[flow] = addr
+            log.info("callbacks for %s -> %s", flow, addr)
+
+    # -- ingress -----------------------------------------------------------------------------
+    def _write_tun(self, packet: bytes) -> None:
+        try:
+            os.write(self.tun, packet)
+            self.stats["tun_out"] += 1
+        except OSError as err:
+            self.stats["tun_write_errors"] += 1
+            self.reasons[f"tun: {err.strerror}"] += 1
+
+    def _on_wan(self) -> None:
+        now = self.loop.time()
+        for _ in range(256):
+            try:
+                data = self.wan.recv(65535)
+            except BlockingIOError:
+                return
+            self.stats["wan_in"] += 1
+            try:
+                msg = decode(data, self.key, expect_site=self.peer_site)
+            except TunnelError as err:
+                self.stats["rejected"] += 1
+                self.reasons[f"rejected: {err.reason}"] += 1
+                continue
+            if isinstance(msg, DataMsg):
+                if not self.replay.check_and_update(msg.seq):
+                    self.stats["replayed"] += 1
+                    continue
+                if self.decoder.has(msg.seq):
+                    continue  # already rebuilt and delivered
+                self._write_tun(msg.packet)
+                rebuilt = self.decoder.on_data(msg.seq, msg.packet, now)
+            else:
+                rebuilt = self.decoder.on_repair(msg.repair, now)
+            for seq, packet in rebuilt:
+                self.replay.update(seq)
+                self._write_tun(packet)
+
+    # -- statistics --------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        d = self.decoder.stats
+        lat = np.array(self.tracker.latencies) * 1000.0 if self.tracker.latencies else None
+        lost_on_wan = d.rebuilt + d.lost + self.decoder.missing_in_window()
+        return {
+            "site": self.args.site,
+            "params": {"r": self.params.r, "c": self.params.c, "interleaves": list(self.params.interleaves),
+                       "flush_ms": self.params.flush_ms},
+            "packets_in": self.stats["tun_in"],
+            "packets_out": self.stats["data_out"],
+            "repairs_sent": self.stats["repairs_out"],
+            "wan_datagrams_in": self.stats["wan_in"],
+            "received": d.received,
+            "lost_on_wan": lost_on_wan,
+            "rebuilt": d.rebuilt,
+            "lost_for_good": lost_on_wan - d.rebuilt,
+            "rebuilt_fraction": round(d.rebuilt / lost_on_wan, 4) if lost_on_wan else None,
+            "rejected": self.stats["rejected"],
+            "replayed": self.stats["replayed"],
+            "send_errors": self.stats["send_errors"],
+            "callbacks_sent": self.stats["callbacks_sent"],
+            "callback_latency_ms": None if lat is None else {
+                "p50": round(float(np.percentile(lat, 50)), 3), "p99": round(float(np.percentile(lat, 99)), 3),
+                "n": int(lat.size)},
+            "reasons": dict(self.reasons),
+            "t": time.time(),
+        }
+
+    def write_stats(self) -> None:
+        path = Path(self.args.stats)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.snapshot(), indent=1))
+        os.replace(tmp, path)
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host, int(port)
+
+
+async def _main(args: argparse.Namespace, key: bytes, tun: int) -> None:
+    gw = Gateway(args, key, tun)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, gw.write_stats)
+    Path(args.ready).write_text("ready\n")
+    log.info("gateway %s up: tun %s, %s <-> %s, r=%d interleaves=%s", args.site, args.tun, args.local, args.peer,
+             gw.params.r, gw.params.interleaves)
+    while not stop.is_set():
+        gw.write_stats()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+    gw.write_stats()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="smfs.gateway", description=__doc__)
+    p.add_argument("--site", choices=sorted(SITE_IDS), required=True)
+    p.add_argument("--tun", default="smfs0")
+    p.add_argument("--address", required=True, help="this site's storage address (source of routed traffic)")
+    p.add_argument("--route", action="append", default=[], help="peer storage subnet routed into the TUN")
+    p.add_argument("--local", required=True, help="HOST:PORT of this gateway on the WAN")
+    p.add_argument("--peer", required=True, help="HOST:PORT of the peer gateway")
+    p.add_argument("--control", default="127.0.0.1:7790", help="HOST:PORT for callback subscriptions")
+    p.add_argument("--key-file", required=True, help="file with the per-testbed tunnel key (hex)")
+    p.add_argument("--stats", required=True, help="JSON statistics file")
+    p.add_argument("--ready", required=True, help="file written once the gateway runs")
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--interleaves", type=int, nargs="+", default=list(FecParams().interleaves))
+    p.add_argument("--flush-ms", type=float, default=FecParams().flush_ms)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        key = bytes.fromhex(Path(args.key_file).read_text().strip())
+        # pyroute2's synchronous API runs its own event loop: configure before ours starts.
+        tun = open_tun(args.tun)
+        configure_tun(args.tun, args.address, args.route)
+        asyncio.run(_main(args, key, tun))
+    except (OSError, ValueError) as err:
+        log.error("gateway failed: %s", err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

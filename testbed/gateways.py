@@ -1,0 +1,76 @@
+"""Start a Maelstrom gateway in each site namespace and gather their statistics."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from testbed.netns import ADDRS, NamespaceTestbed, other
+
+TUNNEL_PORT = 7800
+CONTROL = "127.0.0.1:7790"
+READY_TIMEOUT = 30.0  # s
+
+
+@dataclass
+class GatewayPair:
+    stats_files: dict[str, Path]
+
+    def read(self, site: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.stats_files[site].read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def collect_stats(self) -> dict[str, Any]:
+        """Both gateways' statistics plus the totals a result reports (``rebuilt``, ``lost_on_wan``...)."""
+        per_site = {site: self.read(site) for site in self.stats_files}
+        total = {"lost_on_wan": 0, "rebuilt": 0, "lost_for_good": 0, "repairs_sent": 0, "rejected": 0}
+        for st in per_site.values():
+            for key in total:
+                total[key] += (st or {}).get(key) or 0
+        total["rebuilt_fraction"] = round(total["rebuilt"] / total["lost_on_wan"], 4) if total["lost_on_wan"] else None
+        prim = per_site.get("primary") or {}
+        total["callback_latency_ms"] = prim.get("callback_latency_ms")
+        total["params"] = prim.get("params") or (per_site.get("mirror") or {}).get("params")
+        return total | {"sites": per_site}
+
+
+def start_gateways(tb: NamespaceTestbed, out: Path, logs: Path, r: int = 8,
+                   interleaves: tuple[int, ...] | None = None) -> GatewayPair:
+    """One gateway per site namespace; storage traffic between the sites is routed through them."""
+    key_file = out / "work" / "tunnel.key"
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(secrets.token_hex(32))
+    os.chmod(key_file, 0o600)
+    stats = {}
+    waiting = []
+    for site in ("mirror", "primary"):
+        me, peer = ADDRS[site], ADDRS[other(site)]
+        stats[site] = out / f"fec-{site}.json"
+        ready = out / "work" / f"gateway-{site}.ready"
+        argv = [
+            sys.executable, "-m", "smfs.gateway", "--site", site, "--tun", "smfs0", "--address", me.storage,
+            "--route", peer.storage_net, "--local", f"{me.wan}:{TUNNEL_PORT}", "--peer", f"{peer.wan}:{TUNNEL_PORT}",
+            "--control", CONTROL, "--key-file", str(key_file), "--stats", str(stats[site]), "--ready", str(ready),
+            "--r", str(r),
+        ]
+        if interleaves:
+            argv += ["--interleaves", *map(str, interleaves)]
+        proc = tb.spawn(site, "gateway", argv, logs / f"gateway-{site}.log")
+        waiting.append((site, proc, ready))
+    deadline = time.monotonic() + READY_TIMEOUT
+    for site, proc, ready in waiting:
+        while not ready.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                from testbed.localdrill import InfrastructureError
+
+                raise InfrastructureError(f"{site} gateway did not start (see {logs / f'gateway-{site}.log'})")
+            time.sleep(0.05)
+    return GatewayPair(stats)
