@@ -73,7 +73,7 @@ class Gateway:
         self.tracker = FlowTracker(self.params.c)
         self.replay = ReplayWindow()
         self.subscribers: dict[Flow, tuple[str, int]] = {}
-        self.seq = 0
+        self.seq = time.time_ns()  # above any seq a previous run of this gateway used (replay window)
         self.stats = collections.Counter()
         self.reasons: collections.Counter[str] = collections.Counter()
         self._timer: asyncio.TimerHandle | None = None

@@ -72,7 +72,7 @@ def check(c, ledger, mirror, mode="remote-sync", json_out=False):
         m = parse_mode(mode)
     except ValueError as err:
         raise user_error(str(err)) from None
-    result = check_dirs(Path(ledger), Path(mirror))
+    result = check_dirs(Path(ledger), Path(mirror), durable=m.durable)
     verdict = verdict_for(result, m.durable)
     print(json.dumps(result.to_dict() | {"verdict": verdict}, indent=1) if json_out else f"{result.summary_line()}  verdict: {verdict}")
     if EXIT_CODES[verdict]:

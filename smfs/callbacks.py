@@ -1,0 +1,342 @@
+"""Network-level callbacks (SMFS network-sync). Pure: packets in, (flow, offset) out.
+
+The egress gateway tells a local storage server, per TCP flow, the highest contiguous stream
+offset whose packets *and every repair covering them* are on the WAN: from then on, a WAN loss
+is repaired by the ingress gateway and a primary-site disaster cannot lose those bytes.
+
+:class:`FlowTracker` is fed what the egress sends: :meth:`FlowTracker.on_packet_sent` for each
+tunnelled IP packet (with its tunnel seq) and :meth:`FlowTracker.on_repairs_sent` for each batch
+of repairs sent (those of ``Encoder.add`` and ``Encoder.handle_timer``). Report a packet before
+the repairs that cover it, as the encoder returns them after ``add``. A tunnel packet is
+*safe* once one repair of each of the ``c`` layers covering it was sent; a flow's bytes are
+safe once the packets carrying them are. :meth:`FlowTracker.safe_offsets` returns the flows
+whose contiguous safe offset advanced.
+
+Offsets count stream bytes from the first byte after the SYN (``(seq - isn - 1) mod 2**32``,
+unwrapped to 64 bits), exclusive end: offset ``n`` means bytes ``0 .. n-1`` are safe, so a server
+that wrote ``n`` bytes on the connection waits for a callback with offset ``>= n``. A flow is
+tracked from its SYN (or SYN-ACK) on: a flow first seen without one (the gateway started after
+the connection) is ignored, its server gets no callback and must fall back on its timeout.
+A SYN with a new ISN on a known 4-tuple starts the flow afresh; FIN ends it once all its bytes
+are safe and reported, RST after the next report.
+
+Messages on the local control channel (UDP, integers big-endian, addresses IPv4):
+
+- callback, gateway -> server: ``b"SMCB" src_ip sport dst_ip dport offset`` (``!4s4sH4sHQ``,
+  24 bytes), the flow as the server sends it (src = the server);
+- subscribe, server -> gateway control port: ``b"SMSB" src_ip sport dst_ip dport``
+  (``!4s4sH4sH``, 16 bytes): send this flow's callbacks to the datagram's source address.
+"""
+
+from __future__ import annotations
+
+import bisect
+import socket
+import struct
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from smfs.fec import Repair
+
+TCP_FIN = 0x01
+TCP_SYN = 0x02
+TCP_RST = 0x04
+TCP_ACK = 0x10
+
+_IP = struct.Struct("!BBHHHBBH4s4s")
+_TCP = struct.Struct("!HHIIH")
+_CALLBACK = struct.Struct("!4s4sH4sHQ")
+_SUBSCRIBE = struct.Struct("!4s4sH4sH")
+CALLBACK_MAGIC = b"SMCB"
+SUBSCRIBE_MAGIC = b"SMSB"
+_MOD32 = 1 << 32
+
+
+class Flow(NamedTuple):
+    """One direction of a TCP connection: dotted IPv4 addresses and ports."""
+
+    src: str
+    sport: int
+    dst: str
+    dport: int
+
+
+@dataclass(frozen=True, slots=True)
+class TcpSegment:
+    """The fields of an IPv4/TCP packet the tracker needs; ``payload_len`` in bytes."""
+
+    src: str
+    dst: str
+    sport: int
+    dport: int
+    seq: int
+    ack: int
+    flags: int
+    payload_len: int
+
+    @property
+    def flow(self) -> Flow:
+        return Flow(self.src, self.sport, self.dst, self.dport)
+
+    @property
+    def syn(self) -> bool:
+        return bool(self.flags & TCP_SYN)
+
+    @property
+    def fin(self) -> bool:
+        return bool(self.flags & TCP_FIN)
+
+    @property
+    def rst(self) -> bool:
+        return bool(self.flags & TCP_RST)
+
+
+def parse_tcp(packet: bytes) -> TcpSegment | None:
+    """The TCP segment in IPv4 packet ``packet``; None for anything else, for fragments and for
+    malformed headers. Trailing bytes beyond the IP total length are ignored."""
+    if len(packet) < 40:
+        return None
+    vihl, _tos, total, _id, frag, _ttl, proto, _sum, src, dst = _IP.unpack_from(packet)
+    ihl = (vihl & 0x0F) * 4
+    if vihl >> 4 != 4 or ihl < 20 or proto != 6 or frag & 0x3FFF or total > len(packet):
+        return None
+    if total < ihl + 20:
+        return None
+    sport, dport, seq, ack, off_flags = _TCP.unpack_from(packet, ihl)
+    doff = (off_flags >> 12) * 4
+    if doff < 20 or ihl + doff > total:
+        return None
+    return TcpSegment(
+        socket.inet_ntoa(src),
+        socket.inet_ntoa(dst),
+        sport,
+        dport,
+        seq,
+        ack,
+        off_flags & 0xFF,
+        total - ihl - doff,
+    )
+
+
+def unwrap32(value: int, ref: int) -> int:
+    """The 64-bit number closest to ``ref`` whose low 32 bits are ``value``
+    (``ref`` in 64 bits, the result may be negative near 0)."""
+    d = (value - ref) % _MOD32
+    if d >= 1 << 31:
+        d -= _MOD32
+    return ref + d
+
+
+class _FlowState:
+    __slots__ = ("isn", "ref", "safe_end", "reported", "holes", "fin_at", "rst")
+
+    def __init__(self, isn: int) -> None:
+        self.isn = isn
+        self.ref = 0  # highest end offset seen: the unwrapping reference
+        self.safe_end = 0  # contiguous safe offset (exclusive)
+        self.reported = 0
+        self.holes: list[tuple[int, int]] = []  # safe ranges beyond safe_end: sorted, disjoint
+        self.fin_at: int | None = None
+        self.rst = False
+
+    def offset(self, seq: int) -> int:
+        return unwrap32((seq - self.isn - 1) % _MOD32, self.ref)
+
+    def mark_safe(self, start: int, end: int) -> bool:
+        """Record [start, end) as safe; True when ``safe_end`` advanced."""
+        if end <= self.safe_end:
+            return False
+        if start > self.safe_end:
+            _insert(self.holes, start, end)
+            return False
+        self.safe_end = end
+        holes = self.holes
+        while holes and holes[0][0] <= self.safe_end:
+            self.safe_end = max(self.safe_end, holes.pop(0)[1])
+        return True
+
+
+def _insert(ivs: list[tuple[int, int]], start: int, end: int) -> None:
+    """Insert [start, end) into sorted disjoint ``ivs``, merging overlapping or touching ones."""
+    i = bisect.bisect_left(ivs, (start, start))
+    if i > 0 and ivs[i - 1][1] >= start:
+        i -= 1
+        start = ivs[i][0]
+        end = max(end, ivs[i][1])
+    j = i
+    while j < len(ivs) and ivs[j][0] <= end:
+        end = max(end, ivs[j][1])
+        j += 1
+    ivs[i:j] = [(start, end)]
+
+
+class FlowTracker:
+    """Per-flow contiguous safe offsets for network-level callbacks (see the module docstring).
+
+    ``c``: the number of FEC layers (repairs needed per packet). Memory is bounded: at most
+    ``max_flows`` flows (least recently active dropped first) and ``max_pending`` tunnel
+    packets waiting for their repairs (oldest dropped first, their bytes never reported).
+    ``latencies`` keeps the last ``max_latencies`` delays (s) from a segment's packet being
+    sent to its being safe, when the caller passes ``now``.
+    """
+
+    def __init__(
+        self, c: int = 3, max_flows: int = 4096, max_pending: int = 65536, max_latencies: int = 10000
+    ):
+        if not 1 <= c <= 8:
+            raise ValueError(f"c must be 1..8, got {c!r}")
+        self.c = c
+        self._full = (1 << c) - 1
+        self.max_flows = max_flows
+        self.max_pending = max_pending
+        self._flows: OrderedDict[Flow, _FlowState] = OrderedDict()
+        self._carried: dict[int, list[tuple[Flow, _FlowState, int, int, float | None]]] = {}
+        self._done: dict[int, int] = {}  # tunnel seq -> bitmask of layers whose repair was sent
+        self._advanced: set[Flow] = set()
+        self._closing: set[Flow] = set()
+        self.latencies: deque[float] = deque(maxlen=max_latencies)
+        self.ignored = 0
+        """Data segments of flows seen without a SYN."""
+
+    def on_packet_sent(self, tunnel_seq: int, ip_packet: bytes, now: float | None = None) -> None:
+        """Note that tunnel packet ``tunnel_seq`` carrying ``ip_packet`` was sent at ``now`` (s)."""
+        seg = parse_tcp(ip_packet)
+        if seg is None:
+            return
+        flow = seg.flow
+        st = self._flows.get(flow)
+        if seg.syn:
+            if st is None or st.isn != seg.seq:
+                st = self._new_flow(flow, seg.seq)
+            start = 0
+        elif st is None:
+            if seg.payload_len:
+                self.ignored += 1
+            return
+        else:
+            start = st.offset(seg.seq)
+        self._flows.move_to_end(flow)
+        end = start + seg.payload_len
+        if seg.rst:
+            st.rst = True
+            self._closing.add(flow)
+            return
+        if seg.fin:
+            st.fin_at = end
+            self._closing.add(flow)
+        if not seg.payload_len or end <= st.safe_end:
+            return
+        st.ref = max(st.ref, end)
+        self._carried.setdefault(tunnel_seq, []).append((flow, st, start, end, now))
+        while len(self._carried) > self.max_pending:
+            old = next(iter(self._carried))
+            del self._carried[old]
+            self._done.pop(old, None)
+
+    def on_repairs_sent(self, repairs: Iterable[Repair], now: float | None = None) -> None:
+        """Note that ``repairs`` were sent at ``now`` (s)."""
+        for rep in repairs:
+            bit = 1 << rep.layer
+            for s in rep.seqs:
+                entries = self._carried.get(s)
+                if entries is None:
+                    continue
+                done = self._done.get(s, 0) | bit
+                if done != self._full:
+                    self._done[s] = done
+                    continue
+                del self._carried[s]
+                self._done.pop(s, None)
+                for flow, st, start, end, sent in entries:
+                    if now is not None and sent is not None:
+                        self.latencies.append(now - sent)
+                    if self._flows.get(flow) is st and st.mark_safe(start, end):
+                        self._advanced.add(flow)
+
+    def safe_offsets(self) -> list[tuple[Flow, int]]:
+        """Flows whose contiguous safe offset advanced since the last call, with that offset
+        (bytes, exclusive end). Flows ended by FIN (all bytes safe) or RST are then dropped."""
+        out = []
+        for flow in self._advanced:
+            st = self._flows.get(flow)
+            if st is not None and st.safe_end > st.reported:
+                st.reported = st.safe_end
+                out.append((flow, st.safe_end))
+        self._advanced.clear()
+        for flow in list(self._closing):
+            st = self._flows.get(flow)
+            if st is None:
+                self._closing.discard(flow)
+            elif st.rst or (st.fin_at is not None and st.safe_end >= st.fin_at):
+                del self._flows[flow]
+                self._closing.discard(flow)
+        return out
+
+    def safe_offset(self, flow: Flow) -> int | None:
+        """The current contiguous safe offset of ``flow``, None when not tracked."""
+        st = self._flows.get(flow)
+        return None if st is None else st.safe_end
+
+    @property
+    def flows(self) -> int:
+        """Number of flows tracked."""
+        return len(self._flows)
+
+    @property
+    def pending(self) -> int:
+        """Tunnel packets carrying tracked bytes still waiting for some repairs."""
+        return len(self._carried)
+
+    def _new_flow(self, flow: Flow, isn: int) -> _FlowState:
+        st = _FlowState(isn)
+        self._flows[flow] = st
+        self._closing.discard(flow)
+        while len(self._flows) > self.max_flows:
+            old, _ = self._flows.popitem(last=False)
+            self._closing.discard(old)
+        return st
+
+
+class CallbackError(ValueError):
+    """A control-channel message that is not a callback or subscribe message."""
+
+
+def _pack_flow(flow: Flow) -> tuple[bytes, int, bytes, int]:
+    try:
+        return socket.inet_aton(flow.src), flow.sport, socket.inet_aton(flow.dst), flow.dport
+    except OSError as err:
+        raise ValueError(f"flow addresses must be dotted IPv4: {flow!r}") from err
+
+
+def encode_callback(flow: Flow, offset: int) -> bytes:
+    """Callback datagram: ``flow`` is safe up to ``offset`` bytes (exclusive end)."""
+    src, sport, dst, dport = _pack_flow(flow)
+    return _CALLBACK.pack(CALLBACK_MAGIC, src, sport, dst, dport, offset)
+
+
+def decode_callback(data: bytes) -> tuple[Flow, int]:
+    """(flow, offset) of a callback datagram; CallbackError otherwise."""
+    if len(data) != _CALLBACK.size:
+        raise CallbackError(f"callback must be {_CALLBACK.size} bytes, got {len(data)}")
+    magic, src, sport, dst, dport, offset = _CALLBACK.unpack(data)
+    if magic != CALLBACK_MAGIC:
+        raise CallbackError("not a callback message")
+    return Flow(socket.inet_ntoa(src), sport, socket.inet_ntoa(dst), dport), offset
+
+
+def encode_subscribe(flow: Flow) -> bytes:
+    """Subscribe datagram: send ``flow``'s callbacks to the sender of this datagram."""
+    src, sport, dst, dport = _pack_flow(flow)
+    return _SUBSCRIBE.pack(SUBSCRIBE_MAGIC, src, sport, dst, dport)
+
+
+def decode_subscribe(data: bytes) -> Flow:
+    """The flow of a subscribe datagram; CallbackError otherwise."""
+    if len(data) != _SUBSCRIBE.size:
+        raise CallbackError(f"subscribe must be {_SUBSCRIBE.size} bytes, got {len(data)}")
+    magic, src, sport, dst, dport = _SUBSCRIBE.unpack(data)
+    if magic != SUBSCRIBE_MAGIC:
+        raise CallbackError("not a subscribe message")
+    return Flow(socket.inet_ntoa(src), sport, socket.inet_ntoa(dst), dport)
