@@ -44,6 +44,9 @@ BENCHES = ("logstore", "local-drill", "fec", "gateway", "vm")
 @task(positional=["which"], help={"which": f"all, or a comma list of: {', '.join(BENCHES)}"})
 def bench(c, which=None):
     """Benchmarks; prints one JSON object with the figures (never asserts timings)."""
+    if which in ("-h", "--help"):  # invoke hands a flag to an optional positional argument
+        print(f"usage: ./inv bench [all | {','.join(BENCHES)}]\n\n{bench.__doc__}")
+        return
     chosen = BENCHES if which in (None, "all") else tuple(w.strip() for w in which.split(","))
     for w in chosen:
         if w not in BENCHES:
