@@ -34,12 +34,14 @@ class TesterConfig:
     servers: int = 8
     run_dir: str = "."
     ledger_dir: str = "ledger"
+    ledger_stream: str | None = None  # one shared stream (e.g. a virtio-serial port) instead of files
 
 
-async def run_tester(cfg: TesterConfig, tester: int, deadline: float, stats: dict[str, int]) -> None:
+async def run_tester(cfg: TesterConfig, tester: int, deadline: float, stats: dict[str, int],
+                     shared: LedgerWriter | None = None) -> None:
     log = tester
     path = socket_path(cfg.run_dir, server_for_log(log, cfg.servers))
-    ledger = LedgerWriter(Path(cfg.ledger_dir) / f"tester-{tester:03d}.jsonl")
+    ledger = shared or LedgerWriter(Path(cfg.ledger_dir) / f"tester-{tester:03d}.jsonl")
     try:
         client = await Client.connect(path)
     except OSError as err:
@@ -65,15 +67,27 @@ async def run_tester(cfg: TesterConfig, tester: int, deadline: float, stats: dic
             stats["ok"] += 1
             seq += 1
     finally:
-        ledger.close()
+        if shared is None:
+            ledger.close()
         await client.close()
 
 
 async def run_all(cfg: TesterConfig) -> dict[str, int]:
-    Path(cfg.ledger_dir).mkdir(parents=True, exist_ok=True)
+    """Run every tester; ledgers go to one file per tester, or all to ``ledger_stream``.
+
+    A stream lets the ledger leave a VM whose power is cut: lines written to a virtio-serial port
+    are on the host at once, unlike lines in the guest's page cache.
+    """
+    shared = LedgerWriter(cfg.ledger_stream) if cfg.ledger_stream else None
+    if shared is None:
+        Path(cfg.ledger_dir).mkdir(parents=True, exist_ok=True)
     stats = {"ok": 0, "fail": 0, "info": 0, "connect_failed": 0}
     deadline = time.monotonic() + (cfg.duration if cfg.duration is not None else 1e9)
-    await asyncio.gather(*(run_tester(cfg, t, deadline, stats) for t in range(cfg.testers)))
+    try:
+        await asyncio.gather(*(run_tester(cfg, t, deadline, stats, shared) for t in range(cfg.testers)))
+    finally:
+        if shared is not None:
+            shared.close()
     return stats
 
 
@@ -87,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, default=None, help="appends per tester")
     p.add_argument("--servers", type=int, default=8)
     p.add_argument("--run", required=True, help="directory with the primary servers' sockets")
-    p.add_argument("--ledger", required=True, help="directory for the ledgers")
+    p.add_argument("--ledger", default="ledger", help="directory for the per-tester ledgers")
+    p.add_argument("--ledger-stream", default=None, help="write every ledger line to this one stream instead")
     args = p.parse_args(argv)
     if args.duration is None and args.count is None:
         p.error("give --duration or --count")
@@ -95,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         size = parse_size(args.append_size, "--append-size")
     except ValueError as err:
         p.error(str(err))
-    cfg = TesterConfig(args.testers, size, args.duration, args.count, args.servers, args.run, args.ledger)
+    cfg = TesterConfig(args.testers, size, args.duration, args.count, args.servers, args.run, args.ledger,
+                       args.ledger_stream)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     stats = asyncio.run(run_all(cfg))
     print(json.dumps(stats), flush=True)

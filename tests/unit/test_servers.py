@@ -92,3 +92,30 @@ def test_mirror_loss_fails_pending_appends(tmp_path: Path) -> None:
         await primary.close()
 
     asyncio.run(go())
+
+
+def test_testers_write_one_folded_ledger_to_a_shared_stream(tmp_path: Path) -> None:
+    from smfs.site import socket_path
+    from workloads.ledger import load_ledgers
+    from workloads.tester import TesterConfig, run_all
+
+    async def go() -> dict:
+        mstore = LogStore.open(tmp_path / "m", sync=False)
+        pstore = LogStore.open(tmp_path / "p", sync=False)
+        mirror = MirrorServer(0, mstore, "127.0.0.1", 0)
+        await mirror.start()
+        port = mirror._server.sockets[0].getsockname()[1]  # noqa: SLF001
+        primary = PrimaryServer(0, pstore, MODES["remote-sync"], socket_path(tmp_path, 0), ("127.0.0.1", port))
+        await primary.start()
+        cfg = TesterConfig(testers=3, append_size=4096, count=5, servers=1, run_dir=str(tmp_path),
+                           ledger_stream=str(tmp_path / "stream.jsonl"))
+        stats = await run_all(cfg)
+        await primary.close()
+        await mirror.close()
+        return stats
+
+    stats = asyncio.run(go())
+    assert stats["ok"] == 15
+    ledger = load_ledgers(tmp_path / "stream.jsonl")
+    assert len(ledger) == 15 and {e.outcome for e in ledger} == {"ok"}
+    assert sorted({e.tester for e in ledger}) == [0, 1, 2]
