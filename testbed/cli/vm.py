@@ -1,0 +1,188 @@
+"""Tasks of the VM testbed: image, up, status, exec, balloon, snapshot, restore, clone, down."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from invoke import task
+from invoke.exceptions import Exit
+from rich.console import Console
+
+from testbed.cli.common import user_error
+
+console = Console(highlight=False)
+
+
+@contextmanager
+def _progress(title: str) -> Iterator[Callable[[str], None]]:
+    """A spinner with the current step; every step is also printed with the elapsed time."""
+    t0 = time.monotonic()
+    with console.status(title) as status:
+        def say(msg: str) -> None:
+            console.print(f"[dim]{time.monotonic() - t0:6.1f}s[/dim] {msg}")
+            status.update(f"{title}: {msg.strip()}")
+        yield say
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Known failures become one line and exit 2; tracebacks are for bugs only."""
+    from testbed.bridges import BridgeError
+    from testbed.guest import GuestError
+    from testbed.hypervisor import HypervisorError
+    from testbed.qmp import QmpError
+    from testbed.spec import SpecError
+    from testbed.vmbed import TestbedError
+    from vmimages.build import ImageError
+
+    try:
+        yield
+    except (SpecError, TestbedError, HypervisorError, GuestError, ImageError, BridgeError, QmpError) as err:
+        raise user_error(str(err)) from None
+    except KeyboardInterrupt:
+        raise Exit("interrupted", code=130) from None
+
+
+@task(help={"rebuild": "rebuild the image even if it is up to date",
+            "rebuild_rootfs": "also rerun mmdebstrap (the Debian tree)"})
+def image(c, rebuild=False, rebuild_rootfs=False):
+    """Build the guest image (Debian bookworm + the project's packages), or say it is up to date."""
+    from vmimages.build import ensure_image
+
+    with _user_errors(), _progress("image") as say:
+        img = ensure_image(rebuild=rebuild, rebuild_rootfs=rebuild_rootfs, progress=say)
+    if img.built:
+        print(f"image {img.key} built in {img.seconds:.1f} s: {img.dir}")
+    else:
+        print(f"image {img.key} up to date: {img.dir}")
+
+
+@task(help={"spec": "testbed spec (TOML)", "rebuild_image": "rebuild the guest image first",
+            "clone": "bring up a saved clone (./inv clone SNAP --as NAME) instead of a fresh testbed"})
+def up(c, spec="specs/ci.toml", rebuild_image=False, clone=""):
+    """Bring up the testbed: image, bridges, overlays, domains; waits until every guest agent answers."""
+    from testbed import vmbed
+
+    with _user_errors(), _progress("up") as say:
+        t0 = time.monotonic()
+        tb = vmbed.up(spec, say=say, rebuild_image=rebuild_image, clone=clone or None)
+    print(f"testbed {tb.name} up in {time.monotonic() - t0:.1f} s ({tb.accel}): "
+          + ", ".join(f"{v.name} {v.address.split('/')[0]}" for v in tb.vms.values()))
+
+
+@task(help={"json": "print JSON instead of a table"})
+def status(c, json_=False):
+    """VMs of the active testbed: state, accelerator, address, memory, agent."""
+    from testbed import vmbed
+
+    with _user_errors():
+        try:
+            st = vmbed.VmTestbed.active().status()
+        except vmbed.TestbedError as err:
+            if json_:
+                print(json.dumps({"testbed": None, "error": str(err)}))
+                return
+            raise
+    if json_:
+        print(json.dumps(st, indent=1, default=str))
+        return
+    from rich.table import Table
+
+    t = Table(title=f"testbed {st['testbed']} ({st['accel']}, image {st['image']})")
+    for col in ("vm", "site", "state", "address", "memory MiB", "agent", "boot s"):
+        t.add_column(col)
+    for v in st["vms"]:
+        mem = f"{v.get('memory_mib', '-')}/{v.get('max_memory_mib', '-')}"
+        t.add_row(v["vm"], v["site"], v["state"], v["address"], mem, "yes" if v.get("agent") else "no",
+                  str(v.get("boot_seconds", "")))
+    console.print(t)
+    for b in st["bridges"]:
+        console.print(f"bridge {b['name']}: {b.get('state')} {' '.join(b.get('addresses', []))}")
+    if st["snapshots"]:
+        console.print(f"snapshots: {', '.join(st['snapshots'])}")
+
+
+@task(name="exec", help={"vm": "VM name", "timeout": "seconds before the command is killed"})
+def exec_(c, vm, timeout=60.0):
+    """Run a command in a guest: ./inv exec primary -- uname -r (exit code is the command's)."""
+    from testbed import vmbed
+
+    cmd = (c.remainder or "").strip()
+    if not cmd:
+        raise user_error("no command; use: ./inv exec VM -- CMD ARGS...")
+    with _user_errors():
+        res = vmbed.VmTestbed.active().guest(vm).exec(cmd, timeout=float(timeout))
+    sys.stdout.buffer.write(res.stdout)
+    sys.stderr.buffer.write(res.stderr)
+    sys.stdout.flush()
+    if res.rc:
+        raise Exit(code=res.rc if 0 < res.rc < 256 else 1)
+
+
+@task(help={"vm": "VM name", "mib": "target memory, MiB (up to the spec's max_memory)"})
+def balloon(c, vm, mib):
+    """Set a VM's memory live and wait until the guest sees it; prints dommemstat."""
+    from testbed import vmbed
+
+    with _user_errors():
+        r = vmbed.VmTestbed.active().balloon(vm, int(mib))
+    print(f"{vm}: balloon {r['actual_mib']} MiB, guest MemTotal {r['guest_total_mib']} MiB ({r['seconds']} s)")
+    print("dommemstat: " + " ".join(f"{k}={v}" for k, v in r["memstat"].items()))
+
+
+@task(help={"name": "snapshot name"})
+def snapshot(c, name):
+    """Snapshot every VM of the testbed together (internal qcow2 snapshots with RAM)."""
+    from testbed import vmbed
+
+    with _user_errors(), _progress(f"snapshot {name}") as say:
+        secs = vmbed.VmTestbed.active().snapshot(name, say)
+    print(f"snapshot {name} taken in {secs:.1f} s")
+
+
+@task(help={"name": "snapshot name"})
+def restore(c, name):
+    """Revert every VM to a snapshot and resume them together."""
+    from testbed import vmbed
+
+    with _user_errors(), _progress(f"restore {name}") as say:
+        secs = vmbed.VmTestbed.active().restore(name, say)
+    print(f"restored {name} in {secs:.1f} s")
+
+
+@task(name="clone", help={"name": "snapshot to clone from", "as_": "name of the clone"})
+def clone_(c, name, as_):
+    """Copy the testbed at a snapshot to a named clone (bring it up later with ./inv up --clone NEW)."""
+    from testbed import vmbed
+
+    with _user_errors(), _progress(f"clone {name}") as say:
+        t0 = time.monotonic()
+        dest = vmbed.VmTestbed.active().clone(name, as_, say)
+    print(f"clone {as_} saved in {time.monotonic() - t0:.1f} s: {dest}")
+
+
+@task
+def down(c):
+    """Remove every recorded resource: domains, snapshots, overlays, bridges, namespaces, processes."""
+    from testbed import vmbed
+    from testbed.registry import TeardownError
+
+    with _user_errors(), _progress("down"):
+        try:
+            removed = vmbed.down()
+        except TeardownError as err:
+            raise Exit(f"error: some resources could not be removed (still recorded): {err}", code=1) from None
+    if not removed:
+        print("nothing to remove")
+        return
+    kinds: dict[str, int] = {}
+    for r in removed:
+        kinds[r.kind] = kinds.get(r.kind, 0) + 1
+    print("removed " + ", ".join(f"{n} {k}{'s' if n > 1 else ''}" for k, n in kinds.items()))
+
+
+TASKS = [image, up, status, exec_, balloon, snapshot, restore, clone_, down]

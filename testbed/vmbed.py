@@ -1,0 +1,643 @@
+"""The VM testbed: a spec turned into running libvirt domains on per-site host bridges.
+
+``up(spec)`` builds or reuses the image, creates the bridges, one qcow2 overlay per disk per VM,
+defines and starts the domains and waits until every guest agent answers. ``VmTestbed`` (from
+``up`` or ``VmTestbed.active()``) then gives guests (``guest(vm)``), balloon, whole-testbed
+snapshots and restore, clones, QMP control and the power cut the nemesis needs.
+
+State of a testbed lives in ``<cache>/testbeds/<name>/`` (``state.json``, overlays, QMP sockets,
+console logs); ``<cache>/testbeds/active`` names the testbed the tasks act on. Every domain,
+overlay, socket, snapshot, bridge and folder is recorded in the registry before it is created
+(owner ``testbed-<name>``), so ``./inv down`` removes exactly those, also after a crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import libvirt
+
+from testbed import bridges, hypervisor
+from testbed.guest import Guest
+from testbed.hypervisor import DomainConfig, HypervisorError
+from testbed.paths import cache_dir
+from testbed.registry import Registry, Resource, register_teardown
+from testbed.spec import Spec, SpecError, VmSpec, thaw
+from testbed.spec import load as load_spec
+
+log = logging.getLogger(__name__)
+
+Say = Callable[[str], None]
+MIB = 1 << 20
+
+
+class TestbedError(RuntimeError):
+    """The testbed could not be brought up or changed (the message says what to do)."""
+
+    __test__ = False
+
+
+def testbeds_dir() -> Path:
+    d = cache_dir() / "testbeds"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def domain_name(testbed: str, vm: str) -> str:
+    return f"smfs-{testbed}-{vm}"
+
+
+def _mac(testbed: str, vm: str) -> str:
+    h = hashlib.sha256(f"{testbed}/{vm}".encode()).digest()
+    return "52:54:00:{:02x}:{:02x}:{:02x}".format(*h[:3])
+
+
+@dataclass(frozen=True)
+class VmInfo:
+    """What a VM of a running testbed is (kept in state.json)."""
+
+    name: str
+    site: str
+    domain: str
+    uri: str
+    address: str  # 198.18.1.10/24
+    gateway: str
+    mac: str
+    root: str
+    data: str
+    qmp: str
+    console: str
+    boot_seconds: float = 0.0
+
+
+class VmTestbed:
+    """A running (or defined) testbed; cheap to construct from ``state.json``."""
+
+    __test__ = False
+
+    def __init__(self, name: str, state: dict[str, Any]) -> None:
+        self.name = name
+        self.state = state
+        self.vms = {v["name"]: VmInfo(**v) for v in state["vms"]}
+        self.registry = Registry()
+
+    # --- lookup -------------------------------------------------------------------------------
+
+    @property
+    def dir(self) -> Path:
+        return testbeds_dir() / self.name
+
+    @property
+    def owner(self) -> str:
+        return f"testbed-{self.name}"
+
+    @property
+    def accel(self) -> str:
+        return self.state["accel"]
+
+    @property
+    def spec(self) -> Spec:
+        from testbed.spec import from_mapping
+
+        return from_mapping(self.state["spec"], path=self.state["spec_path"], default_name=self.name)
+
+    @classmethod
+    def load(cls, name: str) -> VmTestbed:
+        path = testbeds_dir() / name / "state.json"
+        if not path.exists():
+            raise TestbedError(f"no testbed named {name!r} is up; start one with ./inv up --spec specs/ci.toml")
+        return cls(name, json.loads(path.read_text()))
+
+    @classmethod
+    def active(cls) -> VmTestbed:
+        marker = testbeds_dir() / "active"
+        if not marker.exists():
+            raise TestbedError("no testbed is up; start one with ./inv up --spec specs/ci.toml")
+        return cls.load(marker.read_text().strip())
+
+    def info(self, vm: str) -> VmInfo:
+        try:
+            return self.vms[vm]
+        except KeyError:
+            raise TestbedError(f"no VM named {vm!r} in testbed {self.name!r}; VMs: {', '.join(self.vms)}") from None
+
+    def domain(self, vm: str) -> libvirt.virDomain:
+        info = self.info(vm)
+        dom = hypervisor.lookup(hypervisor.connect(info.uri), info.domain)
+        if dom is None:
+            raise TestbedError(f"domain {info.domain} is gone; ./inv down then ./inv up")
+        return dom
+
+    def guest(self, vm: str) -> Guest:
+        return Guest(self.domain(vm), vm)
+
+    def guests(self) -> dict[str, Guest]:
+        return {vm: self.guest(vm) for vm in self.vms}
+
+    def site_vms(self, site: str) -> list[str]:
+        return [v.name for v in self.vms.values() if v.site == site]
+
+    def qmp(self, vm: str) -> Any:
+        from testbed.qmp import Qmp
+
+        return Qmp(self.info(vm).qmp, name=vm)
+
+    def _save(self) -> None:
+        (self.dir / "state.json").write_text(json.dumps(self.state, indent=1))
+
+    # --- status -------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Per VM: state, accel, address, memory (MiB), agent; per site: the bridge."""
+        out: dict[str, Any] = {"testbed": self.name, "accel": self.accel, "accel_reason": self.state.get("accel_reason"),
+                               "image": self.state.get("image"), "vms": [], "bridges": [],
+                               "snapshots": self.state.get("snapshots", [])}
+        for info in self.vms.values():
+            row: dict[str, Any] = {"vm": info.name, "site": info.site, "domain": info.domain, "address": info.address,
+                                   "console": info.console, "boot_seconds": info.boot_seconds}
+            try:
+                dom = self.domain(info.name)
+                state, _ = dom.state()
+                row["state"] = _STATES.get(state, str(state))
+                row["max_memory_mib"] = dom.maxMemory() // 1024
+                if dom.isActive():
+                    stats = dom.memoryStats()
+                    row["memory_mib"] = stats.get("actual", 0) // 1024
+                    row["memstat"] = stats
+                    row["agent"] = Guest(dom, info.name).ping() if state == libvirt.VIR_DOMAIN_RUNNING else False
+            except (TestbedError, libvirt.libvirtError) as err:
+                row["state"] = f"missing ({err})"
+            out["vms"].append(row)
+        for site in {v.site for v in self.vms.values()}:
+            out["bridges"].append(bridges.bridge_state(f"smfs-{site}") or {"name": f"smfs-{site}", "state": "missing"})
+        return out
+
+    # --- balloon ------------------------------------------------------------------------------
+
+    def balloon(self, vm: str, mib: int, timeout: float = 30) -> dict[str, Any]:
+        """Set the VM's memory live and wait until the balloon and the guest reach it.
+
+        Returns {'target_mib', 'actual_mib', 'guest_total_mib', 'seconds', 'memstat'}.
+        """
+        dom = self.domain(vm)
+        maxm = dom.maxMemory() // 1024
+        if not 64 <= mib <= maxm:
+            raise TestbedError(f"balloon {vm}: {mib} MiB is outside 64-{maxm} MiB (max_memory in the spec); pick a value in range")
+        guest = Guest(dom, vm)
+        t0 = time.monotonic()
+        before = guest.meminfo_mib()
+        dom.setMemoryFlags(mib * 1024, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        last = -1
+        while True:
+            actual = dom.memoryStats().get("actual", 0) // 1024
+            total = guest.meminfo_mib()
+            if abs(actual - mib) <= 1 and total == last and (total != before or abs(actual - mib) <= 1):
+                break
+            last = total
+            if time.monotonic() - t0 > timeout:
+                raise TestbedError(f"balloon {vm}: guest still at {total} MiB (balloon {actual} MiB) after {timeout:.0f} s; "
+                                   "is virtio_balloon loaded in the guest?")
+            time.sleep(0.2)
+        return {"vm": vm, "target_mib": mib, "actual_mib": actual, "guest_total_mib": total,
+                "seconds": round(time.monotonic() - t0, 2), "memstat": dom.memoryStats()}
+
+    # --- power ---------------------------------------------------------------------------------
+
+    def destroy(self, vm: str) -> float:
+        """Power cut: destroy the VM (no shutdown, no flush); returns seconds taken."""
+        t0 = time.monotonic()
+        dom = self.domain(vm)
+        if dom.isActive():
+            dom.destroy()
+        return time.monotonic() - t0
+
+    def power_cut(self, site: str) -> dict[str, float]:
+        """Destroy every VM of ``site``; returns seconds per VM."""
+        return {vm: self.destroy(vm) for vm in self.site_vms(site)}
+
+    def start(self, vm: str, timeout: float | None = None) -> float:
+        """Boot a destroyed VM again (same overlays, so its disks are what survived); seconds to agent-ready."""
+        dom = self.domain(vm)
+        t0 = time.monotonic()
+        if not dom.isActive():
+            dom.create()
+        Guest(dom, vm).wait_ready(timeout or self.state.get("boot_timeout", 120))
+        return time.monotonic() - t0
+
+    def set_link(self, vm: str, up: bool) -> None:
+        """Cut or restore the VM's NIC through libvirt (libvirt keeps track of the link state)."""
+        dom = self.domain(vm)
+        info = self.info(vm)
+        xml = (f"<interface type='bridge'><mac address='{info.mac}'/><source bridge='smfs-{info.site}'/>"
+               f"<model type='virtio'/><link state='{'up' if up else 'down'}'/></interface>")
+        dom.updateDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+    # --- disk failure -------------------------------------------------------------------------
+
+    def fail_disk(self, vm: str) -> None:
+        """The VM's data disk (/data) starts failing reads and writes with EIO (QMP blkdebug filter)."""
+        self.qmp(vm).disk_fail(self.info(vm).data)
+
+    def heal_disk(self, vm: str) -> str:
+        """Remove the failure. QEMU flushes the disk before it can take the filter out; when that
+        flush fails too (dirty qcow2 metadata behind the filter), the VM is power-cycled instead,
+        which rebuilds its block graph from the domain XML. Returns "reopened" or "rebooted"."""
+        from testbed.qmp import QmpError
+
+        try:
+            self.qmp(vm).disk_heal(self.info(vm).data)
+            return "reopened"
+        except QmpError as err:
+            log.info("%s: cannot reopen the data disk (%s); power-cycling", vm, err)
+            self.destroy(vm)
+            self.start(vm)
+            return "rebooted"
+
+    # --- snapshots ----------------------------------------------------------------------------
+
+    def snapshot(self, name: str, say: Say = print) -> float:
+        """Internal qcow2 snapshots with RAM of every VM, taken together (all paused first).
+
+        Returns seconds with the testbed paused."""
+        _check_snap_name(name)
+        doms = {vm: self.domain(vm) for vm in self.vms}
+        for vm, dom in doms.items():
+            if not dom.isActive():
+                raise TestbedError(f"snapshot {name}: {vm} is not running; restore or start it first")
+            if _find_snapshot(dom, name) is not None:
+                raise TestbedError(f"snapshot {name!r} already exists; pick another name or ./inv restore {name}")
+        t0 = time.monotonic()
+        paused = []
+        try:
+            for dom in doms.values():
+                if dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING:
+                    dom.suspend()
+                    paused.append(dom)
+            for vm, dom in doms.items():
+                self.registry.add("snapshot", f"{dom.name()}/{name}", self.owner, uri=self.info(vm).uri,
+                                  domain=dom.name(), snapshot=name)
+                dom.snapshotCreateXML(f"<domainsnapshot><name>{name}</name>"
+                                      "<description>smfs-testbed</description></domainsnapshot>", 0)
+                say(f"  {vm}: snapshot {name} taken")
+        finally:
+            for dom in paused:
+                dom.resume()
+        snaps = [s for s in self.state.get("snapshots", []) if s != name] + [name]
+        self.state["snapshots"] = snaps
+        self._save()
+        return time.monotonic() - t0
+
+    def restore(self, name: str, say: Say = print) -> float:
+        """Revert every VM to snapshot ``name`` (paused), then resume them together and set guest clocks.
+
+        Returns seconds until every guest agent answers."""
+        doms = {vm: self.domain(vm) for vm in self.vms}
+        snaps = {}
+        for vm, dom in doms.items():
+            snap = _find_snapshot(dom, name)
+            if snap is None:
+                have = ", ".join(self.state.get("snapshots", [])) or "none"
+                raise TestbedError(f"no snapshot {name!r} of {vm}; snapshots: {have} (take one with ./inv snapshot NAME)")
+            snaps[vm] = snap
+        t0 = time.monotonic()
+        def revert(vm: str) -> str:
+            flags = libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_PAUSED | libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_FORCE
+            doms[vm].revertToSnapshot(snaps[vm], flags)
+            return vm
+
+        with ThreadPoolExecutor(max_workers=len(doms)) as pool:  # each revert restarts QEMU (-loadvm)
+            for vm in pool.map(revert, list(doms)):
+                say(f"  {vm}: reverted to {name} (paused)")
+        for dom in doms.values():
+            if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                dom.resume()
+        for vm, dom in doms.items():
+            Guest(dom, vm).wait_ready(60)
+            _sync_clock(dom)
+        return time.monotonic() - t0
+
+    # --- clone --------------------------------------------------------------------------------
+
+    def clone(self, snapshot: str, new: str, say: Say = print) -> Path:
+        """Copy the testbed at ``snapshot`` to ``<cache>/clones/<new>/`` (overlays with their internal
+        snapshots, spec, snapshot metadata). The VMs are paused while their overlays are copied.
+        ``up(..., clone=new)`` boots a testbed from it. Returns the clone folder."""
+        _check_snap_name(new)
+        dest = cache_dir() / "clones" / new
+        if dest.exists():
+            raise TestbedError(f"clone {new!r} exists at {dest}; pick another name or delete that folder")
+        doms = {vm: self.domain(vm) for vm in self.vms}
+        for vm, dom in doms.items():
+            if _find_snapshot(dom, snapshot) is None:
+                raise TestbedError(f"no snapshot {snapshot!r} of {vm}; take one with ./inv snapshot {snapshot}")
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        paused = [d for d in doms.values() if d.state()[0] == libvirt.VIR_DOMAIN_RUNNING]
+        try:
+            for dom in paused:
+                dom.suspend()
+            for vm in self.vms:
+                info = self.info(vm)
+                for disk in (info.root, info.data):
+                    _run(["cp", "--sparse=always", disk, str(tmp / Path(disk).name)])
+                say(f"  {vm}: overlays copied")
+        finally:
+            for dom in paused:
+                dom.resume()
+        meta = {"from": self.name, "snapshot": snapshot, "spec": self.state["spec"], "spec_path": self.state["spec_path"],
+                "image": self.state["image"], "t": time.time()}
+        (tmp / "clone.json").write_text(json.dumps(meta, indent=1))
+        tmp.rename(dest)
+        return dest
+
+
+_STATES = {libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_PAUSED: "paused",
+           libvirt.VIR_DOMAIN_SHUTOFF: "shut off", libvirt.VIR_DOMAIN_CRASHED: "crashed",
+           libvirt.VIR_DOMAIN_BLOCKED: "blocked", libvirt.VIR_DOMAIN_SHUTDOWN: "shutting down",
+           libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended"}
+
+
+def _check_snap_name(name: str) -> None:
+    if not name or not all(c.isalnum() or c in "-_." for c in name) or len(name) > 40:
+        raise TestbedError(f"name {name!r}: use up to 40 letters, digits, '-', '_' or '.'")
+
+
+def _find_snapshot(dom: libvirt.virDomain, name: str) -> libvirt.virDomainSnapshot | None:
+    try:
+        return dom.snapshotLookupByName(name)
+    except libvirt.libvirtError as err:
+        if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
+            return None
+        raise
+
+
+def _sync_clock(dom: libvirt.virDomain) -> None:
+    """After a revert the guest clock is the snapshot's; set it to the host's now."""
+    now = time.time()
+    try:
+        dom.setTime({"seconds": int(now), "nseconds": int((now % 1) * 1e9)}, 0)
+    except libvirt.libvirtError as err:
+        log.warning("%s: cannot set the guest clock: %s", dom.name(), err.get_error_message())
+
+
+def _run(cmd: list[str]) -> None:
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+    except subprocess.CalledProcessError as err:
+        raise TestbedError(f"{' '.join(cmd[:2])}: {err.stderr.strip()[:200]}") from None
+
+
+def _qemu_img_overlay(base: Path, out: Path) -> None:
+    _run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(out)])
+
+
+# --- up ----------------------------------------------------------------------------------------
+
+
+def up(spec: Spec | str | Path, say: Say = print, rebuild_image: bool = False, clone: str | None = None) -> VmTestbed:
+    """Bring up the testbed of ``spec`` (or of clone ``clone``, at the clone's snapshot).
+
+    On any failure or Ctrl-C, everything created so far is torn down before the error propagates.
+    """
+    from vmimages.build import data_base, ensure_image
+
+    clone_dir: Path | None = None
+    if clone is not None:
+        clone_dir = cache_dir() / "clones" / clone
+        if not (clone_dir / "clone.json").exists():
+            raise TestbedError(f"no clone named {clone!r} in {clone_dir.parent}; make one with ./inv clone SNAP --as NAME")
+        meta = json.loads((clone_dir / "clone.json").read_text())
+        from testbed.spec import from_mapping
+
+        spec = from_mapping(meta["spec"], path=meta["spec_path"], default_name=clone)
+        spec = _renamed(spec, clone)
+    elif not isinstance(spec, Spec):
+        spec = load_spec(spec)
+    for site in spec.sites:
+        if site.uri not in hypervisor.LOCAL_URIS:
+            raise SpecError(f"sites ({site.name}).uri: {site.uri} — only local sites (qemu:///system) are "
+                            "supported so far; use qemu:///system")
+    marker = testbeds_dir() / "active"
+    if marker.exists():
+        raise TestbedError(f"testbed {marker.read_text().strip()!r} is up; ./inv down first (one testbed at a time)")
+    registry = Registry()
+    owner = f"testbed-{spec.name}"
+    if registry.items(owner=owner):
+        raise TestbedError(f"resources of testbed {spec.name!r} are still recorded; run ./inv down first")
+
+    image = ensure_image(rebuild=rebuild_image, progress=say)
+    built = f"built in {image.seconds:.0f} s" if image.built else "cached"
+    say(f"image {image.key} ({built})")
+    if clone_dir is not None and json.loads((clone_dir / "clone.json").read_text())["image"] != image.key:
+        say("note: the clone was made from another image; its overlays still name their own base")
+    conns = {s.uri: hypervisor.connect(s.uri, say) for s in spec.sites}
+    accel = hypervisor.detect_accel(image.kernel, spec.accel)
+    say(f"accelerator: {accel.name} ({accel.reason})")
+    for vm in spec.vms:
+        if hypervisor.lookup(conns[spec.site_of(vm.name).uri], domain_name(spec.name, vm.name)) is not None:
+            raise TestbedError(f"domain {domain_name(spec.name, vm.name)} exists but is not recorded by smfs-testbed; "
+                               "remove it with virsh undefine, or rename the spec")
+
+    tb_dir = testbeds_dir() / spec.name
+    uid, gid, qemu_name = hypervisor.qemu_user()
+    run_as_root = not hypervisor.reachable_by(cache_dir(), uid, gid)
+    if run_as_root:
+        say(f"note: {cache_dir()} is not reachable by the QEMU user {qemu_name}; QEMU runs as root "
+            "(set SMFS_TESTBED_CACHE to a world-traversable folder to avoid it)")
+    try:
+        registry.add("dir", str(tb_dir), owner)
+        hypervisor.ensure_kvm_access(owner, registry, say)
+        registry.add("marker", str(marker), owner)
+        shutil.rmtree(tb_dir, ignore_errors=True)
+        (tb_dir / "qmp").mkdir(parents=True)
+        if not run_as_root:
+            os.chown(tb_dir / "qmp", uid, gid)
+        marker.write_text(spec.name)
+        for site in spec.sites:
+            bridges.ensure_bridge(site, owner, registry)
+        bridges.enable_forwarding(owner, registry)
+        say(f"bridges: {', '.join(f'{s.bridge} {s.gateway}' for s in spec.sites)}")
+
+        vms: list[VmInfo] = []
+        for vm in spec.vms:
+            site = spec.site_of(vm.name)
+            info = VmInfo(name=vm.name, site=site.name, domain=domain_name(spec.name, vm.name), uri=site.uri,
+                          address=str(vm.address), gateway=str(site.gateway.ip), mac=_mac(spec.name, vm.name),
+                          root=str(tb_dir / f"{vm.name}-root.qcow2"), data=str(tb_dir / f"{vm.name}-data.qcow2"),
+                          qmp=str(tb_dir / "qmp" / f"{vm.name}.sock"), console=str(tb_dir / f"{vm.name}-console.log"))
+            for disk, base in ((info.root, image.base), (info.data, data_base(vm.data_disk))):
+                registry.add("overlay", disk, owner, image=image.key)
+                if clone_dir is not None:
+                    _run(["cp", "--sparse=always", str(clone_dir / Path(disk).name), disk])
+                else:
+                    _qemu_img_overlay(base, Path(disk))
+            vms.append(info)
+        state: dict[str, Any] = {
+            "name": spec.name, "spec": thaw(spec.raw), "spec_path": spec.path, "image": image.key,
+            "accel": accel.name, "accel_reason": accel.reason, "boot_timeout": spec.boot_timeout,
+            "run_as_root": run_as_root, "vms": [vars(v) for v in vms], "snapshots": [], "t_up": time.time(),
+        }
+        (tb_dir / "state.json").write_text(json.dumps(state, indent=1))
+        tb = VmTestbed(spec.name, state)
+
+        started: dict[str, float] = {}
+        for vm, info in zip(spec.vms, vms, strict=True):
+            conn = conns[info.uri]
+            xml = hypervisor.domain_xml(_config(vm, info, accel.domain_type, image, run_as_root))
+            registry.add("domain", info.domain, owner, uri=info.uri)
+            registry.add("qmp", info.qmp, owner)
+            dom = conn.defineXML(xml)
+            if clone_dir is None:
+                say(f"starting {vm.name} ({vm.vcpus} vCPU, {vm.memory_mib}/{vm.max_memory_mib} MiB, {info.address})")
+                started[vm.name] = time.monotonic()
+                dom.create()
+        if clone_dir is not None:
+            snap = json.loads((clone_dir / "clone.json").read_text())["snapshot"]
+            _redefine_snapshots(tb, clone_dir, snap)
+            say(f"restoring clone {clone} at snapshot {snap}")
+            tb.restore(snap, say)
+        else:
+            _wait_agents(tb, started, spec.boot_timeout, say)
+        tb._save()
+        return tb
+    except BaseException:
+        say("up failed; tearing down what was created")
+        try:
+            registry.teardown(owner=owner)
+        except Exception as err:  # noqa: BLE001 - the original error matters more
+            say(f"teardown after the failure also failed: {err}")
+        raise
+
+
+def _renamed(spec: Spec, name: str) -> Spec:
+    from dataclasses import replace
+
+    return replace(spec, name=name)
+
+
+def _config(vm: VmSpec, info: VmInfo, domain_type: str, image: Any, run_as_root: bool) -> DomainConfig:
+    cmdline = (f"console=ttyS0 root=/dev/vda rw quiet mitigations=off smfs_ip={info.address} "
+               f"smfs_gw={info.gateway} smfs_host={vm.name}")
+    return DomainConfig(
+        name=info.domain, domain_type=domain_type, vcpus=vm.vcpus, memory_mib=vm.memory_mib,
+        max_memory_mib=vm.max_memory_mib, kernel=image.kernel, initrd=image.initrd, cmdline=cmdline,
+        root_disk=Path(info.root), data_disk=Path(info.data), bridge=f"smfs-{info.site}", mac=info.mac,
+        qmp_socket=Path(info.qmp), console_log=Path(info.console), run_as_root=run_as_root,
+    )
+
+
+def _wait_agents(tb: VmTestbed, started: dict[str, float], timeout: float, say: Say) -> None:
+    def wait(vm: str) -> tuple[str, float]:
+        tb.guest(vm).wait_ready(timeout)
+        return vm, time.monotonic() - started[vm]
+
+    with ThreadPoolExecutor(max_workers=max(1, len(started))) as pool:
+        for vm, secs in pool.map(wait, list(started)):
+            say(f"  {vm}: agent ready {secs:.1f} s after start")
+            for v in tb.state["vms"]:
+                if v["name"] == vm:
+                    v["boot_seconds"] = round(secs, 2)
+    tb.vms = {v["name"]: VmInfo(**v) for v in tb.state["vms"]}
+
+
+def _redefine_snapshots(tb: VmTestbed, clone_dir: Path, snap: str) -> None:
+    """Make libvirt aware of the internal snapshot the copied overlays carry."""
+    for vm in tb.vms:
+        dom = tb.domain(vm)
+        dom_xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)
+        xml = (f"<domainsnapshot><name>{snap}</name><state>paused</state><memory snapshot='internal'/>"
+               f"<creationTime>{int(time.time())}</creationTime>{dom_xml}</domainsnapshot>")
+        tb.registry.add("snapshot", f"{dom.name()}/{snap}", tb.owner, uri=tb.info(vm).uri, domain=dom.name(), snapshot=snap)
+        dom.snapshotCreateXML(xml, libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE)
+    tb.state["snapshots"] = [snap]
+    tb._save()
+
+
+def down(say: Say = print) -> list[Resource]:
+    """Tear down every recorded resource of every kind (VM testbeds, namespaces, processes...)."""
+    load_teardown_handlers()
+    return Registry().teardown()
+
+
+def load_teardown_handlers() -> None:
+    """Import the modules that register teardown handlers (those that exist yet)."""
+    import importlib
+
+    for mod in ("testbed.procs", "testbed.netns", "testbed.bridges", "testbed.qmp"):
+        try:
+            importlib.import_module(mod)
+        except ImportError as err:
+            log.debug("teardown handlers of %s not loaded: %s", mod, err)
+
+
+# --- teardown handlers -------------------------------------------------------------------------
+
+
+def _teardown_domain(res: Resource) -> None:
+    uri = res.meta.get("uri", "qemu:///system")
+    try:
+        conn = hypervisor.connect(uri, say=lambda m: log.info("%s", m))
+    except HypervisorError:
+        if uri in hypervisor.LOCAL_URIS and subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True).returncode:
+            return  # no libvirtd at all: nothing can be running
+        raise
+    dom = hypervisor.lookup(conn, res.ident)
+    if dom is None:
+        return
+    if dom.isActive():
+        try:
+            dom.destroy()
+        except libvirt.libvirtError as err:
+            if dom.isActive():
+                raise TestbedError(f"cannot destroy {res.ident}: {err.get_error_message()}") from None
+    flags = libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+    try:
+        dom.undefineFlags(flags)
+    except libvirt.libvirtError as err:
+        if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+            raise
+
+
+def _teardown_snapshot(res: Resource) -> None:
+    uri = res.meta.get("uri", "qemu:///system")
+    try:
+        conn = hypervisor.connect(uri, say=lambda m: log.info("%s", m))
+    except HypervisorError:
+        return
+    dom = hypervisor.lookup(conn, res.meta.get("domain", ""))
+    if dom is None:
+        return
+    snap = _find_snapshot(dom, res.meta.get("snapshot", ""))
+    if snap is not None:
+        snap.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY if not dom.isActive() else 0)
+
+
+def _teardown_file(res: Resource) -> None:
+    try:
+        os.unlink(res.ident)
+    except FileNotFoundError:
+        pass
+
+
+def _teardown_dir(res: Resource) -> None:
+    shutil.rmtree(res.ident, ignore_errors=True)
+
+
+register_teardown("domain", _teardown_domain)
+register_teardown("snapshot", _teardown_snapshot)
+register_teardown("overlay", _teardown_file)
+register_teardown("qmp", _teardown_file)
+register_teardown("marker", _teardown_file)
+register_teardown("dir", _teardown_dir)

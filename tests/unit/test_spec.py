@@ -1,0 +1,101 @@
+"""The spec loader: shipped specs load, bad fields give one line naming the field and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from testbed import spec as specmod
+from testbed.spec import SpecError, from_mapping
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def base() -> dict:
+    return {
+        "name": "t",
+        "sites": [
+            {"name": "primary", "subnet": "198.18.1.0/24", "vms": [{"name": "primary", "memory": "384MiB",
+                                                                  "max_memory": "512MiB"}]},
+            {"name": "mirror", "subnet": "198.18.2.0/24", "vms": [{"name": "mirror"}]},
+        ],
+        "wan": {"delay": "10ms"},
+        "workload": {"testers": 4},
+    }
+
+
+@pytest.mark.parametrize("name", ["ci", "default"])
+def test_shipped_specs_load(name: str) -> None:
+    s = specmod.load(REPO / "specs" / f"{name}.toml")
+    assert s.name == name
+    assert [v.name for v in s.vms] == ["primary", "mirror"]
+    assert s.site("primary").bridge == "smfs-primary"
+    assert str(s.site("mirror").gateway) == "198.18.2.254/24"
+    assert "workload" in s.sections
+
+
+def test_defaults_and_addresses() -> None:
+    s = from_mapping(base())
+    p = s.vm("primary")
+    assert (p.memory_mib, p.max_memory_mib, p.vcpus) == (384, 512, 1)
+    assert str(p.address) == "198.18.1.10/24"
+    assert s.vm("mirror").max_memory == s.vm("mirror").memory
+    assert s.accel == "auto"
+    assert s.sections["workload"]["testers"] == 4
+    with pytest.raises(TypeError):
+        s.sections["workload"]["testers"] = 5  # type: ignore[index]
+
+
+def mutate(path: str, value: object) -> dict:
+    d = base()
+    target = d
+    keys = path.split(".")
+    for k in keys[:-1]:
+        target = target[int(k)] if k.isdigit() else target[k]
+    target[keys[-1]] = value
+    return d
+
+
+@pytest.mark.parametrize(("path", "value", "expect"), [
+    ("sites.0.vms.0.memory", "lots", "sites[0] (primary).vms[0].memory"),
+    ("sites.0.vms.0.memory", "64MiB", "below the minimum"),
+    ("sites.0.vms.0.max_memory", "256MiB", "raise max_memory"),
+    ("sites.0.vms.0.vcpus", 0, "vcpus"),
+    ("sites.0.vms.0.colour", "red", "unknown field"),
+    ("sites.0.vms.0.address", "198.18.2.10", "not a host address of 198.18.1.0/24"),
+    ("sites.0.subnet", "10.0.0.0/24", "outside 198.18.0.0/15"),
+    ("sites.1.subnet", "198.18.1.0/25", "overlap"),
+    ("sites.0.name", "Primary!", "not a valid name"),
+    ("sites.1.name", "primary", "appears twice"),
+    ("sites.0.uri", "nope", "libvirt URI"),
+    ("sites.0.vms", [], "sites[0] (primary).vms: missing"),
+])
+def test_bad_fields(path: str, value: object, expect: str) -> None:
+    with pytest.raises(SpecError) as err:
+        from_mapping(mutate(path, value))
+    msg = str(err.value)
+    assert expect in msg
+    assert "\n" not in msg
+
+
+def test_bad_accel_and_missing_sites() -> None:
+    with pytest.raises(SpecError, match="testbed.accel"):
+        from_mapping({**base(), "testbed": {"accel": "xen"}})
+    with pytest.raises(SpecError, match="sites: missing"):
+        from_mapping({"name": "t"})
+
+
+def test_bad_wan_names_the_field() -> None:
+    pytest.importorskip("netem.profile")
+    with pytest.raises(SpecError, match="wan"):
+        from_mapping({**base(), "wan": {"delay": "fast"}})
+
+
+def test_load_errors(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="not found"):
+        specmod.load(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = [")
+    with pytest.raises(SpecError, match="not valid TOML"):
+        specmod.load(bad)

@@ -1,0 +1,49 @@
+"""Domain XML, image naming and the registry contract of the VM testbed (no libvirt needed)."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from testbed.hypervisor import DomainConfig, domain_xml
+from vmimages import build
+
+QEMU_NS = "{http://libvirt.org/schemas/domain/qemu/1.0}"
+
+
+def config(**kw: object) -> DomainConfig:
+    base = dict(name="smfs-ci-primary", domain_type="qemu", vcpus=1, memory_mib=384, max_memory_mib=512,
+                kernel=Path("/c/vmlinuz"), initrd=Path("/c/initrd.img"), cmdline="root=/dev/vda smfs_ip=198.18.1.10/24",
+                root_disk=Path("/c/root.qcow2"), data_disk=Path("/c/data.qcow2"), bridge="smfs-primary",
+                mac="52:54:00:01:02:03", qmp_socket=Path("/c/qmp/primary.sock"), console_log=Path("/c/console.log"),
+                run_as_root=False)
+    base.update(kw)
+    return DomainConfig(**base)  # type: ignore[arg-type]
+
+
+def test_domain_xml_shape() -> None:
+    root = ET.fromstring(domain_xml(config()))
+    assert root.get("type") == "qemu"
+    assert root.findtext("memory") == "512" and root.findtext("currentMemory") == "384"
+    disks = root.findall("devices/disk")
+    assert [d.find("target").get("dev") for d in disks] == ["vda", "vdb"]
+    assert root.find("devices/interface/source").get("bridge") == "smfs-primary"
+    assert root.find("devices/channel/target").get("name") == "org.qemu.guest_agent.0"
+    assert root.find("devices/memballoon/stats").get("period") == "1"
+    args = [a.get("value") for a in root.iter(f"{QEMU_NS}arg")]
+    assert args == ["-qmp", "unix:/c/qmp/primary.sock,server=on,wait=off"]
+    assert root.find("seclabel") is None
+
+
+def test_domain_xml_kvm_and_root() -> None:
+    root = ET.fromstring(domain_xml(config(domain_type="kvm", run_as_root=True)))
+    assert root.get("type") == "kvm"
+    assert root.find("cpu").get("mode") == "host-passthrough"
+    assert root.find("seclabel/label").text == "+0:+0"
+
+
+def test_image_key_is_stable_and_follows_the_code() -> None:
+    assert build.image_key() == build.image_key()
+    recipe = build.Recipe.load()
+    assert set(recipe.project_packages) >= {"smfs", "workloads", "netem"}
+    assert len(build.rootfs_hash(recipe)) == 16
