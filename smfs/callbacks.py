@@ -47,6 +47,7 @@ TCP_ACK = 0x10
 
 _IP = struct.Struct("!BBHHHBBH4s4s")
 _TCP = struct.Struct("!HHIIH")
+_IP_FAST = struct.Struct("!BxHxxHxB")  # version/ihl, total length, flags/fragment offset, protocol
 _CALLBACK = struct.Struct("!4s4sH4sHQ")
 _SUBSCRIBE = struct.Struct("!4s4sH4sH")
 CALLBACK_MAGIC = b"SMCB"
@@ -199,65 +200,92 @@ class FlowTracker:
         self.latencies: deque[float] = deque(maxlen=max_latencies)
         self.ignored = 0
         """Data segments of flows seen without a SYN."""
+        self._flow_names: dict[bytes, Flow] = {}  # raw addresses and ports -> Flow
 
     def on_packet_sent(self, tunnel_seq: int, ip_packet: bytes, now: float | None = None) -> None:
         """Note that tunnel packet ``tunnel_seq`` carrying ``ip_packet`` was sent at ``now`` (s)."""
-        seg = parse_tcp(ip_packet)
-        if seg is None:
+        # parse_tcp inlined (same checks), with the Flow of the raw addresses and ports cached:
+        # this runs for every packet the gateway sends.
+        if len(ip_packet) < 40:
             return
-        flow = seg.flow
-        st = self._flows.get(flow)
-        if seg.syn:
-            if st is None or st.isn != seg.seq:
-                st = self._new_flow(flow, seg.seq)
+        vihl, total, frag, proto = _IP_FAST.unpack_from(ip_packet)
+        ihl = (vihl & 0x0F) * 4
+        if vihl >> 4 != 4 or ihl < 20 or proto != 6 or frag & 0x3FFF or total > len(ip_packet) or total < ihl + 20:
+            return
+        sport, dport, seq, _ack, off_flags = _TCP.unpack_from(ip_packet, ihl)
+        doff = (off_flags >> 12) * 4
+        if doff < 20 or ihl + doff > total:
+            return
+        payload_len = total - ihl - doff
+        raw = ip_packet[12:24] if ihl == 20 else ip_packet[12:20] + ip_packet[ihl : ihl + 4]
+        flow = self._flow_names.get(raw)
+        if flow is None:
+            flow = Flow(socket.inet_ntoa(raw[:4]), sport, socket.inet_ntoa(raw[4:8]), dport)
+            if len(self._flow_names) >= 2 * self.max_flows:
+                self._flow_names.clear()
+            self._flow_names[raw] = flow
+        flows = self._flows
+        st = flows.get(flow)
+        if off_flags & TCP_SYN:
+            if st is None or st.isn != seq:
+                st = self._new_flow(flow, seq)
             start = 0
         elif st is None:
-            if seg.payload_len:
+            if payload_len:
                 self.ignored += 1
             return
         else:
-            start = st.offset(seg.seq)
-        self._flows.move_to_end(flow)
-        end = start + seg.payload_len
-        if seg.rst:
+            start = st.offset(seq)
+        flows.move_to_end(flow)
+        end = start + payload_len
+        if off_flags & TCP_RST:
             st.rst = True
             self._closing.add(flow)
             return
-        if seg.fin:
+        if off_flags & TCP_FIN:
             st.fin_at = end
             self._closing.add(flow)
-        if not seg.payload_len or end <= st.safe_end:
+        if not payload_len or end <= st.safe_end:
             return
-        st.ref = max(st.ref, end)
-        self._carried.setdefault(tunnel_seq, []).append((flow, st, start, end, now))
-        while len(self._carried) > self.max_pending:
-            old = next(iter(self._carried))
-            del self._carried[old]
-            self._done.pop(old, None)
+        if end > st.ref:
+            st.ref = end
+        carried = self._carried
+        entries = carried.get(tunnel_seq)
+        if entries is None:
+            carried[tunnel_seq] = [(flow, st, start, end, now)]
+            while len(carried) > self.max_pending:
+                old = next(iter(carried))
+                del carried[old]
+                self._done.pop(old, None)
+        else:
+            entries.append((flow, st, start, end, now))
 
     def on_repairs_sent(self, repairs: Iterable[Repair], now: float | None = None) -> None:
         """Note that ``repairs`` were sent at ``now`` (s)."""
+        carried, done_bits, full, flows = self._carried, self._done, self._full, self._flows
         for rep in repairs:
             bit = 1 << rep.layer
             for s in rep.seqs:
-                entries = self._carried.get(s)
+                entries = carried.get(s)
                 if entries is None:
                     continue
-                done = self._done.get(s, 0) | bit
-                if done != self._full:
-                    self._done[s] = done
+                done = done_bits.get(s, 0) | bit
+                if done != full:
+                    done_bits[s] = done
                     continue
-                del self._carried[s]
-                self._done.pop(s, None)
+                del carried[s]
+                done_bits.pop(s, None)
                 for flow, st, start, end, sent in entries:
                     if now is not None and sent is not None:
                         self.latencies.append(now - sent)
-                    if self._flows.get(flow) is st and st.mark_safe(start, end):
+                    if flows.get(flow) is st and st.mark_safe(start, end):
                         self._advanced.add(flow)
 
     def safe_offsets(self) -> list[tuple[Flow, int]]:
         """Flows whose contiguous safe offset advanced since the last call, with that offset
         (bytes, exclusive end). Flows ended by FIN (all bytes safe) or RST are then dropped."""
+        if not self._advanced and not self._closing:
+            return []
         out = []
         for flow in self._advanced:
             st = self._flows.get(flow)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -115,12 +116,13 @@ class Repair:
     xor: bytes
 
     def __post_init__(self) -> None:
-        n = len(self.seqs)
-        if n == 0 or n != len(self.lengths):
+        seqs, lengths = self.seqs, self.lengths
+        n = len(seqs)
+        if n == 0 or n != len(lengths):
             raise ValueError("repair seqs and lengths must be non-empty and of equal count")
-        if len(self.xor) != max(self.lengths) or min(self.lengths) < 1:
+        if len(self.xor) != max(lengths) or min(lengths) < 1:
             raise ValueError("repair xor length must equal the longest packet length (>= 1)")
-        if any(b <= a for a, b in zip(self.seqs, self.seqs[1:], strict=False)):
+        if n > 1 and not all(map(operator.lt, seqs, seqs[1:])):
             raise ValueError("repair seqs must be strictly increasing")
 
     def covers(self, seq: int) -> bool:
@@ -142,38 +144,75 @@ class Repair:
         return self.seqs[-1]
 
 
+_ZEROS = bytes(MAX_PACKET)
+_XOR_REDUCE = np.bitwise_xor.reduce
+_U8 = np.uint8
+_NEW = object.__new__
+_SET = object.__setattr__
+
+
+def _trusted_repair(layer: int, seqs: tuple[int, ...], lengths: tuple[int, ...], xor: bytes) -> Repair:
+    """A :class:`Repair` whose fields the caller has already checked (the encoder builds valid ones
+    by construction, the tunnel decoder checks them on the wire): skips ``__post_init__``."""
+    rep = _NEW(Repair)
+    _SET(rep, "layer", layer)
+    _SET(rep, "seqs", seqs)
+    _SET(rep, "lengths", lengths)
+    _SET(rep, "xor", xor)
+    return rep
+
+
+def _padded(packets: Sequence[bytes], size: int) -> bytes:
+    """``packets`` zero-padded (or truncated) to ``size`` bytes each, concatenated."""
+    parts = []
+    for p in packets:
+        n = len(p)
+        if n == size:
+            parts.append(p)
+        elif n < size:
+            parts.append(p)
+            parts.append(_ZEROS[: size - n] if size - n <= MAX_PACKET else bytes(size - n))
+        else:
+            parts.append(p[:size])
+    return b"".join(parts)
+
+
 def xor_packets(packets: Sequence[bytes], length: int | None = None) -> bytes:
     """XOR of ``packets``, each zero-padded to ``length`` bytes (default: the longest).
 
-    One numpy reduction over a (n, words) uint64 array; packets longer than ``length`` are
+    One numpy reduction over a (n, length) uint8 array (faster than a uint64 view for packet
+    sizes, and needs no padding to a multiple of 8); packets longer than ``length`` are
     truncated (callers never pass one).
     """
     n = len(packets)
-    size = max(len(p) for p in packets) if length is None else length
-    width = (size + 7) & ~7
-    buf = b"".join(p[:width].ljust(width, b"\0") for p in packets)
-    words = np.frombuffer(buf, dtype=np.uint64).reshape(n, width // 8)
-    return np.bitwise_xor.reduce(words, axis=0).tobytes()[:size]
+    longest = max(map(len, packets))
+    size = longest if length is None else length
+    if n == 1:
+        return bytes(_padded(packets, size))
+    buf = b"".join(packets)
+    if longest > size or len(buf) != n * size:  # not all exactly ``size`` bytes long
+        buf = _padded(packets, size)
+    return _XOR_REDUCE(np.frombuffer(buf, dtype=_U8).reshape(n, size), axis=0).tobytes()
 
 
 def xor_many(groups: Sequence[Sequence[bytes]]) -> list[bytes]:
     """XOR of each group of packets (as :func:`xor_packets`), batched.
 
-    Groups whose packets all have one length ``L`` and that share their count are reduced
-    together in one numpy call over a (groups, n, words) array; the rest go one by one.
+    Groups that share their packet count and longest length are padded and reduced together in
+    one numpy call over a (groups, n, length) uint8 array.
     """
     out: list[bytes | None] = [None] * len(groups)
     batches: dict[tuple[int, int], list[int]] = {}
     for i, g in enumerate(groups):
-        size = len(g[0])
-        if size % 8 == 0 and all(len(p) == size for p in g):
-            batches.setdefault((len(g), size), []).append(i)
-        else:
-            out[i] = xor_packets(g)
+        batches.setdefault((len(g), max(map(len, g))), []).append(i)
     for (n, size), idx in batches.items():
-        buf = b"".join(p for i in idx for p in groups[i])
-        words = np.frombuffer(buf, dtype=np.uint64).reshape(len(idx), n, size // 8)
-        red = np.bitwise_xor.reduce(words, axis=1)
+        if len(idx) == 1:
+            out[idx[0]] = xor_packets(groups[idx[0]], size)
+            continue
+        buf = b"".join([p for i in idx for p in groups[i]])
+        if len(buf) != len(idx) * n * size:  # some packets shorter than ``size``: pad them
+            buf = b"".join([_padded(groups[i], size) for i in idx])
+        red = _XOR_REDUCE(np.frombuffer(buf, dtype=_U8).reshape(len(idx), n, size), axis=1)
         for j, i in enumerate(idx):
             out[i] = red[j].tobytes()
     return out  # type: ignore[return-value]
@@ -217,10 +256,13 @@ class Encoder:
         self._bins = [[_Bin(k) for _ in range(i)] for k, i in enumerate(self.params.interleaves)]
         self._open: dict[int, _Bin] = {}  # id(bin) -> bin, in the order the bins opened
         self._last_seq = -1
+        self._flush_s = self.params.flush_s
 
     def add(self, seq: int, packet: bytes, now: float) -> list[Repair]:
         """Add packet ``seq`` (sent at ``now``, s); return the repairs it completes."""
         full = self._place(seq, packet, now)
+        if not full:
+            return full  # (a new empty list)
         return [self._emit(b, xor_packets(b[2])) for b in full]
 
     def add_many(self, first_seq: int, packets: Sequence[bytes], now: float) -> list[Repair]:
@@ -267,21 +309,24 @@ class Encoder:
     def _place(self, seq: int, packet: bytes, now: float) -> list[tuple[int, tuple[int, ...], list[bytes]]]:
         if not _is_int(seq) or not self._last_seq < seq < SEQ_LIMIT:
             raise ValueError(f"seq must increase and be < 2**64: {seq!r} after {self._last_seq}")
-        if not 1 <= len(packet) <= MAX_PACKET:
-            raise ValueError(f"packet length must be 1..{MAX_PACKET} bytes, got {len(packet)}")
+        size = len(packet)
+        if not 1 <= size <= MAX_PACKET:
+            raise ValueError(f"packet length must be 1..{MAX_PACKET} bytes, got {size}")
         self._last_seq = seq
-        self.stats.packets += 1
-        self.stats.bytes += len(packet)
+        stats = self.stats
+        stats.packets += 1
+        stats.bytes += size
         r = self.params.r
         full = []
         for layer in self._bins:
             b = layer[seq % len(layer)]
-            if not b.seqs:
-                b.deadline = now + self.params.flush_s
+            seqs = b.seqs
+            if not seqs:
+                b.deadline = now + self._flush_s
                 self._open[id(b)] = b
-            b.seqs.append(seq)
+            seqs.append(seq)
             b.packets.append(packet)
-            if len(b.seqs) == r:
+            if len(seqs) == r:
                 del self._open[id(b)]
                 full.append(b.take())
         return full
@@ -289,7 +334,7 @@ class Encoder:
     def _emit(self, taken: tuple[int, tuple[int, ...], list[bytes]], xor: bytes) -> Repair:
         layer, seqs, packets = taken
         self.stats.repairs += 1
-        return Repair(layer, seqs, tuple(len(p) for p in packets), xor)
+        return _trusted_repair(layer, seqs, tuple(map(len, packets)), xor)
 
 
 @dataclass
@@ -421,8 +466,9 @@ class Decoder:
 
     def _store(self, seq: int, packet: bytes, out: list[tuple[int, bytes]]) -> None:
         """Hold ``seq`` and cascade through the repairs that were waiting for it."""
-        self._hold(seq, packet)
-        work = [seq]
+        self._packets[seq] = packet
+        heapq.heappush(self._heap, seq)
+        work = [seq] if self._waiting else []  # (nothing waits: nothing to cascade)
         while work:
             for p in self._waiting.pop(work.pop(), ()):
                 p.missing = {m for m in p.missing if m not in self._packets}
@@ -437,7 +483,8 @@ class Decoder:
                         work.append(m)
                 elif not p.missing:
                     self._drop_pending(p)
-        self._bound_packets()
+        if len(self._packets) > self.window:
+            self._bound_packets()
 
     def _hold(self, seq: int, packet: bytes) -> None:
         self._packets[seq] = packet
@@ -496,14 +543,16 @@ class Decoder:
         old = self._low
         self._low = new_low
         held = 0
-        while self._heap and self._heap[0] < new_low:
-            s = heapq.heappop(self._heap)
-            if self._packets.pop(s, None) is not None and s >= self._floor:
+        heap, packets, floor = self._heap, self._packets, self._floor
+        while heap and heap[0] < new_low:
+            s = heapq.heappop(heap)
+            if packets.pop(s, None) is not None and s >= floor:
                 held += 1
-        start, end = max(old, self._floor), min(new_low, prev_high + 1)
+        start, end = max(old, floor), min(new_low, prev_high + 1)
         if end > start:
             self.stats.lost += (end - start) - held
-        self._expire_repairs()
+        if self._pending:
+            self._expire_repairs()
 
     def _expire_repairs(self) -> None:
         while self._pending:

@@ -34,11 +34,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import operator
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
 
-from smfs.fec import MAX_PACKET, MAX_R, SEQ_LIMIT, Repair
+from smfs.fec import MAX_PACKET, MAX_R, SEQ_LIMIT, Repair, _trusted_repair
 
 MAGIC = 0xA7
 VERSION = 1
@@ -54,6 +55,8 @@ MIN_KEY = 16
 _HEAD = struct.Struct("!BBBB")
 _SEQ = struct.Struct("!Q")
 _REPAIR_HEAD = struct.Struct("!BBQ")
+_DATA_HEAD = struct.Struct("!BBBBQ")
+_DATA_OFF = _DATA_HEAD.size
 _MIN_LEN = _HEAD.size + MAC_LEN
 
 
@@ -83,18 +86,31 @@ class RepairMsg:
     repair: Repair
 
 
+_BLOCK = 64
+"""SHA-256 block size (bytes): the HMAC key is padded (or first hashed) to it."""
+_IPAD = bytes(x ^ 0x36 for x in range(256))
+_OPAD = bytes(x ^ 0x5C for x in range(256))
+
+
 @lru_cache(maxsize=16)
-def _mac_template(key: bytes) -> hmac.HMAC:
+def _mac_states(key: bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
+    """HMAC-SHA-256 (RFC 2104) under ``key``: the SHA-256 states after the inner and the outer
+    key blocks, computed once per key; a MAC copies them instead of re-keying per datagram."""
     if not isinstance(key, bytes) or len(key) < MIN_KEY:
         raise ValueError(f"tunnel key must be at least {MIN_KEY} bytes")
-    return hmac.new(key, digestmod=hashlib.sha256)
+    block = (hashlib.sha256(key).digest() if len(key) > _BLOCK else key).ljust(_BLOCK, b"\0")
+    return hashlib.sha256(block.translate(_IPAD)), hashlib.sha256(block.translate(_OPAD))
 
 
 def _mac(key: bytes, *parts: bytes) -> bytes:
-    h = _mac_template(key).copy()
+    """HMAC-SHA-256 under ``key`` of the concatenated ``parts``, truncated to :data:`MAC_LEN`."""
+    inner, outer = _mac_states(key)
+    h = inner.copy()
     for p in parts:
         h.update(p)
-    return h.digest()[:MAC_LEN]
+    o = outer.copy()
+    o.update(h.digest())
+    return o.digest()[:MAC_LEN]
 
 
 def _check_site(site: int) -> None:
@@ -109,8 +125,14 @@ def encode_data(seq: int, packet: bytes, site: int, key: bytes) -> bytes:
         raise ValueError(f"seq must be a u64, got {seq!r}")
     if not 1 <= len(packet) <= MAX_DATAGRAM - _MIN_LEN - _SEQ.size:
         raise ValueError(f"packet length {len(packet)} does not fit a tunnel datagram")
-    head = _HEAD.pack(MAGIC, VERSION, KIND_DATA, site) + _SEQ.pack(seq)
-    return b"".join((head, packet, _mac(key, head, packet)))
+    head = _DATA_HEAD.pack(MAGIC, VERSION, KIND_DATA, site, seq)
+    inner, outer = _mac_states(key)
+    h = inner.copy()
+    h.update(head)
+    h.update(packet)
+    o = outer.copy()
+    o.update(h.digest())
+    return b"".join((head, packet, o.digest()[:MAC_LEN]))
 
 
 def encode_repair(repair: Repair, site: int, key: bytes) -> bytes:
@@ -125,7 +147,7 @@ def encode_repair(repair: Repair, site: int, key: bytes) -> bytes:
         (
             _HEAD.pack(MAGIC, VERSION, KIND_REPAIR, site),
             _REPAIR_HEAD.pack(repair.layer, n, first),
-            struct.pack(f"!{n - 1}I{n}H", *(s - first for s in repair.seqs[1:]), *repair.lengths),
+            _table(n).pack(*(s - first for s in repair.seqs[1:]), *repair.lengths),
             repair.xor,
         )
     )
@@ -134,37 +156,104 @@ def encode_repair(repair: Repair, site: int, key: bytes) -> bytes:
     return body + _mac(key, body)
 
 
+class Sealer:
+    """:func:`encode_data` and :func:`encode_repair` bound to one ``key`` and ``site`` (checked
+    once): the same datagrams, for the gateway's per-packet path."""
+
+    __slots__ = ("site", "_inner", "_outer", "_data_head", "_repair_head")
+
+    def __init__(self, key: bytes, site: int) -> None:
+        _check_site(site)
+        self.site = site
+        self._inner, self._outer = _mac_states(key)
+        self._data_head = _HEAD.pack(MAGIC, VERSION, KIND_DATA, site)
+        self._repair_head = _HEAD.pack(MAGIC, VERSION, KIND_REPAIR, site)
+
+    def data(self, seq: int, packet: bytes) -> bytes:
+        """``encode_data(seq, packet, site, key)``."""
+        if not 0 <= seq < SEQ_LIMIT:
+            raise ValueError(f"seq must be a u64, got {seq!r}")
+        if not 1 <= len(packet) <= MAX_DATAGRAM - _MIN_LEN - _SEQ.size:
+            raise ValueError(f"packet length {len(packet)} does not fit a tunnel datagram")
+        head = self._data_head + _SEQ.pack(seq)
+        h = self._inner.copy()
+        h.update(head)
+        h.update(packet)
+        o = self._outer.copy()
+        o.update(h.digest())
+        return b"".join((head, packet, o.digest()[:MAC_LEN]))
+
+    def repair(self, repair: Repair) -> bytes:
+        """``encode_repair(repair, site, key)``."""
+        seqs = repair.seqs
+        n, first, layer = len(seqs), seqs[0], repair.layer
+        if n > MAX_R or not 0 <= layer <= 255:
+            raise ValueError(f"repair does not fit the wire format: {n} packets, layer {layer}")
+        if not (0 <= first and seqs[-1] < SEQ_LIMIT and seqs[-1] - first < 1 << 32):
+            raise ValueError("repair seqs must be u64 within 2**32 of each other")
+        body = b"".join(
+            (
+                self._repair_head,
+                _REPAIR_HEAD.pack(layer, n, first),
+                _table(n).pack(*[s - first for s in seqs[1:]], *repair.lengths),
+                repair.xor,
+            )
+        )
+        if len(body) + MAC_LEN > MAX_DATAGRAM:
+            raise ValueError("repair too large for a datagram")
+        h = self._inner.copy()
+        h.update(body)
+        o = self._outer.copy()
+        o.update(h.digest())
+        return body + o.digest()[:MAC_LEN]
+
+
+@lru_cache(maxsize=MAX_R)
+def _table(n: int) -> struct.Struct:
+    """The repair table of ``n`` packets: ``n - 1`` u32 deltas, ``n`` u16 lengths."""
+    return struct.Struct(f"!{n - 1}I{n}H")
+
+
 def decode(datagram: bytes, key: bytes, expect_site: int | None = None) -> DataMsg | RepairMsg:
     """Parse and authenticate ``datagram``; raise :class:`TunnelError` when it is not a valid
     message under ``key`` (from site ``expect_site`` when given)."""
-    data = bytes(datagram)
-    if len(data) < _MIN_LEN:
-        raise TunnelError("short", f"{len(data)} bytes")
-    if len(data) > MAX_DATAGRAM:
-        raise TunnelError("oversize", f"{len(data)} bytes")
+    site, seq, payload = decode_raw(datagram, key, expect_site)
+    if seq is None:
+        return RepairMsg(site, payload)  # type: ignore[arg-type]
+    return DataMsg(site, seq, payload)  # type: ignore[arg-type]
+
+
+def decode_raw(datagram: bytes, key: bytes, expect_site: int | None = None) -> tuple[int, int | None, bytes | Repair]:
+    """:func:`decode` without the message object: ``(site, seq, packet)`` for DATA,
+    ``(site, None, repair)`` for REPAIR; same checks, same :class:`TunnelError` reasons."""
+    data = datagram if type(datagram) is bytes else bytes(datagram)
+    size = len(data)
+    if size < _MIN_LEN:
+        raise TunnelError("short", f"{size} bytes")
+    if size > MAX_DATAGRAM:
+        raise TunnelError("oversize", f"{size} bytes")
     magic, version, kind, site = _HEAD.unpack_from(data)
     if magic != MAGIC:
         raise TunnelError("bad magic", f"0x{magic:02x}")
     if version != VERSION:
         raise TunnelError("bad version", str(version))
-    body, mac = data[:-MAC_LEN], data[-MAC_LEN:]
-    if not hmac.compare_digest(_mac(key, body), mac):
+    end = size - MAC_LEN
+    inner, outer = _mac_states(key)
+    h = inner.copy()
+    h.update(memoryview(data)[:end])
+    o = outer.copy()
+    o.update(h.digest())
+    if not hmac.compare_digest(o.digest()[:MAC_LEN], data[end:]):
         raise TunnelError("bad mac")
     if expect_site is not None and site != expect_site:
         raise TunnelError("foreign site", f"{site} != {expect_site}")
     if kind == KIND_DATA:
-        return _decode_data(body, site)
+        if end <= _DATA_OFF:
+            raise TunnelError("malformed lengths", "data without packet")
+        return site, _SEQ.unpack_from(data, _HEAD.size)[0], data[_DATA_OFF:end]
     if kind == KIND_REPAIR:
-        return RepairMsg(site, _decode_repair(body))
+        return site, None, _decode_repair(data[:end])
     raise TunnelError("bad kind", str(kind))
-
-
-def _decode_data(body: bytes, site: int) -> DataMsg:
-    off = _HEAD.size + _SEQ.size
-    if len(body) <= off:
-        raise TunnelError("malformed lengths", "data without packet")
-    (seq,) = _SEQ.unpack_from(body, _HEAD.size)
-    return DataMsg(site, seq, body[off:])
 
 
 def _decode_repair(body: bytes) -> Repair:
@@ -175,19 +264,21 @@ def _decode_repair(body: bytes) -> Repair:
     off += _REPAIR_HEAD.size
     if not 1 <= n <= MAX_R:
         raise TunnelError("malformed lengths", f"{n} packets")
-    table = struct.Struct(f"!{n - 1}I{n}H")
+    table = _table(n)
     if len(body) < off + table.size:
         raise TunnelError("malformed lengths", "repair table")
     fields = table.unpack_from(body, off)
     off += table.size
     deltas, lengths = fields[: n - 1], fields[n - 1 :]
-    if any(b <= a for a, b in zip((0, *deltas), deltas, strict=False)):
+    if deltas and (deltas[0] <= 0 or not all(map(operator.lt, deltas, deltas[1:]))):
         raise TunnelError("malformed lengths", "seqs not increasing")
     if first + (deltas[-1] if deltas else 0) >= SEQ_LIMIT:
         raise TunnelError("malformed lengths", "seq overflow")
-    if min(lengths) < 1 or len(body) - off != max(lengths) or max(lengths) > MAX_PACKET:
+    longest = max(lengths)
+    if min(lengths) < 1 or len(body) - off != longest or longest > MAX_PACKET:
         raise TunnelError("malformed lengths", "xor length")
-    return Repair(layer, (first, *(first + d for d in deltas)), tuple(lengths), body[off:])
+    # Every field checked as Repair.__post_init__ would: build it without checking again.
+    return _trusted_repair(layer, (first, *[first + d for d in deltas]), lengths, body[off:])
 
 
 class ReplayWindow:
