@@ -512,11 +512,57 @@ def _mirred_target(flt: Any) -> int | None:
 # --------------------------------------------------------------------------- CLI
 
 
+def _run_command(shaper: Shaper | IfbShaper, ifname: str, ingress: bool, command: str, profile_json: str,
+                 direction: str) -> tuple[int, dict[str, Any] | str]:
+    """One command; (exit code, output dict) or (exit code, one-line error)."""
+    out: dict[str, Any] = {"ifname": ifname, "ingress": ingress}
+    try:
+        if command == "apply":
+            profile = LinkProfile.from_mapping(json.loads(profile_json), "profile").direction(direction)
+            out["profile"] = profile.describe()
+            out["applied"] = netem_args(profile)
+            out["read_back"] = shaper.apply(profile)
+        elif command == "show":
+            out["read_back"] = shaper.read_back()
+        else:
+            shaper.clear()
+            out["cleared"] = True
+    except ShapeMismatch as err:
+        return 1, f"mismatch: {err}"
+    except (ShaperError, ProfileError, NetlinkError, json.JSONDecodeError, OSError) as err:
+        return 2, _one_line(err)
+    return 0, out
+
+
+def serve(shaper: Shaper | IfbShaper, ifname: str, ingress: bool, fifo: str) -> None:
+    """Apply commands read from the FIFO ``fifo`` until killed, one JSON line each:
+    ``{"id": "x", "command": "apply", "json": "<profile>", "direction": "a_to_b"}``. The answer
+    ``{"rc": 0, "out": ...}`` is written atomically to ``<fifo>.<id>.reply``.
+
+    A resident shaper answers in milliseconds where a fresh ``python3 -m netem.shaper`` takes seconds on
+    a loaded TCG guest (interpreter and pyroute2 start-up): the nemesis needs its loss bursts on time."""
+    if not os.path.exists(fifo):
+        os.mkfifo(fifo, 0o600)
+    with open(fifo, "r+b", buffering=0) as f:  # r+: never EOF when writers come and go
+        for line in iter(f.readline, b""):
+            try:
+                req = json.loads(line)
+                rid = "".join(c for c in str(req["id"]) if c.isalnum() or c in "-_")
+                rc, out = _run_command(shaper, ifname, ingress, req.get("command", "apply"), req.get("json", "{}"),
+                                       req.get("direction", Direction.A_TO_B.value))
+            except (ValueError, KeyError) as err:
+                rid, rc, out = "bad", 2, f"bad request: {_one_line(err)}"
+            tmp = f"{fifo}.{rid}.tmp"
+            with open(tmp, "w") as r:
+                json.dump({"rc": rc, "out": out}, r, default=list)
+            os.replace(tmp, f"{fifo}.{rid}.reply")
+
+
 def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python3 -m netem.shaper", description="Apply netem and read it back."
     )
-    parser.add_argument("command", choices=("apply", "show", "clear"))
+    parser.add_argument("command", choices=("apply", "show", "clear", "serve"))
     parser.add_argument("--ifname", required=True, help="interface to shape (e.g. eth0)")
     parser.add_argument(
         "--ingress", action="store_true", help="shape the interface's ingress via ifb-<ifname>"
@@ -524,34 +570,29 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="{}", help='profile in spec form, e.g. \'{"delay": "25ms"}\'')
     parser.add_argument("--direction", default=Direction.A_TO_B.value, choices=[d.value for d in Direction])
     parser.add_argument("--netns", default=None, help="network namespace name (default: this one)")
+    parser.add_argument("--fifo", default=None, help="serve: the FIFO commands are read from")
     args = parser.parse_args(argv)
     try:
         from pyroute2 import IPRoute, NetNS
 
         ipr = NetNS(args.netns) if args.netns else IPRoute()
-        try:
-            shaper: Shaper | IfbShaper = (
-                IfbShaper(ipr, args.ifname) if args.ingress else Shaper(ipr, args.ifname)
-            )
-            out: dict[str, Any] = {"ifname": args.ifname, "ingress": args.ingress}
-            if args.command == "apply":
-                profile = LinkProfile.from_mapping(json.loads(args.json), "profile").direction(args.direction)
-                out["profile"] = profile.describe()
-                out["applied"] = netem_args(profile)
-                out["read_back"] = shaper.apply(profile)
-            elif args.command == "show":
-                out["read_back"] = shaper.read_back()
-            else:
-                shaper.clear()
-                out["cleared"] = True
-        finally:
-            ipr.close()
-    except ShapeMismatch as err:
-        print(f"shaper: mismatch: {err}", file=sys.stderr)
-        return 1
-    except (ShaperError, ProfileError, NetlinkError, json.JSONDecodeError, OSError) as err:
+    except (NetlinkError, OSError) as err:
         print(f"shaper: {_one_line(err)}", file=sys.stderr)
         return 2
+    try:
+        shaper: Shaper | IfbShaper = IfbShaper(ipr, args.ifname) if args.ingress else Shaper(ipr, args.ifname)
+        if args.command == "serve":
+            if not args.fifo:
+                print("shaper: serve needs --fifo PATH", file=sys.stderr)
+                return 2
+            serve(shaper, args.ifname, args.ingress, args.fifo)
+            return 0
+        rc, out = _run_command(shaper, args.ifname, args.ingress, args.command, args.json, args.direction)
+    finally:
+        ipr.close()
+    if rc:
+        print(f"shaper: {out}", file=sys.stderr)
+        return rc
     print(json.dumps(out, default=list))
     return 0
 

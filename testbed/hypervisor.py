@@ -267,11 +267,21 @@ class DomainConfig:
     qmp_socket: Path
     console_log: Path
     run_as_root: bool  # static DAC label +0:+0 when QEMU's user cannot reach the cache
+    ledger_socket: Path | None = None  # host end of the virtio-serial port LEDGER_PORT (QEMU listens)
+
+
+LEDGER_PORT = "smfs.ledger"
+"""Name of the virtio-serial port the testers' ledger is streamed over (``/dev/virtio-ports/smfs.ledger``
+in the guest). Lines written to it are on the host at once, so they survive the guest's power cut."""
 
 
 def domain_xml(c: DomainConfig) -> str:
-    """Direct kernel boot, virtio everywhere, guest agent channel, balloon with stats, second QMP."""
+    """Direct kernel boot, virtio everywhere, guest agent and ledger channels, balloon with stats, second QMP."""
     e = lambda p: escape(str(p), {"'": "&apos;", '"': "&quot;"})  # noqa: E731
+    ledger = (f"""<channel type='unix'>
+      <source mode='bind' path='{e(c.ledger_socket)}'/>
+      <target type='virtio' name='{LEDGER_PORT}'/>
+    </channel>""" if c.ledger_socket is not None else "")
     seclabel = ("<seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>"
                 if c.run_as_root else "")
     cpu = "<cpu mode='host-passthrough'/>" if c.domain_type == "kvm" else ""
@@ -316,6 +326,7 @@ def domain_xml(c: DomainConfig) -> str:
     <channel type='unix'>
       <target type='virtio' name='org.qemu.guest_agent.0'/>
     </channel>
+    {ledger}
     <serial type='pty'>
       <log file='{e(c.console_log)}' append='off'/>
       <target port='0'/>

@@ -79,6 +79,7 @@ class VmInfo:
     qmp: str
     console: str
     boot_seconds: float = 0.0
+    ledger: str = ""  # host unix socket of the guest's ledger port (hypervisor.LEDGER_PORT)
 
 
 class VmTestbed:
@@ -476,7 +477,8 @@ def up(spec: Spec | str | Path, say: Say = print, rebuild_image: bool = False, c
             info = VmInfo(name=vm.name, site=site.name, domain=domain_name(spec.name, vm.name), uri=site.uri,
                           address=str(vm.address), gateway=str(site.gateway.ip), mac=_mac(spec.name, vm.name),
                           root=str(tb_dir / f"{vm.name}-root.qcow2"), data=str(tb_dir / f"{vm.name}-data.qcow2"),
-                          qmp=str(tb_dir / "qmp" / f"{vm.name}.sock"), console=str(tb_dir / f"{vm.name}-console.log"))
+                          qmp=str(tb_dir / "qmp" / f"{vm.name}.sock"), console=str(tb_dir / f"{vm.name}-console.log"),
+                          ledger=str(tb_dir / "qmp" / f"{vm.name}-ledger.sock"))
             for disk, base in ((info.root, image.base), (info.data, data_base(vm.data_disk))):
                 registry.add("overlay", disk, owner, image=image.key)
                 if clone_dir is not None:
@@ -498,6 +500,7 @@ def up(spec: Spec | str | Path, say: Say = print, rebuild_image: bool = False, c
             xml = hypervisor.domain_xml(_config(vm, info, accel.domain_type, image, run_as_root))
             registry.add("domain", info.domain, owner, uri=info.uri)
             registry.add("qmp", info.qmp, owner)
+            registry.add("qmp", info.ledger, owner)
             dom = conn.defineXML(xml)
             if clone_dir is None:
                 say(f"starting {vm.name} ({vm.vcpus} vCPU, {vm.memory_mib}/{vm.max_memory_mib} MiB, {info.address})")
@@ -535,6 +538,7 @@ def _config(vm: VmSpec, info: VmInfo, domain_type: str, image: Any, run_as_root:
         max_memory_mib=vm.max_memory_mib, kernel=image.kernel, initrd=image.initrd, cmdline=cmdline,
         root_disk=Path(info.root), data_disk=Path(info.data), bridge=f"smfs-{info.site}", mac=info.mac,
         qmp_socket=Path(info.qmp), console_log=Path(info.console), run_as_root=run_as_root,
+        ledger_socket=Path(info.ledger) if info.ledger else None,
     )
 
 

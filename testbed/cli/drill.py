@@ -1,4 +1,4 @@
-"""Tasks: local-drill (the namespace drill), drill, check."""
+"""Tasks: drill (the VM drill), local-drill (the namespace drill), check."""
 
 from __future__ import annotations
 
@@ -52,12 +52,30 @@ def local_drill(c, mode="remote-sync", testers=64, append_size="512KiB", duratio
         raise Exit(code=code)
 
 
-@task(help={"modes": "all, or a comma list of modes", "out": "result directory"})
-def drill(c, modes="all", out=""):
-    """The disaster drill. Until the VM drill lands this runs the namespace drill (and says so)."""
-    print("note: the VM drill is not built yet; running the namespace drill (network namespaces, not VMs)")
-    # Scaled so five modes finish in a few minutes on two cores.
-    local_drill(c, mode=modes, testers=64, append_size="512KiB", duration=12.0, fail_at=8.0, wan_loss=1.0, out=out)
+@task(help={
+    "spec": "spec file (default specs/default.toml: the paper's experiment scaled to one machine)",
+    "modes": "all, or a comma list of modes",
+    "out": "result directory (default results/<spec>/<timestamp>)",
+    "keep": "keep the testbed up afterwards (a later drill of the same spec reuses it and its snapshot)",
+})
+def drill(c, spec="specs/default.toml", modes="all", out="", keep=False):
+    """The disaster drill in VMs: each mode from one snapshot, the spec's faults, data-loss verdicts, report."""
+    from smfs.modes import parse_modes
+    from testbed.drill import EXIT_CODES, run_drill
+    from testbed.spec import SpecError
+
+    if not Path(spec).exists():
+        raise user_error(f"--spec {spec}: no such file; see specs/")
+    try:
+        chosen = tuple(parse_modes(modes))
+        result = run_drill(spec, chosen, Path(out) if out else None, keep=keep, say=_stamp(time.monotonic()))
+    except (ValueError, SpecError) as err:
+        raise user_error(str(err)) from None
+    except KeyboardInterrupt:
+        raise Exit("interrupted (the testbed was torn down unless --keep)", code=130) from None
+    code = EXIT_CODES[result["verdict"]]
+    if code:
+        raise Exit(code=code)
 
 
 @task(help={"ledger": "directory of tester ledgers (*.jsonl)", "mirror": "mirror store/site directory or listing.json",

@@ -363,3 +363,43 @@ def test_apply_without_netem_fails_cleanly_for_real(two_namespaces: tuple[str, s
         shaper.clear()
     finally:
         ipr.close()
+
+
+def test_resident_shaper_answers_each_request_in_its_own_reply_file(tmp_path) -> None:
+    import json as _json
+    import threading
+    import time as _time
+
+    from netem.shaper import ShapeMismatch, serve
+
+    class FakeShaper:
+        def __init__(self) -> None:
+            self.applied = []
+
+        def apply(self, profile):
+            self.applied.append(profile.delay_us)
+            if profile.delay_us == 7000:
+                raise ShapeMismatch("ifb-eth0", "delay_us", 7000, 6000)
+            return {"delay_us": profile.delay_us}
+
+    fake = FakeShaper()
+    fifo = str(tmp_path / "shaper.fifo")
+    threading.Thread(target=serve, args=(fake, "eth0", True, fifo), daemon=True).start()
+    while not (tmp_path / "shaper.fifo").exists():
+        _time.sleep(0.01)
+
+    def ask(rid: str, profile: dict) -> dict:
+        with open(fifo, "w") as f:
+            f.write(_json.dumps({"id": rid, "command": "apply", "json": _json.dumps(profile)}) + "\n")
+        reply = tmp_path / f"shaper.fifo.{rid}.reply"
+        while not reply.exists():
+            _time.sleep(0.01)
+        return _json.loads(reply.read_text())
+
+    ok = ask("a1", {"delay": "25ms"})
+    assert ok["rc"] == 0 and ok["out"]["read_back"] == {"delay_us": 25000}
+    bad = ask("a2", {"delay": "7ms"})
+    assert bad["rc"] == 1 and "mismatch" in bad["out"] and "delay_us" in bad["out"]
+    invalid = ask("a3", {"delay": "fast"})
+    assert invalid["rc"] == 2 and "delay" in invalid["out"]
+    assert fake.applied == [25000, 7000]

@@ -47,3 +47,13 @@ def test_image_key_is_stable_and_follows_the_code() -> None:
     recipe = build.Recipe.load()
     assert set(recipe.project_packages) >= {"smfs", "workloads", "netem"}
     assert len(build.rootfs_hash(recipe)) == 16
+
+
+def test_ledger_channel_only_when_a_socket_is_given() -> None:
+    names = lambda xml: [t.get("name") for t in ET.fromstring(xml).findall("devices/channel/target")]  # noqa: E731
+    assert names(domain_xml(config())) == ["org.qemu.guest_agent.0"]
+    root = ET.fromstring(domain_xml(config(ledger_socket=Path("/c/qmp/primary-ledger.sock"))))
+    chans = {c.find("target").get("name"): c for c in root.findall("devices/channel")}
+    assert set(chans) == {"org.qemu.guest_agent.0", "smfs.ledger"}
+    src = chans["smfs.ledger"].find("source")
+    assert (src.get("mode"), src.get("path")) == ("bind", "/c/qmp/primary-ledger.sock")

@@ -1,0 +1,121 @@
+"""The drill's report: ``report.md`` and PNG plots (matplotlib, Agg backend) from a result.
+
+Plots: throughput per mode, append latency CDF per mode (from the normalised ledgers), acked vs
+lost per mode, FEC packets lost on the WAN vs rebuilt per mode.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
+
+from testbed.report import table  # noqa: E402
+
+
+def _latencies(mode_dir: Path) -> list[float]:
+    """Latency (ms) of the ok appends in ``<mode>/ledger``; empty when there is no ledger."""
+    from workloads.ledger import load_ledgers
+
+    if not (mode_dir / "ledger").is_dir():
+        return []
+    entries = load_ledgers(mode_dir / "ledger").entries
+    return sorted((e.t_complete - e.t_invoke) * 1000.0 for e in entries if e.outcome == "ok")
+
+
+def _bar(path: Path, title: str, ylabel: str, names: list[str], series: dict[str, list[float]]) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    width = 0.8 / max(1, len(series))
+    for i, (label, values) in enumerate(series.items()):
+        xs = [x + (i - (len(series) - 1) / 2) * width for x in range(len(names))]
+        ax.bar(xs, values, width, label=label)
+    ax.set_xticks(range(len(names)), names, rotation=15)
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    if len(series) > 1:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_plots(result: dict[str, Any], out: Path) -> list[Path]:
+    modes = result.get("modes", [])
+    names = [m["mode"] for m in modes]
+    files = [
+        _bar(out / "throughput.png", "Throughput of acknowledged appends", "MB/s", names,
+             {"MB/s": [float(m.get("throughput_MBps") or 0) for m in modes]}),
+        _bar(out / "acked-vs-lost.png", "Acknowledged vs lost appends (rolling disaster)", "appends", names,
+             {"acked": [float(m.get("acked") or 0) for m in modes], "lost": [float(m.get("lost") or 0) for m in modes]}),
+        _bar(out / "fec.png", "FEC: packets lost on the WAN vs rebuilt", "packets", names,
+             {"lost on WAN": [float((m.get("fec") or {}).get("lost_on_wan") or 0) for m in modes],
+              "rebuilt": [float((m.get("fec") or {}).get("rebuilt") or 0) for m in modes]}),
+    ]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for name in names:
+        lat = _latencies(out / name)
+        if lat:
+            ax.plot(lat, [(i + 1) / len(lat) for i in range(len(lat))], label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("append latency (ms)")
+    ax.set_ylabel("fraction of acked appends")
+    ax.set_title("Append latency CDF")
+    if ax.lines:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "latency-cdf.png", dpi=100)
+    plt.close(fig)
+    files.append(out / "latency-cdf.png")
+    return files
+
+
+def report_md(result: dict[str, Any]) -> str:
+    """The short report: verdict, environment, WAN, table, paper comparison, plots, timelines."""
+    env = result.get("environment", {})
+    modes = result.get("modes", [])
+    by = {m["mode"]: m for m in modes}
+    lines = [f"# Drill {result.get('spec', '')}: verdict **{result.get('verdict')}**", ""]
+    lines += [f"- testbed: {env.get('testbed')} ({env.get('accel')}), image {env.get('image')}",
+              f"- WAN: {(env.get('wan') or {}).get('describe')} enforced at {env.get('wan_enforcement')}",
+              f"- workload: {result.get('config', {})}", ""]
+    cal = result.get("calibration") or {}
+    if cal.get("rows"):
+        lines += ["## Calibration (configured vs measured)", "", "| metric | configured | measured | ok |", "|---|---|---|---|"]
+        lines += [f"| {r['metric']} ({r['unit']}) | {r['configured']} | {r['measured']} | {r['ok']} |" for r in cal["rows"]]
+        lines.append("")
+    lines += ["## Results", "", "```", table(modes), "```", ""]
+    lines += ["## Against the paper", ""]
+    for name in ("remote-sync", "remote-sync+fec", "network-sync"):
+        if name in by:
+            m = by[name]
+            ok = m.get("lost") == 0 and (m.get("acked") or 0) > 0
+            lines.append(f"- {name}: {'kept every acked append' if ok else 'DISAGREES with the paper'} "
+                         f"(acked {m.get('acked')}, lost {m.get('lost')}, verdict {m.get('verdict')})")
+    if "local-sync" in by:
+        m = by["local-sync"]
+        lines.append(f"- local-sync: lost {m.get('lost')} of {m.get('acked')} acked appends"
+                     + ("" if (m.get("lost") or 0) > 0 else " (the paper expects losses: none seen in this run)"))
+    if "local-sync" in by and "local-sync+fec" in by:
+        a, b = by["local-sync"].get("lost") or 0, by["local-sync+fec"].get("lost") or 0
+        lines.append(f"- local-sync+fec lost {b} vs local-sync {a}"
+                     + (": fewer, as in the paper" if b < a else ": NOT fewer (the paper expects fewer)"))
+    lines += ["", "## Plots", ""]
+    lines += [f"![{p}]({p})" for p in ("throughput.png", "latency-cdf.png", "acked-vs-lost.png", "fec.png")]
+    lines += ["", "## Fault timelines", ""]
+    for m in modes:
+        lines.append(f"### {m['mode']}" + (f" (error: {m['error']})" if m.get("error") else ""))
+        lines += [f"- {e['t']:7.2f} s  {e['event']}" for e in m.get("timeline", [])]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(result: dict[str, Any], out: Path) -> list[Path]:
+    """Write the plots and report.md into ``out``; returns the files written."""
+    files = write_plots(result, out)
+    (out / "report.md").write_text(report_md(result))
+    return [*files, out / "report.md"]
