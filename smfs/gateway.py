@@ -35,6 +35,7 @@ import numpy as np
 from smfs.callbacks import Flow, FlowTracker, decode_subscribe, encode_callback
 from smfs.fec import Decoder, Encoder, FecParams, Repair
 from smfs.tunnel import MIN_KEY, ReplayWindow, Sealer, TunnelError, decode_raw, encode_data, encode_repair
+from smfs.units import parse_hostport
 
 TUNSETIFF = 0x400454CA
 IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
@@ -96,11 +97,11 @@ class Gateway:
         self.wan = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.wan.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
         self.wan.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        self.wan.bind(_hostport(args.local))
+        self.wan.bind(parse_hostport(args.local))
         self.wan.setblocking(False)
-        self.peer = _hostport(args.peer)
+        self.peer = parse_hostport(args.peer)
         self.control = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.control.bind(_hostport(args.control))
+        self.control.bind(parse_hostport(args.control))
         self.control.setblocking(False)
         self.loop.add_reader(self.tun, self._on_tun)
         self.loop.add_reader(self.wan, self._on_wan)
@@ -299,10 +300,6 @@ class Gateway:
         tmp.write_text(json.dumps(self.snapshot(), indent=1))
         os.replace(tmp, path)
 
-
-def _hostport(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return host, int(port)
 
 
 async def _main(args: argparse.Namespace, key: bytes, tun: int) -> None:

@@ -19,6 +19,7 @@ from smfs.logstore import LogStore
 from smfs.mirror import MirrorServer
 from smfs.modes import parse_mode
 from smfs.primary import PrimaryServer
+from smfs.units import parse_hostport
 
 
 def server_for_log(log: int, servers: int) -> int:
@@ -30,10 +31,6 @@ def socket_path(run_dir: Path | str, index: int) -> str:
     return str(Path(run_dir) / f"primary-{index}.sock")
 
 
-def _hostport(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return host, int(port)
-
 
 async def _run(args: argparse.Namespace) -> None:
     data, run = Path(args.data), Path(args.run)
@@ -44,12 +41,12 @@ async def _run(args: argparse.Namespace) -> None:
     ]
     servers: list[PrimaryServer | MirrorServer]
     if args.role == "mirror":
-        host, port = _hostport(args.listen)
+        host, port = parse_hostport(args.listen)
         servers = [MirrorServer(i, stores[i], host, port + i) for i in range(args.servers)]
     else:
         mode = parse_mode(args.mode)
-        host, port = _hostport(args.mirror)
-        control = _hostport(args.gateway_control) if args.gateway_control else None
+        host, port = parse_hostport(args.mirror)
+        control = parse_hostport(args.gateway_control) if args.gateway_control else None
         if mode.ack_on == "network" and control is None:
             raise SystemExit("error: --gateway-control is required for network-sync")
         servers = [

@@ -23,3 +23,9 @@ def parse_size(text: str | int, field: str) -> int:
     if value <= 0:
         raise ValueError(f"{field}: size must be positive, got {text!r}")
     return value
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """'HOST:PORT' -> (host, port), as the site and gateway command lines take addresses."""
+    host, _, port = text.rpartition(":")
+    return host, int(port)

@@ -9,26 +9,12 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = REPO / "specs" / "ci.toml"
-
-
-@pytest.fixture(scope="module")
-def tb() -> Iterator[object]:
-    from testbed import vmbed
-
-    if (vmbed.testbeds_dir() / "active").exists():
-        pytest.skip("a testbed is already up (./inv down first); these tests bring up their own")
-    bed = vmbed.up(SPEC, say=print)
-    try:
-        yield bed
-    finally:
-        vmbed.down(say=print)
 
 
 def test_up_boots_every_vm(tb) -> None:

@@ -6,7 +6,6 @@ destroyed are still in the mirror's ingress queue, and arrive.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,19 +34,6 @@ while True:
         os.replace("/run/smfs/udp.count.tmp", "/run/smfs/udp.count")
         shown = n
 """
-
-
-@pytest.fixture(scope="module")
-def tb() -> Iterator[object]:
-    from testbed import vmbed
-
-    if (vmbed.testbeds_dir() / "active").exists():
-        pytest.skip("a testbed is already up (./inv down first); these tests bring up their own")
-    bed = vmbed.up(SPEC, say=print)
-    try:
-        yield bed
-    finally:
-        vmbed.down(say=print)
 
 
 def test_shape_reads_back_on_each_ingress_through_the_resident_shaper(tb) -> None:
