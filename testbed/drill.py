@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from smfs.modes import Mode
-from testbed.faults import Timeline, schedule
+from testbed.faults import Runner, Timed, Timeline, during, schedule
 from testbed.localdrill import EXIT_CODES, InfrastructureError, overall_verdict
+from testbed.progress import Progress
 from testbed.report import ledger_figures, table
 
 Say = Callable[[str], None]
@@ -64,6 +65,7 @@ class DrillConfig:
     burst_loss: str = "1%"
     burst_seconds: float = 0.5
     drain: float = 2.0  # s the mirror gets after the power cut, on top of the WAN's one-way delay
+    during: tuple[Timed, ...] = ()  # faults injected (and healed) during the run, before the disaster
 
     def __post_init__(self) -> None:
         checks = [
@@ -85,12 +87,15 @@ class DrillConfig:
         wl, fec, faults = (dict(spec.sections.get(k, {})) for k in ("workload", "fec", "faults"))
         duration = parse_time_us(wl.get("duration", "60s"), "workload.duration") / 1e6
         fail_at = parse_time_us(faults.get("fail_at", f"{duration * 0.6:g}s"), "faults.fail_at") / 1e6
+        name = str(faults.get("schedule", "rolling-disaster"))
+        schedule(name, spec.wan)  # validates the name: a typo is a one-line error before any VM boots
         return cls(
             spec_path=Path(spec.path), modes=modes, out=out, keep=keep, testers=int(wl.get("testers", 64)),
             append_size=parse_size(str(wl.get("append_size", "512KiB")), "workload.append_size"),
             duration=duration, fail_at=fail_at, servers=int(wl.get("server_pairs", 8)), r=int(fec.get("r", 8)),
             schedule=str(faults.get("schedule", "rolling-disaster")), burst_loss=str(faults.get("burst_loss", "1%")),
             burst_seconds=parse_time_us(faults.get("burst", "500ms"), "faults.burst") / 1e6,
+            during=during(faults.get("during"), spec, fail_at),
         )
 
 
@@ -181,7 +186,10 @@ def prepare(tb: Any, cfg: DrillConfig, tl: Timeline) -> dict[str, Any]:
     prim, mirr = _vm(tb, "primary"), _vm(tb, "mirror")
     for site, vm in (("primary", prim), ("mirror", mirr)):
         g = tb.guest(vm)
-        g.sh(f"mkdir -p {RUN} /data && ip addr replace {STORAGE[site][0]}/32 dev lo")
+        # The gateways ask for 4 MiB socket buffers; the kernel caps them at rmem_max/wmem_max (~208 KiB),
+        # and a full receive buffer under TCG would look like WAN loss.
+        g.sh(f"mkdir -p {RUN} /data && ip addr replace {STORAGE[site][0]}/32 dev lo && "
+             "echo 8388608 > /proc/sys/net/core/rmem_max && echo 8388608 > /proc/sys/net/core/wmem_max")
         g.write_file(KEY_FILE, key, mode=0o600)
     mg = tb.guest(mirr)
     mg.spawn("mirror-site", ["python3", "-m", "smfs.site", "mirror", "--servers", str(cfg.servers), "--data",
@@ -194,6 +202,7 @@ def prepare(tb: Any, cfg: DrillConfig, tl: Timeline) -> dict[str, Any]:
             "--route", STORAGE[peer][1], "--local", f"{_ip(tb, vm)}:{TUNNEL_PORT}",
             "--peer", f"{_ip(tb, peer_vm)}:{TUNNEL_PORT}", "--control", CONTROL, "--key-file", KEY_FILE,
             "--stats", STATS_FILE, "--ready", f"{RUN}/gateway.ready", "--r", str(cfg.r),
+            "--wan-mtu", str(tb.spec.mtu),
         ])
     _wait_file(mg, f"{RUN}/mirror/mirror.ready", "mirror-site", "mirror site")
     for vm in (mirr, prim):
@@ -219,6 +228,13 @@ def _fec_totals(per_site: dict[str, dict[str, Any] | None], out: Path) -> dict[s
     for site, stats in per_site.items():
         files[site].write_text(json.dumps(stats))
     return GatewayPair(files).collect_stats()
+
+
+def _check_alive(pg: Any, mg: Any) -> None:
+    for g, name in ((pg, "primary-site"), (mg, "mirror-site"), (pg, "testers")):
+        if g.find(name) is None:
+            tail = g.sh(f"tail -n 3 {RUN}/{name}.log", check=False).strip().replace("\n", " | ")
+            raise InfrastructureError(f"{name} died during the run: {tail[:300]}")
 
 
 def run_mode(tb: Any, cfg: DrillConfig, mode: Mode, say: Say) -> dict[str, Any]:
@@ -255,17 +271,17 @@ def run_mode(tb: Any, cfg: DrillConfig, mode: Mode, say: Say) -> dict[str, Any]:
                              str(cfg.append_size), "--duration", str(cfg.duration), "--servers", str(cfg.servers),
                              "--run", f"{RUN}/primary", "--ledger-stream", LEDGER_PORT_DEV])
         t_start = tl.mark(f"testers started ({cfg.testers} × {cfg.append_size} B appends)")
+        runner = Runner(cfg.during, tb, tl)
         next_check = 0.0
-        while (elapsed := time.time() - t_start) < cfg.fail_at:
-            if elapsed >= next_check:
-                for g, name in ((pg, "primary-site"), (mg, "mirror-site"), (pg, "testers")):
-                    if g.find(name) is None:
-                        tail = g.sh(f"tail -n 3 {RUN}/{name}.log", check=False).strip().replace("\n", " | ")
-                        raise InfrastructureError(f"{name} died during the run: {tail[:300]}")
-                say(f"{mode.name}: running {elapsed:4.1f}/{cfg.fail_at:.1f} s until the faults "
-                    f"({stream.bytes // 1024} KiB of ledger)")
-                next_check = elapsed + 3.0
-            time.sleep(0.2)
+        with Progress(f"{mode.name}: testers running until the disaster", cfg.fail_at, say) as bar:
+            while (elapsed := time.time() - t_start) < cfg.fail_at:
+                runner.tick(elapsed)
+                if elapsed >= next_check and not runner.injected:  # a frozen VM cannot answer
+                    _check_alive(pg, mg)
+                    next_check = elapsed + 3.0
+                bar.update(elapsed, f"{stream.bytes // 1024} KiB of ledger")
+                time.sleep(0.2)
+        runner.heal_all()
         fec_sites: dict[str, dict[str, Any] | None] = {}
         if mode.fec:
             fec_sites["primary"] = _gateway_stats(pg)  # its stats die with it: read just before the faults
@@ -274,18 +290,28 @@ def run_mode(tb: Any, cfg: DrillConfig, mode: Mode, say: Say) -> dict[str, Any]:
         t_cut = time.time()
         ledger_bytes = stream.close()
         stream = None
-        drain = cfg.drain + tb.spec.wan.a_to_b.delay_us / 1e6
-        time.sleep(drain)
-        tl.mark(f"mirror drained {drain:.1f} s; stopping it", ledger_bytes=ledger_bytes)
-        mg.stop("mirror-site", wait=10)
+        if tb.domain(mirr).isActive():
+            drain = cfg.drain + tb.spec.wan.a_to_b.delay_us / 1e6
+            time.sleep(drain)
+            tl.mark(f"mirror drained {drain:.1f} s; stopping it", ledger_bytes=ledger_bytes)
+            mg.stop("mirror-site", wait=10)
+            if mode.fec:
+                mg.stop("gateway", wait=5)  # writes its final statistics on exit
+                fec_sites["mirror"] = _gateway_stats(mg)
+            for name in ("mirror-site", "gateway"):
+                try:
+                    (out / "logs" / f"mirror-{name}.log").write_bytes(mg.read_file(f"{RUN}/{name}.log"))
+                except Exception:  # noqa: BLE001 - a healed disk may have rebooted the mirror: no log
+                    pass
+        else:
+            secs = tb.start(mirr)
+            mg = tb.guest(mirr)
+            tl.mark(f"mirror was hit: booted it again ({secs:.1f} s) to recover its logs", ledger_bytes=ledger_bytes)
+            fec_sites["mirror"] = None
         if mode.fec:
-            mg.stop("gateway", wait=5)  # writes its final statistics on exit
-            fec_sites["mirror"] = _gateway_stats(mg)
             entry["fec"] = _fec_totals(fec_sites, out)
-        for name in ("mirror-site", "gateway"):
-            (out / "logs" / f"mirror-{name}.log").write_bytes(mg.read_file(f"{RUN}/{name}.log"))
         res = mg.exec(["python3", "-c", "import json; from smfs.logstore import site_listing; "
-                       "json.dump(site_listing('/data/mirror'), open('/run/smfs/listing.json', 'w'))"], timeout=120)
+                       "json.dump(site_listing('/data/mirror'), open('/run/smfs/listing.json', 'w'))"], timeout=180)
         if res.rc != 0:
             raise InfrastructureError(f"mirror listing failed: {res.stderr.decode(errors='replace').strip()[-200:]}")
         listing = json.loads(mg.read_file(f"{RUN}/listing.json"))
@@ -365,7 +391,7 @@ def run_drill(spec_path: str | Path, modes: tuple[Mode, ...], out: Path | None =
             "config": {"testers": cfg.testers, "append_size": cfg.append_size, "duration": cfg.duration,
                        "fail_at": cfg.fail_at, "servers": cfg.servers, "r": cfg.r, "schedule": cfg.schedule,
                        "burst_loss": cfg.burst_loss, "burst_seconds": cfg.burst_seconds,
-                       "modes": [m.name for m in cfg.modes]},
+                       "during": [t.describe() for t in cfg.during], "modes": [m.name for m in cfg.modes]},
             "calibration": wan_facts.get("calibration"), "setup_timeline": tl.events, "modes": entries,
         }
         (out / "result.json").write_text(json.dumps(result, indent=1, default=str))

@@ -21,6 +21,10 @@ class FaultError(RuntimeError):
     """A fault could not be injected or healed; the message is one line."""
 
 
+class ScheduleError(ValueError):
+    """A spec's fault schedule is invalid; the message is one line naming the field and the fix."""
+
+
 @dataclass
 class Timeline:
     """Events with seconds since ``origin`` (host wall clock); ``mark`` also prints them."""
@@ -192,8 +196,28 @@ class BalloonSqueeze(Fault):
         tl.mark(f"{self.vm} ballooned back to {self.restore_mib} MiB", vm=self.vm)
 
 
-SCHEDULES = ("rolling-disaster", "site-power-cut")
-"""Schedules a drill can run: each ends with the primary site's power cut (the drill's question)."""
+@dataclass(frozen=True)
+class MirrorPowerOutage(Fault):
+    """The mirror site loses power (every VM destroyed: no shutdown, no flush), and ``gap`` s later
+    the primary site too: what the mirror's disks kept is all that is left. The drill then boots
+    the mirror again and recovers its logs. Only modes that ack after the mirror's own fsync
+    (remote-sync) promise to survive this; network-sync's promise covers a primary-site disaster."""
+
+    site: str = "mirror"
+    then: str = "primary"
+    gap: float = 1.0
+    name = "mirror-power-outage"
+
+    def inject(self, tb: Any, tl: Timeline) -> None:
+        took = tb.power_cut(self.site)
+        tl.mark(f"{self.site} site: power outage (VMs destroyed)", site=self.site,
+                destroy_s={vm: round(s, 2) for vm, s in took.items()})
+        time.sleep(self.gap)
+        SitePowerCut(self.then).inject(tb, tl)
+
+
+SCHEDULES = ("rolling-disaster", "site-power-cut", "mirror-power-outage")
+"""Disasters a drill can end with, at ``fail_at``: each ends with the primary site's power cut."""
 
 
 def schedule(name: str, base: LinkProfile, loss: str = "1%", burst_seconds: float = 0.5) -> list[Fault]:
@@ -202,4 +226,131 @@ def schedule(name: str, base: LinkProfile, loss: str = "1%", burst_seconds: floa
         return [RollingDisaster(base, loss, burst_seconds)]
     if name == "site-power-cut":
         return [SitePowerCut("primary")]
-    raise FaultError(f"faults.schedule: unknown schedule {name!r}; use one of {', '.join(SCHEDULES)}")
+    if name == "mirror-power-outage":
+        return [MirrorPowerOutage()]
+    raise ScheduleError(f"faults.schedule: unknown schedule {name!r}; use one of {', '.join(SCHEDULES)}")
+
+
+# --- faults during the run --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Timed:
+    """A fault injected ``at`` s after the testers start and healed ``seconds`` later."""
+
+    at: float
+    seconds: float
+    fault: Fault
+
+    @property
+    def heal_at(self) -> float:
+        return self.at + self.seconds
+
+    def describe(self) -> str:
+        return f"{self.fault.name} at {self.at:g} s for {self.seconds:g} s"
+
+
+DURING = ("freeze", "partition", "loss-burst", "mirror-disk-failure", "balloon-squeeze")
+"""Faults a spec can schedule during the run (``[[faults.during]]``), each healed after ``for``."""
+
+_DURING_KEYS = {
+    "freeze": {"vm"}, "partition": {"site"}, "loss-burst": {"loss"}, "mirror-disk-failure": {"vm"},
+    "balloon-squeeze": {"vm", "to"},
+}
+
+
+def during(entries: Any, spec: Any, fail_at: float) -> tuple[Timed, ...]:
+    """Parse and validate ``[[faults.during]]``: ``fault``, ``at``, ``for`` and the fault's own keys.
+
+    Every fault must heal before ``fail_at`` (the disaster); errors are one line naming the entry
+    and the field, e.g. ``faults.during[1].vm: no VM 'mirorr'; VMs: primary, mirror``."""
+    from netem.profile import parse_percent, parse_time_us
+    from smfs.units import parse_size
+
+    if entries is None:
+        return ()
+    if not isinstance(entries, (list, tuple)):
+        raise ScheduleError("faults.during: must be a list of tables ([[faults.during]] with fault, at, for)")
+    vms = {vm.name: vm for vm in spec.vms}
+    sites = {site.name for site in spec.sites}
+    out: list[Timed] = []
+    for i, raw in enumerate(entries):
+        where = f"faults.during[{i}]"
+        if not hasattr(raw, "get"):
+            raise ScheduleError(f"{where}: must be a table with fault, at and for")
+        kind = raw.get("fault")
+        if kind not in DURING:
+            raise ScheduleError(f"{where}.fault: {kind!r} is not one of {', '.join(DURING)}")
+        extra = set(raw) - {"fault", "at", "for"} - _DURING_KEYS[kind]
+        if extra:
+            raise ScheduleError(f"{where}: unknown key(s) {', '.join(sorted(extra))} for {kind}; "
+                             f"it takes at, for{''.join(', ' + k for k in sorted(_DURING_KEYS[kind]))}")
+        for key in ("at", "for"):
+            if key not in raw:
+                raise ScheduleError(f"{where}.{key}: missing; give a time like \"5s\"")
+        at = parse_time_us(raw["at"], f"{where}.at") / 1e6
+        seconds = parse_time_us(raw["for"], f"{where}.for") / 1e6
+        if seconds <= 0:
+            raise ScheduleError(f"{where}.for: must be positive, e.g. \"2s\"")
+        if at + seconds >= fail_at:
+            raise ScheduleError(f"{where}: heals at {at + seconds:g} s, not before faults.fail_at ({fail_at:g} s); "
+                             "inject it earlier or make it shorter")
+        fault: Fault
+        if kind in ("freeze", "mirror-disk-failure", "balloon-squeeze"):
+            vm = raw.get("vm", "mirror" if kind != "balloon-squeeze" else "primary")
+            if vm not in vms:
+                raise ScheduleError(f"{where}.vm: no VM {vm!r}; VMs: {', '.join(vms)}")
+            if kind == "freeze":
+                fault = Freeze(vm)
+            elif kind == "mirror-disk-failure":
+                fault = MirrorDiskFailure(vm)
+            else:
+                if "to" not in raw:
+                    raise ScheduleError(f"{where}.to: missing; give the squeezed memory, e.g. \"256MiB\"")
+                mib = parse_size(str(raw["to"]), f"{where}.to") // (1 << 20)
+                if not 128 <= mib < vms[vm].memory_mib:
+                    raise ScheduleError(f"{where}.to: {mib} MiB must be at least 128 MiB and below the VM's "
+                                     f"{vms[vm].memory_mib} MiB")
+                fault = BalloonSqueeze(vm, mib, vms[vm].memory_mib)
+        elif kind == "partition":
+            site = raw.get("site", "primary")
+            if site not in sites:
+                raise ScheduleError(f"{where}.site: no site {site!r}; sites: {', '.join(sorted(sites))}")
+            fault = Partition(site)
+        else:
+            loss = str(raw.get("loss", "5%"))
+            if not 0 < parse_percent(loss, f"{where}.loss") <= 100:
+                raise ScheduleError(f"{where}.loss: must be above 0 % and at most 100 %, e.g. \"5%\"")
+            fault = LossBurst(spec.wan, loss, seconds)
+        out.append(Timed(at, seconds, fault))
+    out.sort(key=lambda t: t.at)
+    return tuple(out)
+
+
+class Runner:
+    """Injects and heals the ``during`` faults as the run's clock passes their times.
+
+    ``tick(elapsed)`` does what is due; ``heal_all`` heals what is still active (before the
+    disaster). ``injected`` turns true at the first injection: from then on a frozen VM or a
+    failing disk may legitimately stop answering, so the drill stops its liveness checks."""
+
+    def __init__(self, timed: tuple[Timed, ...], tb: Any, tl: Timeline) -> None:
+        self.pending = list(timed)
+        self.active: list[Timed] = []
+        self.tb, self.tl = tb, tl
+        self.injected = False
+
+    def tick(self, elapsed: float) -> None:
+        while self.pending and self.pending[0].at <= elapsed:
+            t = self.pending.pop(0)
+            t.fault.inject(self.tb, self.tl)
+            self.injected = True
+            self.active.append(t)
+        for t in [t for t in self.active if t.heal_at <= elapsed]:
+            self.active.remove(t)
+            t.fault.heal(self.tb, self.tl)
+
+    def heal_all(self) -> None:
+        for t in self.active:
+            t.fault.heal(self.tb, self.tl)
+        self.active.clear()

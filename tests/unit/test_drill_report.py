@@ -43,7 +43,7 @@ def test_fail_at_beyond_the_run_is_refused() -> None:
 def test_unknown_schedule_names_the_field() -> None:
     from netem.profile import LinkProfile
 
-    with pytest.raises(faults.FaultError, match="faults.schedule: unknown schedule 'meteor'"):
+    with pytest.raises(faults.ScheduleError, match="faults.schedule: unknown schedule 'meteor'"):
         faults.schedule("meteor", LinkProfile())
 
 
@@ -99,3 +99,95 @@ def test_report_writes_the_plots_and_says_when_the_paper_disagrees(tmp_path: Pat
     assert "remote-sync: kept every acked append" in md
     assert "local-sync+fec lost 9 vs local-sync 7: NOT fewer" in md
     assert "DISAGREES" in json.dumps(write_report(_result(remote_lost=3), tmp_path) and (tmp_path / "report.md").read_text())
+
+
+def _spec_with(faults_table: dict[str, Any]) -> Any:
+    return from_mapping({
+        "sites": [{"name": "primary", "subnet": "198.18.1.0/24", "vms": [{"name": "primary", "memory": "384MiB"}]},
+                  {"name": "mirror", "subnet": "198.18.2.0/24", "vms": [{"name": "mirror", "memory": "384MiB"}]}],
+        "workload": {"duration": "60s"}, "faults": {"fail_at": "20s", **faults_table}})
+
+
+def test_faults_during_the_run_are_parsed_sorted_and_healed_before_the_disaster() -> None:
+    spec = _spec_with({"during": [
+        {"fault": "partition", "at": "8s", "for": "2s"},
+        {"fault": "freeze", "at": "2s", "for": "1s", "vm": "mirror"},
+        {"fault": "balloon-squeeze", "at": "4s", "for": "3s", "vm": "primary", "to": "256MiB"},
+        {"fault": "loss-burst", "at": "12s", "for": "500ms", "loss": "5%"},
+        {"fault": "mirror-disk-failure", "at": "14s", "for": "2s"},
+    ]})
+    cfg = DrillConfig.from_spec(spec, tuple(parse_modes("remote-sync")), Path("/tmp/x"))
+    assert [t.fault.name for t in cfg.during] == ["freeze", "balloon-squeeze", "partition", "loss-burst",
+                                                  "mirror-disk-failure"]
+    squeeze = cfg.during[1].fault
+    assert (squeeze.vm, squeeze.mib, squeeze.restore_mib) == ("primary", 256, 384)
+    assert cfg.during[3].fault.loss == "5%" and cfg.during[3].seconds == 0.5
+    assert cfg.during[4].fault.vm == "mirror" and cfg.during[4].heal_at == 16.0
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ({"fault": "meteor", "at": "1s", "for": "1s"}, r"faults.during\[0\].fault: 'meteor' is not one of"),
+    ({"fault": "freeze", "at": "1s"}, r"faults.during\[0\].for: missing"),
+    ({"fault": "freeze", "at": "1s", "for": "1s", "vm": "mirorr"}, r"faults.during\[0\].vm: no VM 'mirorr'"),
+    ({"fault": "freeze", "at": "19s", "for": "2s"}, r"faults.during\[0\]: heals at 21 s, not before faults.fail_at"),
+    ({"fault": "partition", "at": "1s", "for": "1s", "site": "moon"}, r"faults.during\[0\].site: no site 'moon'"),
+    ({"fault": "balloon-squeeze", "at": "1s", "for": "1s"}, r"faults.during\[0\].to: missing"),
+    ({"fault": "balloon-squeeze", "at": "1s", "for": "1s", "to": "1GiB"}, r"faults.during\[0\].to: 1024 MiB must be"),
+    ({"fault": "freeze", "at": "1s", "for": "1s", "loss": "5%"}, r"faults.during\[0\]: unknown key\(s\) loss for freeze"),
+    ({"fault": "loss-burst", "at": "1s", "for": "1s", "loss": "0%"}, r"faults.during\[0\].loss: must be above 0"),
+])
+def test_bad_fault_entries_name_the_field(entry: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DrillConfig.from_spec(_spec_with({"during": [entry]}), tuple(parse_modes("remote-sync")), Path("/tmp/x"))
+
+
+def test_unknown_schedule_is_refused_before_any_vm_boots() -> None:
+    with pytest.raises(ValueError, match="faults.schedule: unknown schedule 'meteor'"):
+        DrillConfig.from_spec(_spec_with({"schedule": "meteor"}), tuple(parse_modes("remote-sync")), Path("/tmp/x"))
+
+
+class FreezeBed(FakeBed):
+    class _Qmp:
+        def __init__(self, calls: list[tuple[Any, ...]], vm: str) -> None:
+            self.calls, self.vm = calls, vm
+
+        def freeze(self) -> None:
+            self.calls.append(("stop", self.vm))
+
+        def thaw(self) -> None:
+            self.calls.append(("cont", self.vm))
+
+    def qmp(self, vm: str) -> Any:
+        return self._Qmp(self.calls, vm)
+
+    def domain(self, vm: str) -> Any:
+        class Dom:
+            def isActive(self) -> bool:  # noqa: N802 - libvirt's name
+                return True
+
+        return Dom()
+
+
+def test_runner_injects_and_heals_on_the_runs_clock_and_heals_the_rest_before_the_disaster() -> None:
+    bed = FreezeBed()
+    tl = faults.Timeline(say=lambda _m: None)
+    timed = (faults.Timed(1.0, 2.0, faults.Freeze("mirror")), faults.Timed(2.0, 10.0, faults.Partition("primary")))
+    runner = faults.Runner(timed, bed, tl)
+    runner.tick(0.5)
+    assert bed.calls == [] and not runner.injected
+    runner.tick(1.0)
+    assert bed.calls == [("stop", "mirror")] and runner.injected
+    runner.tick(2.5)
+    assert bed.calls[-1] == ("link", "primary", False)
+    runner.tick(3.0)
+    assert bed.calls[-1] == ("cont", "mirror")
+    runner.heal_all()  # the partition is still active at the disaster: healed first, and logged
+    assert bed.calls[-1] == ("link", "primary", True)
+    assert [e["event"] for e in tl.events] == ["mirror frozen (QMP stop)", "WAN cut: primary link down",
+                                                "mirror resumed (QMP cont)", "WAN healed: primary link up"]
+
+
+def test_mirror_power_outage_takes_the_mirror_first_then_the_primary() -> None:
+    bed = FakeBed()
+    faults.MirrorPowerOutage(gap=0.0).inject(bed, faults.Timeline(say=lambda _m: None))
+    assert bed.calls == [("power_cut", "mirror"), ("link", "primary", False), ("power_cut", "primary")]
