@@ -332,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stats", required=True, help="JSON statistics file")
     p.add_argument("--ready", required=True, help="file written once the gateway runs")
     p.add_argument("--r", type=int, default=8)
+    p.add_argument("--wan-mtu", type=int, default=WAN_MTU,
+                   help="MTU of the path between the gateways (jumbo frames: 9000); sets the TUN's MTU")
     p.add_argument("--interleaves", type=int, nargs="+", default=list(FecParams().interleaves))
     p.add_argument("--flush-ms", type=float, default=FecParams().flush_ms)
     args = p.parse_args(argv)
@@ -340,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         key = bytes.fromhex(Path(args.key_file).read_text().strip())
         # pyroute2's synchronous API runs its own event loop: configure before ours starts.
         tun = open_tun(args.tun)
-        configure_tun(args.tun, args.address, args.route, tun_mtu(args.r))
+        if not 576 <= args.wan_mtu <= 65535:
+            raise ValueError(f"--wan-mtu: {args.wan_mtu} is outside 576-65535; use the site network's MTU, e.g. 1500 or 9000")
+        configure_tun(args.tun, args.address, args.route, tun_mtu(args.r, args.wan_mtu))
         asyncio.run(_main(args, key, tun))
     except (OSError, ValueError) as err:
         log.error("gateway failed: %s", err)

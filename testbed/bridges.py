@@ -28,7 +28,7 @@ class BridgeError(RuntimeError):
     """A bridge could not be created, or exists and was not created by us."""
 
 
-def ensure_bridge(site: SiteSpec, owner: str, registry: Registry) -> None:
+def ensure_bridge(site: SiteSpec, owner: str, registry: Registry, mtu: int = 1500) -> None:
     """Create the site's bridge with the gateway address, up; reuse it when we recorded it."""
     name = site.bridge
     with IPRoute() as ipr:
@@ -47,7 +47,7 @@ def ensure_bridge(site: SiteSpec, owner: str, registry: Registry) -> None:
         except NetlinkError as err:
             if err.code != 17:  # EEXIST: already there
                 raise
-        ipr.link("set", index=index, state="up")
+        ipr.link("set", index=index, mtu=mtu, state="up")
 
 
 def enable_forwarding(owner: str, registry: Registry) -> None:

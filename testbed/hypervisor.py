@@ -268,6 +268,7 @@ class DomainConfig:
     console_log: Path
     run_as_root: bool  # static DAC label +0:+0 when QEMU's user cannot reach the cache
     ledger_socket: Path | None = None  # host end of the virtio-serial port LEDGER_PORT (QEMU listens)
+    mtu: int = 1500  # the NIC's MTU: the tap's, and the guest's through virtio-net's host_mtu feature
 
 
 LEDGER_PORT = "smfs.ledger"
@@ -321,6 +322,7 @@ def domain_xml(c: DomainConfig) -> str:
       <source bridge='{e(c.bridge)}'/>
       <mac address='{c.mac}'/>
       <model type='virtio'/>
+      <mtu size='{c.mtu}'/>
       <alias name='ua-net0'/>
     </interface>
     <channel type='unix'>

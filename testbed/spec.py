@@ -24,7 +24,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9-]{0,9}$")
 _NAME_FIX = "use 1-10 characters a-z, 0-9 or '-', starting with a letter"
 _SITE_KEYS = {"name", "uri", "subnet", "gateway", "vms"}
 _VM_KEYS = {"name", "vcpus", "memory", "max_memory", "data_disk", "address"}
-_TESTBED_KEYS = {"accel", "boot_timeout"}
+_TESTBED_KEYS = {"accel", "boot_timeout", "mtu"}
 DEFAULT_URI = "qemu:///system"
 # RFC 2544 benchmarking range: never routed on the Internet, rarely used on a LAN.
 BENCH_NET = ipaddress.ip_network("198.18.0.0/15")
@@ -77,6 +77,7 @@ class Spec:
     wan: Any  # netem.profile.LinkProfile (or the raw mapping when netem is not available)
     sections: Mapping[str, Any]  # other top-level tables, raw (workload, stack, faults, drill, ...)
     raw: Mapping[str, Any]
+    mtu: int = 1500  # bytes: the site networks' MTU (bridges, taps, guest NICs; the WAN path's MTU)
 
     @property
     def vms(self) -> tuple[VmSpec, ...]:
@@ -117,6 +118,10 @@ def from_mapping(data: Mapping[str, Any], path: str = "<memory>", default_name: 
     if accel not in ("auto", "kvm", "tcg"):
         raise SpecError(f"testbed.accel: {accel!r} is not one of auto, kvm, tcg; use auto (KVM when it works)")
     boot_timeout = _number(tb.get("boot_timeout", 120), "testbed.boot_timeout", low=5)
+    mtu = tb.get("mtu", 1500)
+    if not isinstance(mtu, int) or isinstance(mtu, bool) or not 1280 <= mtu <= 9000:
+        raise SpecError(f"testbed.mtu: {mtu!r} is not a whole number of bytes from 1280 to 9000; "
+                        "use 1500 (Ethernet) or 9000 (jumbo frames)")
     raw_sites = data.get("sites")
     if not isinstance(raw_sites, list) or not raw_sites:
         raise SpecError("sites: missing; add at least one [[sites]] table with name, subnet and [[sites.vms]]")
@@ -131,7 +136,7 @@ def from_mapping(data: Mapping[str, Any], path: str = "<memory>", default_name: 
     wan = _wan(data.get("wan", {}))
     known = {"name", "testbed", "sites", "wan"}
     sections = {k: _freeze(v) for k, v in data.items() if k not in known}
-    return Spec(name, path, accel, boot_timeout, sites, wan, MappingProxyType(sections), _freeze(data))
+    return Spec(name, path, accel, boot_timeout, sites, wan, MappingProxyType(sections), _freeze(data), mtu)
 
 
 def _site(raw: Any, i: int) -> SiteSpec:

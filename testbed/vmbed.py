@@ -241,7 +241,7 @@ class VmTestbed:
         dom = self.domain(vm)
         info = self.info(vm)
         xml = (f"<interface type='bridge'><mac address='{info.mac}'/><source bridge='smfs-{info.site}'/>"
-               f"<model type='virtio'/><link state='{'up' if up else 'down'}'/></interface>")
+               f"<model type='virtio'/><mtu size='{self.spec.mtu}'/><link state='{'up' if up else 'down'}'/></interface>")
         dom.updateDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
 
     # --- disk failure -------------------------------------------------------------------------
@@ -467,7 +467,7 @@ def up(spec: Spec | str | Path, say: Say = print, rebuild_image: bool = False, c
             os.chown(tb_dir / "qmp", uid, gid)
         marker.write_text(spec.name)
         for site in spec.sites:
-            bridges.ensure_bridge(site, owner, registry)
+            bridges.ensure_bridge(site, owner, registry, mtu=spec.mtu)
         bridges.enable_forwarding(owner, registry)
         say(f"bridges: {', '.join(f'{s.bridge} {s.gateway}' for s in spec.sites)}")
 
@@ -497,7 +497,7 @@ def up(spec: Spec | str | Path, say: Say = print, rebuild_image: bool = False, c
         started: dict[str, float] = {}
         for vm, info in zip(spec.vms, vms, strict=True):
             conn = conns[info.uri]
-            xml = hypervisor.domain_xml(_config(vm, info, accel.domain_type, image, run_as_root))
+            xml = hypervisor.domain_xml(_config(vm, info, accel.domain_type, image, run_as_root, spec.mtu))
             registry.add("domain", info.domain, owner, uri=info.uri)
             registry.add("qmp", info.qmp, owner)
             registry.add("qmp", info.ledger, owner)
@@ -530,7 +530,8 @@ def _renamed(spec: Spec, name: str) -> Spec:
     return replace(spec, name=name)
 
 
-def _config(vm: VmSpec, info: VmInfo, domain_type: str, image: Any, run_as_root: bool) -> DomainConfig:
+def _config(vm: VmSpec, info: VmInfo, domain_type: str, image: Any, run_as_root: bool,
+            mtu: int = 1500) -> DomainConfig:
     cmdline = (f"console=ttyS0 root=/dev/vda rw quiet mitigations=off smfs_ip={info.address} "
                f"smfs_gw={info.gateway} smfs_host={vm.name}")
     return DomainConfig(
@@ -538,7 +539,7 @@ def _config(vm: VmSpec, info: VmInfo, domain_type: str, image: Any, run_as_root:
         max_memory_mib=vm.max_memory_mib, kernel=image.kernel, initrd=image.initrd, cmdline=cmdline,
         root_disk=Path(info.root), data_disk=Path(info.data), bridge=f"smfs-{info.site}", mac=info.mac,
         qmp_socket=Path(info.qmp), console_log=Path(info.console), run_as_root=run_as_root,
-        ledger_socket=Path(info.ledger) if info.ledger else None,
+        ledger_socket=Path(info.ledger) if info.ledger else None, mtu=mtu,
     )
 
 

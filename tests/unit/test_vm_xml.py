@@ -57,3 +57,18 @@ def test_ledger_channel_only_when_a_socket_is_given() -> None:
     assert set(chans) == {"org.qemu.guest_agent.0", "smfs.ledger"}
     src = chans["smfs.ledger"].find("source")
     assert (src.get("mode"), src.get("path")) == ("bind", "/c/qmp/primary-ledger.sock")
+
+
+def test_nic_mtu_follows_the_spec() -> None:
+    import pytest
+
+    from testbed.spec import SpecError, from_mapping
+
+    assert ET.fromstring(domain_xml(config())).find("devices/interface/mtu").get("size") == "1500"
+    assert ET.fromstring(domain_xml(config(mtu=9000))).find("devices/interface/mtu").get("size") == "9000"
+    sites = [{"name": "primary", "subnet": "198.18.1.0/24", "vms": [{"name": "primary"}]}]
+    assert from_mapping({"sites": sites, "testbed": {"mtu": 9000}}).mtu == 9000
+    assert from_mapping({"sites": sites}).mtu == 1500
+    for bad in (100, 65536, "9000", 1500.5):
+        with pytest.raises(SpecError, match=r"testbed.mtu: .* use 1500 \(Ethernet\) or 9000"):
+            from_mapping({"sites": sites, "testbed": {"mtu": bad}})
