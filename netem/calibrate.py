@@ -10,9 +10,16 @@ Each echo reply carries how many probes of this session the server has received,
 into forward (client → server: 1 - received_by_server / sent) and reverse (server → client:
 1 - replies / received_by_server).
 
-Probe count for a loss estimate: the standard error of a binomial proportion is √(p(1-p)/n), so a
-relative error of ``rel`` (one standard error) needs n ≈ (1-p) / (p·rel²); for ±20 %:
-p = 1 % → 2475 probes, 10 % → 225 (see :func:`probes_for_loss`).
+Probe count for a loss estimate: the standard error of a binomial proportion is √(p(1-p)/n); for
+the estimate to be within ±``rel`` (relative) with 95 % confidence, z·√(p(1-p)/n) ≤ rel·p with
+z = 1.96, so n = z²(1-p) / (p·rel²): for ±20 %, p = 1 % → 9508 probes, 10 % → 865
+(:func:`probes_for_loss`). Bursty (Gilbert-Elliott) loss correlates successive probes and needs
+more by :attr:`~netem.profile.GilbertElliott.variance_inflation`. The reverse direction only sees
+the probes that crossed the forward one (:func:`probes_for_profile`).
+
+RTT: the configured WAN adds delay a→b + delay b→a to the **bare** path (bridges, host routing,
+guest scheduling), so the measured median is compared with 2·delay + the bare RTT, measured once
+on the unshaped path (:func:`compare`).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from netem.profile import LinkProfile
+from netem.profile import DirectionProfile, LinkProfile
 
 MAGIC = b"SMFC"
 PROBE, STATS = 0, 1
@@ -41,22 +48,60 @@ DEFAULT_PORT = 7788
 MIN_PROBES = 200
 MAX_PROBES = 20_000
 MAX_SESSIONS = 1024
+Z_95 = 1.96
+"""Two-sided 95 % normal quantile."""
+REL_ERROR = 0.2
+"""Target relative half-width of a loss estimate (±20 %)."""
+PROBE_SECONDS = 4.0
+"""Target probing time (s): with start-up and the tail wait, 10 % loss calibrates in under 10 s."""
+FASTEST_INTERVAL = 0.002
+SLOWEST_INTERVAL = 0.01
+"""Probe spacing bounds (s): faster probing queues behind a TCG guest's own scheduling."""
 
 
-def probes_for_loss(
-    loss_pct: float, rel: float = 0.2, minimum: int = MIN_PROBES, maximum: int = MAX_PROBES
-) -> int:
-    """Probes for a ``rel`` relative standard error on a loss of ``loss_pct`` %: n = (1-p)/(p·rel²), clamped."""
+def probes_for_loss(loss_pct: float, rel: float = REL_ERROR, z: float = Z_95, inflation: float = 1.0,
+                    minimum: int = MIN_PROBES, maximum: int = MAX_PROBES) -> int:  # fmt: skip
+    """Probes for a loss of ``loss_pct`` % to be known within ±``rel`` (relative) at confidence ``z``:
+    n = z²·(1-p) / (p·rel²) × ``inflation`` (1 for independent loss), clamped to [minimum, maximum]."""
     p = loss_pct / 100
     if p <= 0:
         return minimum
-    return max(minimum, min(maximum, math.ceil((1 - p) / (p * rel * rel))))
+    if p >= 1:
+        return minimum  # everything lost: nothing to estimate
+    n = z * z * (1 - p) / (p * rel * rel) * inflation
+    return max(minimum, min(maximum, math.ceil(n - 1e-9)))
 
 
-def loss_stderr_pct(loss_pct: float, n: int) -> float:
+def _inflation(profile: DirectionProfile) -> float:
+    return profile.gilbert.variance_inflation if profile.gilbert else 1.0
+
+
+def probes_for_profile(profile: LinkProfile, rel: float = REL_ERROR, z: float = Z_95,
+                       maximum: int = MAX_PROBES) -> int:  # fmt: skip
+    """Probes for ±``rel`` on the loss of *each* direction: the reverse one is measured over the probes
+    that survived the forward one, n_rev / (1 - loss a→b) sent."""
+    fwd, rev = profile.a_to_b, profile.b_to_a
+    n_fwd = probes_for_loss(fwd.mean_loss_pct, rel, z, _inflation(fwd), maximum=maximum)
+    n_rev = probes_for_loss(rev.mean_loss_pct, rel, z, _inflation(rev), maximum=maximum)
+    survive = max(1 - fwd.mean_loss_pct / 100, 1e-3)
+    return min(maximum, max(n_fwd, math.ceil(n_rev / survive)))
+
+
+def probe_interval(count: int, seconds: float = PROBE_SECONDS, fastest: float = FASTEST_INTERVAL,
+                   slowest: float = SLOWEST_INTERVAL) -> float:  # fmt: skip
+    """Spacing (s) that sends ``count`` probes in about ``seconds``, within [fastest, slowest]."""
+    return min(slowest, max(fastest, seconds / max(count, 1)))
+
+
+def loss_stderr_pct(loss_pct: float, n: int, inflation: float = 1.0) -> float:
     """Standard error (percentage points) of a loss rate measured over ``n`` probes."""
     p = loss_pct / 100
-    return 100 * math.sqrt(max(p * (1 - p), 0.0) / max(n, 1))
+    return 100 * math.sqrt(max(p * (1 - p), 0.0) * inflation / max(n, 1))
+
+
+def loss_halfwidth_rel(loss_pct: float, n: int, z: float = Z_95, inflation: float = 1.0) -> float:
+    """Relative half-width of the ``z`` confidence interval of a loss measured over ``n`` probes."""
+    return z * loss_stderr_pct(loss_pct, n, inflation) / loss_pct if loss_pct > 0 else math.inf
 
 
 # --------------------------------------------------------------------------- server
@@ -249,37 +294,49 @@ def bulk(host: str, port: int = DEFAULT_PORT, seconds: float = 3.0, chunk: int =
 # --------------------------------------------------------------------------- comparison
 
 
-def compare(configured: LinkProfile, measured: dict[str, Any], base_rtt_ms: float = 0.0,
-            rtt_rel_tol: float = 0.05, loss_sigmas: float = 4.0) -> list[dict[str, Any]]:  # fmt: skip
+def compare(configured: LinkProfile, measured: dict[str, Any], base_rtt_ms: float | None = None,
+            rtt_rel_tol: float = 0.05, loss_sigmas: float = 3.0, base_spread_ms: float = 0.0,
+            ) -> list[dict[str, Any]]:  # fmt: skip
     """Rows of configured vs measured: metric, unit, configured, measured, tolerance, ok (None: no verdict).
 
-    RTT: configured = delay a→b + delay b→a + ``base_rtt_ms``, ok within ±``rtt_rel_tol``.
-    Loss: ok within ``loss_sigmas`` binomial standard errors (plus 0.1 point) for the probes sent.
+    RTT: configured = delay a→b + delay b→a + ``base_rtt_ms`` (the bare path's median RTT, shown in
+    its own row ``rtt bare`` when known), ok within ±(``rtt_rel_tol`` × configured + ``base_spread_ms``,
+    the bare path's own p10-p90 spread).
+    Loss: ok within ``loss_sigmas`` standard errors (plus 0.1 point) for the probes each direction saw,
+    widened for bursty loss by the Gilbert-Elliott variance inflation.
     Throughput (``bulk_mbps`` in ``measured``): ok when at least 80 % of the a→b rate.
     """
     fwd, rev = configured.a_to_b, configured.b_to_a
     rows: list[dict[str, Any]] = []
-    rtt = (fwd.delay_us + rev.delay_us) / 1000 + base_rtt_ms
-    tol = rtt * rtt_rel_tol
+    delays = (fwd.delay_us + rev.delay_us) / 1000
+    if base_rtt_ms is not None:
+        rows.append(_row("rtt bare", "ms", None, base_rtt_ms, base_spread_ms or None, None,
+                         "unshaped path, measured once"))  # fmt: skip
+        note = f"= {delays:g} delay a→b + b→a + {base_rtt_ms:.3f} bare"
+    else:
+        note = "bare path not measured: delays only"
+    rtt = delays + (base_rtt_ms or 0.0)
+    tol = rtt * rtt_rel_tol + base_spread_ms
     got = measured.get("rtt_median_ms", math.nan)
-    rows.append(
-        _row("rtt median", "ms", rtt, got, tol, abs(got - rtt) <= tol if not math.isnan(got) else False)
-    )
+    ok = abs(got - rtt) <= tol if got is not None and not math.isnan(got) else False
+    rows.append(_row("rtt median", "ms", rtt, got, tol, ok, note))
     jitter_ms = (fwd.jitter_us + rev.jitter_us) / 1000
     for q in ("p10", "p90", "p99"):
         rows.append(_row(f"rtt {q}", "ms", None, measured.get(f"rtt_{q}_ms"), jitter_ms or None, None))
     sent = int(measured.get("sent", 0))
     server = int(measured.get("server_received", sent))
     combined = 100 * (1 - (1 - fwd.mean_loss_pct / 100) * (1 - rev.mean_loss_pct / 100))
-    for name, want, key, n in (
-        ("loss a→b", fwd.mean_loss_pct, "loss_fwd_pct", sent),
-        ("loss b→a", rev.mean_loss_pct, "loss_rev_pct", server),
-        ("loss round trip", combined, "loss_pct", sent),
+    worst = max(_inflation(fwd), _inflation(rev))
+    for name, want, key, n, inflation in (
+        ("loss a→b", fwd.mean_loss_pct, "loss_fwd_pct", sent, _inflation(fwd)),
+        ("loss b→a", rev.mean_loss_pct, "loss_rev_pct", server, _inflation(rev)),
+        ("loss round trip", combined, "loss_pct", sent, worst),
     ):
         got = measured.get(key, math.nan)
-        tol = loss_sigmas * loss_stderr_pct(want, n) + 0.1
+        tol = loss_sigmas * loss_stderr_pct(want, n, inflation) + 0.1
         ok = abs(got - want) <= tol if got is not None and not math.isnan(got) else False
-        rows.append(_row(name, "%", want, got, tol, ok))
+        rel = loss_halfwidth_rel(want, n, inflation=inflation)
+        rows.append(_row(name, "%", want, got, tol, ok, f"{n} probes: ±{100 * rel:.0f} % at 95 %" if want else ""))
     if "bulk_mbps" in measured:
         rate = fwd.rate_bps / 8e6 if fwd.rate_bps else None
         got = measured["bulk_mbps"]
@@ -289,14 +346,14 @@ def compare(configured: LinkProfile, measured: dict[str, Any], base_rtt_ms: floa
     return rows
 
 
-def _row(
-    metric: str, unit: str, configured: Any, measured: Any, tolerance: Any, ok: bool | None
-) -> dict[str, Any]:
+def _row(metric: str, unit: str, configured: Any, measured: Any, tolerance: Any, ok: bool | None,
+         note: str = "") -> dict[str, Any]:  # fmt: skip
     def fmt(x: Any) -> Any:
         return round(x, 4) if isinstance(x, float) and not math.isnan(x) else x
 
-    return {"metric": metric, "unit": unit, "configured": fmt(configured), "measured": fmt(measured),
-            "tolerance": fmt(tolerance), "ok": ok}  # fmt: skip
+    row = {"metric": metric, "unit": unit, "configured": fmt(configured), "measured": fmt(measured),
+           "tolerance": fmt(tolerance), "ok": ok}  # fmt: skip
+    return row | {"note": note} if note else row
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -306,8 +363,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         cells = ["-" if r[k] is None else (f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]))
                  for k in ("configured", "measured", "tolerance")]  # fmt: skip
         verdict = {True: "yes", False: "NO", None: ""}[r["ok"]]
+        note = f"  ({r['note']})" if r.get("note") else ""
         lines.append(
-            f"{r['metric']:<18} {cells[0]:>12} {cells[1]:>12} {cells[2]:>8}  {r['unit']:<5} {verdict}"
+            f"{r['metric']:<18} {cells[0]:>12} {cells[1]:>12} {cells[2]:>8}  {r['unit']:<5} {verdict:<3}{note}".rstrip()
         )
     return "\n".join(lines)
 
@@ -326,8 +384,10 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", required=True)
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--count", type=int, default=None, help="probes (default: from --loss-pct)")
-    p.add_argument("--loss-pct", type=float, default=0.0, help="expected loss (%%), sizes the probe count")
-    p.add_argument("--interval", type=float, default=0.002, help="seconds between probes")
+    p.add_argument("--loss-pct", type=float, default=0.0,
+                   help="expected loss (%%), sizes the probe count for ±20 %% at 95 %% confidence")
+    p.add_argument("--interval", type=float, default=None,
+                   help=f"seconds between probes (default: the count in about {PROBE_SECONDS:g} s)")
     p.add_argument("--timeout", type=float, default=1.0, help="seconds to wait for late replies")
     b = sub.add_parser("bulk", help="TCP throughput (MB/s)")
     b.add_argument("--host", required=True)
@@ -346,7 +406,8 @@ def _main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "probe":
             count = args.count or probes_for_loss(args.loss_pct)
-            out: dict[str, Any] = probe(args.host, args.port, count, args.interval, args.timeout)
+            interval = args.interval if args.interval is not None else probe_interval(count)
+            out: dict[str, Any] = probe(args.host, args.port, count, interval, args.timeout)
         else:
             out = {"host": args.host, "port": args.port, "seconds": args.seconds,
                    "bulk_mbps": bulk(args.host, args.port, args.seconds)}  # fmt: skip

@@ -6,6 +6,8 @@ time in µs (int), probabilities in % (float, 0-100), rate in bit/s (int), queue
 
 Spec values are strings with units, parsed like tc does: ``50ms``, ``200us``, ``1s``;
 ``1%``, ``0.5%``; ``1gbit``, ``100mbit``, ``1kbit`` (bits/s) and ``10Mbps`` (bytes/s, as in tc).
+``burst`` (packets) turns ``loss`` into bursty Gilbert-Elliott loss of the same mean
+(:func:`gilbert_for_burst`).
 Bad input raises :class:`ProfileError` with one line naming the field path and the fix.
 """
 
@@ -34,7 +36,7 @@ JITTER_DISTS = ("uniform", "normal", "pareto", "paretonormal")
 LOSS_MODELS = ("random", "gilbert")
 
 PROFILE_KEYS = (
-    "delay", "jitter", "jitter_dist", "loss", "loss_model", "ge_p", "ge_r", "ge_h", "ge_k",
+    "delay", "jitter", "jitter_dist", "loss", "burst", "loss_model", "ge_p", "ge_r", "ge_h", "ge_k",
     "rate", "limit", "reorder", "reorder_gap", "duplicate", "corrupt",
 )  # fmt: skip
 SUBTABLES = {"forward": "a_to_b", "reverse": "b_to_a"}
@@ -133,6 +135,29 @@ def parse_count(value: object, path: str, what: str, minimum: int = 0) -> int:
     return value
 
 
+def parse_burst(value: object, path: str = "burst") -> float:
+    """``5`` or ``"5"`` → 5.0: a mean loss-burst length in packets, ≥ 1."""
+    fix = "use a mean burst length in packets ≥ 1, like 5"
+    number: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip().removesuffix("packets").removesuffix("pkt").strip())
+        except ValueError:
+            number = None
+    if number is None or not math.isfinite(number):
+        raise ProfileError(path, f"cannot parse {value!r} as a number of packets", fix)
+    if number < 1:
+        raise ProfileError(path, f"{value!r} is below 1 packet", fix)
+    return number
+
+
+def _sig(x: float) -> float:
+    """``x`` rounded to the 12 significant digits :func:`format_percent` writes (so to_dict round-trips)."""
+    return float(f"{x:.12g}")
+
+
 def format_time_us(us: int) -> str:
     """50000 → ``"50ms"``; 250 → ``"250us"``."""
     if us and us % 1_000_000 == 0:
@@ -181,6 +206,45 @@ class GilbertElliott:
     def mean_burst_packets(self) -> float:
         """Mean stay in the bad state (packets): 1 / r."""
         return 100.0 / self.r
+
+    @property
+    def is_simple(self) -> bool:
+        """The simple Gilbert model: every packet lost in the bad state, none in the good one."""
+        return self.h == 100.0 and self.k == 0.0
+
+    @property
+    def variance_inflation(self) -> float:
+        """How much more a loss estimate varies than with independent loss (≥ 1): (1 + λ) / (1 - λ).
+
+        λ = 1 - p - r is the chain's second eigenvalue, so successive packets' states correlate as λ^lag;
+        the variance of a mean over n packets is then π(1-π)/n·(1 + λ)/(1 - λ) for large n. Exact for
+        the simple model (loss = bad state), an upper bound otherwise (h, k add independent noise)."""
+        lam = 1 - (self.p + self.r) / 100
+        return max(1.0, (1 + lam) / (1 - lam)) if lam < 1 else math.inf
+
+
+def gilbert_for_burst(loss_pct: float, burst_packets: float, path: str = "burst") -> GilbertElliott:
+    """Simple Gilbert parameters for a mean loss of ``loss_pct`` % in bursts of ``burst_packets`` on average.
+
+    Every packet sent in the bad state is lost (1-h = 100 %), none in the good state (1-k = 0 %),
+    so a loss burst is a stay in the bad state. Each packet leaves the bad state with probability r,
+    the stay is geometric with mean 1/r packets, hence r = 1/B for a mean burst of B packets. The
+    chain spends π_bad = p / (p + r) of the packets in the bad state, which is the loss rate L;
+    solving p / (p + r) = L gives p = L·r / (1 - L). Example: L = 1 %, B = 5 → r = 20 %,
+    p = 0.01 · 0.2 / 0.99 = 0.202 %. Needs 0 < L < 100 % and p ≤ 100 %, i.e. L ≤ 1 / (1 + r).
+    """
+    if not 0 < loss_pct < 100:
+        raise ProfileError(path, f"a burst needs a loss between 0% and 100%, got {format_percent(loss_pct)}",
+                           "set loss (e.g. 1%) together with burst")  # fmt: skip
+    if not math.isfinite(burst_packets) or burst_packets < 1:
+        raise ProfileError(path, f"{burst_packets!r} is below 1 packet", "use a mean burst length ≥ 1, like 5")
+    loss, r = loss_pct / 100, 1 / burst_packets
+    p = loss * r / (1 - loss)
+    if p > 1:
+        raise ProfileError(path, f"loss {format_percent(loss_pct)} in bursts of {burst_packets:g} packets needs "
+                           f"ge_p {format_percent(round(100 * p, 4))} > 100%",
+                           f"lower the loss or raise burst to at least {loss / (1 - loss):.4g}")  # fmt: skip
+    return GilbertElliott(p=_sig(100 * p), r=_sig(100 * r))
 
 
 @dataclass(frozen=True)
@@ -256,8 +320,11 @@ class DirectionProfile:
             parts[0] += f" ±{format_time_us(self.jitter_us)} {self.jitter_dist}"
         if self.gilbert:
             g = self.gilbert
+            mean = f"~{format_percent(round(g.mean_loss_pct, 4))}"
+            if g.is_simple:
+                mean += f" in bursts of {round(g.mean_burst_packets, 2):g} packets"
             parts.append(f"loss gemodel p {format_percent(g.p)} r {format_percent(g.r)} 1-h {format_percent(g.h)} "
-                         f"1-k {format_percent(g.k)} (~{format_percent(round(g.mean_loss_pct, 4))})")  # fmt: skip
+                         f"1-k {format_percent(g.k)} ({mean})")  # fmt: skip
         else:
             parts.append(f"loss {format_percent(self.loss_pct)}")
         if self.rate_bps:
@@ -317,7 +384,13 @@ def parse_direction(
             raise ProfileError(at(ge_keys[0]), "Gilbert-Elliott parameter with loss_model random",
                                'set loss_model = "gilbert" or drop the ge_* keys')  # fmt: skip
         loss = get("loss", parse_percent, 0.0)
+        if "burst" in mapping:
+            gilbert = gilbert_for_burst(loss, get("burst", parse_burst, 1.0), at("burst"))
+            loss = 0.0
     else:
+        if "burst" in mapping:
+            raise ProfileError(at("burst"), "burst with loss_model gilbert",
+                               "give loss and burst, or ge_p and ge_r, not both")  # fmt: skip
         if "loss" in mapping:
             raise ProfileError(
                 at("loss"), "loss with loss_model gilbert", "give ge_p, ge_r (and ge_h, ge_k) instead"
@@ -361,7 +434,7 @@ def _merge_changes(current: dict[str, Any], changes: Mapping[str, Any]) -> dict[
     if "loss_model" not in changes:
         if any(k.startswith("ge_") for k in changes):
             merged["loss_model"] = "gilbert"
-        elif "loss" in changes:
+        elif "loss" in changes or "burst" in changes:
             merged["loss_model"] = "random"
     stale: set[str] = set()
     if merged.get("loss_model") == "gilbert":
@@ -422,11 +495,16 @@ class LinkProfile:
         """A reshaped copy: spec keys (``delay="50ms"``, ``loss="1%"``...) applied to one or both directions.
 
         A key given ``None`` is removed (back to its default); loss/ge_* switch the loss model as needed.
+        ``burst`` (packets) makes the direction's loss bursty with the same mean (``loss`` if given,
+        else the direction's current mean loss); ``loss`` without ``burst`` is independent loss again.
         """
         targets = [Direction(direction)] if direction is not None else list(Direction)
         sides = {d.value: self.direction(d) for d in Direction}
         for d in targets:
-            sides[d.value] = parse_direction(_merge_changes(self.direction(d).to_dict(), changes), "shape")
+            these = dict(changes)
+            if these.get("burst") is not None and "loss" not in these:
+                these["loss"] = f"{self.direction(d).mean_loss_pct:.10g}%"
+            sides[d.value] = parse_direction(_merge_changes(self.direction(d).to_dict(), these), "shape")
         return LinkProfile(**sides)
 
     def to_dict(self) -> dict[str, Any]:

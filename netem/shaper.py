@@ -24,7 +24,15 @@ from array import array
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from pyroute2.netlink import NLA_F_NESTED, NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, nla
+from pyroute2.netlink import (
+    NLA_F_NESTED,
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLM_F_REPLACE,
+    NLM_F_REQUEST,
+    nla,
+    nlmsg_base,
+)
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTM_NEWQDISC, TC_H_ROOT
 from pyroute2.netlink.rtnl.tcmsg import sched_netem, tcmsg
@@ -130,7 +138,25 @@ def load_distribution(name: str, dirs: Iterable[str] | None = None) -> bytes:
 
 # --------------------------------------------------------------------------- netlink message
 
+_NLA_CACHE = ("_nlmsg_base__compiled_nla", "_nlmsg_base__t_nla_map", "_nlmsg_base__r_nla_map")
+"""pyroute2's per-class cache of the compiled ``nla_map`` (``nlmsg_base.__compiled_nla`` and the
+two tables, name-mangled), read as ``self.__class__.__compiled_nla``, so through the MRO."""
 
+
+def _own_nla_table(cls: type[nlmsg_base]) -> type[nlmsg_base]:
+    """Give a pyroute2 message subclass its own, not yet compiled, NLA table cache.
+
+    pyroute2 stores the compiled table on the class that compiled it, and a subclass *inherits* the
+    "compiled" flag: once anything has encoded or decoded a plain netem qdisc (``tcmsg``, or
+    ``sched_netem.options``: a qdisc dump does), a subclass compiled later reuses its parent's table
+    and silently loses what it adds (Gilbert-Elliott loss, the 64-bit latency, our ``get_options``)."""
+    for attr in _NLA_CACHE:
+        if hasattr(nlmsg_base, attr):
+            setattr(cls, attr, getattr(nlmsg_base, attr))
+    return cls
+
+
+@_own_nla_table
 class NetemOptions(sched_netem.options):
     """pyroute2's netem options plus what it lacks: Gilbert-Elliott loss, distribution table, 64-bit fields."""
 
@@ -149,6 +175,7 @@ class NetemOptions(sched_netem.options):
         ("TCA_NETEM_JITTER64", "int64"),
     )
 
+    @_own_nla_table
     class netem_loss(nla):
         nla_flags = NLA_F_NESTED
         nla_map = (("NETEM_LOSS_UNSPEC", "none"), ("NETEM_LOSS_GI", "hex"), ("NETEM_LOSS_GE", "gemodel"))
@@ -157,6 +184,7 @@ class NetemOptions(sched_netem.options):
             fields = (("p", "I"), ("r", "I"), ("h", "I"), ("k1", "I"))
 
 
+@_own_nla_table
 class NetemMsg(tcmsg):
     """A tcmsg whose TCA_OPTIONS always use :class:`NetemOptions` (encode and decode)."""
 

@@ -78,6 +78,7 @@ class Spec:
     sections: Mapping[str, Any]  # other top-level tables, raw (workload, stack, faults, drill, ...)
     raw: Mapping[str, Any]
     mtu: int = 1500  # bytes: the site networks' MTU (bridges, taps, guest NICs; the WAN path's MTU)
+    wan_enforcement: str = "auto"  # where netem runs: auto | host | guest (testbed.wan chooses for auto)
 
     @property
     def vms(self) -> tuple[VmSpec, ...]:
@@ -134,9 +135,11 @@ def from_mapping(data: Mapping[str, Any], path: str = "<memory>", default_name: 
                 raise SpecError(f"sites: subnets of {a.name!r} ({a.subnet}) and {b.name!r} ({b.subnet}) overlap; "
                                 "give each site its own subnet")
     wan = _wan(data.get("wan", {}))
+    wan_enforcement = _wan_enforcement(data.get("wan", {}))
     known = {"name", "testbed", "sites", "wan"}
     sections = {k: _freeze(v) for k, v in data.items() if k not in known}
-    return Spec(name, path, accel, boot_timeout, sites, wan, MappingProxyType(sections), _freeze(data), mtu)
+    return Spec(name, path, accel, boot_timeout, sites, wan, MappingProxyType(sections), _freeze(data), mtu,
+                wan_enforcement=wan_enforcement)
 
 
 def _site(raw: Any, i: int) -> SiteSpec:
@@ -188,6 +191,12 @@ def _vm(raw: Any, site: str, subnet: ipaddress.IPv4Network, where: str, default_
     return VmSpec(name, site, vcpus, memory, max_memory, data_disk, address)
 
 
+WAN_ENFORCEMENT = ("auto", "host", "guest")
+"""``[wan] enforcement``: netem on the host's tap interfaces (needs sch_netem in the host kernel), in
+the guests on each site VM's ingress (IFB), or auto (host when it has sch_netem, else guest)."""
+_WAN_OWN_KEYS = ("enforcement", "mode")
+
+
 def _wan(raw: Any) -> Any:
     if not isinstance(raw, Mapping):
         raise SpecError("wan: must be a table, e.g. [wan] delay = \"25ms\"")
@@ -196,9 +205,33 @@ def _wan(raw: Any) -> Any:
     except ImportError:  # netem.profile not written yet: keep the raw table
         return _freeze(raw)
     try:
-        return LinkProfile.from_mapping(dict(raw), "wan")
+        return LinkProfile.from_mapping(dict(raw), "wan", ignore=_WAN_OWN_KEYS)
     except ProfileError as err:
         raise SpecError(str(err)) from None
+
+
+def _wan_enforcement(raw: Any) -> str:
+    """``wan.enforcement`` (``wan.mode`` is an alias): auto, host or guest; router is not supported yet."""
+    if not isinstance(raw, Mapping):
+        return "auto"
+    given = {k: raw[k] for k in _WAN_OWN_KEYS if k in raw}
+    for key, value in given.items():
+        check_wan_enforcement(value, f"wan.{key}")
+    if len(set(given.values())) > 1:
+        raise SpecError(f"wan.mode: {given['mode']!r} contradicts wan.enforcement = {given['enforcement']!r}; "
+                        "keep only wan.enforcement")
+    return next(iter(given.values()), "auto")
+
+
+def check_wan_enforcement(value: Any, where: str) -> str:
+    """Validate an enforcement choice (spec field or environment variable ``where``); one-line errors."""
+    if value == "router":
+        raise SpecError(f'{where}: "router" (a router guest between the sites) is not supported yet; '
+                        'use "auto", "host" or "guest"')
+    if value not in WAN_ENFORCEMENT:
+        raise SpecError(f"{where}: {value!r} is not one of auto, host, guest; use auto "
+                        "(netem on the host when its kernel has sch_netem, else in the guests)")
+    return value
 
 
 def _address(text: Any, subnet: ipaddress.IPv4Network, where: str) -> ipaddress.IPv4Interface:

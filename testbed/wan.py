@@ -1,17 +1,29 @@
-"""The emulated WAN of a VM testbed: netem on each site VM's ingress (IFB), applied and read back in
-the guests with their own pyroute2 through ``python3 -m netem.shaper`` (the same ``netem`` code as on
-the host), and calibrated by probing from the primary to the mirror.
+"""The emulated WAN of a VM testbed: netem on each site's **ingress**, applied and read back with the
+same ``netem`` code (pyroute2) wherever it runs, and calibrated by probing from the primary to the mirror.
 
-Why ingress: this host kernel has no sch_netem, and a packet queued in the *receiver's* ingress
-netem is already "in the WAN": it still arrives after the sender's site loses power. The mirror's
-ingress carries the a→b (primary → mirror) direction, the primary's ingress b→a.
+Why ingress: a packet queued in the *receiver's* netem is already "in the WAN": it still arrives after
+the sender's site loses power. The mirror's ingress carries the a→b (primary → mirror) direction, the
+primary's ingress b→a. Two enforcement points, chosen once per testbed and recorded in every result
+(:func:`enforcement`):
+
+- ``host-tap-egress``: netem at the root of each site VM's tap on the host (the tap's egress is the
+  VM's ingress), through pyroute2 in the host namespace. Needs sch_netem in the host kernel.
+- ``site-ingress-ifb``: inside each guest, an IFB redirect of eth0's ingress with netem on the ifb,
+  through a resident ``python3 -m netem.shaper serve`` driven over the guest agent.
+
+``[wan] enforcement = "auto" | "host" | "guest"`` (or ``SMFS_WAN_ENFORCEMENT``) picks one; auto takes
+the host when its kernel has sch_netem. A router guest (``"router"``) is not supported yet.
+Either point shapes everything entering a site VM, site-local traffic included.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import platform
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,10 +31,18 @@ from typing import Any
 
 from netem.profile import Direction, LinkProfile
 
-ENFORCEMENT_POINT = "site-ingress-ifb"
-"""Recorded in every result: netem on each site VM's ingress, redirected through ifb-eth0."""
+HOST_POINT = "host-tap-egress"
+"""netem on the host, at the root of each site VM's tap (packets towards the VM)."""
+GUEST_POINT = "site-ingress-ifb"
+"""netem in each site VM, on eth0's ingress redirected through ifb-eth0."""
+ENFORCEMENT_POINT = GUEST_POINT
+"""Deprecated: the point is chosen per testbed; results should record :func:`enforcement_point`."""
+ENFORCEMENT_ENV = "SMFS_WAN_ENFORCEMENT"
+"""Overrides ``[wan] enforcement`` (auto, host or guest)."""
 IFNAME = "eth0"
 CALIBRATE_PORT = 7788
+BARE_PROBES = 100
+"""Probes of the bare-path RTT measurement (a median, no loss to estimate)."""
 INGRESS_DIRECTION = {"primary": Direction.B_TO_A, "mirror": Direction.A_TO_B}
 """Which WAN direction a site's ingress carries: packets *arriving* at the site."""
 
@@ -54,25 +74,84 @@ def _site_vms(tb: Any) -> dict[str, str]:
     return out
 
 
+def _each(tb: Any, fn: Callable[[str, str], dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    vms = _site_vms(tb)
+    with ThreadPoolExecutor(max_workers=len(vms)) as pool:
+        futures = {vm: pool.submit(fn, vm, site) for vm, site in vms.items()}
+        return {vm: f.result() for vm, f in futures.items()}
+
+
+# --------------------------------------------------------------------------- enforcement point
+
+
+def choose_enforcement(requested: str, has_netem: Callable[[], tuple[bool, str]],
+                       where: str = "wan.enforcement") -> tuple[str, str]:  # fmt: skip
+    """(point, reason) for ``requested`` (auto, host or guest, validated by the caller);
+    ``has_netem()`` says whether the host kernel has sch_netem and how that was found."""
+    if requested == "guest":
+        return GUEST_POINT, f'{where} = "guest"'
+    netem, how = has_netem()
+    if requested == "host":
+        if not netem:
+            raise WanError(f'{where}: "host" needs sch_netem in the host kernel, and {platform.release()} has none '
+                           f'({how}); use "auto" or "guest", or load it (modprobe sch_netem)')
+        return HOST_POINT, f'{where} = "host" ({how})'
+    if netem:
+        return HOST_POINT, f"auto: the host kernel has sch_netem ({how})"
+    return GUEST_POINT, f"auto: the host kernel has no sch_netem ({how})"
+
+
+def host_netem() -> tuple[bool, str]:
+    """Does the host kernel take a netem qdisc? Tried on a scratch namespace's loopback (once per testbed)."""
+    from pyroute2 import NetlinkError
+
+    from testbed.netns import host_has_netem
+
+    try:
+        ok = host_has_netem()
+    except (NetlinkError, OSError) as err:
+        return False, f"probe failed: {' '.join(str(err).split())}"
+    return ok, "netem accepted on a scratch namespace" if ok else "netem refused on a scratch namespace"
+
+
+def requested_enforcement(tb: Any) -> tuple[str, str]:
+    """(choice, where it came from): ``SMFS_WAN_ENFORCEMENT`` when set, else the spec's ``wan.enforcement``."""
+    from testbed.spec import SpecError, check_wan_enforcement
+
+    env = os.environ.get(ENFORCEMENT_ENV, "").strip()
+    where, value = (ENFORCEMENT_ENV, env) if env else ("wan.enforcement", getattr(tb.spec, "wan_enforcement", "auto"))
+    try:
+        return check_wan_enforcement(value, where), where
+    except SpecError as err:
+        raise WanError(str(err)) from None
+
+
+def enforcement(tb: Any, probe: Callable[[], tuple[bool, str]] | None = None) -> dict[str, str]:
+    """The testbed's enforcement point ``{"point", "requested", "reason"}``: chosen on first use and kept
+    in ``tb.state["wan_enforcement"]``; chosen again (the old point cleared) when the request changes.
+    ``probe`` answers "has the host kernel sch_netem?" (default :func:`host_netem`)."""
+    requested, where = requested_enforcement(tb)
+    saved = tb.state.get("wan_enforcement")
+    if saved and saved.get("requested") == requested:
+        return saved
+    point, reason = choose_enforcement(requested, probe or host_netem, where)
+    if saved and saved.get("point") != point:
+        _enforcer(saved["point"]).clear(tb)  # never shape at two points at once
+    chosen = {"point": point, "requested": requested, "reason": reason}
+    tb.state["wan_enforcement"] = chosen
+    tb._save()
+    return chosen
+
+
+def enforcement_point(tb: Any) -> str:
+    """Where this testbed's netem runs (:data:`HOST_POINT` or :data:`GUEST_POINT`); record it in results."""
+    return enforcement(tb)["point"]
+
+
+# --------------------------------------------------------------------------- in the guests (IFB)
+
 SHAPER_FIFO = "/run/smfs/shaper.fifo"
 """The resident shaper's FIFO in each guest (:func:`start_resident`)."""
-
-
-def start_resident(tb: Any) -> None:
-    """Start ``python3 -m netem.shaper serve`` in every site VM (niced up, so a loaded guest still answers
-    in well under a second): later :func:`shape` calls go through it instead of a fresh interpreter."""
-    def one(vm: str, _site: str) -> dict[str, Any]:
-        g = tb.guest(vm)
-        g.spawn("shaper", ["nice", "-n", "-10", "python3", "-m", "netem.shaper", "serve", "--ingress",
-                           "--ifname", IFNAME, "--fifo", SHAPER_FIFO])
-        deadline = time.monotonic() + 60
-        while g.exec(["test", "-p", SHAPER_FIFO], timeout=10).rc != 0:
-            if g.find("shaper") is None or time.monotonic() > deadline:
-                raise WanError(f"{vm}: the resident shaper did not start (see /run/smfs/shaper.log)")
-            time.sleep(0.2)
-        return {}
-
-    _each(tb, one)
 
 
 def _resident(tb: Any, vm: str, args: list[str]) -> tuple[int, Any] | None:
@@ -109,11 +188,129 @@ def _shaper(tb: Any, vm: str, args: list[str]) -> dict[str, Any]:
     return out
 
 
-def _each(tb: Any, fn: Callable[[str, str], dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    vms = _site_vms(tb)
-    with ThreadPoolExecutor(max_workers=len(vms)) as pool:
-        futures = {vm: pool.submit(fn, vm, site) for vm, site in vms.items()}
-        return {vm: f.result() for vm, f in futures.items()}
+class GuestIngress:
+    """netem in each site VM on eth0's ingress (IFB), through the guest's resident shaper."""
+
+    point = GUEST_POINT
+
+    def start(self, tb: Any) -> None:
+        """Start ``python3 -m netem.shaper serve`` in every site VM (niced up, so a loaded guest still answers
+        in well under a second): later calls go through it instead of a fresh interpreter."""
+
+        def one(vm: str, _site: str) -> dict[str, Any]:
+            g = tb.guest(vm)
+            g.spawn("shaper", ["nice", "-n", "-10", "python3", "-m", "netem.shaper", "serve", "--ingress",
+                               "--ifname", IFNAME, "--fifo", SHAPER_FIFO])
+            deadline = time.monotonic() + 60
+            while g.exec(["test", "-p", SHAPER_FIFO], timeout=10).rc != 0:
+                if g.find("shaper") is None or time.monotonic() > deadline:
+                    raise WanError(f"{vm}: the resident shaper did not start (see /run/smfs/shaper.log)")
+                time.sleep(0.2)
+            return {}
+
+        _each(tb, one)
+
+    def apply(self, tb: Any, profile: LinkProfile) -> dict[str, dict[str, Any]]:
+        def one(vm: str, site: str) -> dict[str, Any]:
+            out = _shaper(tb, vm, ["apply", "--ingress", "--json", json.dumps(profile.to_dict()),
+                                   "--direction", INGRESS_DIRECTION[site].value])
+            return {"direction": INGRESS_DIRECTION[site].value, **out["read_back"]}
+
+        return _each(tb, one)
+
+    def read_back(self, tb: Any) -> dict[str, dict[str, Any]]:
+        return _each(tb, lambda vm, _site: _shaper(tb, vm, ["show", "--ingress"]))
+
+    def clear(self, tb: Any) -> None:
+        _each(tb, lambda vm, _site: _shaper(tb, vm, ["clear", "--ingress"]))
+
+
+# --------------------------------------------------------------------------- on the host (taps)
+
+
+def _host_ipr() -> Any:
+    from pyroute2 import IPRoute
+
+    return IPRoute()
+
+
+def tap_of(tb: Any, vm: str) -> str | None:
+    """The host tap of ``vm``'s site NIC, from the running domain's XML (libvirt names it, e.g. vnet3,
+    anew at every start); None when the VM is not running."""
+    mac = tb.info(vm).mac.lower()
+    root = ET.fromstring(tb.domain(vm).XMLDesc(0))
+    for iface in root.iter("interface"):
+        found = iface.find("mac")
+        target = iface.find("target")
+        if found is not None and found.get("address", "").lower() == mac and target is not None:
+            return target.get("dev")
+    return None
+
+
+class HostTaps:
+    """netem on the host at the root of each site VM's tap: the tap's egress is the VM's ingress."""
+
+    point = HOST_POINT
+
+    def start(self, tb: Any) -> None:
+        """Nothing runs in the guests: the host applies netem itself in milliseconds."""
+
+    def _taps(self, tb: Any, running: bool = True) -> dict[str, tuple[str, str]]:
+        """VM -> (site, tap); a VM that is not running raises when ``running`` is asked, else is left out."""
+        out = {}
+        for vm, site in _site_vms(tb).items():
+            tap = tap_of(tb, vm)
+            if tap is None and running:
+                raise WanError(f"{vm}: no tap on the host (is the VM running?); start it, then shape again")
+            if tap is not None:
+                out[vm] = (site, tap)
+        return out
+
+    def apply(self, tb: Any, profile: LinkProfile) -> dict[str, dict[str, Any]]:
+        from netem.shaper import ShapeMismatch, Shaper, ShaperError
+
+        taps = self._taps(tb)
+        out: dict[str, dict[str, Any]] = {}
+        with _host_ipr() as ipr:
+            for vm, (site, tap) in taps.items():
+                direction = INGRESS_DIRECTION[site]
+                try:
+                    got = Shaper(ipr, tap).apply(profile.direction(direction))
+                except ShapeMismatch as err:
+                    raise WanError(f"{vm}: read-back mismatch: {err}") from None
+                except ShaperError as err:
+                    raise WanError(f"{vm}: {err}") from None
+                out[vm] = {"direction": direction.value, "ifname": tap, **got}
+        return out
+
+    def read_back(self, tb: Any) -> dict[str, dict[str, Any]]:
+        from netem.shaper import Shaper
+
+        with _host_ipr() as ipr:
+            return {vm: {"ifname": tap, "ingress": False, "read_back": Shaper(ipr, tap).read_back()}
+                    for vm, (_site, tap) in self._taps(tb, running=False).items()}  # fmt: skip
+
+    def clear(self, tb: Any) -> None:
+        from netem.shaper import Shaper, ShaperError
+
+        with _host_ipr() as ipr:
+            for vm, (_site, tap) in self._taps(tb, running=False).items():
+                try:
+                    Shaper(ipr, tap).clear()
+                except ShaperError as err:
+                    raise WanError(f"{vm}: {err}") from None
+
+
+def _enforcer(point: str) -> GuestIngress | HostTaps:
+    return HostTaps() if point == HOST_POINT else GuestIngress()
+
+
+# --------------------------------------------------------------------------- shaping
+
+
+def start_resident(tb: Any) -> None:
+    """Choose the enforcement point and get it ready (in the guests: start the resident shapers)."""
+    _enforcer(enforcement_point(tb)).start(tb)
 
 
 def shape(tb: Any, profile: LinkProfile) -> Shaped:
@@ -121,23 +318,19 @@ def shape(tb: Any, profile: LinkProfile) -> Shaped:
 
     A reshape of a running WAN keeps the packets already queued (netem ``change``)."""
     t0 = time.monotonic()
-
-    def one(vm: str, site: str) -> dict[str, Any]:
-        out = _shaper(tb, vm, ["apply", "--ingress", "--json", json.dumps(profile.to_dict()),
-                               "--direction", INGRESS_DIRECTION[site].value])
-        return {"direction": INGRESS_DIRECTION[site].value, **out["read_back"]}
-
-    return Shaped(profile, _each(tb, one), seconds=time.monotonic() - t0)
+    point = enforcement_point(tb)
+    read = _enforcer(point).apply(tb, profile)
+    return Shaped(profile, read, enforcement_point=point, seconds=time.monotonic() - t0)
 
 
 def read_back(tb: Any) -> dict[str, dict[str, Any] | None]:
-    """The netem parameters each VM's kernel holds (None: not shaped)."""
-    return _each(tb, lambda vm, _site: _shaper(tb, vm, ["show", "--ingress"]))  # type: ignore[return-value]
+    """The netem parameters each VM's ingress holds: ``{vm: {"ifname", "read_back"}}`` (read_back None: not shaped)."""
+    return _enforcer(enforcement_point(tb)).read_back(tb)  # type: ignore[return-value]
 
 
 def clear(tb: Any) -> None:
-    """Remove the shaping from every VM (idempotent): back to the bare path."""
-    _each(tb, lambda vm, _site: _shaper(tb, vm, ["clear", "--ingress"]))
+    """Remove the shaping from every VM's ingress (idempotent): back to the bare path."""
+    _enforcer(enforcement_point(tb)).clear(tb)
 
 
 def current_profile(tb: Any) -> LinkProfile:
@@ -149,8 +342,12 @@ def current_profile(tb: Any) -> LinkProfile:
 
 
 def remember(tb: Any, profile: LinkProfile | None) -> None:
-    tb.state["wan_profile"] = None if profile is None else profile.to_dict()
+    """Keep ``profile`` as the WAN's current shape; None: cleared (the bare path, not the spec's profile)."""
+    tb.state["wan_profile"] = (profile or LinkProfile()).to_dict()
     tb._save()
+
+
+# --------------------------------------------------------------------------- calibration
 
 
 def _vm_of(tb: Any, site: str) -> str:
@@ -160,27 +357,67 @@ def _vm_of(tb: Any, site: str) -> str:
     raise WanError(f"no VM in site {site!r}")
 
 
-def calibrate(tb: Any, profile: LinkProfile, probes: int | None = None, bulk_seconds: float = 0.0) -> dict[str, Any]:
+def _is_bare(profile: LinkProfile) -> bool:
+    return profile.a_to_b.is_identity and profile.b_to_a.is_identity
+
+
+def bare_rtt(tb: Any) -> dict[str, Any] | None:
+    """The bare path's RTT (ms: median, p10, p90) as last measured, or None."""
+    return tb.state.get("wan_bare")
+
+
+def _remember_bare(tb: Any, measured: dict[str, Any], point: str) -> dict[str, Any]:
+    bare = {k: measured.get(k) for k in ("rtt_median_ms", "rtt_p10_ms", "rtt_p90_ms", "replies")}
+    bare |= {"enforcement_point": point, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    tb.state["wan_bare"] = bare
+    tb._save()
+    return bare
+
+
+def calibrate(tb: Any, profile: LinkProfile, probes: int | None = None, bulk_seconds: float = 0.0,
+              remeasure_bare: bool = False) -> dict[str, Any]:  # fmt: skip
     """Probe primary → mirror (UDP echo on the mirror); returns measured figures and the comparison rows.
 
-    ``probes`` defaults to enough for a ±20 % loss estimate (bounded to keep TCG runs short)."""
-    from netem.calibrate import MAX_PROBES, MIN_PROBES, compare, probes_for_loss
+    ``profile`` must be the one applied. ``probes`` defaults to enough for ±20 % on each direction's loss
+    at 95 % confidence, sent in about :data:`netem.calibrate.PROBE_SECONDS` (4 s). The measured RTT is
+    compared with 2·delay + the bare path's RTT: taken from this run when ``profile`` is bare, else from
+    ``tb.state["wan_bare"]``, measured first (WAN cleared for ~1 s, then ``profile`` applied again) when
+    unknown or ``remeasure_bare``."""
+    from netem.calibrate import probe_interval, probes_for_profile
 
+    point = enforcement_point(tb)
     src, dst = tb.guest(_vm_of(tb, "primary")), tb.guest(_vm_of(tb, "mirror"))
     host = tb.info(_vm_of(tb, "mirror")).address.split("/")[0]
-    fwd, rev = profile.a_to_b.mean_loss_pct, profile.b_to_a.mean_loss_pct
-    count = probes or min(MAX_PROBES, max(MIN_PROBES, probes_for_loss(max(fwd, rev))))
-    interval = 0.01  # s: faster probing queues behind the TCG guests' own scheduling
-    dst.spawn("calibrate", ["python3", "-m", "netem.calibrate", "serve", "--port", str(CALIBRATE_PORT),
-                            "--seconds", str(int(count * interval + 60 + bulk_seconds))])
-    try:
-        time.sleep(1.5)  # the server imports and binds (TCG python start)
+    count = probes or probes_for_profile(profile)
+    interval = probe_interval(count)
+    one_way_s = max(profile.a_to_b.delay_us + profile.a_to_b.jitter_us, profile.b_to_a.delay_us
+                    + profile.b_to_a.jitter_us) / 1e6  # fmt: skip
+    tail = round(1.0 + 2 * one_way_s, 2)  # s to wait for the last replies
+
+    def run_probe(n: int, every: float) -> dict[str, Any]:
         res = src.exec(["python3", "-m", "netem.calibrate", "probe", "--host", host, "--port", str(CALIBRATE_PORT),
-                        "--count", str(count), "--interval", str(interval), "--timeout", "2"],
-                       timeout=count * interval + 60)
+                        "--count", str(n), "--interval", str(every), "--timeout", str(tail)],
+                       timeout=n * every + tail + 60)  # fmt: skip
         if res.rc != 0:
             raise WanError(f"calibrate probe exited {res.rc}: {res.stderr.decode(errors='replace').strip()[-200:]}")
-        measured = json.loads(res.out)
+        return {k: (math.nan if v is None else v) for k, v in json.loads(res.out).items()}
+
+    bare = None if remeasure_bare else bare_rtt(tb)
+    measure_bare = not _is_bare(profile) and bare is None
+    budget = count * interval + bulk_seconds + (BARE_PROBES * 0.01 + tail + 30 if measure_bare else 0)
+    dst.spawn("calibrate", ["python3", "-m", "netem.calibrate", "serve", "--port", str(CALIBRATE_PORT),
+                            "--seconds", str(int(budget + tail + 60))])
+    try:
+        time.sleep(1.5)  # the server imports and binds (TCG python start)
+        if measure_bare:
+            clear(tb)
+            try:
+                bare = _remember_bare(tb, run_probe(BARE_PROBES, 0.01), point)
+            finally:
+                shape(tb, profile)
+        measured = run_probe(count, interval)
+        if _is_bare(profile):
+            bare = _remember_bare(tb, measured, point)
         if bulk_seconds > 0:
             b = src.exec(["python3", "-m", "netem.calibrate", "bulk", "--host", host, "--port", str(CALIBRATE_PORT),
                           "--seconds", str(bulk_seconds)], timeout=bulk_seconds + 60)
@@ -188,8 +425,24 @@ def calibrate(tb: Any, profile: LinkProfile, probes: int | None = None, bulk_sec
                 measured["bulk_mbps"] = json.loads(b.out)["bulk_mbps"]
     finally:
         dst.stop("calibrate")
-    measured = {k: (math.nan if v is None else v) for k, v in measured.items()}
-    rows = compare(profile, measured)
-    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in measured.items()}
-    return {"enforcement_point": ENFORCEMENT_POINT, "configured": profile.to_dict(), "measured": clean,
-            "rows": [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]}
+    return calibration_result(profile, measured, bare, point)
+
+
+def calibration_result(profile: LinkProfile, measured: dict[str, Any], bare: dict[str, Any] | None,
+                       point: str) -> dict[str, Any]:  # fmt: skip
+    """The calibration record: configured, measured, the bare path, the rows (NaN as None for JSON)."""
+    from netem.calibrate import compare
+
+    base = spread = None
+    if bare and bare.get("rtt_median_ms") is not None:
+        base = float(bare["rtt_median_ms"])
+        if bare.get("rtt_p90_ms") is not None and bare.get("rtt_p10_ms") is not None:
+            spread = float(bare["rtt_p90_ms"]) - float(bare["rtt_p10_ms"])
+    rows = compare(profile, measured, base_rtt_ms=base, base_spread_ms=spread or 0.0)
+
+    def clean(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
+
+    return {"enforcement_point": point, "configured": profile.to_dict(), "measured": clean(measured),
+            "bare": bare, "expected_rtt_ms": next(r["configured"] for r in rows if r["metric"] == "rtt median"),
+            "rows": [clean(r) for r in rows]}

@@ -11,30 +11,44 @@ from testbed.cli.common import user_error
 from testbed.cli.vm import _progress, _user_errors
 
 
+def shape_changes(delay: str = "", loss: str = "", jitter: str = "", rate: str = "", burst: str = "") -> dict[str, str]:
+    """The profile keys ``./inv shape`` changes (empty flags are left alone); ``burst`` is validated here so a
+    bad value is one line before any testbed is touched."""
+    from netem.profile import parse_burst
+
+    changes = {k: v for k, v in {"delay": delay, "loss": loss, "jitter": jitter, "rate": rate}.items() if v}
+    if burst:
+        parse_burst(burst, "shape.burst")
+        changes["burst"] = burst
+    return changes
+
+
 @task(help={
-    "delay": "one-way delay, e.g. 50ms", "loss": "random loss, e.g. 1%", "jitter": "delay jitter, e.g. 5ms",
-    "rate": "rate limit, e.g. 100mbit", "direction": "a_to_b (primary → mirror), b_to_a, or both (default)",
+    "delay": "one-way delay, e.g. 50ms", "loss": "loss, e.g. 1% (independent unless --burst)",
+    "jitter": "delay jitter, e.g. 5ms", "rate": "rate limit, e.g. 100mbit",
+    "burst": "mean loss-burst length in packets (Gilbert-Elliott), e.g. 5: with --loss 1%, 1% lost in bursts of ~5",
+    "direction": "a_to_b (primary → mirror), b_to_a, or both (default)",
     "clear": "remove the shaping (back to the bare path)",
 })
-def shape(c, delay="", loss="", jitter="", rate="", direction="both", clear=False):
+def shape(c, delay="", loss="", jitter="", rate="", burst="", direction="both", clear=False):
     """Reshape the running testbed's WAN live (netem on each site's ingress), verified by read-back."""
     from netem.profile import ProfileError
     from testbed import wan
     from testbed.vmbed import VmTestbed
 
     with _user_errors():
-        tb = VmTestbed.active()
         try:
+            changes = shape_changes(delay, loss, jitter, rate, burst)
+            if direction not in ("both", "a_to_b", "b_to_a"):
+                raise user_error(f"--direction {direction!r}: use a_to_b, b_to_a or both")
+            if not changes and not clear:
+                raise user_error("shape: give --delay, --loss, --burst, --jitter or --rate (or --clear)")
+            tb = VmTestbed.active()
             if clear:
                 wan.clear(tb)
                 wan.remember(tb, None)
-                print("WAN shaping cleared on every site (bare path)")
+                print(f"WAN shaping cleared on every site (bare path; {wan.enforcement_point(tb)})")
                 return
-            changes = {k: v for k, v in {"delay": delay, "loss": loss, "jitter": jitter, "rate": rate}.items() if v}
-            if not changes:
-                raise user_error("shape: give --delay, --loss, --jitter or --rate (or --clear)")
-            if direction not in ("both", "a_to_b", "b_to_a"):
-                raise user_error(f"--direction {direction!r}: use a_to_b, b_to_a or both")
             profile = wan.current_profile(tb).with_changes(None if direction == "both" else direction, **changes)
             with _progress("shape") as say:
                 shaped = wan.shape(tb, profile)
@@ -47,10 +61,12 @@ def shape(c, delay="", loss="", jitter="", rate="", direction="both", clear=Fals
             raise Exit(f"error: {err}", code=1 if "mismatch" in str(err) else 2) from None
 
 
-@task(help={"json": "print the full result as JSON", "probes": "UDP probes (default: enough for ±20 % loss)",
-            "bulk": "seconds of bulk TCP throughput (0: skip)"})
-def calibrate(c, json=False, probes=0, bulk=0.0):
-    """Measure RTT and loss between the sites and print them next to the configured WAN."""
+@task(help={"json": "print the full result as JSON",
+            "probes": "UDP probes (default: enough for ±20 % on each direction's loss at 95 % confidence)",
+            "bulk": "seconds of bulk TCP throughput (0: skip)",
+            "bare": "measure the bare path's RTT again (clears the WAN for about a second)"})
+def calibrate(c, json=False, probes=0, bulk=0.0, bare=False):
+    """Measure RTT and loss between the sites and print them next to the configured WAN (RTT: 2·delay + bare path)."""
     from netem.calibrate import format_table
     from testbed import wan
     from testbed.vmbed import VmTestbed
@@ -59,14 +75,24 @@ def calibrate(c, json=False, probes=0, bulk=0.0):
         tb = VmTestbed.active()
         profile = wan.current_profile(tb)
         try:
-            result = wan.calibrate(tb, profile, probes=int(probes) or None, bulk_seconds=float(bulk))
+            result = wan.calibrate(tb, profile, probes=int(probes) or None, bulk_seconds=float(bulk),
+                                   remeasure_bare=bare)
+            chosen = wan.enforcement(tb)
         except wan.WanError as err:
             raise user_error(str(err)) from None
     if json:
         print(_json.dumps(result, indent=1))
-    else:
-        print(f"configured: {profile.describe()}  (enforcement: {result['enforcement_point']})")
-        print(format_table(result["rows"]))
+        return
+    print(f"configured: {profile.describe()}")
+    print(f"enforcement: {chosen['point']} ({chosen['reason']})")
+    b = result.get("bare") or {}
+    if b.get("rtt_median_ms") is not None:
+        print(f"bare path: RTT median {b['rtt_median_ms']:.3f} ms (p10 {b.get('rtt_p10_ms') or 0:.3f}, "
+              f"p90 {b.get('rtt_p90_ms') or 0:.3f}) measured {b.get('measured_at', '?')}; "
+              f"expected RTT {result['expected_rtt_ms']:.3f} ms")
+    m = result["measured"]
+    print(f"probes: {m.get('sent')} every {1000 * (m.get('interval_s') or 0):.1f} ms in {m.get('elapsed_s')} s")
+    print(format_table(result["rows"]))
 
 
 TASKS = [shape, calibrate]

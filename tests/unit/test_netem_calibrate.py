@@ -10,17 +10,60 @@ from collections.abc import Iterator
 
 import pytest
 
-from netem.calibrate import _main, bulk, compare, format_table, loss_stderr_pct, probe, probes_for_loss, serve
+from netem.calibrate import (
+    Z_95,
+    _main,
+    bulk,
+    compare,
+    format_table,
+    loss_halfwidth_rel,
+    loss_stderr_pct,
+    probe,
+    probe_interval,
+    probes_for_loss,
+    probes_for_profile,
+    serve,
+)
 from netem.profile import LinkProfile
 
 
-def test_probe_count_for_twenty_percent_relative_error() -> None:
-    assert probes_for_loss(1.0) == 2475  # (1-0.01) / (0.01 · 0.04)
-    assert probes_for_loss(10.0) == 225
+def test_probe_count_gives_twenty_percent_at_95_percent_confidence() -> None:
+    assert probes_for_loss(1.0) == 9508  # 1.96² · (1-0.01) / (0.01 · 0.2²) = 9507.96
+    assert probes_for_loss(10.0) == 865  # 1.96² · 0.9 / (0.1 · 0.04) = 864.36
     assert probes_for_loss(0.0) == 200  # nothing to estimate: the minimum
+    assert probes_for_loss(100.0) == 200
     assert probes_for_loss(0.001) == 20_000  # clamped
-    p, n = 5.0, probes_for_loss(5.0)
-    assert loss_stderr_pct(p, n) / p == pytest.approx(0.2, rel=0.01)
+    for pct in (1.0, 5.0, 10.0, 30.0):
+        n = probes_for_loss(pct)
+        assert Z_95 * loss_stderr_pct(pct, n) / pct <= 0.2 < Z_95 * loss_stderr_pct(pct, n - 1) / pct
+        assert loss_halfwidth_rel(pct, n) == pytest.approx(0.2, rel=0.01)
+
+
+def test_the_old_count_was_one_standard_error() -> None:
+    # ~300 probes at 10 %: ±34 % at 95 % (13.3 % / 8.2 % per direction was no surprise)
+    assert loss_halfwidth_rel(10.0, 300) == pytest.approx(0.34, abs=0.005)
+
+
+def test_probe_count_covers_the_reverse_direction_and_bursts() -> None:
+    ten = LinkProfile.from_mapping({"delay": "10ms", "loss": "10%"})
+    # b→a sees only the 90 % that crossed a→b: 865 / 0.9
+    assert probes_for_profile(ten) == 962
+    assert probes_for_profile(LinkProfile.from_mapping({"delay": "10ms"})) == 200
+    only_reverse = LinkProfile.from_mapping({"reverse": {"loss": "10%"}})
+    assert probes_for_profile(only_reverse) == 865
+    bursty = LinkProfile.from_mapping({"loss": "10%", "burst": 2})
+    g = bursty.a_to_b.gilbert
+    assert g is not None and g.variance_inflation == pytest.approx((2 - 0.5 - 1 / 18) / (0.5 + 1 / 18))
+    assert probes_for_profile(bursty) > probes_for_profile(ten) * 2
+
+
+def test_ten_percent_loss_calibrates_within_ten_seconds() -> None:
+    n = probes_for_profile(LinkProfile.from_mapping({"delay": "10ms", "loss": "10%"}))
+    interval = probe_interval(n)
+    assert 0.002 <= interval <= 0.01
+    assert n * interval <= 4.5  # + ~1.5 s server start + ~1 s tail + stats query: under 10 s
+    assert probe_interval(200) == 0.01  # few probes: not faster than a TCG guest keeps up with
+    assert probe_interval(20_000) == 0.002
 
 
 def _measured(**kw: float) -> dict:
@@ -33,6 +76,7 @@ def test_compare_rows() -> None:
     profile = LinkProfile.from_mapping({"delay": "50ms", "loss": "1%", "rate": "100mbit"})
     rows = {r["metric"]: r for r in compare(profile, _measured(bulk_mbps=11.9))}
     assert rows["rtt median"]["configured"] == 100 and rows["rtt median"]["ok"] is True
+    assert "rtt bare" not in rows and "not measured" in rows["rtt median"]["note"]
     assert rows["loss a→b"]["configured"] == 1 and rows["loss a→b"]["ok"] is True
     assert rows["loss round trip"]["configured"] == pytest.approx(1.99)
     assert rows["throughput a→b"]["configured"] == 12.5 and rows["throughput a→b"]["ok"] is True
@@ -48,6 +92,27 @@ def test_compare_flags_misses() -> None:
     assert rows["loss b→a"]["ok"] is True
     nan = {r["metric"]: r for r in compare(profile, _measured(rtt_median_ms=math.nan))}
     assert nan["rtt median"]["ok"] is False
+
+
+def test_rtt_is_compared_with_twice_the_delay_plus_the_bare_path() -> None:
+    profile = LinkProfile.from_mapping({"delay": "10ms"})
+    measured = _measured(rtt_median_ms=23.1, loss_fwd_pct=0.0, loss_rev_pct=0.0, loss_pct=0.0)
+    # a TCG guest pair: 3 ms bare RTT; 2 × 10 ms alone would call 23.1 ms a miss
+    assert {r["metric"]: r for r in compare(profile, measured)}["rtt median"]["ok"] is False
+    rows = {r["metric"]: r for r in compare(profile, measured, base_rtt_ms=3.0, base_spread_ms=0.4)}
+    assert rows["rtt bare"]["measured"] == 3.0 and rows["rtt bare"]["ok"] is None
+    assert rows["rtt median"]["configured"] == 23.0 and rows["rtt median"]["ok"] is True
+    assert rows["rtt median"]["tolerance"] == pytest.approx(23.0 * 0.05 + 0.4)
+    table = format_table(list(rows.values()))
+    assert "rtt bare" in table and "20 delay a→b + b→a + 3.000 bare" in table
+
+
+def test_bursty_loss_widens_the_tolerance() -> None:
+    plain = LinkProfile.from_mapping({"loss": "1%"})
+    bursty = LinkProfile.from_mapping({"loss": "1%", "burst": 5})
+    tol = {name: {r["metric"]: r for r in compare(p, _measured())}["loss a→b"]["tolerance"]
+           for name, p in (("plain", plain), ("bursty", bursty))}  # fmt: skip
+    assert tol["bursty"] > 2 * tol["plain"]
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from netem.profile import (
     DirectionProfile,
     LinkProfile,
     ProfileError,
+    gilbert_for_burst,
     parse_percent,
     parse_rate_bps,
     parse_time_us,
@@ -166,3 +167,59 @@ def test_to_dict_round_trips(delay: int, jitter: int, loss: float, rate: int | N
         DirectionProfile(delay_us=delay, jitter_us=jitter, loss_pct=loss, rate_bps=rate)
     )
     assert LinkProfile.from_mapping(p.to_dict()) == p
+
+
+def test_burst_maps_to_simple_gilbert_with_the_same_mean_loss() -> None:
+    p = LinkProfile.from_mapping({"delay": "10ms", "loss": "1%", "burst": 5}).a_to_b
+    g = p.gilbert
+    assert g is not None and p.loss_pct == 0
+    # r = 1/B = 20 %; p = L·r/(1-L) = 0.01·0.2/0.99
+    assert (g.r, g.h, g.k) == (20.0, 100.0, 0.0)
+    assert g.p == pytest.approx(100 * 0.01 * 0.2 / 0.99, rel=1e-11)
+    assert g.mean_loss_pct == pytest.approx(1.0, rel=1e-10)
+    assert g.mean_burst_packets == pytest.approx(5.0)
+    assert "in bursts of 5 packets" in p.describe()
+
+
+@pytest.mark.parametrize(("loss", "burst"), [(0.1, 1.0), (1.0, 5.0), (10.0, 3.0), (30.0, 2.5), (50.0, 1.0)])
+def test_burst_mapping_round_trips(loss: float, burst: float) -> None:
+    g = gilbert_for_burst(loss, burst)
+    assert g.mean_loss_pct == pytest.approx(loss, rel=1e-10)
+    assert g.mean_burst_packets == pytest.approx(burst, rel=1e-10)
+    p = LinkProfile.from_mapping({"loss": f"{loss}%", "burst": burst})
+    assert LinkProfile.from_mapping(p.to_dict()) == p  # to_dict writes ge_*; exact floats
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ({"burst": 5}, "a burst needs a loss"),
+        ({"loss": "0%", "burst": 5}, "a burst needs a loss"),
+        ({"loss": "100%", "burst": 5}, "a burst needs a loss"),
+        ({"loss": "1%", "burst": 0.5}, "below 1 packet"),
+        ({"loss": "1%", "burst": "many"}, "cannot parse"),
+        ({"loss": "1%", "burst": True}, "cannot parse"),
+        ({"loss": "60%", "burst": 1}, "raise burst to at least 1.5"),
+        ({"loss_model": "gilbert", "ge_p": "1%", "ge_r": "20%", "burst": 5}, "not both"),
+    ],
+)
+def test_burst_errors_are_one_line(spec: dict, words: str) -> None:
+    with pytest.raises(ProfileError) as info:
+        LinkProfile.from_mapping(spec)
+    assert str(info.value).startswith("wan.burst: ") and "\n" not in str(info.value)
+    assert words in str(info.value)
+
+
+def test_with_changes_burst() -> None:
+    p = LinkProfile.from_mapping({"delay": "25ms", "loss": "2%"})
+    b = p.with_changes(loss="1%", burst="5")
+    assert b.a_to_b.gilbert == gilbert_for_burst(1.0, 5.0) == b.b_to_a.gilbert
+    kept = p.with_changes(direction="a_to_b", burst=4)  # the direction's own loss, now bursty
+    assert kept.a_to_b.mean_loss_pct == pytest.approx(2.0) and kept.a_to_b.gilbert.mean_burst_packets == 4
+    assert kept.b_to_a == p.b_to_a
+    again = b.with_changes(burst=2)  # from a bursty profile: same mean, shorter bursts
+    assert again.a_to_b.mean_loss_pct == pytest.approx(1.0) and again.a_to_b.gilbert.r == 50
+    back = b.with_changes(loss="3%")  # loss alone: independent loss again
+    assert back.a_to_b.gilbert is None and back.a_to_b.loss_pct == 3
+    with pytest.raises(ProfileError, match=r"^shape\.burst: a burst needs a loss"):
+        LinkProfile.from_mapping({"delay": "5ms"}).with_changes(burst=5)

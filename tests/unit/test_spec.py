@@ -99,3 +99,27 @@ def test_load_errors(tmp_path: Path) -> None:
     bad.write_text("name = [")
     with pytest.raises(SpecError, match="not valid TOML"):
         specmod.load(bad)
+
+
+def test_wan_enforcement_defaults_to_auto_and_is_not_a_profile_key() -> None:
+    pytest.importorskip("netem.profile")
+    assert from_mapping(base()).wan_enforcement == "auto"
+    for value in ("auto", "host", "guest"):
+        s = from_mapping({**base(), "wan": {"delay": "10ms", "enforcement": value}})
+        assert s.wan_enforcement == value and s.wan.a_to_b.delay_us == 10_000
+    assert from_mapping({**base(), "wan": {"mode": "guest"}}).wan_enforcement == "guest"  # the name
+
+
+@pytest.mark.parametrize(("wan", "expect"), [
+    ({"enforcement": "router"}, 'wan.enforcement: "router" (a router guest between the sites) is not supported yet'),
+    ({"mode": "router"}, 'wan.mode: "router"'),
+    ({"enforcement": "netns"}, "wan.enforcement: 'netns' is not one of auto, host, guest; use auto"),
+    ({"enforcement": "host", "mode": "guest"}, "keep only wan.enforcement"),
+    ({"delay": "10ms", "burst": 5}, "wan.burst: a burst needs a loss"),
+])
+def test_bad_wan_enforcement_is_one_line(wan: dict, expect: str) -> None:
+    pytest.importorskip("netem.profile")
+    with pytest.raises(SpecError) as err:
+        from_mapping({**base(), "wan": wan})
+    assert str(err.value).startswith("wan.") and expect in str(err.value)
+    assert "\n" not in str(err.value)
