@@ -178,8 +178,8 @@ def prepare(tb: Any, cfg: DrillConfig, tl: Timeline) -> dict[str, Any]:
     wan.start_resident(tb)
     shaped = wan.shape(tb, profile)
     wan.remember(tb, profile)
-    tl.mark(f"WAN shaped on each site's ingress: {profile.describe()} (read back on {', '.join(shaped.read_back)})")
-    cal = wan.calibrate(tb, profile, probes=300)
+    tl.mark(f"WAN shaped at {shaped.enforcement_point}: {profile.describe()} (read back on {', '.join(shaped.read_back)})")
+    cal = wan.calibrate(tb, profile)
     tl.mark(f"calibrated: RTT median {cal['measured'].get('rtt_median_ms')} ms, "
             f"loss {cal['measured'].get('loss_pct')} % round trip")
     key = secrets.token_hex(32).encode()
@@ -310,6 +310,7 @@ def run_mode(tb: Any, cfg: DrillConfig, mode: Mode, say: Say) -> dict[str, Any]:
             fec_sites["mirror"] = None
         if mode.fec:
             entry["fec"] = _fec_totals(fec_sites, out)
+        mg.sh(f"mkdir -p {RUN}")  # a rebooted mirror starts with an empty /run
         res = mg.exec(["python3", "-c", "import json; from smfs.logstore import site_listing; "
                        "json.dump(site_listing('/data/mirror'), open('/run/smfs/listing.json', 'w'))"], timeout=180)
         if res.rc != 0:
@@ -342,8 +343,9 @@ def run_mode(tb: Any, cfg: DrillConfig, mode: Mode, say: Say) -> dict[str, Any]:
 def environment(tb: Any, wan_facts: dict[str, Any]) -> dict[str, Any]:
     from importlib.metadata import version
 
-    from testbed.wan import ENFORCEMENT_POINT
+    from testbed import wan
 
+    chosen = wan.enforcement(tb)
     vers = {}
     for pkg in ("libvirt-python", "pyroute2", "numpy", "smfs-testbed"):
         try:
@@ -352,7 +354,8 @@ def environment(tb: Any, wan_facts: dict[str, Any]) -> dict[str, Any]:
             vers[pkg] = None
     return {"testbed": "vm", "accel": tb.accel, "accel_reason": tb.state.get("accel_reason"),
             "image": tb.state.get("image"), "host_kernel": platform.release(), "python": platform.python_version(),
-            "wan_enforcement": ENFORCEMENT_POINT, "wan_loss_method": f"netem ({ENFORCEMENT_POINT})",
+            "wan_enforcement": chosen["point"], "wan_enforcement_reason": chosen["reason"],
+            "wan_loss_method": f"netem ({chosen['point']})",
             "wan": wan_facts.get("shaped"), "versions": vers}
 
 
@@ -394,6 +397,9 @@ def run_drill(spec_path: str | Path, modes: tuple[Mode, ...], out: Path | None =
                        "during": [t.describe() for t in cfg.during], "modes": [m.name for m in cfg.modes]},
             "calibration": wan_facts.get("calibration"), "setup_timeline": tl.events, "modes": entries,
         }
+        from testbed.plots import paper_findings
+
+        result["paper"] = paper_findings(entries)
         (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
         try:
             from testbed.plots import write_report
@@ -402,6 +408,9 @@ def run_drill(spec_path: str | Path, modes: tuple[Mode, ...], out: Path | None =
         except Exception as err:  # noqa: BLE001 - the verdict stands without the plots
             say(f"report: plots failed: {err}")
         say("\n" + table(entries))
+        if result["paper"]:
+            say("\nagainst the paper:\n" + "\n".join(
+                f"  {'agrees   ' if f['agrees'] else 'DISAGREES'}  {f['claim']}: {f['detail']}" for f in result["paper"]))
         say(f"\nverdict: {result['verdict']}   (result: {out / 'result.json'})")
         return result
     except InfrastructureError as err:

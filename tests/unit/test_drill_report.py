@@ -96,8 +96,10 @@ def test_report_writes_the_plots_and_says_when_the_paper_disagrees(tmp_path: Pat
     assert all(f.stat().st_size > 0 for f in files)
     assert (tmp_path / "throughput.png").read_bytes()[:4] == b"\x89PNG"
     md = (tmp_path / "report.md").read_text()
-    assert "remote-sync: kept every acked append" in md
-    assert "local-sync+fec lost 9 vs local-sync 7: NOT fewer" in md
+    assert "- agrees: remote-sync loses no acked append in the disaster: acked 90, lost 0" in md
+    assert ("- DISAGREES: local-sync+fec loses fewer acked appends than local-sync: "
+            "local-sync+fec lost 9 of 50, local-sync 7 of 100") in md
+    assert "DISAGREES with the paper on 1 of 3 claims" in md
     assert "DISAGREES" in json.dumps(write_report(_result(remote_lost=3), tmp_path) and (tmp_path / "report.md").read_text())
 
 
@@ -191,3 +193,18 @@ def test_mirror_power_outage_takes_the_mirror_first_then_the_primary() -> None:
     bed = FakeBed()
     faults.MirrorPowerOutage(gap=0.0).inject(bed, faults.Timeline(say=lambda _m: None))
     assert bed.calls == [("power_cut", "mirror"), ("link", "primary", False), ("power_cut", "primary")]
+
+
+def test_paper_findings_check_the_throughput_claim_against_local_sync() -> None:
+    from testbed.plots import paper_findings
+
+    modes = [{"mode": "local-sync", "acked": 10, "lost": 2, "throughput_MBps": 4.0},
+             {"mode": "local-sync+fec", "acked": 8, "lost": 1, "throughput_MBps": 2.0},
+             {"mode": "network-sync", "acked": 6, "lost": 0, "throughput_MBps": 1.8},
+             {"mode": "remote-sync", "acked": 0, "lost": 0, "error": "primary site died"}]
+    got = {f["claim"]: f for f in paper_findings(modes)}
+    speed = got["network-sync runs nearly as fast as local-sync (≥ 80% of its MB/s)"]
+    assert speed["agrees"] is False and "ratio 0.45" in speed["detail"] and "ratio 0.9" in speed["detail"]
+    assert got["local-sync+fec loses fewer acked appends than local-sync"]["agrees"] is True
+    assert got["network-sync loses no acked append in the disaster"]["agrees"] is True
+    assert not any(c.startswith("remote-sync") for c in got)  # a mode that failed to run checks no claim
