@@ -26,6 +26,14 @@ Messages on the local control channel (UDP, integers big-endian, addresses IPv4)
   24 bytes), the flow as the server sends it (src = the server);
 - subscribe, server -> gateway control port: ``b"SMSB" src_ip sport dst_ip dport``
   (``!4s4sH4sH``, 16 bytes): send this flow's callbacks to the datagram's source address.
+
+The channel is a datagram channel and may lose messages, so both are idempotent: a callback
+carries the absolute safe offset (a server keeps the highest it was told; a repeated or stale
+one changes nothing), and a repeated subscribe only (re)sets the destination. The
+:class:`Announcer` decides who gets which callback, when: at once when a flow's offset
+advances or a server subscribes (late subscribers learn the current offset), and again every
+``interval`` for ``linger`` after the last of those, so that one lost datagram costs a server
+``interval`` rather than its timeout.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ import bisect
 import socket
 import struct
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -325,6 +333,116 @@ class FlowTracker:
             old, _ = self._flows.popitem(last=False)
             self._closing.discard(old)
         return st
+
+
+REANNOUNCE_S = 0.05
+"""Default re-announcement period of a flow's safe offset (s)."""
+LINGER_S = 1.0
+"""Default time (s) after a flow's last advance or subscribe during which it is re-announced."""
+
+
+class _Subscription:
+    __slots__ = ("offset", "dest", "changed")
+
+    def __init__(self) -> None:
+        self.offset = 0  # highest safe offset known (bytes)
+        self.dest: Hashable | None = None  # the subscriber's address
+        self.changed = 0.0  # time (s) of the last advance or subscribe
+
+
+class Announcer:
+    """The callbacks to send, per flow: pure, fed safe offsets, subscriptions and time (s),
+    answering ``(dest, datagram)`` pairs (see the module docstring).
+
+    :meth:`on_safe` takes each ``(flow, offset)`` of :meth:`FlowTracker.safe_offsets`,
+    :meth:`on_subscribe` each subscription; both answer the callbacks to send now.
+    :meth:`handle_timer` answers the re-announcements due at :meth:`get_timer`: every flow with
+    a subscriber and an offset whose offset advanced, or which subscribed, at most ``linger``
+    s ago is re-announced every ``interval`` s. The last offset of a flow is kept after the
+    tracker forgets it (FIN, RST), for at most ``max_flows`` flows (least recently changed
+    dropped first).
+    """
+
+    def __init__(self, interval: float = REANNOUNCE_S, linger: float = LINGER_S, max_flows: int = 4096) -> None:
+        if not 0 < interval <= linger:
+            raise ValueError(f"need 0 < interval <= linger (s), got {interval!r} and {linger!r}")
+        self.interval = interval
+        self.linger = linger
+        self.max_flows = max_flows
+        self._subs: OrderedDict[Flow, _Subscription] = OrderedDict()
+        self._active: dict[Flow, _Subscription] = {}  # subscribed, with an offset, changed recently
+        self._next: float | None = None  # next re-announcement tick (s), while any flow is active
+        self.resent = 0
+        """Re-announcements answered by :meth:`handle_timer`."""
+
+    def on_safe(self, flow: Flow, offset: int, now: float) -> list[tuple[Hashable, bytes]]:
+        """``flow`` is safe up to ``offset`` (bytes) at ``now`` (s): the callback to send now,
+        if the flow has a subscriber and the offset changed (a lower one is a new connection on
+        the same 4-tuple: the tracker's offsets only grow within one)."""
+        sub = self._touch(flow, now)
+        if offset == sub.offset:
+            return []
+        sub.offset = offset
+        return self._announce(flow, sub, now)
+
+    def on_subscribe(self, flow: Flow, dest: Hashable, now: float) -> list[tuple[Hashable, bytes]]:
+        """Send ``flow``'s callbacks to ``dest`` from ``now`` (s) on: the callback with its
+        current offset, when one is known."""
+        sub = self._touch(flow, now)
+        sub.dest = dest
+        return self._announce(flow, sub, now)
+
+    def get_timer(self) -> float | None:
+        """When (s) :meth:`handle_timer` must next run, or None while no flow is re-announced."""
+        return self._next
+
+    def handle_timer(self, now: float) -> list[tuple[Hashable, bytes]]:
+        """The re-announcements due at ``now`` (s)."""
+        if self._next is None or now < self._next:
+            return []
+        out = []
+        expired = []
+        for flow, sub in self._active.items():
+            if now - sub.changed > self.linger:
+                expired.append(flow)
+            else:
+                out.append((sub.dest, encode_callback(flow, sub.offset)))
+        for flow in expired:
+            del self._active[flow]
+        self._next = now + self.interval if self._active else None
+        self.resent += len(out)
+        return out
+
+    def offset(self, flow: Flow) -> int | None:
+        """The last safe offset known for ``flow`` (bytes), None when not known."""
+        sub = self._subs.get(flow)
+        return None if sub is None or not sub.offset else sub.offset
+
+    def subscriber(self, flow: Flow) -> Hashable | None:
+        """Where ``flow``'s callbacks go, None without a subscriber."""
+        sub = self._subs.get(flow)
+        return None if sub is None else sub.dest
+
+    def _touch(self, flow: Flow, now: float) -> _Subscription:
+        subs = self._subs
+        sub = subs.get(flow)
+        if sub is None:
+            sub = subs[flow] = _Subscription()
+            while len(subs) > self.max_flows:
+                old, _ = subs.popitem(last=False)
+                self._active.pop(old, None)
+        else:
+            subs.move_to_end(flow)
+        sub.changed = now
+        return sub
+
+    def _announce(self, flow: Flow, sub: _Subscription, now: float) -> list[tuple[Hashable, bytes]]:
+        if sub.dest is None or not sub.offset:
+            return []
+        self._active[flow] = sub
+        if self._next is None:
+            self._next = now + self.interval
+        return [(sub.dest, encode_callback(flow, sub.offset))]
 
 
 class CallbackError(ValueError):

@@ -2,13 +2,17 @@
 
 Egress: IP packets routed from the site's storage subnet to the peer site's enter a TUN device;
 each is sent unaltered inside an authenticated UDP datagram to the peer gateway, numbered, and fed
-to the FEC encoder, whose repair datagrams go out alongside. The flow tracker turns "sent, with
-every covering repair" into per-TCP-flow safe stream offsets, pushed as callbacks to the local
-storage servers that subscribed (network-sync).
+to the FEC encoder, whose repair datagrams go out alongside. A repair whose send fails (socket
+buffer full, link down) waits in a bounded backlog and is resent on the next send opportunity or
+timer tick, with backoff. The flow tracker turns "sent, with every covering repair" into
+per-TCP-flow safe stream offsets, pushed as callbacks to the local storage servers that
+subscribed (network-sync), and re-announced for a while (the :class:`Announcer`), since the
+control channel may lose datagrams.
 
 Ingress: datagrams from the peer are authenticated (HMAC, per-testbed key) and checked against a
 replay window; data is written to the TUN at once, repairs rebuild lost packets, which are written
-as soon as they are rebuilt. Hostile or foreign datagrams are counted and dropped.
+as soon as they are rebuilt. Hostile or foreign datagrams are counted and dropped; so are replayed
+ones, and late originals of packets already rebuilt (counted apart: they are not replays).
 
 Statistics are written to ``--stats`` every second, on SIGUSR1 and on exit.
 """
@@ -19,6 +23,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -28,11 +33,12 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Hashable
 from pathlib import Path
 
 import numpy as np
 
-from smfs.callbacks import Flow, FlowTracker, decode_subscribe, encode_callback
+from smfs.callbacks import Announcer, FlowTracker, decode_subscribe
 from smfs.fec import Decoder, Encoder, FecParams, Repair
 from smfs.tunnel import MIN_KEY, ReplayWindow, Sealer, TunnelError, decode_raw, encode_data, encode_repair
 from smfs.units import parse_hostport
@@ -43,6 +49,8 @@ WAN_MTU = 1500  # bytes: the WAN links' MTU; tunnel datagrams must cross them un
 TUN_BATCH = 64  # packets read from the TUN before the encoder takes them
 _IPV4_UDP = 20 + 8  # bytes of IPv4 and UDP header around a tunnel datagram
 SITE_IDS = {"primary": 1, "mirror": 2}
+REPAIR_BACKLOG = 4096  # repairs waiting to be resent after a failed send (~6 MB of 1.4 KB repairs)
+RETRY_MIN_S, RETRY_MAX_S = 0.001, 0.05  # resend backoff (s): doubles per failed retry, up to the max
 
 log = logging.getLogger("smfs.gateway")
 
@@ -85,9 +93,14 @@ class Gateway:
         self.encoder = Encoder(self.params)
         self.decoder = Decoder(self.params, window=max(4096, 2 * self.params.span))
         self.tracker = FlowTracker(self.params.c)
-        self.replay = ReplayWindow()
+        self.announcer = Announcer()
+        self.replay = ReplayWindow(self.decoder.window)  # as deep as the decoder: it remembers what it rebuilt
         self.sealer = Sealer(key, self.site)  # checks the key once, at start
-        self.subscribers: dict[Flow, tuple[str, int]] = {}
+        # Failed repair sends, oldest first: (repair, datagram); resent at _retry_at (loop time, s).
+        self.backlog: collections.deque[tuple[Repair, bytes]] = collections.deque()
+        self._retry_at: float | None = None
+        self._retry_delay = RETRY_MIN_S
+        self._peer_window = self.decoder.window  # the peer's decoder window (same params): older repairs are useless
         self.seq = time.time_ns()  # above any seq a previous run of this gateway used (replay window)
         self.stats = collections.Counter()
         self.reasons: collections.Counter[str] = collections.Counter()
@@ -117,6 +130,8 @@ class Gateway:
 
     def _on_tun(self) -> None:
         now = self.loop.time()
+        if self.backlog:
+            self._resend_backlog(now)
         tun, peer, seal = self.tun, self.peer, self.sealer.data
         read, sendto = os.read, self.wan.sendto
         on_packet_sent = self.tracker.on_packet_sent
@@ -167,10 +182,12 @@ class Gateway:
             sendto, peer, seal = self.wan.sendto, self.peer, self.sealer.repair
             sent = []
             for r in repairs:
+                datagram = seal(r)
                 try:
-                    sendto(seal(r), peer)
+                    sendto(datagram, peer)
                 except OSError as err:
                     self._send_failed(err)
+                    self._defer(r, datagram, err)
                 else:
                     sent.append(r)
             if sent:
@@ -178,8 +195,64 @@ class Gateway:
                 self.tracker.on_repairs_sent(sent, self.loop.time())
         self._push_callbacks()
 
+    def _defer(self, repair: Repair, datagram: bytes, err: OSError) -> None:
+        """Keep a repair whose send failed for :meth:`_resend_backlog`: until it is out, the
+        packets it covers are not safe. The backlog is bounded (oldest abandoned first)."""
+        if err.errno == errno.EMSGSIZE:  # will never fit: resending cannot help
+            self._abandon("too large")
+            return
+        if len(self.backlog) >= REPAIR_BACKLOG:
+            self.backlog.popleft()
+            self._abandon("backlog full")
+        self.backlog.append((repair, datagram))
+        self.stats["repairs_deferred"] += 1
+        if self._retry_at is None:
+            self._retry_at = self.loop.time() + self._retry_delay
+
+    def _abandon(self, why: str) -> None:
+        """A repair that will never be sent: the packets it covers never become safe."""
+        self.stats["repairs_abandoned"] += 1
+        self.reasons[f"repair abandoned: {why}"] += 1
+
+    def _resend_backlog(self, now: float) -> None:
+        """Resend the deferred repairs, oldest first, until one fails again (then back off)."""
+        backlog, sendto, peer = self.backlog, self.wan.sendto, self.peer
+        oldest = self.seq - self._peer_window
+        sent = []
+        while backlog:
+            repair, datagram = backlog[0]
+            if repair.seqs[0] < oldest:  # below the peer decoder's window: it would be ignored
+                backlog.popleft()
+                self._abandon("stale")
+                continue
+            try:
+                sendto(datagram, peer)
+            except OSError as err:
+                if err.errno == errno.EMSGSIZE:
+                    backlog.popleft()
+                    self._abandon("too large")
+                    continue
+                self.stats["repair_retry_failures"] += 1
+                self._retry_delay = min(2 * self._retry_delay, RETRY_MAX_S)
+                break
+            backlog.popleft()
+            sent.append(repair)
+        if backlog:
+            self._retry_at = now + self._retry_delay
+        else:
+            self._retry_at = None
+            self._retry_delay = RETRY_MIN_S
+        if sent:
+            self.stats["repairs_retried"] += len(sent)
+            self.stats["repairs_out"] += len(sent)
+            self.tracker.on_repairs_sent(sent, now)
+            self._push_callbacks()
+
     def _arm_timer(self) -> None:
         deadline = self.encoder.get_timer()
+        for t in (self.announcer.get_timer(), self._retry_at):
+            if t is not None and (deadline is None or t < deadline):
+                deadline = t
         timer = self._timer
         if timer is not None:
             if timer.when() == deadline:
@@ -191,30 +264,52 @@ class Gateway:
 
     def _on_timer(self) -> None:
         self._timer = None
-        self._send_repairs(self.encoder.handle_timer(self.loop.time()))
+        now = self.loop.time()
+        if self.backlog and self._retry_at is not None and now >= self._retry_at:
+            self._resend_backlog(now)
+        self._send_repairs(self.encoder.handle_timer(now))
+        resent = self.announcer.handle_timer(now)
+        if resent:
+            self.stats["callbacks_resent"] += self._send_callbacks(resent)
         self._arm_timer()
 
     def _push_callbacks(self) -> None:
-        for flow, offset in self.tracker.safe_offsets():
-            dest = self.subscribers.get(flow)
-            if dest is not None:
-                with contextlib.suppress(OSError):
-                    self.control.sendto(encode_callback(flow, offset), dest)
-                    self.stats["callbacks_sent"] += 1
+        advanced = self.tracker.safe_offsets()
+        if advanced:
+            now, on_safe = self.loop.time(), self.announcer.on_safe
+            for flow, offset in advanced:
+                self._send_callbacks(on_safe(flow, offset, now))
+
+    def _send_callbacks(self, callbacks: list[tuple[Hashable, bytes]]) -> int:
+        """Send ``(dest, datagram)`` callbacks on the control socket; the number sent. A lost one
+        is re-announced (:class:`Announcer`), so a failed send is only counted."""
+        n = 0
+        for dest, datagram in callbacks:
+            try:
+                self.control.sendto(datagram, dest)
+            except OSError as err:
+                self.stats["callback_send_errors"] += 1
+                self.reasons[f"callback: {err.strerror}"] += 1
+            else:
+                n += 1
+        self.stats["callbacks_sent"] += n
+        return n
 
     def _on_control(self) -> None:
         while True:
             try:
                 data, addr = self.control.recvfrom(512)
             except BlockingIOError:
-                return
+                break
             try:
                 flow = decode_subscribe(data)
             except ValueError as err:
                 self.reasons[f"control: {err}"] += 1
                 continue
-            self.subscribers[flow] = addr
-            log.info("callbacks for %s -> %s", flow, addr)
+            if self.announcer.subscriber(flow) != addr:
+                log.info("callbacks for %s -> %s", flow, addr)
+            self._send_callbacks(self.announcer.on_subscribe(flow, addr, self.loop.time()))
+        self._arm_timer()
 
     # -- ingress -----------------------------------------------------------------------------
     def _on_wan(self) -> None:
@@ -238,10 +333,12 @@ class Gateway:
                     continue
                 if seq is not None:
                     if not check_and_update(seq):
-                        self.stats["replayed"] += 1
+                        # A late original of a packet the decoder rebuilt is no replay.
+                        self.stats["late_after_rebuild" if replay.late_after_rebuild(seq) else "replayed"] += 1
                         continue
                     if has(seq):
-                        continue  # already rebuilt and delivered
+                        self.stats["late_after_rebuild"] += 1  # already rebuilt and delivered
+                        continue
                     try:
                         write(tun, payload)
                         n_out += 1
@@ -251,7 +348,7 @@ class Gateway:
                 else:
                     rebuilt = on_repair(payload, now)
                 for rseq, packet in rebuilt:
-                    replay.update(rseq)
+                    replay.mark_rebuilt(rseq)
                     try:
                         write(tun, packet)
                         n_out += 1
@@ -277,6 +374,11 @@ class Gateway:
             "packets_in": self.stats["tun_in"],
             "packets_out": self.stats["data_out"],
             "repairs_sent": self.stats["repairs_out"],
+            "repairs_deferred": self.stats["repairs_deferred"],
+            "repairs_retried": self.stats["repairs_retried"],
+            "repair_retry_failures": self.stats["repair_retry_failures"],
+            "repairs_abandoned": self.stats["repairs_abandoned"],
+            "repair_backlog": len(self.backlog),
             "wan_datagrams_in": self.stats["wan_in"],
             "received": d.received,
             "lost_on_wan": lost_on_wan,
@@ -285,8 +387,11 @@ class Gateway:
             "rebuilt_fraction": round(d.rebuilt / lost_on_wan, 4) if lost_on_wan else None,
             "rejected": self.stats["rejected"],
             "replayed": self.stats["replayed"],
+            "late_after_rebuild": self.stats["late_after_rebuild"],
             "send_errors": self.stats["send_errors"],
             "callbacks_sent": self.stats["callbacks_sent"],
+            "callbacks_resent": self.stats["callbacks_resent"],
+            "callback_send_errors": self.stats["callback_send_errors"],
             "callback_latency_ms": None if lat is None else {
                 "p50": round(float(np.percentile(lat, 50)), 3), "p99": round(float(np.percentile(lat, 99)), 3),
                 "n": int(lat.size)},

@@ -20,8 +20,9 @@ any input bytes.
 
 Replay. DATA carries a unique seq: the ingress gateway checks it against a
 :class:`ReplayWindow` (a sliding bitmap as in IPsec, RFC 4303 section 3.4.3) after the MAC,
-and also marks the seqs the decoder rebuilds, so a late original of a rebuilt packet is
-dropped as a duplicate. REPAIR datagrams are not replay-checked: they carry no unique number,
+and also marks the seqs the decoder rebuilds (:meth:`ReplayWindow.mark_rebuilt`), so a late
+original of a rebuilt packet is dropped as a duplicate; :meth:`ReplayWindow.late_after_rebuild`
+tells that first late original (ordinary reordering behind a WAN loss) from a replay. REPAIR datagrams are not replay-checked: they carry no unique number,
 and a replayed repair is harmless: the decoder ignores repairs below its window, drops
 duplicates, and can only rebuild a packet absent from its window, whose content the MAC
 guarantees is the peer's. The egress must start its seq above any it used before (e.g. the
@@ -286,6 +287,9 @@ class ReplayWindow:
 
     :meth:`check` says whether ``seq`` is new (not seen, not older than the window);
     :meth:`update` records it; call it only after the datagram's MAC was verified.
+    :meth:`mark_rebuilt` records a seq the FEC decoder rebuilt before its original arrived;
+    when :meth:`check` refuses a seq, :meth:`late_after_rebuild` says (once per seq) whether it
+    is that late original rather than a replay.
     """
 
     def __init__(self, size: int = 4096) -> None:
@@ -295,6 +299,7 @@ class ReplayWindow:
         self._top = -1
         self._bits = 0  # bit i set: seq (_top - i) seen
         self._mask = (1 << size) - 1
+        self._rebuilt: set[int] = set()  # rebuilt seqs whose original has not arrived yet
 
     @property
     def top(self) -> int:
@@ -325,3 +330,23 @@ class ReplayWindow:
             return False
         self.update(seq)
         return True
+
+    def mark_rebuilt(self, seq: int) -> None:
+        """Record ``seq`` as seen, rebuilt by the FEC decoder: its original may still arrive late.
+
+        Memory: the rebuilt seqs still in the window (older ones are pruned in bulk, amortised)."""
+        self.update(seq)
+        rebuilt = self._rebuilt
+        rebuilt.add(seq)
+        if len(rebuilt) > 2 * self.size:
+            low = self._top - self.size
+            self._rebuilt = {s for s in rebuilt if s > low}
+
+    def late_after_rebuild(self, seq: int) -> bool:
+        """For a ``seq`` that :meth:`check` refused: True when it was rebuilt and this is the
+        first copy of its original (not a replay); a later copy is a replay (False)."""
+        rebuilt = self._rebuilt
+        if seq in rebuilt:
+            rebuilt.discard(seq)
+            return True
+        return False

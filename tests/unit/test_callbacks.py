@@ -14,6 +14,7 @@ from smfs.callbacks import (
     TCP_FIN,
     TCP_RST,
     TCP_SYN,
+    Announcer,
     CallbackError,
     Flow,
     FlowTracker,
@@ -309,6 +310,106 @@ def test_stream_through_the_encoder_is_reported_in_full() -> None:
     reported.extend(off for flow, off in t.safe_offsets() if flow == FLOW)
     assert reported == sorted(set(reported)) and reported[-1] == 200_000
     assert t.pending == 0 and max(t.latencies) <= 0.006
+
+
+# -- announcer: callbacks are re-announced over a lossy channel ---------------------------------
+
+SUB = ("127.0.0.1", 45000)
+
+
+def _offsets(out: list[tuple[object, bytes]]) -> list[tuple[object, Flow, int]]:
+    return [(dest, *decode_callback(d)) for dest, d in out]
+
+
+def test_announcer_sends_at_once_then_re_announces_until_quiet() -> None:
+    a = Announcer(interval=0.05, linger=1.0)
+    assert a.get_timer() is None
+    assert a.on_subscribe(FLOW, SUB, now=0.0) == []  # nothing safe yet: nothing to say
+    assert a.get_timer() is None
+    assert _offsets(a.on_safe(FLOW, 100, now=0.01)) == [(SUB, FLOW, 100)]
+    assert a.get_timer() == pytest.approx(0.06)
+    assert a.handle_timer(0.05) == []  # not due yet
+    # Every tick re-sends the latest offset (the first callback may have been lost).
+    assert _offsets(a.handle_timer(a.get_timer())) == [(SUB, FLOW, 100)]
+    assert a.on_safe(FLOW, 100, now=0.07) == []  # no news: only the tick repeats it
+    assert _offsets(a.on_safe(FLOW, 300, now=0.08)) == [(SUB, FLOW, 300)]
+    assert _offsets(a.handle_timer(a.get_timer())) == [(SUB, FLOW, 300)]
+    now, resent = a.get_timer(), 0
+    while now is not None and now < 10:
+        resent += len(a.handle_timer(now))
+        now = a.get_timer()
+    assert now is None and 18 <= resent <= 21  # ~1 s of 50 ms ticks after the last advance
+    assert a.resent == resent + 2
+
+
+def test_announcer_answers_a_late_or_repeated_subscribe_with_the_current_offset() -> None:
+    a = Announcer()
+    assert a.on_safe(FLOW, 500, now=0.0) == []  # no subscriber yet, but the offset is kept
+    assert a.get_timer() is None and a.offset(FLOW) == 500
+    assert _offsets(a.on_subscribe(FLOW, SUB, now=5.0)) == [(SUB, FLOW, 500)]
+    assert _offsets(a.on_subscribe(FLOW, SUB, now=5.1)) == [(SUB, FLOW, 500)]
+    other = ("127.0.0.1", 45001)  # the server restarted on another port
+    assert _offsets(a.on_subscribe(FLOW, other, now=5.2)) == [(other, FLOW, 500)]
+    assert a.subscriber(FLOW) == other
+    assert _offsets(a.handle_timer(a.get_timer())) == [(other, FLOW, 500)]
+
+
+def test_announcer_follows_a_new_connection_on_the_same_4_tuple() -> None:
+    a = Announcer()
+    a.on_subscribe(FLOW, SUB, now=0.0)
+    a.on_safe(FLOW, 10_000, now=0.0)
+    # The tracker restarted the flow (new SYN): its offsets start over, lower.
+    assert _offsets(a.on_safe(FLOW, 64, now=1.0)) == [(SUB, FLOW, 64)]
+
+
+def test_announcer_is_bounded() -> None:
+    a = Announcer(max_flows=3)
+    for port in range(10):
+        flow = Flow(SRC, port, DST, 7000)
+        a.on_subscribe(flow, SUB, now=0.0)
+        a.on_safe(flow, 1, now=0.0)
+    assert len(a.handle_timer(a.get_timer())) == 3
+    assert a.offset(Flow(SRC, 0, DST, 7000)) is None and a.offset(Flow(SRC, 9, DST, 7000)) == 1
+    with pytest.raises(ValueError):
+        Announcer(interval=2.0, linger=1.0)
+
+
+@given(st.lists(st.tuples(st.integers(0, 4), st.floats(0, 0.3)), max_size=40))
+@settings(max_examples=100, deadline=None)
+def test_announcer_ticks_repeat_the_latest_offset_of_every_recent_flow(events: list[tuple[int, float]]) -> None:
+    """Model check: each tick re-announces exactly the subscribed flows whose offset advanced
+    within ``linger``, each with its latest offset; no tick is more than ``interval`` late."""
+    a = Announcer(interval=0.05, linger=1.0)
+    flows = [Flow(SRC, p, DST, 7000) for p in range(4)]
+    for f in flows[:3]:  # flows[3] never subscribes
+        a.on_subscribe(f, SUB, now=0.0)
+    now, latest, changed = 0.0, {}, {}
+
+    def run_until(t: float) -> None:
+        while (due := a.get_timer()) is not None and due <= t:
+            out = {(f, off) for _dest, f, off in _offsets(a.handle_timer(due))}
+            want = {(f, latest[f]) for f in latest if f != flows[3] and due - changed[f] <= 1.0}
+            assert out == want
+            nxt = a.get_timer()
+            assert (nxt is None) == (not want) and (nxt is None or nxt == pytest.approx(due + 0.05))
+
+    for i, (k, dt) in enumerate(events):
+        if k == 4:  # a re-subscribe of flows[0]
+            run_until(now + dt)
+            now += dt
+            out = a.on_subscribe(flows[0], SUB, now)
+            if flows[0] in latest:
+                changed[flows[0]] = now
+                assert _offsets(out) == [(SUB, flows[0], latest[flows[0]])]
+            continue
+        run_until(now + dt)
+        now += dt
+        latest[flows[k]] = latest.get(flows[k], 0) + 10 + i
+        changed[flows[k]] = now
+        out = _offsets(a.on_safe(flows[k], latest[flows[k]], now))
+        assert out == ([] if k == 3 else [(SUB, flows[k], latest[flows[k]])])
+    run_until(now + 5.0)
+    assert a.get_timer() is None
 
 
 # -- control messages ---------------------------------------------------------------------------

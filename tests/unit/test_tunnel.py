@@ -165,3 +165,48 @@ def test_replay_window_matches_a_set(seqs: list[int]) -> None:
         if ok:
             seen.add(s)
             top = max(top, s)
+
+
+def test_replay_window_tells_a_late_original_of_a_rebuilt_seq_from_a_replay() -> None:
+    w = ReplayWindow(size=64)
+    for s in (10, 11, 13):
+        assert w.check_and_update(s)
+    w.mark_rebuilt(12)  # lost on the WAN, rebuilt by the decoder
+    w.mark_rebuilt(14)  # rebuilt ahead of the highest seq received
+    assert w.top == 14 and not w.check(12) and not w.check(14)
+    assert w.late_after_rebuild(12)  # the original, late: not a replay
+    assert not w.late_after_rebuild(12)  # a second copy is one
+    assert not w.late_after_rebuild(11)  # received, never rebuilt: a replay
+    assert w.late_after_rebuild(14)
+
+
+def test_replay_window_forgets_rebuilt_seqs_with_the_window() -> None:
+    w = ReplayWindow(size=64)
+    for s in range(0, 10_000, 2):
+        w.update(s + 1)
+        w.mark_rebuilt(s)
+    assert len(w._rebuilt) <= 2 * 64  # bounded by the window, not by the traffic
+    assert w.late_after_rebuild(9_998) and not w.check(9_998)
+
+
+@given(st.lists(st.tuples(st.integers(0, 300), st.booleans()), max_size=200))
+@settings(max_examples=100, deadline=None)
+def test_late_after_rebuild_matches_a_model(events: list[tuple[int, bool]]) -> None:
+    """Each seq is taken once; a refused seq is a late original exactly once if it was rebuilt
+    (and not since received), within the window."""
+    w, seen, rebuilt, top = ReplayWindow(size=64), set(), set(), -1
+    for s, rebuild in events:
+        if rebuild:
+            if w.check(s):
+                w.mark_rebuilt(s)
+                seen.add(s)
+                rebuilt.add(s)
+                top = max(top, s)
+            continue
+        if w.check_and_update(s):
+            assert s not in seen and s > top - 64
+            seen.add(s)
+            top = max(top, s)
+        elif s > top - 64:
+            assert w.late_after_rebuild(s) == (s in rebuilt)
+            rebuilt.discard(s)

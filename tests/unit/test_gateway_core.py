@@ -1,0 +1,356 @@
+"""The gateway's egress and ingress paths in memory: a fake event loop and clock, fake WAN and
+control sockets, a datagram socketpair as the TUN. Failed repair sends, lost callbacks and late
+originals of rebuilt packets."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import socket
+import struct
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from smfs import gateway as gw_mod
+from smfs.callbacks import TCP_ACK, TCP_SYN, Flow, decode_callback, encode_subscribe
+from smfs.fec import Encoder, FecParams
+from smfs.gateway import Gateway
+from smfs.tunnel import KIND_REPAIR, Sealer
+
+KEY = b"k" * 32
+FLOW = Flow("198.18.1.10", 40000, "198.18.2.10", 7000)
+ISN = 5000
+SUBSCRIBER = ("127.0.0.1", 45000)
+PARAMS = FecParams()  # r=8, interleaves (1, 11, 19), flush 5 ms
+
+
+def tcp(seq: int, payload: int = 0, flags: int = TCP_ACK) -> bytes:
+    """An IPv4/TCP packet of ``FLOW`` (checksums zero: nothing checks them)."""
+    hdr = struct.pack("!HHIIHHHH", FLOW.sport, FLOW.dport, seq % 2**32, 0, 5 << 12 | flags, 65535, 0, 0)
+    total = 40 + payload
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 1, 0x4000, 64, 6, 0, socket.inet_aton(FLOW.src),
+                     socket.inet_aton(FLOW.dst))
+    return ip + hdr + bytes(payload)
+
+
+class FakeTimer:
+    def __init__(self, when: float, callback: Callable[[], None]) -> None:
+        self._when, self.callback, self.cancelled = when, callback, False
+
+    def when(self) -> float:
+        return self._when
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeLoop:
+    """The parts of an asyncio loop the gateway uses; time only moves in :meth:`advance`."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.timers: list[FakeTimer] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> FakeTimer:
+        t = FakeTimer(when, callback)
+        self.timers.append(t)
+        return t
+
+    def add_reader(self, *_args: object) -> None:
+        pass
+
+    def next_timer(self) -> float | None:
+        live = [t.when() for t in self.timers if not t.cancelled]
+        return min(live) if live else None
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock ``seconds`` on, running the timers due on the way, in order."""
+        end = self.now + seconds
+        while True:
+            due = [t for t in self.timers if not t.cancelled and t.when() <= end]
+            if not due:
+                break
+            t = min(due, key=FakeTimer.when)
+            self.timers.remove(t)
+            self.now = max(self.now, t.when())
+            t.callback()
+        self.now = end
+
+
+class FakeWan:
+    """The WAN socket: records what was sent; ``fail`` decides which sends raise."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+        self.inbox: list[bytes] = []
+        self.fail: Callable[[bytes], OSError | None] = lambda _d: None
+
+    def sendto(self, data: bytes, _addr: object) -> int:
+        err = self.fail(data)
+        if err is not None:
+            raise err
+        self.sent.append(data)
+        return len(data)
+
+    def recv(self, _size: int) -> bytes:
+        if not self.inbox:
+            raise BlockingIOError
+        return self.inbox.pop(0)
+
+    def repairs(self) -> list[bytes]:
+        return [d for d in self.sent if d[2] == KIND_REPAIR]
+
+
+class FakeControl:
+    """The control socket: subscriptions in, callbacks out; ``lose`` drops a callback silently
+    (a lost datagram), ``fail`` makes its send raise."""
+
+    def __init__(self) -> None:
+        self.inbox: list[tuple[bytes, tuple[str, int]]] = []
+        self.delivered: list[tuple[Flow, int]] = []
+        self.lose: Callable[[int], bool] = lambda _n: False
+        self.fail: Callable[[int], OSError | None] = lambda _n: None
+        self.attempts = 0
+
+    def recvfrom(self, _size: int) -> tuple[bytes, tuple[str, int]]:
+        if not self.inbox:
+            raise BlockingIOError
+        return self.inbox.pop(0)
+
+    def sendto(self, data: bytes, addr: object) -> int:
+        self.attempts += 1
+        err = self.fail(self.attempts)
+        if err is not None:
+            raise err
+        assert addr == SUBSCRIBER
+        if not self.lose(self.attempts):
+            self.delivered.append(decode_callback(data))
+        return len(data)
+
+    def offsets(self) -> list[int]:
+        return [off for flow, off in self.delivered if flow == FLOW]
+
+
+class Harness:
+    def __init__(self, gw: Gateway, loop: FakeLoop, tun: socket.socket) -> None:
+        self.gw, self.loop, self.tun = gw, loop, tun
+        self.wan: FakeWan = gw.wan  # type: ignore[assignment]
+        self.control: FakeControl = gw.control  # type: ignore[assignment]
+
+    def send(self, *packets: bytes) -> None:
+        """Packets routed into the TUN, then the gateway's TUN reader."""
+        for p in packets:
+            self.tun.send(p)
+        self.gw._on_tun()
+
+    def subscribe(self) -> None:
+        self.control.inbox.append((encode_subscribe(FLOW), SUBSCRIBER))
+        self.gw._on_control()
+
+    def receive(self, *datagrams: bytes) -> None:
+        self.wan.inbox.extend(datagrams)
+        self.gw._on_wan()
+
+    def delivered(self) -> list[bytes]:
+        """Packets the gateway wrote to the TUN so far."""
+        out = []
+        while True:
+            try:
+                out.append(self.tun.recv(65535))
+            except BlockingIOError:
+                return out
+
+    def safe(self) -> int | None:
+        return self.gw.tracker.safe_offset(FLOW)
+
+
+def _args(site: str) -> argparse.Namespace:
+    return argparse.Namespace(site=site, r=PARAMS.r, interleaves=list(PARAMS.interleaves), flush_ms=PARAMS.flush_ms,
+                              local="127.0.0.1:0", peer="127.0.0.1:9", control="127.0.0.1:0", tun="smfs-test")
+
+
+def _make(monkeypatch: pytest.MonkeyPatch, site: str) -> Iterator[Harness]:
+    loop = FakeLoop()
+    monkeypatch.setattr(gw_mod.asyncio, "get_running_loop", lambda: loop)
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    mine.setblocking(False)
+    theirs.setblocking(False)
+    gw = Gateway(_args(site), KEY, mine.fileno())
+    gw.wan.close()
+    gw.control.close()
+    gw.wan, gw.control = FakeWan(), FakeControl()  # type: ignore[assignment]
+    try:
+        yield Harness(gw, loop, theirs)
+    finally:
+        mine.close()
+        theirs.close()
+
+
+@pytest.fixture()
+def egress(monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
+    yield from _make(monkeypatch, "primary")
+
+
+@pytest.fixture()
+def ingress(monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
+    yield from _make(monkeypatch, "mirror")
+
+
+def _repairs_fail(err: OSError) -> Callable[[bytes], OSError | None]:
+    return lambda d: err if d[2] == KIND_REPAIR else None
+
+
+def test_the_harness_reports_a_safe_offset(egress: Harness) -> None:
+    egress.subscribe()
+    egress.send(tcp(ISN, flags=TCP_SYN), tcp(ISN + 1, 100))
+    assert egress.safe() == 0
+    egress.loop.advance(0.006)  # flush timer: every bin's repair goes out
+    assert egress.safe() == 100 and egress.control.offsets() == [100]
+    assert egress.gw.snapshot()["send_errors"] == 0
+
+
+# -- bug 1: a failed repair send must not stall the safe offset -------------------------------
+
+
+@pytest.mark.parametrize("err", [BlockingIOError(errno.EAGAIN, "busy"), OSError(errno.ENOBUFS, "No buffer space")])
+def test_offset_advances_after_a_failed_repair_is_resent_on_a_timer_tick(egress: Harness, err: OSError) -> None:
+    egress.subscribe()
+    egress.wan.fail = _repairs_fail(err)
+    egress.send(tcp(ISN, flags=TCP_SYN), tcp(ISN + 1, 100))
+    egress.loop.advance(0.006)  # the flush: 5 repairs (SYN and data: 1 + 2 + 2 bins), all fail
+    assert egress.safe() == 0 and not egress.wan.repairs()
+    assert egress.gw.snapshot()["send_errors"] == 5
+    egress.wan.fail = lambda _d: None  # the socket buffer drained
+    egress.loop.advance(0.1)  # no traffic: the retry timer resends them
+    assert len(egress.wan.repairs()) == 5
+    assert egress.safe() == 100 and egress.control.offsets()[-1] == 100
+    snap = egress.gw.snapshot()
+    assert snap["repairs_deferred"] == 5 and snap["repairs_retried"] == 5 and snap["repairs_sent"] == 5
+    assert snap["repair_backlog"] == 0 and snap["repairs_abandoned"] == 0
+
+
+def test_failed_repairs_are_resent_on_the_next_send_with_backoff(egress: Harness) -> None:
+    egress.subscribe()
+    egress.wan.fail = _repairs_fail(BlockingIOError(errno.EAGAIN, "busy"))
+    egress.send(tcp(ISN, flags=TCP_SYN), tcp(ISN + 1, 100))
+    egress.loop.advance(0.006)
+    egress.loop.advance(0.2)  # still full: retried with backoff (1 ms doubling to 50 ms), not busily
+    assert egress.safe() == 0
+    egress.wan.fail = lambda _d: None
+    egress.send(tcp(ISN + 101, 50))  # the next packet is a send opportunity: the backlog goes first
+    assert len(egress.wan.repairs()) == 5 and egress.safe() == 100
+    egress.loop.advance(0.006)
+    assert egress.safe() == 150 and egress.control.offsets()[-1] == 150
+    snap = egress.gw.snapshot()
+    assert snap["repairs_retried"] == 5 and 3 <= snap["repair_retry_failures"] <= 12
+
+
+def test_the_backlog_is_bounded_and_drops_what_the_peer_could_not_use(
+    egress: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gw_mod, "REPAIR_BACKLOG", 4)
+    egress.wan.fail = _repairs_fail(BlockingIOError(errno.EAGAIN, "busy"))
+    egress.send(tcp(ISN, flags=TCP_SYN), tcp(ISN + 1, 100), tcp(ISN + 101, 100))
+    egress.loop.advance(0.006)  # 7 repairs: 1 + 3 + 3 bins flushed
+    snap = egress.gw.snapshot()
+    assert snap["repair_backlog"] == 4 and snap["repairs_abandoned"] == 3
+    assert snap["reasons"]["repair abandoned: backlog full"] == 3
+    # Repairs below the peer decoder's window would be ignored there: never sent, never "safe".
+    egress.gw.seq += egress.gw.decoder.window + 10
+    egress.wan.fail = lambda _d: None
+    egress.loop.advance(0.1)
+    snap = egress.gw.snapshot()
+    assert snap["repair_backlog"] == 0 and snap["repairs_abandoned"] == 7 and not egress.wan.repairs()
+    assert egress.safe() == 0
+
+
+def test_a_repair_too_large_to_send_is_not_retried(egress: Harness) -> None:
+    egress.wan.fail = _repairs_fail(OSError(errno.EMSGSIZE, "Message too long"))
+    egress.send(tcp(ISN, flags=TCP_SYN), tcp(ISN + 1, 100))
+    egress.loop.advance(0.006)
+    snap = egress.gw.snapshot()
+    assert snap["repair_backlog"] == 0 and snap["repairs_abandoned"] == 5
+    assert egress.loop.next_timer() is None
+
+
+# -- bug 2: a lost callback is re-announced ---------------------------------------------------
+
+
+def test_a_lost_callback_is_re_announced(egress: Harness) -> None:
+    egress.subscribe()
+    egress.control.lose = lambda n: n == 1  # the first callback datagram is lost
+    egress.send(tcp(ISN, flags=TCP_SYN), tcp(ISN + 1, 100))
+    egress.loop.advance(0.006)
+    assert egress.safe() == 100 and egress.control.attempts == 1 and egress.control.offsets() == []
+    egress.loop.advance(0.05)  # within one re-announcement period
+    assert egress.control.offsets() == [100]
+    assert egress.gw.snapshot()["callbacks_resent"] >= 1
+
+
+def test_a_failed_callback_send_is_re_announced(egress: Harness) -> None:
+    egress.subscribe()
+    egress.control.fail = lambda n: OSError(errno.ENOBUFS, "No buffer space") if n == 1 else None
+    egress.send(tcp(ISN, flags=TCP_SYN), tcp(ISN + 1, 100))
+    egress.loop.advance(0.006)
+    assert egress.control.offsets() == []
+    egress.loop.advance(0.05)
+    assert egress.control.offsets() == [100]
+    assert egress.gw.snapshot()["callback_send_errors"] == 1
+
+
+def test_a_late_subscriber_learns_the_current_offset_at_once(egress: Harness) -> None:
+    egress.send(tcp(ISN, flags=TCP_SYN), tcp(ISN + 1, 100))
+    egress.loop.advance(2.0)  # long safe, nobody listening
+    assert egress.safe() == 100 and egress.control.attempts == 0
+    egress.subscribe()
+    assert egress.control.offsets() == [100]
+    egress.subscribe()  # a repeated subscribe (its first answer lost, say) is answered again
+    assert egress.control.offsets() == [100, 100]
+
+
+def test_re_announcements_stop_once_the_flow_is_quiet(egress: Harness) -> None:
+    egress.subscribe()
+    egress.send(tcp(ISN, flags=TCP_SYN), tcp(ISN + 1, 100))
+    egress.loop.advance(0.006)
+    egress.loop.advance(3.0)
+    n = len(egress.control.offsets())
+    assert 10 <= n <= 30 and set(egress.control.offsets()) == {100}  # ~every 50 ms for ~1 s
+    assert egress.loop.next_timer() is None  # idle: no more wake-ups
+    egress.loop.advance(3.0)
+    assert len(egress.control.offsets()) == n
+
+
+# -- bug 3: a late original of a rebuilt packet is not a replay -------------------------------
+
+
+def _peer_stream(n: int, first: int = 1000) -> tuple[list[tuple[int, bytes, bytes]], list[bytes]]:
+    """``n`` DATA datagrams from the primary's gateway, (seq, packet, datagram), and the repairs."""
+    seal, enc = Sealer(KEY, gw_mod.SITE_IDS["primary"]), Encoder(PARAMS)
+    data, repairs = [], []
+    for seq in range(first, first + n):
+        packet = bytes([seq % 256]) * 60
+        data.append((seq, packet, seal.data(seq, packet)))
+        repairs.extend(seal.repair(r) for r in enc.add(seq, packet, 0.0))
+    repairs.extend(seal.repair(r) for r in enc.flush())
+    return data, repairs
+
+
+def test_a_late_original_after_a_rebuild_is_not_counted_as_replayed(ingress: Harness) -> None:
+    data, repairs = _peer_stream(8)
+    lost_seq, lost_packet, lost_datagram = data[3]
+    ingress.receive(*[d for s, _p, d in data if s != lost_seq], *repairs)
+    assert lost_packet in ingress.delivered()
+    snap = ingress.gw.snapshot()
+    assert snap["rebuilt"] == 1 and snap["replayed"] == 0
+    ingress.receive(lost_datagram)  # the original, delayed on the WAN, arrives after all
+    assert ingress.gw.snapshot()["replayed"] == 0
+    assert ingress.delivered() == []  # not written twice
+    ingress.receive(lost_datagram)  # a second copy is a replay
+    ingress.receive(data[0][2])  # and so is any datagram seen before
+    snap = ingress.gw.snapshot()
+    assert snap["replayed"] == 2 and snap["late_after_rebuild"] == 1
+    assert ingress.delivered() == []
