@@ -43,3 +43,36 @@ def test_ci_drill_keeps_durable_promises_and_counts_local_sync_losses(tmp_path: 
     assert (out / "report.md").exists() and (out / "latency-cdf.png").exists()
     assert not (vmbed.testbeds_dir() / "active").exists()
     assert "smfs-ci" not in subprocess.run(["virsh", "list", "--all", "--name"], capture_output=True, text=True).stdout
+
+
+def test_an_interrupted_drill_leaves_nothing_for_down(tmp_path: Path) -> None:
+    import os
+    import signal
+    import sys
+    import time
+
+    from testbed import vmbed
+
+    if (vmbed.testbeds_dir() / "active").exists():
+        pytest.skip("a testbed is already up (./inv down first); the drill brings up its own")
+    proc = subprocess.Popen([sys.executable, "-m", "invoke", "drill", "--spec", str(REPO / "specs" / "ci.toml"),
+                             "--modes", "remote-sync", "--out", str(tmp_path / "drill")], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    deadline = time.monotonic() + 300
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # Ctrl-C in the middle of the run, testers writing
+            lines.append(line)
+            if "testers started" in line or time.monotonic() > deadline:
+                break
+        assert any("testers started" in ln for ln in lines), "".join(lines[-20:])
+        os.killpg(proc.pid, signal.SIGINT)
+        rest, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, rest[-2000:]
+    assert "tearing down the testbed" in rest
+    assert vmbed.down(say=print) == []  # nothing left: every domain, bridge, overlay was removed
+    assert "smfs-ci" not in subprocess.run(["virsh", "list", "--all", "--name"], capture_output=True, text=True).stdout

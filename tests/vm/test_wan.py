@@ -82,3 +82,27 @@ def test_packets_sent_before_the_primary_is_destroyed_still_reach_the_mirror(tb)
         time.sleep(0.5)
         got = int(mirror.read_file("/run/smfs/udp.count"))
     assert got == COUNT, f"{COUNT - got} of {COUNT} packets sent before the power cut never arrived"
+
+
+def test_calibration_measures_what_was_shaped(tb) -> None:
+    """The issue's check: 50 ms each way reads as 100 ms + the bare path; 10 % loss reads as 10 % each
+    way (within calibrate's own 3-standard-error band, sized for ±20 % at 95 %); clear is bare again."""
+    from testbed import wan
+
+    for vm in ("primary", "mirror"):  # the test before destroys the primary
+        if not tb.domain(vm).isActive():
+            tb.start(vm)
+    wan.start_resident(tb)
+    profile = tb.spec.wan.with_changes(delay="50ms", loss="10%", rate="1gbit")
+    wan.shape(tb, profile)
+    cal = wan.calibrate(tb, profile)
+    rows = {r["metric"]: r for r in cal["rows"]}
+    bare = tb.state["wan_bare"]["rtt_median_ms"]
+    assert rows["rtt median"]["ok"], rows["rtt median"]
+    assert abs(rows["rtt median"]["measured"] - (100 + bare)) <= 0.05 * 100, (rows["rtt median"], bare)
+    for name in ("loss a→b", "loss b→a"):
+        assert rows[name]["ok"] and 6.0 <= rows[name]["measured"] <= 14.0, rows[name]
+    wan.clear(tb)
+    wan.remember(tb, None)
+    cleared = wan.calibrate(tb, wan.current_profile(tb))
+    assert cleared["measured"]["rtt_median_ms"] < 20 and cleared["measured"]["loss_pct"] < 2
