@@ -199,12 +199,15 @@ class PrimaryServer:
         sock.bind(("127.0.0.1", 0))
         sock.setblocking(False)
         subscribe = encode_subscribe(Flow(*self.flow))
-        last_sub = 0.0
+        last_sub = last_cb = 0.0
         with sock:
             while True:
-                if time.monotonic() - last_sub > 1.0 and self.stats["callbacks"] == 0:
+                # (Re)subscribe after a second without callbacks: the first subscription may be lost,
+                # and a restarted gateway has forgotten it. A duplicate subscription is harmless.
+                now = time.monotonic()
+                if now - max(last_sub, last_cb) > 1.0:
                     sock.sendto(subscribe, self.gateway_control)
-                    last_sub = time.monotonic()
+                    last_sub = now
                 try:
                     data = await asyncio.wait_for(loop.sock_recv(sock, 256), 1.0)
                 except TimeoutError:
@@ -217,4 +220,5 @@ class PrimaryServer:
                 if tuple(flow) != self.flow:
                     continue
                 self.stats["callbacks"] += 1
+                last_cb = time.monotonic()
                 self._ack(self.tracker.advance("network", min(offset, self.tracker.assigned)))

@@ -119,3 +119,45 @@ def test_testers_write_one_folded_ledger_to_a_shared_stream(tmp_path: Path) -> N
     ledger = load_ledgers(tmp_path / "stream.jsonl")
     assert len(ledger) == 15 and {e.outcome for e in ledger} == {"ok"}
     assert sorted({e.tester for e in ledger}) == [0, 1, 2]
+
+
+def test_network_sync_resubscribes_when_callbacks_stop(tmp_path: Path) -> None:
+    """The first subscription is lost and later the gateway restarts (forgetting it): the primary
+    subscribes again after a second without callbacks, and its appends complete once answered."""
+    import socket
+
+    from smfs.callbacks import decode_subscribe, encode_callback
+
+    async def go() -> None:
+        gw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        gw.bind(("127.0.0.1", 0))
+        gw.setblocking(False)
+        loop = asyncio.get_running_loop()
+        mstore = LogStore.open(tmp_path / "m", sync=False)
+        pstore = LogStore.open(tmp_path / "p", sync=False)
+        mirror = MirrorServer(0, mstore, "127.0.0.1", 0)
+        await mirror.start()
+        port = mirror._server.sockets[0].getsockname()[1]  # noqa: SLF001
+        primary = PrimaryServer(0, pstore, MODES["network-sync"], str(tmp_path / "p.sock"), ("127.0.0.1", port),
+                                gateway_control=gw.getsockname())
+        await primary.start()
+
+        async def subscription() -> tuple[object, tuple[str, int]]:
+            data, addr = await asyncio.wait_for(loop.sock_recvfrom(gw, 256), 5)
+            return decode_subscribe(data), addr
+
+        client = await Client.connect(str(tmp_path / "p.sock"))
+        append = asyncio.ensure_future(client.append(1, 0, b"x" * 5000))
+        await subscription()  # lost: not answered
+        flow, addr = await subscription()  # the retry, about a second later
+        assert not append.done()  # no callback yet: network-sync must not ack
+        gw.sendto(encode_callback(flow, 1 << 40), addr)
+        await asyncio.wait_for(append, 5)
+        again, _ = await subscription()  # callbacks stopped (a gateway restart): it subscribes again
+        assert again == flow
+        await client.close()
+        await primary.close()
+        await mirror.close()
+        gw.close()
+
+    asyncio.run(go())
