@@ -40,6 +40,7 @@ KEY_FILE = "/run/smfs/tunnel.key"
 STATS_FILE = "/run/smfs/fec.json"
 LEDGER_PORT_DEV = "/dev/virtio-ports/smfs.ledger"
 READY_TIMEOUT = 90.0  # s for a site or gateway to answer under TCG
+DRILL_PROBES = 2000  # calibration probes at most per drill (about 4 s)
 STORAGE = {"primary": ("198.18.11.1", "198.18.11.0/24"), "mirror": ("198.18.12.1", "198.18.12.0/24")}
 """Per site: the storage servers' address (on lo) and subnet, routed into the gateway's TUN in the
 FEC modes; the bare modes use the VMs' own addresses."""
@@ -179,7 +180,11 @@ def prepare(tb: Any, cfg: DrillConfig, tl: Timeline) -> dict[str, Any]:
     shaped = wan.shape(tb, profile)
     wan.remember(tb, profile)
     tl.mark(f"WAN shaped at {shaped.enforcement_point}: {profile.describe()} (read back on {', '.join(shaped.read_back)})")
-    cal = wan.calibrate(tb, profile)
+    from netem.calibrate import probes_for_profile
+
+    # A short calibration: low loss rates need ~20k probes for ±20 % (a minute under TCG); the drill
+    # caps them and the rows carry the precision reached. `./inv calibrate` measures in full.
+    cal = wan.calibrate(tb, profile, probes=min(probes_for_profile(profile), DRILL_PROBES))
     tl.mark(f"calibrated: RTT median {cal['measured'].get('rtt_median_ms')} ms, "
             f"loss {cal['measured'].get('loss_pct')} % round trip")
     key = secrets.token_hex(32).encode()
