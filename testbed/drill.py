@@ -276,7 +276,7 @@ def run_mode(tb: Any, cfg: DrillConfig, mode: Mode, say: Say) -> dict[str, Any]:
                              str(cfg.append_size), "--duration", str(cfg.duration), "--servers", str(cfg.servers),
                              "--run", f"{RUN}/primary", "--ledger-stream", LEDGER_PORT_DEV])
         t_start = tl.mark(f"testers started ({cfg.testers} × {cfg.append_size} B appends)")
-        runner = Runner(cfg.during, tb, tl)
+        runner = Runner(cfg.during, tb, tl, clock=lambda: time.time() - t_start)
         next_check = 0.0
         with Progress(f"{mode.name}: testers running until the disaster", cfg.fail_at, say) as bar:
             while (elapsed := time.time() - t_start) < cfg.fail_at:

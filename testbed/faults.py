@@ -330,27 +330,35 @@ def during(entries: Any, spec: Any, fail_at: float) -> tuple[Timed, ...]:
 class Runner:
     """Injects and heals the ``during`` faults as the run's clock passes their times.
 
-    ``tick(elapsed)`` does what is due; ``heal_all`` heals what is still active (before the
-    disaster). ``injected`` turns true at the first injection: from then on a frozen VM or a
-    failing disk may legitimately stop answering, so the drill stops its liveness checks."""
+    ``tick(elapsed)`` does what is due: a fault is injected once ``elapsed`` passes its ``at`` and
+    healed ``seconds`` after its injection *began* (``clock()``, s since the testers started), so a
+    late tick (a slow guest agent under TCG) shifts a fault but never shortens it. ``heal_all``
+    heals what is still active (before the disaster). ``injected`` turns true at the first
+    injection: from then on a frozen VM or a failing disk may legitimately stop answering, so the
+    drill stops its liveness checks."""
 
-    def __init__(self, timed: tuple[Timed, ...], tb: Any, tl: Timeline) -> None:
+    def __init__(self, timed: tuple[Timed, ...], tb: Any, tl: Timeline,
+                 clock: Callable[[], float] | None = None) -> None:
         self.pending = list(timed)
-        self.active: list[Timed] = []
+        self.active: list[tuple[float, Timed]] = []  # (heal at, fault)
         self.tb, self.tl = tb, tl
         self.injected = False
+        t0 = time.monotonic()
+        self.clock = clock or (lambda: time.monotonic() - t0)
 
     def tick(self, elapsed: float) -> None:
         while self.pending and self.pending[0].at <= elapsed:
             t = self.pending.pop(0)
+            began = self.clock()
             t.fault.inject(self.tb, self.tl)
             self.injected = True
-            self.active.append(t)
-        for t in [t for t in self.active if t.heal_at <= elapsed]:
-            self.active.remove(t)
+            self.active.append((began + t.seconds, t))
+        now = self.clock()
+        for heal_at, t in [a for a in self.active if a[0] <= now]:
+            self.active.remove((heal_at, t))
             t.fault.heal(self.tb, self.tl)
 
     def heal_all(self) -> None:
-        for t in self.active:
+        for _, t in self.active:
             t.fault.heal(self.tb, self.tl)
         self.active.clear()

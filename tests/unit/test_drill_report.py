@@ -174,14 +174,21 @@ def test_runner_injects_and_heals_on_the_runs_clock_and_heals_the_rest_before_th
     bed = FreezeBed()
     tl = faults.Timeline(say=lambda _m: None)
     timed = (faults.Timed(1.0, 2.0, faults.Freeze("mirror")), faults.Timed(2.0, 10.0, faults.Partition("primary")))
-    runner = faults.Runner(timed, bed, tl)
-    runner.tick(0.5)
+    now = [0.0]
+    runner = faults.Runner(timed, bed, tl, clock=lambda: now[0])
+
+    def at(t: float) -> None:
+        now[0] = t
+        runner.tick(t)
+
+    at(0.5)
     assert bed.calls == [] and not runner.injected
-    runner.tick(1.0)
+    at(1.5)  # a late tick: the freeze begins at 1.5 and must last its 2 s from there
     assert bed.calls == [("stop", "mirror")] and runner.injected
-    runner.tick(2.5)
-    assert bed.calls[-1] == ("link", "primary", False)
-    runner.tick(3.0)
+    at(3.2)
+    assert bed.calls[-1] == ("link", "primary", False)  # not healed at 3.0 + ...: 1.5 + 2 = 3.5
+    assert ("cont", "mirror") not in bed.calls
+    at(3.5)
     assert bed.calls[-1] == ("cont", "mirror")
     runner.heal_all()  # the partition is still active at the disaster: healed first, and logged
     assert bed.calls[-1] == ("link", "primary", True)

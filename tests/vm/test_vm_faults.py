@@ -74,6 +74,8 @@ for = "3s"
              "primary ballooned back to 384 MiB", "WAN loss raised to 1%", "primary site: power cut (VMs destroyed)"]
     idx = [ev.index(e) for e in order]
     assert idx == sorted(idx), ev
+    t = {e["event"]: e["t"] for e in m["timeline"]}
+    assert t["mirror resumed (QMP cont)"] - t["mirror frozen (QMP stop)"] >= 1.5  # a late tick never shortens it
     squeezed = next(e for e in m["timeline"] if e["event"] == "primary ballooned to 256 MiB")
     assert squeezed["guest_total_mib"] <= 256 + 16
     assert len(result["config"]["during"]) == 4
