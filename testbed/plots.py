@@ -82,6 +82,14 @@ def _ratio(a: Any, b: Any) -> float | None:
     return round(float(a) / float(b), 2) if a is not None and b else None
 
 
+def _fraction(m: dict[str, Any]) -> float | None:
+    return (m.get("lost") or 0) / m["acked"] if m.get("acked") else None
+
+
+def _pct(f: float | None) -> str:
+    return "n/a" if f is None else f"{100 * f:.1f} %"
+
+
 def paper_findings(modes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The paper's claims checked against one drill's modes: ``claim``, ``agrees`` (bool), ``detail``.
 
@@ -101,10 +109,12 @@ def paper_findings(modes: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "detail": f"lost {m.get('lost')} of {m.get('acked')} acked"})
     if "local-sync" in by and "local-sync+fec" in by:
         a, b = by["local-sync"], by["local-sync+fec"]
-        out.append({"claim": "local-sync+fec loses fewer acked appends than local-sync",
-                    "agrees": (b.get("lost") or 0) < (a.get("lost") or 0),
-                    "detail": f"local-sync+fec lost {b.get('lost')} of {b.get('acked')}, "
-                              f"local-sync {a.get('lost')} of {a.get('acked')}"})
+        fa, fb = _fraction(a), _fraction(b)
+        out.append({"claim": "local-sync+fec loses fewer acked appends than local-sync (in number and share)",
+                    "agrees": (b.get("lost") or 0) < (a.get("lost") or 0) and fb is not None and fa is not None
+                    and fb <= fa,
+                    "detail": f"local-sync+fec lost {b.get('lost')} of {b.get('acked')} ({_pct(fb)}), "
+                              f"local-sync {a.get('lost')} of {a.get('acked')} ({_pct(fa)})"})
     if "network-sync" in by and "local-sync" in by:
         n, ls = by["network-sync"], by["local-sync"]
         r = _ratio(n.get("throughput_MBps"), ls.get("throughput_MBps"))

@@ -97,8 +97,8 @@ def test_report_writes_the_plots_and_says_when_the_paper_disagrees(tmp_path: Pat
     assert (tmp_path / "throughput.png").read_bytes()[:4] == b"\x89PNG"
     md = (tmp_path / "report.md").read_text()
     assert "- agrees: remote-sync loses no acked append in the disaster: acked 90, lost 0" in md
-    assert ("- DISAGREES: local-sync+fec loses fewer acked appends than local-sync: "
-            "local-sync+fec lost 9 of 50, local-sync 7 of 100") in md
+    assert ("- DISAGREES: local-sync+fec loses fewer acked appends than local-sync (in number and share): "
+            "local-sync+fec lost 9 of 50 (18.0 %), local-sync 7 of 100 (7.0 %)") in md
     assert "DISAGREES with the paper on 1 of 3 claims" in md
     assert "DISAGREES" in json.dumps(write_report(_result(remote_lost=3), tmp_path) and (tmp_path / "report.md").read_text())
 
@@ -212,6 +212,9 @@ def test_paper_findings_check_the_throughput_claim_against_local_sync() -> None:
     got = {f["claim"]: f for f in paper_findings(modes)}
     speed = got["network-sync runs nearly as fast as local-sync (≥ 80% of its MB/s)"]
     assert speed["agrees"] is False and "ratio 0.45" in speed["detail"] and "ratio 0.9" in speed["detail"]
-    assert got["local-sync+fec loses fewer acked appends than local-sync"]["agrees"] is True
+    assert got["local-sync+fec loses fewer acked appends than local-sync (in number and share)"]["agrees"] is True
+    fewer_but_larger_share = [{**modes[0], "lost": 25, "acked": 388}, {**modes[1], "lost": 24, "acked": 137}]
+    claim = paper_findings(fewer_but_larger_share)[-1]
+    assert claim["agrees"] is False and "17.5 %" in claim["detail"]
     assert got["network-sync loses no acked append in the disaster"]["agrees"] is True
     assert not any(c.startswith("remote-sync") for c in got)  # a mode that failed to run checks no claim
