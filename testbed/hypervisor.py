@@ -269,6 +269,7 @@ class DomainConfig:
     run_as_root: bool  # static DAC label +0:+0 when QEMU's user cannot reach the cache
     ledger_socket: Path | None = None  # host end of the virtio-serial port LEDGER_PORT (QEMU listens)
     mtu: int = 1500  # the NIC's MTU: the tap's, and the guest's through virtio-net's host_mtu feature
+    extra_nics: tuple[tuple[str, str], ...] = ()  # (bridge, mac) of further NICs (the WAN router's eth1...)
 
 
 LEDGER_PORT = "smfs.ledger"
@@ -277,7 +278,10 @@ in the guest). Lines written to it are on the host at once, so they survive the 
 
 
 def domain_xml(c: DomainConfig) -> str:
-    """Direct kernel boot, virtio everywhere, guest agent and ledger channels, balloon with stats, second QMP."""
+    """Direct kernel boot, virtio everywhere, guest agent and ledger channels, balloon with stats, second QMP.
+
+    NICs appear in the order given (first ``bridge``/``mac``, then ``extra_nics``); the guest finds
+    each by its MAC rather than trusting eth0/eth1 to follow that order."""
     e = lambda p: escape(str(p), {"'": "&apos;", '"': "&quot;"})  # noqa: E731
     ledger = (f"""<channel type='unix'>
       <source mode='bind' path='{e(c.ledger_socket)}'/>
@@ -286,6 +290,13 @@ def domain_xml(c: DomainConfig) -> str:
     seclabel = ("<seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>"
                 if c.run_as_root else "")
     cpu = "<cpu mode='host-passthrough'/>" if c.domain_type == "kvm" else ""
+    nics = "\n    ".join(f"""<interface type='bridge'>
+      <source bridge='{e(bridge)}'/>
+      <mac address='{mac}'/>
+      <model type='virtio'/>
+      <mtu size='{c.mtu}'/>
+      <alias name='ua-net{i}'/>
+    </interface>""" for i, (bridge, mac) in enumerate(((c.bridge, c.mac), *c.extra_nics)))
     return f"""<domain type='{c.domain_type}' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{e(c.name)}</name>
   <description>smfs-testbed VM (created by smfs-testbed; ./inv down removes it)</description>
@@ -318,13 +329,7 @@ def domain_xml(c: DomainConfig) -> str:
       <target dev='vdb' bus='virtio'/>
       <alias name='ua-data'/>
     </disk>
-    <interface type='bridge'>
-      <source bridge='{e(c.bridge)}'/>
-      <mac address='{c.mac}'/>
-      <model type='virtio'/>
-      <mtu size='{c.mtu}'/>
-      <alias name='ua-net0'/>
-    </interface>
+    {nics}
     <channel type='unix'>
       <target type='virtio' name='org.qemu.guest_agent.0'/>
     </channel>

@@ -78,7 +78,8 @@ class Spec:
     sections: Mapping[str, Any]  # other top-level tables, raw (workload, stack, faults, drill, ...)
     raw: Mapping[str, Any]
     mtu: int = 1500  # bytes: the site networks' MTU (bridges, taps, guest NICs; the WAN path's MTU)
-    wan_enforcement: str = "auto"  # where netem runs: auto | host | guest (testbed.wan chooses for auto)
+    wan_enforcement: str = "auto"  # where netem runs: auto | host | guest | router (testbed.wan chooses for auto)
+    router: RouterSpec | None = None  # the WAN router guest, when wan.enforcement = "router"
 
     @property
     def vms(self) -> tuple[VmSpec, ...]:
@@ -98,6 +99,65 @@ class Spec:
 
     def site_of(self, vm: str) -> SiteSpec:
         return self.site(self.vm(vm).site)
+
+
+ROUTER_VM = "router"
+"""The WAN router guest's VM name (``wan.enforcement = "router"``)."""
+ROUTER_SITE = "wan"
+"""The router's pseudo-site: it has no bridge of its own and is never one of ``site_vms(...)``."""
+ROUTER_MEMORY = 256 * MIB
+ROUTER_DATA_DISK = 64 * MIB  # unused; keeps snapshots, clones and disk faults uniform across VMs
+
+
+@dataclass(frozen=True)
+class RouterLeg:
+    """One NIC of the router guest: on ``site``'s bridge, at ``address`` (the subnet's .253)."""
+
+    site: str
+    bridge: str
+    address: ipaddress.IPv4Interface
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """The WAN router guest: one NIC per site, the sites route each other's subnets through it."""
+
+    vm: VmSpec  # site ROUTER_SITE; address: its leg on the first site (eth0, from the kernel command line)
+    uri: str  # both sites' libvirt URI (the router's NICs sit on both bridges)
+    legs: tuple[RouterLeg, ...]  # in the spec's site order: primary, mirror
+
+
+def router_address(subnet: ipaddress.IPv4Network) -> ipaddress.IPv4Interface:
+    """The router's address on a site subnet: the one below the host's default (.253 on a /24)."""
+    return ipaddress.IPv4Interface(f"{subnet.broadcast_address - 2}/{subnet.prefixlen}")
+
+
+def router_spec(sites: tuple[SiteSpec, ...], where: str = "wan.enforcement") -> RouterSpec:
+    """The router guest joining ``sites`` (exactly primary and mirror, on one libvirt host); one-line
+    ``SpecError`` naming the field when the sites cannot have one. ``where`` names the request."""
+    ask = f'{where} = "router"'
+    names = [s.name for s in sites]
+    if sorted(names) != ["mirror", "primary"]:
+        raise SpecError(f"sites: {ask} joins two sites named primary and mirror, the spec has "
+                        f"{', '.join(names)}; add the missing [[sites]] or use \"auto\"")
+    for i, site in enumerate(sites):
+        if site.uri != sites[0].uri:
+            raise SpecError(f"sites[{i}] ({site.name}).uri: {ask} needs both sites on one libvirt host "
+                            f"({site.uri} vs {sites[0].uri}); use the same uri or \"auto\"")
+        address = router_address(site.subnet)
+        if site.gateway.ip == address.ip:
+            raise SpecError(f"sites[{i}] ({site.name}).gateway: {address.ip} is the WAN router's address with "
+                            f"{ask}; use the default gateway ({site.subnet.broadcast_address - 1})")
+        for j, vm in enumerate(site.vms):
+            if vm.name == ROUTER_VM:
+                raise SpecError(f"sites[{i}] ({site.name}).vms[{j}].name: {ROUTER_VM!r} is the WAN router guest's "
+                                f"name with {ask}; rename the VM")
+            if vm.address.ip == address.ip:
+                raise SpecError(f"sites[{i}] ({site.name}).vms[{j}].address: {address.ip} is the WAN router's "
+                                f"address with {ask}; pick another address")
+    legs = tuple(RouterLeg(s.name, s.bridge, router_address(s.subnet)) for s in sites)
+    vm = VmSpec(ROUTER_VM, ROUTER_SITE, 1, ROUTER_MEMORY, ROUTER_MEMORY, ROUTER_DATA_DISK, legs[0].address)
+    return RouterSpec(vm, sites[0].uri, legs)
 
 
 def load(path: str | Path) -> Spec:
@@ -136,10 +196,13 @@ def from_mapping(data: Mapping[str, Any], path: str = "<memory>", default_name: 
                                 "give each site its own subnet")
     wan = _wan(data.get("wan", {}))
     wan_enforcement = _wan_enforcement(data.get("wan", {}))
+    router = None
+    if wan_enforcement == "router":
+        router = router_spec(sites, "wan.mode" if "enforcement" not in data.get("wan", {}) else "wan.enforcement")
     known = {"name", "testbed", "sites", "wan"}
     sections = {k: _freeze(v) for k, v in data.items() if k not in known}
     return Spec(name, path, accel, boot_timeout, sites, wan, MappingProxyType(sections), _freeze(data), mtu,
-                wan_enforcement=wan_enforcement)
+                wan_enforcement=wan_enforcement, router=router)
 
 
 def _site(raw: Any, i: int) -> SiteSpec:
@@ -191,9 +254,10 @@ def _vm(raw: Any, site: str, subnet: ipaddress.IPv4Network, where: str, default_
     return VmSpec(name, site, vcpus, memory, max_memory, data_disk, address)
 
 
-WAN_ENFORCEMENT = ("auto", "host", "guest")
+WAN_ENFORCEMENT = ("auto", "host", "guest", "router")
 """``[wan] enforcement``: netem on the host's tap interfaces (needs sch_netem in the host kernel), in
-the guests on each site VM's ingress (IFB), or auto (host when it has sch_netem, else guest)."""
+the guests on each site VM's ingress (IFB), on the egress of a router guest between the sites, or
+auto (host when it has sch_netem, else guest)."""
 _WAN_OWN_KEYS = ("enforcement", "mode")
 
 
@@ -211,7 +275,7 @@ def _wan(raw: Any) -> Any:
 
 
 def _wan_enforcement(raw: Any) -> str:
-    """``wan.enforcement`` (``wan.mode`` is an alias): auto, host or guest; router is not supported yet."""
+    """``wan.enforcement`` (``wan.mode`` is an alias): auto, host, guest or router."""
     if not isinstance(raw, Mapping):
         return "auto"
     given = {k: raw[k] for k in _WAN_OWN_KEYS if k in raw}
@@ -225,11 +289,8 @@ def _wan_enforcement(raw: Any) -> str:
 
 def check_wan_enforcement(value: Any, where: str) -> str:
     """Validate an enforcement choice (spec field or environment variable ``where``); one-line errors."""
-    if value == "router":
-        raise SpecError(f'{where}: "router" (a router guest between the sites) is not supported yet; '
-                        'use "auto", "host" or "guest"')
     if value not in WAN_ENFORCEMENT:
-        raise SpecError(f"{where}: {value!r} is not one of auto, host, guest; use auto "
+        raise SpecError(f"{where}: {value!r} is not one of {', '.join(WAN_ENFORCEMENT)}; use auto "
                         "(netem on the host when its kernel has sch_netem, else in the guests)")
     return value
 

@@ -9,6 +9,11 @@ State of a testbed lives in ``<cache>/testbeds/<name>/`` (``state.json``, overla
 console logs); ``<cache>/testbeds/active`` names the testbed the tasks act on. Every domain,
 overlay, socket, snapshot, bridge and folder is recorded in the registry before it is created
 (owner ``testbed-<name>``), so ``./inv down`` removes exactly those, also after a crash.
+
+With ``wan.enforcement = "router"`` a small extra VM ``router`` (pseudo-site ``wan``, so never one of
+``site_vms(site)``) gets one NIC on each site bridge at the subnet's .253 and forwards between them;
+every site VM routes the other sites' subnets through it (configured over the guest agent after
+boot, again after any reboot of a VM), so site-to-site traffic crosses the router, not the host.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from testbed.guest import Guest
 from testbed.hypervisor import DomainConfig, HypervisorError
 from testbed.paths import cache_dir
 from testbed.registry import Registry, Resource, register_teardown
-from testbed.spec import Spec, SpecError, VmSpec, thaw
+from testbed.spec import ROUTER_SITE, RouterSpec, Spec, SpecError, VmSpec, thaw
 from testbed.spec import load as load_spec
 
 log = logging.getLogger(__name__)
@@ -147,7 +152,13 @@ class VmTestbed:
         return {vm: self.guest(vm) for vm in self.vms}
 
     def site_vms(self, site: str) -> list[str]:
+        """The VMs of ``site`` (the router guest belongs to no site)."""
         return [v.name for v in self.vms.values() if v.site == site]
+
+    @property
+    def router(self) -> str | None:
+        """The WAN router guest's VM name, or None when this testbed has none."""
+        return (self.state.get("router") or {}).get("vm")
 
     def qmp(self, vm: str) -> Any:
         from testbed.qmp import Qmp
@@ -167,6 +178,8 @@ class VmTestbed:
         for info in self.vms.values():
             row: dict[str, Any] = {"vm": info.name, "site": info.site, "domain": info.domain, "address": info.address,
                                    "console": info.console, "boot_seconds": info.boot_seconds}
+            if info.name == self.router:
+                row["address"] = ", ".join(leg["address"] for leg in self.state["router"]["legs"].values())
             try:
                 dom = self.domain(info.name)
                 state, _ = dom.state()
@@ -180,7 +193,9 @@ class VmTestbed:
             except (TestbedError, libvirt.libvirtError) as err:
                 row["state"] = f"missing ({err})"
             out["vms"].append(row)
-        for site in {v.site for v in self.vms.values()}:
+        if self.router:
+            out["router"] = self.state["router"]
+        for site in sorted({v.site for v in self.vms.values()} - {ROUTER_SITE}):
             out["bridges"].append(bridges.bridge_state(f"smfs-{site}") or {"name": f"smfs-{site}", "state": "missing"})
         return out
 
@@ -234,10 +249,17 @@ class VmTestbed:
         if not dom.isActive():
             dom.create()
         Guest(dom, vm).wait_ready(timeout or self.state.get("boot_timeout", 120))
+        if self.router:  # a fresh boot forgot what the agent configured: the router's NICs, the site routes
+            if vm == self.router:
+                _configure_router(self)
+            else:
+                _route_via_router(self, vm)
         return time.monotonic() - t0
 
     def set_link(self, vm: str, up: bool) -> None:
         """Cut or restore the VM's NIC through libvirt (libvirt keeps track of the link state)."""
+        if vm == self.router:
+            raise TestbedError(f"{vm}: the WAN router has a NIC per site; cut a site's link instead (LinkCut)")
         dom = self.domain(vm)
         info = self.info(vm)
         xml = (f"<interface type='bridge'><mac address='{info.mac}'/><source bridge='smfs-{info.site}'/>"
@@ -426,6 +448,9 @@ def up(spec: Spec | str | Path, say: Say = print, rebuild_image: bool = False, c
         spec = _renamed(spec, clone)
     elif not isinstance(spec, Spec):
         spec = load_spec(spec)
+    from testbed.wan import router_for
+
+    router = router_for(spec)
     for site in spec.sites:
         if site.uri not in hypervisor.LOCAL_URIS:
             raise SpecError(f"sites ({site.name}).uri: {site.uri} — only local sites (qemu:///system) are "
@@ -446,8 +471,10 @@ def up(spec: Spec | str | Path, say: Say = print, rebuild_image: bool = False, c
     conns = {s.uri: hypervisor.connect(s.uri, say) for s in spec.sites}
     accel = hypervisor.detect_accel(image.kernel, spec.accel)
     say(f"accelerator: {accel.name} ({accel.reason})")
-    for vm in spec.vms:
-        if hypervisor.lookup(conns[spec.site_of(vm.name).uri], domain_name(spec.name, vm.name)) is not None:
+    all_vms = [*spec.vms, *([router.vm] if router else [])]
+    for vm in all_vms:
+        uri = router.uri if router and vm is router.vm else spec.site_of(vm.name).uri
+        if hypervisor.lookup(conns[uri], domain_name(spec.name, vm.name)) is not None:
             raise TestbedError(f"domain {domain_name(spec.name, vm.name)} exists but is not recorded by smfs-testbed; "
                                "remove it with virsh undefine, or rename the spec")
 
@@ -472,13 +499,18 @@ def up(spec: Spec | str | Path, say: Say = print, rebuild_image: bool = False, c
         say(f"bridges: {', '.join(f'{s.bridge} {s.gateway}' for s in spec.sites)}")
 
         vms: list[VmInfo] = []
-        for vm in spec.vms:
-            site = spec.site_of(vm.name)
-            info = VmInfo(name=vm.name, site=site.name, domain=domain_name(spec.name, vm.name), uri=site.uri,
-                          address=str(vm.address), gateway=str(site.gateway.ip), mac=_mac(spec.name, vm.name),
+        for vm in all_vms:
+            if router and vm is router.vm:  # eth0 from the command line; no default route, no ledger
+                site_name, uri, gateway, ledger = ROUTER_SITE, router.uri, "", ""
+            else:
+                site = spec.site_of(vm.name)
+                site_name, uri, gateway = site.name, site.uri, str(site.gateway.ip)
+                ledger = str(tb_dir / "qmp" / f"{vm.name}-ledger.sock")
+            info = VmInfo(name=vm.name, site=site_name, domain=domain_name(spec.name, vm.name), uri=uri,
+                          address=str(vm.address), gateway=gateway, mac=_mac(spec.name, vm.name),
                           root=str(tb_dir / f"{vm.name}-root.qcow2"), data=str(tb_dir / f"{vm.name}-data.qcow2"),
                           qmp=str(tb_dir / "qmp" / f"{vm.name}.sock"), console=str(tb_dir / f"{vm.name}-console.log"),
-                          ledger=str(tb_dir / "qmp" / f"{vm.name}-ledger.sock"))
+                          ledger=ledger)
             for disk, base in ((info.root, image.base), (info.data, data_base(vm.data_disk))):
                 registry.add("overlay", disk, owner, image=image.key)
                 if clone_dir is not None:
@@ -491,16 +523,20 @@ def up(spec: Spec | str | Path, say: Say = print, rebuild_image: bool = False, c
             "accel": accel.name, "accel_reason": accel.reason, "boot_timeout": spec.boot_timeout,
             "run_as_root": run_as_root, "vms": [vars(v) for v in vms], "snapshots": [], "t_up": time.time(),
         }
+        if router:
+            state["router"] = _router_state(spec.name, router)
         (tb_dir / "state.json").write_text(json.dumps(state, indent=1))
         tb = VmTestbed(spec.name, state)
 
         started: dict[str, float] = {}
-        for vm, info in zip(spec.vms, vms, strict=True):
+        for vm, info in zip(all_vms, vms, strict=True):
             conn = conns[info.uri]
-            xml = hypervisor.domain_xml(_config(vm, info, accel.domain_type, image, run_as_root, spec.mtu))
+            nics = _router_nics(state["router"]) if info.site == ROUTER_SITE else None
+            xml = hypervisor.domain_xml(_config(vm, info, accel.domain_type, image, run_as_root, spec.mtu, nics))
             registry.add("domain", info.domain, owner, uri=info.uri)
             registry.add("qmp", info.qmp, owner)
-            registry.add("qmp", info.ledger, owner)
+            if info.ledger:
+                registry.add("qmp", info.ledger, owner)
             dom = conn.defineXML(xml)
             if clone_dir is None:
                 say(f"starting {vm.name} ({vm.vcpus} vCPU, {vm.memory_mib}/{vm.max_memory_mib} MiB, {info.address})")
@@ -513,6 +549,13 @@ def up(spec: Spec | str | Path, say: Say = print, rebuild_image: bool = False, c
             tb.restore(snap, say)
         else:
             _wait_agents(tb, started, spec.boot_timeout, say)
+        if router:
+            _configure_router(tb)
+            for vm in spec.vms:
+                _route_via_router(tb, vm.name)
+            legs = ", ".join("{ifname} {address} ({site})".format(site=site, **leg)
+                             for site, leg in tb.state["router"]["legs"].items())
+            say(f"router: {legs}; the sites route each other through it")
         tb._save()
         return tb
     except BaseException:
@@ -531,16 +574,79 @@ def _renamed(spec: Spec, name: str) -> Spec:
 
 
 def _config(vm: VmSpec, info: VmInfo, domain_type: str, image: Any, run_as_root: bool,
-            mtu: int = 1500) -> DomainConfig:
-    cmdline = (f"console=ttyS0 root=/dev/vda rw quiet mitigations=off smfs_ip={info.address} "
-               f"smfs_gw={info.gateway} smfs_host={vm.name}")
+            mtu: int = 1500, nics: tuple[tuple[str, str], ...] | None = None) -> DomainConfig:
+    """``nics``: (bridge, mac) of every NIC (the router's); default one on the VM's site bridge."""
+    (bridge, mac), *extra = nics or ((f"smfs-{info.site}", info.mac),)
+    gw = f"smfs_gw={info.gateway} " if info.gateway else ""
+    cmdline = f"console=ttyS0 root=/dev/vda rw quiet mitigations=off smfs_ip={info.address} {gw}smfs_host={vm.name}"
     return DomainConfig(
         name=info.domain, domain_type=domain_type, vcpus=vm.vcpus, memory_mib=vm.memory_mib,
         max_memory_mib=vm.max_memory_mib, kernel=image.kernel, initrd=image.initrd, cmdline=cmdline,
-        root_disk=Path(info.root), data_disk=Path(info.data), bridge=f"smfs-{info.site}", mac=info.mac,
+        root_disk=Path(info.root), data_disk=Path(info.data), bridge=bridge, mac=mac,
         qmp_socket=Path(info.qmp), console_log=Path(info.console), run_as_root=run_as_root,
-        ledger_socket=Path(info.ledger) if info.ledger else None, mtu=mtu,
+        ledger_socket=Path(info.ledger) if info.ledger else None, mtu=mtu, extra_nics=tuple(extra),
     )
+
+
+# --- the WAN router guest ----------------------------------------------------------------------
+
+
+def _router_state(testbed: str, router: RouterSpec) -> dict[str, Any]:
+    """What state.json keeps of the router: per site its leg (bridge, address, MAC; ``ifname`` once
+    the guest has been asked) and the routes each site's VMs take through it."""
+    legs = {leg.site: {"bridge": leg.bridge, "address": str(leg.address),
+                       "mac": _mac(testbed, router.vm.name if i == 0 else f"{router.vm.name}/{leg.site}"), "ifname": ""}
+            for i, leg in enumerate(router.legs)}  # fmt: skip
+    return {"vm": router.vm.name, "legs": legs, "routes": site_routes(router)}
+
+
+def site_routes(router: RouterSpec) -> dict[str, list[list[str]]]:
+    """Per site, ``[subnet, via]`` for every other site: via the router's leg on the site's own bridge."""
+    return {leg.site: [[str(other.address.network), str(leg.address.ip)] for other in router.legs if other is not leg]
+            for leg in router.legs}  # fmt: skip
+
+
+def _router_nics(router: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """(bridge, mac) of the router's NICs, one per site in the spec's order (the first is eth0's)."""
+    return tuple((leg["bridge"], leg["mac"]) for leg in router["legs"].values())
+
+
+_ROUTER_SCRIPT = """set -e
+for leg in $SMFS_LEGS; do
+    site=${leg%%=*}; rest=${leg#*=}; mac=${rest%%,*}; addr=${rest#*,}; dev=
+    for d in /sys/class/net/*; do [ "$(cat "$d/address")" = "$mac" ] && dev=${d##*/}; done
+    # a clone restored from RAM keeps its old MACs, and its addresses: find the leg by address then
+    [ -n "$dev" ] || dev=$(ip -o -4 addr show to "${addr%/*}" | { read -r _n d _r; echo "$d"; })
+    [ -n "$dev" ] || { echo "no NIC with MAC $mac or address $addr (towards $site)" >&2; exit 3; }
+    ip addr flush dev "$dev" scope global
+    ip addr add "$addr" dev "$dev"
+    ip link set "$dev" up
+    echo "$site=$dev"
+done
+sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0
+"""
+
+
+def _configure_router(tb: VmTestbed) -> None:
+    """Address each of the router's NICs (found by MAC) on its site's subnet and turn on forwarding;
+    records each leg's interface name (eth0, eth1...) for the WAN's enforcer. Idempotent."""
+    router = tb.state["router"]
+    legs = " ".join(f"{site}={leg['mac']},{leg['address']}" for site, leg in router["legs"].items())
+    res = tb.guest(router["vm"]).exec(["/bin/sh", "-c", _ROUTER_SCRIPT], timeout=30, env={"SMFS_LEGS": legs})
+    if res.rc != 0:
+        err = res.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit {res.rc}"]
+        raise TestbedError(f"{router['vm']}: cannot configure the WAN router: {err[0][:200]}")
+    for line in res.out.split():
+        site, dev = line.split("=", 1)
+        router["legs"][site]["ifname"] = dev
+    tb._save()
+
+
+def _route_via_router(tb: VmTestbed, vm: str) -> None:
+    """Route the other sites' subnets from ``vm`` through the router's leg on its own bridge."""
+    routes = tb.state["router"]["routes"].get(tb.info(vm).site, [])
+    script = "; ".join(f"ip route replace {net} via {via} dev eth0" for net, via in routes) or "true"
+    tb.guest(vm).sh(f"set -e; {script}", timeout=30)
 
 
 def _wait_agents(tb: VmTestbed, started: dict[str, float], timeout: float, say: Say) -> None:

@@ -3,17 +3,22 @@ same ``netem`` code (pyroute2) wherever it runs, and calibrated by probing from 
 
 Why ingress: a packet queued in the *receiver's* netem is already "in the WAN": it still arrives after
 the sender's site loses power. The mirror's ingress carries the a→b (primary → mirror) direction, the
-primary's ingress b→a. Two enforcement points, chosen once per testbed and recorded in every result
+primary's ingress b→a. Three enforcement points, chosen once per testbed and recorded in every result
 (:func:`enforcement`):
 
 - ``host-tap-egress``: netem at the root of each site VM's tap on the host (the tap's egress is the
   VM's ingress), through pyroute2 in the host namespace. Needs sch_netem in the host kernel.
 - ``site-ingress-ifb``: inside each guest, an IFB redirect of eth0's ingress with netem on the ifb,
   through a resident ``python3 -m netem.shaper serve`` driven over the guest agent.
+- ``router-egress``: a router guest with one NIC on each site bridge (``testbed.vmbed`` boots it and
+  routes the sites through it); netem at the root of each of its NICs, through one resident shaper
+  per NIC: the NIC towards the mirror carries a→b, the one towards the primary b→a. The router is
+  its own failure domain, so its queues are "in the WAN" too.
 
-``[wan] enforcement = "auto" | "host" | "guest"`` (or ``SMFS_WAN_ENFORCEMENT``) picks one; auto takes
-the host when its kernel has sch_netem. A router guest (``"router"``) is not supported yet.
-Either point shapes everything entering a site VM, site-local traffic included.
+``[wan] enforcement = "auto" | "host" | "guest" | "router"`` (or ``SMFS_WAN_ENFORCEMENT``) picks one;
+auto takes the host when its kernel has sch_netem, and never the router (a third TCG guest starves
+the others). The host and guest points shape everything entering a site VM, site-local traffic
+included; the router shapes only what crosses between the sites.
 """
 
 from __future__ import annotations
@@ -35,10 +40,12 @@ HOST_POINT = "host-tap-egress"
 """netem on the host, at the root of each site VM's tap (packets towards the VM)."""
 GUEST_POINT = "site-ingress-ifb"
 """netem in each site VM, on eth0's ingress redirected through ifb-eth0."""
+ROUTER_POINT = "router-egress"
+"""netem in the router guest, at the root of its NIC towards each site (packets towards that site)."""
 ENFORCEMENT_POINT = GUEST_POINT
 """Deprecated: the point is chosen per testbed; results should record :func:`enforcement_point`."""
 ENFORCEMENT_ENV = "SMFS_WAN_ENFORCEMENT"
-"""Overrides ``[wan] enforcement`` (auto, host or guest)."""
+"""Overrides ``[wan] enforcement`` (auto, host, guest or router)."""
 IFNAME = "eth0"
 CALIBRATE_PORT = 7788
 BARE_PROBES = 100
@@ -66,8 +73,11 @@ class Shaped:
 
 
 def _site_vms(tb: Any) -> dict[str, str]:
-    """VM -> site for the two sites the WAN joins (every VM of a site shapes its own ingress)."""
-    out = {vm: info.site for vm, info in tb.vms.items()}
+    """VM -> site for the two sites the WAN joins (every VM of a site shapes its own ingress); the
+    router guest is in neither."""
+    from testbed.spec import ROUTER_SITE
+
+    out = {vm: info.site for vm, info in tb.vms.items() if info.site != ROUTER_SITE}
     missing = {"primary", "mirror"} - set(out.values())
     if missing:
         raise WanError(f"sites: the WAN joins sites 'primary' and 'mirror'; the spec lacks {', '.join(sorted(missing))}")
@@ -86,10 +96,12 @@ def _each(tb: Any, fn: Callable[[str, str], dict[str, Any]]) -> dict[str, dict[s
 
 def choose_enforcement(requested: str, has_netem: Callable[[], tuple[bool, str]],
                        where: str = "wan.enforcement") -> tuple[str, str]:  # fmt: skip
-    """(point, reason) for ``requested`` (auto, host or guest, validated by the caller);
+    """(point, reason) for ``requested`` (auto, host, guest or router, validated by the caller);
     ``has_netem()`` says whether the host kernel has sch_netem and how that was found."""
     if requested == "guest":
         return GUEST_POINT, f'{where} = "guest"'
+    if requested == "router":
+        return ROUTER_POINT, f'{where} = "router"'
     netem, how = has_netem()
     if requested == "host":
         if not netem:
@@ -135,6 +147,8 @@ def enforcement(tb: Any, probe: Callable[[], tuple[bool, str]] | None = None) ->
     if saved and saved.get("requested") == requested:
         return saved
     point, reason = choose_enforcement(requested, probe or host_netem, where)
+    if point == ROUTER_POINT:
+        router_legs(tb, where)
     if saved and saved.get("point") != point:
         _enforcer(saved["point"]).clear(tb)  # never shape at two points at once
     chosen = {"point": point, "requested": requested, "reason": reason}
@@ -144,7 +158,8 @@ def enforcement(tb: Any, probe: Callable[[], tuple[bool, str]] | None = None) ->
 
 
 def enforcement_point(tb: Any) -> str:
-    """Where this testbed's netem runs (:data:`HOST_POINT` or :data:`GUEST_POINT`); record it in results."""
+    """Where this testbed's netem runs (:data:`HOST_POINT`, :data:`GUEST_POINT` or :data:`ROUTER_POINT`);
+    record it in results."""
     return enforcement(tb)["point"]
 
 
@@ -154,14 +169,14 @@ SHAPER_FIFO = "/run/smfs/shaper.fifo"
 """The resident shaper's FIFO in each guest (:func:`start_resident`)."""
 
 
-def _resident(tb: Any, vm: str, args: list[str]) -> tuple[int, Any] | None:
-    """Send the command to the resident shaper; None when there is none in this guest."""
+def _resident(tb: Any, vm: str, args: list[str], fifo: str = SHAPER_FIFO) -> tuple[int, Any] | None:
+    """Send the command to the resident shaper reading ``fifo``; None when there is none in this guest."""
     g = tb.guest(vm)
     opts = {a: args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--json", "--direction")}
-    rid = f"{int(time.time() * 1000)}-{vm}"
+    rid = f"{int(time.time() * 1000)}-{vm}-{fifo.rsplit('/', 1)[-1].split('.')[0]}"
     req = json.dumps({"id": rid, "command": args[0], "json": opts.get("--json", "{}"),
                       "direction": opts.get("--direction", Direction.A_TO_B.value)})
-    script = (f'f={SHAPER_FIFO}; [ -p "$f" ] || exit 9; printf "%s\\n" "$SMFS_REQ" > "$f"; i=0; '
+    script = (f'f={fifo}; [ -p "$f" ] || exit 9; printf "%s\\n" "$SMFS_REQ" > "$f"; i=0; '
               f'while [ ! -e "$f.{rid}.reply" ]; do sleep 0.02; i=$((i+1)); [ $i -gt 1500 ] && exit 8; done; '
               f'cat "$f.{rid}.reply"; rm -f "$f.{rid}.reply"')
     res = g.exec(["/bin/sh", "-c", script], timeout=45, env={"SMFS_REQ": req})
@@ -173,11 +188,11 @@ def _resident(tb: Any, vm: str, args: list[str]) -> tuple[int, Any] | None:
     return reply["rc"], reply["out"]
 
 
-def _shaper(tb: Any, vm: str, args: list[str]) -> dict[str, Any]:
+def _shaper(tb: Any, vm: str, args: list[str], ifname: str = IFNAME, fifo: str = SHAPER_FIFO) -> dict[str, Any]:
     """``netem.shaper`` in the guest: through the resident shaper when it runs, else a fresh process."""
-    answer = _resident(tb, vm, args)
+    answer = _resident(tb, vm, args, fifo)
     if answer is None:
-        res = tb.guest(vm).exec(["python3", "-m", "netem.shaper", *args, "--ifname", IFNAME], timeout=60)
+        res = tb.guest(vm).exec(["python3", "-m", "netem.shaper", *args, "--ifname", ifname], timeout=60)
         err = res.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
         answer = (res.rc, json.loads(res.out) if res.rc == 0 else err[0].removeprefix("shaper: "))
     rc, out = answer
@@ -188,24 +203,30 @@ def _shaper(tb: Any, vm: str, args: list[str]) -> dict[str, Any]:
     return out
 
 
+def _start_resident_shaper(tb: Any, vm: str, name: str, ifname: str, fifo: str, ingress: bool) -> None:
+    """Spawn ``python3 -m netem.shaper serve`` as ``name`` in ``vm`` (niced up, so a loaded guest still
+    answers in well under a second) and wait until its FIFO exists."""
+    g = tb.guest(vm)
+    g.spawn(name, ["nice", "-n", "-10", "python3", "-m", "netem.shaper", "serve", *(["--ingress"] if ingress else []),
+                   "--ifname", ifname, "--fifo", fifo])
+    deadline = time.monotonic() + 60
+    while g.exec(["test", "-p", fifo], timeout=10).rc != 0:
+        if g.find(name) is None or time.monotonic() > deadline:
+            raise WanError(f"{vm}: the resident shaper did not start (see /run/smfs/{name}.log)")
+        time.sleep(0.2)
+
+
 class GuestIngress:
     """netem in each site VM on eth0's ingress (IFB), through the guest's resident shaper."""
 
     point = GUEST_POINT
 
     def start(self, tb: Any) -> None:
-        """Start ``python3 -m netem.shaper serve`` in every site VM (niced up, so a loaded guest still answers
-        in well under a second): later calls go through it instead of a fresh interpreter."""
+        """Start ``python3 -m netem.shaper serve`` in every site VM: later calls go through it instead
+        of a fresh interpreter."""
 
         def one(vm: str, _site: str) -> dict[str, Any]:
-            g = tb.guest(vm)
-            g.spawn("shaper", ["nice", "-n", "-10", "python3", "-m", "netem.shaper", "serve", "--ingress",
-                               "--ifname", IFNAME, "--fifo", SHAPER_FIFO])
-            deadline = time.monotonic() + 60
-            while g.exec(["test", "-p", SHAPER_FIFO], timeout=10).rc != 0:
-                if g.find("shaper") is None or time.monotonic() > deadline:
-                    raise WanError(f"{vm}: the resident shaper did not start (see /run/smfs/shaper.log)")
-                time.sleep(0.2)
+            _start_resident_shaper(tb, vm, "shaper", IFNAME, SHAPER_FIFO, ingress=True)
             return {}
 
         _each(tb, one)
@@ -301,8 +322,82 @@ class HostTaps:
                     raise WanError(f"{vm}: {err}") from None
 
 
-def _enforcer(point: str) -> GuestIngress | HostTaps:
+# --------------------------------------------------------------------------- in the router guest
+
+
+def router_legs(tb: Any, where: str = "wan.enforcement") -> tuple[str, dict[str, str]]:
+    """(router VM, {site: its NIC towards that site}) as ``testbed.vmbed`` configured them; a one-line
+    error when this testbed has no router guest (``up`` boots one only when asked to)."""
+    router = tb.state.get("router")
+    if not router or not router.get("legs"):
+        raise WanError(f'{where}: "router" needs the router guest, and testbed {getattr(tb, "name", "?")} has none; '
+                       './inv down, then ./inv up with [wan] enforcement = "router" (or SMFS_WAN_ENFORCEMENT=router)')
+    return router["vm"], {site: leg["ifname"] for site, leg in router["legs"].items()}
+
+
+def router_directions(legs: dict[str, str]) -> dict[str, Direction]:
+    """NIC -> the WAN direction its egress carries: the NIC towards a site carries what arrives there
+    (towards the mirror a→b, towards the primary b→a)."""
+    return {ifname: INGRESS_DIRECTION[site] for site, ifname in legs.items()}
+
+
+def router_fifo(ifname: str) -> str:
+    """The resident shaper's FIFO for one of the router's NICs."""
+    return f"/run/smfs/shaper-{ifname}.fifo"
+
+
+class RouterEgress:
+    """netem in the router guest at the root of each NIC (its egress towards a site), through one
+    resident shaper per NIC."""
+
+    point = ROUTER_POINT
+
+    def _legs(self, tb: Any, fn: Callable[[str, str, Direction], dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """``fn(router, ifname, direction)`` for each NIC at once; keyed ``router/ifname``."""
+        vm, legs = router_legs(tb)
+        directions = router_directions(legs)
+        with ThreadPoolExecutor(max_workers=len(legs)) as pool:
+            futures = {f"{vm}/{ifname}": pool.submit(fn, vm, ifname, directions[ifname]) for ifname in legs.values()}
+            return {key: f.result() for key, f in futures.items()}
+
+    def start(self, tb: Any) -> None:
+        def one(vm: str, ifname: str, _d: Direction) -> dict[str, Any]:
+            _start_resident_shaper(tb, vm, f"shaper-{ifname}", ifname, router_fifo(ifname), ingress=False)
+            return {}
+
+        self._legs(tb, one)
+
+    def apply(self, tb: Any, profile: LinkProfile) -> dict[str, dict[str, Any]]:
+        towards = {ifname: site for site, ifname in router_legs(tb)[1].items()}
+
+        def one(vm: str, ifname: str, direction: Direction) -> dict[str, Any]:
+            out = _shaper(tb, vm, ["apply", "--json", json.dumps(profile.to_dict()), "--direction", direction.value],
+                          ifname, router_fifo(ifname))
+            return {"direction": direction.value, "ifname": ifname, "towards": towards[ifname], **out["read_back"]}
+
+        return self._legs(tb, one)
+
+    def read_back(self, tb: Any) -> dict[str, dict[str, Any]]:
+        return self._legs(tb, lambda vm, ifname, _d: _shaper(tb, vm, ["show"], ifname, router_fifo(ifname)))
+
+    def clear(self, tb: Any) -> None:
+        self._legs(tb, lambda vm, ifname, _d: _shaper(tb, vm, ["clear"], ifname, router_fifo(ifname)))
+
+
+def _enforcer(point: str) -> GuestIngress | HostTaps | RouterEgress:
+    if point == ROUTER_POINT:
+        return RouterEgress()
     return HostTaps() if point == HOST_POINT else GuestIngress()
+
+
+def router_for(spec: Any) -> Any:
+    """The router guest ``up`` boots for ``spec`` (a ``testbed.spec.RouterSpec``), or None: the spec's
+    ``wan.enforcement = "router"``, or ``SMFS_WAN_ENFORCEMENT=router`` (validated against the sites)."""
+    from testbed.spec import router_spec
+
+    if os.environ.get(ENFORCEMENT_ENV, "").strip() == "router" and spec.router is None:
+        return router_spec(spec.sites, ENFORCEMENT_ENV)
+    return spec.router
 
 
 # --------------------------------------------------------------------------- shaping
@@ -314,7 +409,7 @@ def start_resident(tb: Any) -> None:
 
 
 def shape(tb: Any, profile: LinkProfile) -> Shaped:
-    """Apply ``profile`` on every site VM's ingress (both sites at once), verified by read-back.
+    """Apply ``profile`` at the enforcement point (both directions at once), verified by read-back.
 
     A reshape of a running WAN keeps the packets already queued (netem ``change``)."""
     t0 = time.monotonic()
@@ -324,12 +419,13 @@ def shape(tb: Any, profile: LinkProfile) -> Shaped:
 
 
 def read_back(tb: Any) -> dict[str, dict[str, Any] | None]:
-    """The netem parameters each VM's ingress holds: ``{vm: {"ifname", "read_back"}}`` (read_back None: not shaped)."""
+    """The netem parameters each VM's ingress (or router NIC, ``router/ethN``) holds:
+    ``{key: {"ifname", "read_back"}}`` (read_back None: not shaped)."""
     return _enforcer(enforcement_point(tb)).read_back(tb)  # type: ignore[return-value]
 
 
 def clear(tb: Any) -> None:
-    """Remove the shaping from every VM's ingress (idempotent): back to the bare path."""
+    """Remove the shaping at the enforcement point (idempotent): back to the bare path."""
     _enforcer(enforcement_point(tb)).clear(tb)
 
 

@@ -76,7 +76,7 @@ def up(c, spec="specs/ci.toml", rebuild_image=False, clone=""):
 
 @task(help={"json": "print JSON instead of a table"})
 def status(c, json_=False):
-    """VMs of the active testbed: state, accelerator, address, memory, agent."""
+    """VMs of the active testbed (and the WAN router guest, if any): state, accelerator, address, memory, agent."""
     from testbed import vmbed
 
     with _user_errors():
@@ -100,6 +100,10 @@ def status(c, json_=False):
         t.add_row(v["vm"], v["site"], v["state"], v["address"], mem, "yes" if v.get("agent") else "no",
                   str(v.get("boot_seconds", "")))
     console.print(t)
+    if st.get("router"):
+        r = st["router"]
+        legs = ", ".join(f"{leg.get('ifname') or '?'} {leg['address']} on {leg['bridge']}" for leg in r["legs"].values())
+        console.print(f"WAN router {r['vm']}: {legs}; the sites route each other through it")
     for b in st["bridges"]:
         console.print(f"bridge {b['name']}: {b.get('state')} {' '.join(b.get('addresses', []))}")
     if st["snapshots"]:

@@ -142,8 +142,12 @@ def test_the_environment_overrides_the_spec(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv(wan.ENFORCEMENT_ENV, "guest")
     assert wan.requested_enforcement(tb) == ("guest", wan.ENFORCEMENT_ENV)
     monkeypatch.setenv(wan.ENFORCEMENT_ENV, "router")
-    with pytest.raises(wan.WanError, match=rf'^{wan.ENFORCEMENT_ENV}: "router" .* not supported yet'):
-        wan.requested_enforcement(tb)
+    assert wan.requested_enforcement(tb) == ("router", wan.ENFORCEMENT_ENV)
+    with pytest.raises(wan.WanError) as info:  # this testbed was brought up without the router guest
+        wan.enforcement(tb, has(True))
+    msg = str(info.value)
+    assert msg.startswith(f'{wan.ENFORCEMENT_ENV}: "router" needs the router guest') and "\n" not in msg
+    assert 'enforcement = "router"' in msg and "wan_enforcement" not in tb.state
     monkeypatch.setenv(wan.ENFORCEMENT_ENV, "hots")
     with pytest.raises(wan.WanError, match=rf"^{wan.ENFORCEMENT_ENV}: 'hots' is not one of auto, host, guest"):
         wan.requested_enforcement(tb)
@@ -285,6 +289,113 @@ def test_calibrating_the_bare_path_records_it(monkeypatch: pytest.MonkeyPatch, h
     result = wan.calibrate(tb, LinkProfile())  # after ./inv shape --clear
     assert [p["count"] for p in g.probes if "count" in p] == [200]
     assert tb.state["wan_bare"]["rtt_median_ms"] == 3.0 and result["expected_rtt_ms"] == 3.0
+
+
+# --------------------------------------------------------------------------- in the router guest
+
+
+ROUTER_LEGS = {"primary": {"ifname": "eth0", "address": "198.18.1.253/24"},
+               "mirror": {"ifname": "eth1", "address": "198.18.2.253/24"}}  # fmt: skip
+
+
+class FakeRouterGuest:
+    """The router guest as the WAN drives it: spawned resident shapers (one per NIC, read from their
+    argv) answering the FIFO protocol with what the kernel would read back."""
+
+    def __init__(self) -> None:
+        self.fifos: dict[str, str] = {}  # fifo -> ifname
+        self.spawned: dict[str, list[str]] = {}
+        self.qdiscs: dict[str, dict[str, Any] | None] = {}
+
+    def spawn(self, name: str, argv: list[str]) -> int:
+        self.spawned[name] = argv
+        opts = dict(zip(argv, argv[1:], strict=False))
+        self.fifos[opts["--fifo"]] = opts["--ifname"]
+        return 42
+
+    def find(self, name: str) -> int | None:
+        return 42 if name in self.spawned else None
+
+    def exec(self, argv: list[str], timeout: float = 60, env: dict[str, str] | None = None) -> Any:
+        if argv[:2] == ["test", "-p"]:
+            return SimpleNamespace(rc=0 if argv[2] in self.fifos else 1, out="", stderr=b"")
+        import re
+
+        from netem.shaper import expected_readback
+
+        fifo = re.match(r"f=(\S+);", argv[2]).group(1)  # type: ignore[union-attr]
+        if fifo not in self.fifos:
+            return SimpleNamespace(rc=9, out="", stderr=b"")
+        req = json.loads((env or {})["SMFS_REQ"])
+        ifname = self.fifos[fifo]
+        out: dict[str, Any] = {"ifname": ifname, "ingress": False}
+        if req["command"] == "apply":
+            profile = LinkProfile.from_mapping(json.loads(req["json"]), "profile").direction(req["direction"])
+            self.qdiscs[ifname] = out["read_back"] = expected_readback(profile)
+        elif req["command"] == "show":
+            out["read_back"] = self.qdiscs.get(ifname)
+        else:
+            self.qdiscs[ifname] = None
+        return SimpleNamespace(rc=0, out=json.dumps({"rc": 0, "out": out}), stderr=b"")
+
+
+def router_tb(legs: dict[str, dict[str, str]] = ROUTER_LEGS) -> FakeTb:
+    tb = FakeTb("router")
+    tb.vms["router"] = SimpleNamespace(site="wan", mac="52:54:00:aa:00:03", address="198.18.1.253/24")
+    tb.state["router"] = {"vm": "router", "legs": legs}
+    tb.guests = {"router": FakeRouterGuest()}
+    return tb
+
+
+def test_router_is_taken_only_when_asked_and_never_probes() -> None:
+    probe = has(True)
+    point, reason = wan.choose_enforcement("router", probe)
+    assert (point, reason, probe.calls) == (wan.ROUTER_POINT, 'wan.enforcement = "router"', [])
+    assert wan.choose_enforcement("auto", has(False))[0] == wan.GUEST_POINT  # auto never boots a third guest
+
+
+def test_each_router_nic_carries_the_direction_towards_its_site() -> None:
+    A, B = wan.Direction.A_TO_B, wan.Direction.B_TO_A  # noqa: N806
+    assert wan.router_directions({"primary": "eth0", "mirror": "eth1"}) == {"eth0": B, "eth1": A}
+    # the NIC names come from the guest (found by MAC), not from their order in the domain XML
+    assert wan.router_directions({"primary": "eth1", "mirror": "eth0"}) == {"eth1": B, "eth0": A}
+    assert wan.router_fifo("eth1") == "/run/smfs/shaper-eth1.fifo"
+
+
+def test_router_egress_shapes_both_nics_through_their_resident_shapers() -> None:
+    tb = router_tb()
+    g = tb.guests["router"]
+    assert wan.enforcement(tb, has(True))["point"] == wan.ROUTER_POINT
+    assert wan._site_vms(tb) == {"primary": "primary", "mirror": "mirror"}  # the router is in no site
+    wan.start_resident(tb)
+    assert set(g.spawned) == {"shaper-eth0", "shaper-eth1"}
+    argv = g.spawned["shaper-eth1"]
+    assert "--ingress" not in argv and argv[argv.index("--ifname") + 1] == "eth1"
+    profile = LinkProfile.from_mapping({"delay": "20ms", "forward": {"delay": "40ms", "loss": "2%"}})
+    shaped = wan.shape(tb, profile)
+    assert shaped.enforcement_point == wan.ROUTER_POINT == shaped.to_dict()["enforcement_point"]
+    towards_mirror, towards_primary = shaped.read_back["router/eth1"], shaped.read_back["router/eth0"]
+    assert (towards_mirror["direction"], towards_mirror["towards"], towards_mirror["delay_us"]) == ("a_to_b", "mirror", 40_000)
+    assert towards_mirror["loss_pct"] == pytest.approx(2.0)
+    assert (towards_primary["direction"], towards_primary["towards"], towards_primary["delay_us"]) == ("b_to_a", "primary", 20_000)
+    shown = wan.read_back(tb)
+    assert shown["router/eth1"]["read_back"]["delay_us"] == 40_000 and shown["router/eth0"]["ifname"] == "eth0"
+    wan.clear(tb)
+    assert all(v["read_back"] is None for v in wan.read_back(tb).values())
+
+
+def test_router_for_follows_the_spec_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from testbed.spec import SpecError, from_mapping
+
+    sites = [{"name": "primary", "subnet": "198.18.1.0/24", "vms": [{"name": "primary"}]},
+             {"name": "mirror", "subnet": "198.18.2.0/24", "vms": [{"name": "mirror"}]}]  # fmt: skip
+    assert wan.router_for(from_mapping({"sites": sites})) is None
+    asked = wan.router_for(from_mapping({"sites": sites, "wan": {"enforcement": "router"}}))
+    assert [str(leg.address) for leg in asked.legs] == ["198.18.1.253/24", "198.18.2.253/24"]
+    monkeypatch.setenv(wan.ENFORCEMENT_ENV, "router")
+    assert wan.router_for(from_mapping({"sites": sites})).vm.name == "router"
+    with pytest.raises(SpecError, match=rf'^sites: {wan.ENFORCEMENT_ENV} = "router" joins two sites'):
+        wan.router_for(from_mapping({"sites": sites[:1]}))
 
 
 def test_shape_flags_validate_burst_before_touching_the_testbed() -> None:

@@ -108,12 +108,12 @@ def test_wan_enforcement_defaults_to_auto_and_is_not_a_profile_key() -> None:
         s = from_mapping({**base(), "wan": {"delay": "10ms", "enforcement": value}})
         assert s.wan_enforcement == value and s.wan.a_to_b.delay_us == 10_000
     assert from_mapping({**base(), "wan": {"mode": "guest"}}).wan_enforcement == "guest"  # the name
+    assert from_mapping(base()).router is None
 
 
 @pytest.mark.parametrize(("wan", "expect"), [
-    ({"enforcement": "router"}, 'wan.enforcement: "router" (a router guest between the sites) is not supported yet'),
-    ({"mode": "router"}, 'wan.mode: "router"'),
-    ({"enforcement": "netns"}, "wan.enforcement: 'netns' is not one of auto, host, guest; use auto"),
+    ({"enforcement": "netns"}, "wan.enforcement: 'netns' is not one of auto, host, guest, router; use auto"),
+    ({"mode": "hub"}, "wan.mode: 'hub' is not one of"),
     ({"enforcement": "host", "mode": "guest"}, "keep only wan.enforcement"),
     ({"delay": "10ms", "burst": 5}, "wan.burst: a burst needs a loss"),
 ])
@@ -123,3 +123,37 @@ def test_bad_wan_enforcement_is_one_line(wan: dict, expect: str) -> None:
         from_mapping({**base(), "wan": wan})
     assert str(err.value).startswith("wan.") and expect in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_router_enforcement_describes_the_router_guest() -> None:
+    pytest.importorskip("netem.profile")
+    for key in ("enforcement", "mode"):
+        s = from_mapping({**base(), "wan": {"delay": "10ms", key: "router"}})
+        assert s.wan_enforcement == "router" and s.router is not None
+    r = s.router
+    assert (r.vm.name, r.vm.site, r.vm.vcpus, r.vm.memory_mib) == ("router", "wan", 1, 256)
+    assert [(leg.site, leg.bridge, str(leg.address)) for leg in r.legs] == [
+        ("primary", "smfs-primary", "198.18.1.253/24"), ("mirror", "smfs-mirror", "198.18.2.253/24")]
+    assert str(r.vm.address) == "198.18.1.253/24" and r.uri == "qemu:///system"
+    assert [v.name for v in s.vms] == ["primary", "mirror"]  # the router is no site's VM
+    small = mutate("sites.1.subnet", "198.18.2.0/29")
+    small["sites"][1]["vms"][0]["address"] = "198.18.2.2"
+    assert str(from_mapping({**small, "wan": {"enforcement": "router"}}).router.legs[1].address) == "198.18.2.5/29"
+
+
+@pytest.mark.parametrize(("path", "value", "expect"), [
+    ("sites", [base()["sites"][0]], 'sites: wan.enforcement = "router" joins two sites named primary and mirror, '
+                                    "the spec has primary; add the missing [[sites]]"),
+    ("sites.1.name", "dr", "sites: wan.enforcement"),
+    ("sites.1.uri", "qemu+ssh://far/system", 'sites[1] (mirror).uri: wan.enforcement = "router" needs both sites on one'),
+    ("sites.1.vms.0.address", "198.18.2.253", 'sites[1] (mirror).vms[0].address: 198.18.2.253 is the WAN router'),
+    ("sites.0.vms.0.name", "router", "sites[0] (primary).vms[0].name: 'router' is the WAN router guest's name"),
+    ("sites.0.gateway", "198.18.1.253", "sites[0] (primary).gateway: 198.18.1.253 is the WAN router's address"),
+])
+def test_router_needs_two_sites_with_room_for_it(path: str, value: object, expect: str) -> None:
+    pytest.importorskip("netem.profile")
+    data = mutate(path, value)
+    from_mapping(data)  # fine without the router
+    with pytest.raises(SpecError) as err:
+        from_mapping({**data, "wan": {"enforcement": "router"}})
+    assert expect in str(err.value) and "\n" not in str(err.value)

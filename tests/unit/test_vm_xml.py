@@ -72,3 +72,45 @@ def test_nic_mtu_follows_the_spec() -> None:
     for bad in (100, 65536, "9000", 1500.5):
         with pytest.raises(SpecError, match=r"testbed.mtu: .* use 1500 \(Ethernet\) or 9000"):
             from_mapping({"sites": sites, "testbed": {"mtu": bad}})
+
+
+def test_router_domain_has_a_nic_on_each_site_bridge() -> None:
+    from types import SimpleNamespace
+
+    from testbed import vmbed
+    from testbed.spec import from_mapping
+
+    sites = [{"name": "primary", "subnet": "198.18.1.0/24", "vms": [{"name": "primary"}]},
+             {"name": "mirror", "subnet": "198.18.2.0/24", "vms": [{"name": "mirror"}]}]  # fmt: skip
+    spec = from_mapping({"name": "ci", "sites": sites, "wan": {"enforcement": "router"}, "testbed": {"mtu": 9000}})
+    router = spec.router
+    state = vmbed._router_state(spec.name, router)
+    image = SimpleNamespace(kernel=Path("/c/vmlinuz"), initrd=Path("/c/initrd.img"))
+
+    def info(name: str, site: str, address: str, gateway: str, ledger: str = "") -> vmbed.VmInfo:
+        return vmbed.VmInfo(name=name, site=site, domain=f"smfs-ci-{name}", uri="qemu:///system", address=address,
+                            gateway=gateway, mac=vmbed._mac("ci", name), root=f"/c/{name}-root.qcow2",
+                            data=f"/c/{name}-data.qcow2", qmp=f"/c/qmp/{name}.sock", console=f"/c/{name}.log",
+                            ledger=ledger)  # fmt: skip
+
+    rinfo = info("router", "wan", str(router.vm.address), "")
+    root = ET.fromstring(domain_xml(vmbed._config(router.vm, rinfo, "qemu", image, False, spec.mtu,
+                                                  vmbed._router_nics(state))))  # fmt: skip
+    nics = [(n.find("source").get("bridge"), n.find("mac").get("address"), n.find("alias").get("name"),
+             n.find("mtu").get("size")) for n in root.findall("devices/interface")]  # fmt: skip
+    legs = state["legs"]
+    assert nics == [("smfs-primary", legs["primary"]["mac"], "ua-net0", "9000"),
+                    ("smfs-mirror", legs["mirror"]["mac"], "ua-net1", "9000")]  # fmt: skip
+    assert legs["primary"]["mac"] == rinfo.mac != legs["mirror"]["mac"]
+    cmdline = root.findtext("os/cmdline")
+    assert "smfs_ip=198.18.1.253/24" in cmdline and "smfs_gw" not in cmdline and "smfs_host=router" in cmdline
+    assert (root.findtext("memory"), root.findtext("vcpu")) == ("256", "1")
+    assert [t.get("name") for t in root.findall("devices/channel/target")] == ["org.qemu.guest_agent.0"]
+    # each site routes the other's subnet via the router's address on its own bridge
+    assert vmbed.site_routes(router) == state["routes"] == {"primary": [["198.18.2.0/24", "198.18.1.253"]],
+                                                            "mirror": [["198.18.1.0/24", "198.18.2.253"]]}  # fmt: skip
+    # a site VM keeps its single NIC on its own bridge and its default route via the host
+    pinfo = info("primary", "primary", "198.18.1.10/24", "198.18.1.254", "/c/qmp/primary-ledger.sock")
+    proot = ET.fromstring(domain_xml(vmbed._config(spec.vm("primary"), pinfo, "qemu", image, False, spec.mtu)))
+    assert [n.find("source").get("bridge") for n in proot.findall("devices/interface")] == ["smfs-primary"]
+    assert "smfs_gw=198.18.1.254 smfs_host=primary" in proot.findtext("os/cmdline")
