@@ -204,7 +204,7 @@ class VmTestbed:
     def balloon(self, vm: str, mib: int, timeout: float = 30) -> dict[str, Any]:
         """Set the VM's memory live and wait until the balloon and the guest reach it.
 
-        Returns {'target_mib', 'actual_mib', 'guest_total_mib', 'seconds', 'memstat'}.
+        Returns {'target_mib', 'actual_mib', 'guest_total_mib', 'kernel_reserved_mib', 'seconds', 'memstat'}.
         """
         dom = self.domain(vm)
         maxm = dom.maxMemory() // 1024
@@ -213,6 +213,9 @@ class VmTestbed:
         guest = Guest(dom, vm)
         t0 = time.monotonic()
         before = guest.meminfo_mib()
+        # The guest kernel reserves some memory at boot (memmap, kernel image, crash area) that
+        # MemTotal never shows; it is the gap between the balloon and MemTotal before the change.
+        reserved = max(0, dom.memoryStats().get("actual", 0) // 1024 - before)
         dom.setMemoryFlags(mib * 1024, libvirt.VIR_DOMAIN_AFFECT_LIVE)
         last = -1
         while True:
@@ -226,7 +229,7 @@ class VmTestbed:
                                    "is virtio_balloon loaded in the guest?")
             time.sleep(0.2)
         return {"vm": vm, "target_mib": mib, "actual_mib": actual, "guest_total_mib": total,
-                "seconds": round(time.monotonic() - t0, 2), "memstat": dom.memoryStats()}
+                "kernel_reserved_mib": reserved, "seconds": round(time.monotonic() - t0, 2), "memstat": dom.memoryStats()}
 
     # --- power ---------------------------------------------------------------------------------
 

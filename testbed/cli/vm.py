@@ -134,7 +134,8 @@ def balloon(c, vm, mib):
 
     with _user_errors():
         r = vmbed.VmTestbed.active().balloon(vm, int(mib))
-    print(f"{vm}: balloon {r['actual_mib']} MiB, guest MemTotal {r['guest_total_mib']} MiB ({r['seconds']} s)")
+    print(f"{vm}: balloon {r['actual_mib']} MiB, guest MemTotal {r['guest_total_mib']} MiB "
+          f"(the balloon less the {r['kernel_reserved_mib']} MiB its kernel reserved at boot; {r['seconds']} s)")
     print("dommemstat: " + " ".join(f"{k}={v}" for k, v in r["memstat"].items()))
 
 

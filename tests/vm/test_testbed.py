@@ -66,6 +66,8 @@ def test_balloon(tb) -> None:
     r = tb.balloon("primary", 300)
     assert abs(r["actual_mib"] - 300) <= 1
     assert before - r["guest_total_mib"] == pytest.approx(384 - 300, abs=4)
+    # what the guest sees is the balloon less what its kernel reserved at boot, and we report that gap
+    assert r["guest_total_mib"] + r["kernel_reserved_mib"] == pytest.approx(300, abs=4)
     tb.balloon("primary", 384)
 
 
