@@ -321,6 +321,7 @@ class VmTestbed:
                 dom.resume()
         snaps = [s for s in self.state.get("snapshots", []) if s != name] + [name]
         self.state["snapshots"] = snaps
+        self.state.setdefault("snapshot_wan", {})[name] = {k: self.state.get(k) for k in _WAN_STATE}
         self._save()
         return time.monotonic() - t0
 
@@ -351,6 +352,14 @@ class VmTestbed:
         for vm, dom in doms.items():
             Guest(dom, vm).wait_ready(60)
             _sync_clock(dom)
+        # The WAN's shaping lives in the guests' (or the router's) memory, so it is back as it was at the
+        # snapshot: so must be what the testbed says it is (./inv calibrate and shape build on it).
+        for key, value in self.state.get("snapshot_wan", {}).get(name, {}).items():
+            if value is None:
+                self.state.pop(key, None)
+            else:
+                self.state[key] = value
+        self._save()
         return time.monotonic() - t0
 
     # --- clone --------------------------------------------------------------------------------
@@ -383,7 +392,7 @@ class VmTestbed:
             for dom in paused:
                 dom.resume()
         meta = {"from": self.name, "snapshot": snapshot, "spec": self.state["spec"], "spec_path": self.state["spec_path"],
-                "image": self.state["image"], "t": time.time()}
+                "image": self.state["image"], "wan": self.state.get("snapshot_wan", {}).get(snapshot), "t": time.time()}
         (tmp / "clone.json").write_text(json.dumps(meta, indent=1))
         tmp.rename(dest)
         return dest
@@ -393,6 +402,10 @@ _STATES = {libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_PAUSED: "pa
            libvirt.VIR_DOMAIN_SHUTOFF: "shut off", libvirt.VIR_DOMAIN_CRASHED: "crashed",
            libvirt.VIR_DOMAIN_BLOCKED: "blocked", libvirt.VIR_DOMAIN_SHUTDOWN: "shutting down",
            libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended"}
+
+
+_WAN_STATE = ("wan_profile", "wan_bare", "wan_enforcement")
+"""The testbed state keys that describe the WAN's realised shape; kept per snapshot, put back by restore."""
 
 
 def _check_snap_name(name: str) -> None:
@@ -667,7 +680,8 @@ def _wait_agents(tb: VmTestbed, started: dict[str, float], timeout: float, say: 
 
 
 def _redefine_snapshots(tb: VmTestbed, clone_dir: Path, snap: str) -> None:
-    """Make libvirt aware of the internal snapshot the copied overlays carry."""
+    """Make libvirt aware of the internal snapshot the copied overlays carry (and the testbed of the WAN's
+    shape in it)."""
     for vm in tb.vms:
         dom = tb.domain(vm)
         dom_xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)
@@ -676,6 +690,9 @@ def _redefine_snapshots(tb: VmTestbed, clone_dir: Path, snap: str) -> None:
         tb.registry.add("snapshot", f"{dom.name()}/{snap}", tb.owner, uri=tb.info(vm).uri, domain=dom.name(), snapshot=snap)
         dom.snapshotCreateXML(xml, libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE)
     tb.state["snapshots"] = [snap]
+    wan_at_snap = json.loads((clone_dir / "clone.json").read_text()).get("wan")
+    if wan_at_snap is not None:
+        tb.state["snapshot_wan"] = {snap: wan_at_snap}
     tb._save()
 
 

@@ -64,12 +64,23 @@ def image(c, rebuild=False, rebuild_rootfs=False):
 @task(help={"spec": "testbed spec (TOML)", "rebuild_image": "rebuild the guest image first",
             "clone": "bring up a saved clone (./inv clone SNAP --as NAME) instead of a fresh testbed"})
 def up(c, spec="specs/ci.toml", rebuild_image=False, clone=""):
-    """Bring up the testbed: image, bridges, overlays, domains; waits until every guest agent answers."""
-    from testbed import vmbed
+    """Bring up the testbed: image, bridges, overlays, domains; waits until every guest agent answers, then
+    shapes the WAN as the spec says (a clone keeps the WAN it was saved with)."""
+    from testbed import vmbed, wan
 
     with _user_errors(), _progress("up") as say:
         t0 = time.monotonic()
         tb = vmbed.up(spec, say=say, rebuild_image=rebuild_image, clone=clone or None)
+        if not clone:
+            try:
+                profile = tb.spec.wan
+                shaped = wan.shape(tb, profile)
+                wan.remember(tb, profile)
+                say(f"WAN shaped as the spec says: {profile.describe()} at {shaped.enforcement_point} "
+                    f"(read back on {', '.join(shaped.read_back)})")
+            except wan.WanError as err:
+                raise vmbed.TestbedError(f"the testbed is up but its WAN is not shaped: {err} "
+                                         "(./inv shape to retry, ./inv down to remove it)") from None
     print(f"testbed {tb.name} up in {time.monotonic() - t0:.1f} s ({tb.accel}): "
           + ", ".join(f"{v.name} {v.address.split('/')[0]}" for v in tb.vms.values()))
 

@@ -167,6 +167,40 @@ def test_a_rebooted_site_vm_routes_through_the_router_again(rtb) -> None:
     assert p.exec(["ping", "-c", "2", "-W", "3", "198.18.2.10"], timeout=20).rc == 0
 
 
+def test_restore_and_a_booted_clone_keep_the_wan_shaped_as_at_the_snapshot(rtb) -> None:
+    """The shaping lives in the router's memory: a restore or a clone brings it back, and the testbed's
+    record of the WAN (what ./inv calibrate compares with, what ./inv shape changes) must follow it."""
+    import shutil
+
+    from testbed import vmbed, wan
+
+    def delays(tb) -> set[int]:
+        return {leg["read_back"]["delay_us"] for leg in wan.read_back(tb).values()}
+
+    at_snap = rtb.spec.wan.with_changes(delay="20ms", loss="0%")
+    wan.shape(rtb, at_snap)
+    wan.remember(rtb, at_snap)
+    rtb.snapshot("shaped", say=print)
+    dest = rtb.clone("shaped", "pytest-router-clone", say=print)
+    try:
+        later = at_snap.with_changes(delay="5ms")
+        wan.shape(rtb, later)
+        wan.remember(rtb, later)
+        rtb.restore("shaped", say=print)
+        assert delays(rtb) == {20000} and wan.current_profile(rtb) == at_snap
+        vmbed.down(say=print)
+        bed = vmbed.up(rtb.spec, say=print, clone="pytest-router-clone")
+        try:
+            assert bed.router == "router" and delays(bed) == {20000} and wan.current_profile(bed) == at_snap
+            p = bed.guest("primary")
+            assert "via 198.18.1.253" in p.sh("ip route get 198.18.2.10")
+            assert p.exec(["ping", "-c", "2", "-W", "3", "198.18.2.10"], timeout=20).rc == 0
+        finally:
+            vmbed.down(say=print)
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+
+
 def test_down_leaves_nothing(rtb) -> None:
     import libvirt
 
