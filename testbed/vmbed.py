@@ -257,6 +257,12 @@ class VmTestbed:
                 _configure_router(self)
             else:
                 _route_via_router(self, vm)
+        from testbed import wan
+
+        try:  # and its part of the WAN's shaping
+            wan.after_boot(self, vm)
+        except wan.WanError as err:
+            raise TestbedError(f"{vm} booted again but its part of the WAN is not shaped: {err}") from None
         return time.monotonic() - t0
 
     def set_link(self, vm: str, up: bool) -> None:

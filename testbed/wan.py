@@ -84,8 +84,11 @@ def _site_vms(tb: Any) -> dict[str, str]:
     return out
 
 
-def _each(tb: Any, fn: Callable[[str, str], dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    vms = _site_vms(tb)
+def _each(tb: Any, fn: Callable[[str, str], dict[str, Any]], only: str | None = None) -> dict[str, dict[str, Any]]:
+    """``fn(vm, site)`` for every site VM at once (or only for VM ``only``), keyed by VM."""
+    vms = {vm: site for vm, site in _site_vms(tb).items() if only in (None, vm)}
+    if not vms:
+        return {}
     with ThreadPoolExecutor(max_workers=len(vms)) as pool:
         futures = {vm: pool.submit(fn, vm, site) for vm, site in vms.items()}
         return {vm: f.result() for vm, f in futures.items()}
@@ -231,13 +234,13 @@ class GuestIngress:
 
         _each(tb, one)
 
-    def apply(self, tb: Any, profile: LinkProfile) -> dict[str, dict[str, Any]]:
+    def apply(self, tb: Any, profile: LinkProfile, only: str | None = None) -> dict[str, dict[str, Any]]:
         def one(vm: str, site: str) -> dict[str, Any]:
             out = _shaper(tb, vm, ["apply", "--ingress", "--json", json.dumps(profile.to_dict()),
                                    "--direction", INGRESS_DIRECTION[site].value])
             return {"direction": INGRESS_DIRECTION[site].value, **out["read_back"]}
 
-        return _each(tb, one)
+        return _each(tb, one, only)
 
     def read_back(self, tb: Any) -> dict[str, dict[str, Any]]:
         return _each(tb, lambda vm, _site: _shaper(tb, vm, ["show", "--ingress"]))
@@ -287,10 +290,10 @@ class HostTaps:
                 out[vm] = (site, tap)
         return out
 
-    def apply(self, tb: Any, profile: LinkProfile) -> dict[str, dict[str, Any]]:
+    def apply(self, tb: Any, profile: LinkProfile, only: str | None = None) -> dict[str, dict[str, Any]]:
         from netem.shaper import ShapeMismatch, Shaper, ShaperError
 
-        taps = self._taps(tb)
+        taps = {vm: t for vm, t in self._taps(tb, running=only is None).items() if only in (None, vm)}
         out: dict[str, dict[str, Any]] = {}
         with _host_ipr() as ipr:
             for vm, (site, tap) in taps.items():
@@ -367,8 +370,11 @@ class RouterEgress:
 
         self._legs(tb, one)
 
-    def apply(self, tb: Any, profile: LinkProfile) -> dict[str, dict[str, Any]]:
-        towards = {ifname: site for site, ifname in router_legs(tb)[1].items()}
+    def apply(self, tb: Any, profile: LinkProfile, only: str | None = None) -> dict[str, dict[str, Any]]:
+        router, legs = router_legs(tb)
+        if only not in (None, router):
+            return {}  # a site VM holds none of the router's shaping
+        towards = {ifname: site for site, ifname in legs.items()}
 
         def one(vm: str, ifname: str, direction: Direction) -> dict[str, Any]:
             out = _shaper(tb, vm, ["apply", "--json", json.dumps(profile.to_dict()), "--direction", direction.value],
@@ -415,6 +421,22 @@ def shape(tb: Any, profile: LinkProfile) -> Shaped:
     t0 = time.monotonic()
     point = enforcement_point(tb)
     read = _enforcer(point).apply(tb, profile)
+    return Shaped(profile, read, enforcement_point=point, seconds=time.monotonic() - t0)
+
+
+def after_boot(tb: Any, vm: str) -> Shaped | None:
+    """Put back the WAN's current shape on ``vm`` after it booted again: its qdiscs died with its
+    kernel (site ingress, router egress) or its host tap is a new one. Only ``vm`` is touched, so this
+    works while the other site is down. None when the WAN was never shaped on this testbed."""
+    saved = tb.state.get("wan_profile")
+    if saved is None:
+        return None
+    t0 = time.monotonic()
+    point = enforcement_point(tb)
+    profile = LinkProfile.from_mapping(saved, "wan")
+    read = _enforcer(point).apply(tb, profile, only=vm)
+    if not read:
+        return None
     return Shaped(profile, read, enforcement_point=point, seconds=time.monotonic() - t0)
 
 

@@ -167,6 +167,17 @@ def test_a_rebooted_site_vm_routes_through_the_router_again(rtb) -> None:
     assert p.exec(["ping", "-c", "2", "-W", "3", "198.18.2.10"], timeout=20).rc == 0
 
 
+def test_a_rebooted_router_forwards_and_shapes_again(rtb) -> None:
+    from testbed import wan
+
+    profile = wan.current_profile(rtb)
+    assert profile.a_to_b.delay_us == 20000  # remembered by the shaping test
+    rtb.destroy("router")
+    rtb.start("router")  # a fresh kernel: no addresses, no forwarding, no netem until start puts them back
+    assert {leg["read_back"]["delay_us"] for leg in wan.read_back(rtb).values()} == {20000}
+    assert rtb.guest("primary").exec(["ping", "-c", "2", "-W", "3", "198.18.2.10"], timeout=20).rc == 0
+
+
 def test_restore_and_a_booted_clone_keep_the_wan_shaped_as_at_the_snapshot(rtb) -> None:
     """The shaping lives in the router's memory: a restore or a clone brings it back, and the testbed's
     record of the WAN (what ./inv calibrate compares with, what ./inv shape changes) must follow it."""

@@ -84,6 +84,25 @@ def test_packets_sent_before_the_primary_is_destroyed_still_reach_the_mirror(tb)
     assert got == COUNT, f"{COUNT - got} of {COUNT} packets sent before the power cut never arrived"
 
 
+def test_a_vm_that_boots_again_gets_its_part_of_the_wan_back(tb) -> None:
+    """Ingress shaping lives in the guest's kernel: a power cut takes it, and ``start`` puts the WAN's
+    recorded shape back on that VM alone (the other site may be down, as after a site disaster)."""
+    from testbed import wan
+
+    if not tb.domain("primary").isActive():  # the test before destroys the primary
+        tb.start("primary")
+    profile = tb.spec.wan.with_changes(delay="30ms", loss="1%")
+    wan.shape(tb, profile)
+    wan.remember(tb, profile)
+    tb.destroy("primary")
+    tb.destroy("mirror")
+    tb.start("mirror")  # with the primary still down
+    tb.start("primary")
+    got = wan.read_back(tb)
+    assert (got["mirror"]["read_back"]["delay_us"], got["mirror"]["read_back"]["loss_pct"]) == (30000, pytest.approx(1.0))
+    assert got["primary"]["read_back"]["delay_us"] == 30000
+
+
 def test_calibration_measures_what_was_shaped(tb) -> None:
     """The issue's check: 50 ms each way reads as 100 ms + the bare path; 10 % loss reads as 10 % each
     way (within calibrate's own 3-standard-error band, sized for ±20 % at 95 %); clear is bare again."""
