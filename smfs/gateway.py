@@ -40,6 +40,7 @@ import numpy as np
 
 from smfs.callbacks import Announcer, FlowTracker, decode_subscribe
 from smfs.fec import Decoder, Encoder, FecParams, Repair
+from smfs.pacer import Pacer
 from smfs.tunnel import MIN_KEY, ReplayWindow, Sealer, TunnelError, decode_raw, encode_data, encode_repair
 from smfs.units import parse_hostport
 
@@ -51,6 +52,7 @@ _IPV4_UDP = 20 + 8  # bytes of IPv4 and UDP header around a tunnel datagram
 SITE_IDS = {"primary": 1, "mirror": 2}
 REPAIR_BACKLOG = 4096  # repairs waiting to be resent after a failed send (~6 MB of 1.4 KB repairs)
 RETRY_MIN_S, RETRY_MAX_S = 0.001, 0.05  # resend backoff (s): doubles per failed retry, up to the max
+PACER_BURST_DATAGRAMS = 16  # the pacer's credit, in WAN-MTU datagrams: what the WAN's queue absorbs at once
 
 log = logging.getLogger("smfs.gateway")
 
@@ -116,6 +118,10 @@ class Gateway:
         self.control = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.control.bind(parse_hostport(args.control))
         self.control.setblocking(False)
+        # Paced to the WAN's rate (when given): the bottleneck queue must never drop in bursts.
+        self.pacer = (Pacer(args.wan_rate_bps, PACER_BURST_DATAGRAMS * args.wan_mtu, self.loop.time())
+                      if args.wan_rate_bps else None)
+        self._tun_paused = False
         self.loop.add_reader(self.tun, self._on_tun)
         self.loop.add_reader(self.wan, self._on_wan)
         self.loop.add_reader(self.control, self._on_control)
@@ -136,11 +142,19 @@ class Gateway:
         read, sendto = os.read, self.wan.sendto
         on_packet_sent = self.tracker.on_packet_sent
         send_repairs = self._send_repairs
+        pacer = self.pacer
         n_in = n_out = 0
         try:
             for _ in range(256 // TUN_BATCH):
+                batch = TUN_BATCH
+                if pacer is not None:
+                    wait = pacer.wait(now)
+                    if wait > 0:  # leave the packets in the TUN's queue: the kernel drops there if it fills
+                        self._pause_tun(wait)
+                        break
+                    batch = min(TUN_BATCH, pacer.room(self.args.wan_mtu, now))  # owe one datagram at most
                 packets = []
-                for _ in range(TUN_BATCH):
+                for _ in range(batch):
                     try:
                         packets.append(read(tun, 65535))
                     except BlockingIOError:
@@ -158,24 +172,42 @@ class Gateway:
                 for seq, packet in enumerate(packets, first):
                     # Per packet, in this order: data datagram, tracker (only once the datagram
                     # was sent), its repairs, tracker again (_send_repairs).
+                    datagram = seal(seq, packet)
                     try:
-                        sendto(seal(seq, packet), peer)
+                        sendto(datagram, peer)
                     except OSError as err:  # link cut, buffer full: the datagram did not reach the WAN
                         self._send_failed(err)
                     else:
                         n_out += 1
+                        if pacer is not None:
+                            pacer.spend(len(datagram), now)
                         on_packet_sent(seq, packet, now)
                     k = j
                     while k < nrep and repairs[k].seqs[-1] == seq:
                         k += 1
                     send_repairs(repairs[j:k])
                     j = k
-                if len(packets) < TUN_BATCH:
+                if len(packets) < batch:
                     break
         finally:
             self.stats["tun_in"] += n_in
             self.stats["data_out"] += n_out
         self._arm_timer()
+
+    def _pause_tun(self, seconds: float) -> None:
+        """Stop reading the TUN for ``seconds`` (the pacer's debt)."""
+        if not self._tun_paused:
+            self._tun_paused = True
+            self.loop.remove_reader(self.tun)
+            self.loop.call_later(seconds, self._resume_tun)
+
+    def _resume_tun(self) -> None:
+        self._tun_paused = False
+        self.loop.add_reader(self.tun, self._on_tun)
+
+    def _spend(self, datagram: bytes) -> None:
+        if self.pacer is not None:
+            self.pacer.spend(len(datagram), self.loop.time())
 
     def _send_repairs(self, repairs: list[Repair]) -> None:
         if repairs:
@@ -189,6 +221,7 @@ class Gateway:
                     self._send_failed(err)
                     self._defer(r, datagram, err)
                 else:
+                    self._spend(datagram)
                     sent.append(r)
             if sent:
                 self.stats["repairs_out"] += len(sent)
@@ -236,6 +269,7 @@ class Gateway:
                 self._retry_delay = min(2 * self._retry_delay, RETRY_MAX_S)
                 break
             backlog.popleft()
+            self._spend(datagram)
             sent.append(repair)
         if backlog:
             self._retry_at = now + self._retry_delay
@@ -395,6 +429,10 @@ class Gateway:
             "callback_latency_ms": None if lat is None else {
                 "p50": round(float(np.percentile(lat, 50)), 3), "p99": round(float(np.percentile(lat, 99)), 3),
                 "n": int(lat.size)},
+            "paced": None if self.pacer is None else {
+                "rate_bps": self.args.wan_rate_bps, "pauses": self.pacer.pauses,
+                "paused_s": round(self.pacer.paused_s, 3)},
+            "edge_drops": _tun_tx_dropped(self.args.tun),
             "reasons": dict(self.reasons),
             "t": time.time(),
         }
@@ -405,6 +443,15 @@ class Gateway:
         tmp.write_text(json.dumps(self.snapshot(), indent=1))
         os.replace(tmp, path)
 
+
+
+def _tun_tx_dropped(name: str) -> int | None:
+    """Packets the kernel dropped at the TUN (its queue full while the gateway was paced or slow): the
+    site edge's congestion drops, which TCP retransmits and no callback ever covered."""
+    try:
+        return int(Path(f"/sys/class/net/{name}/statistics/tx_dropped").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 async def _main(args: argparse.Namespace, key: bytes, tun: int) -> None:
@@ -439,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--wan-mtu", type=int, default=WAN_MTU,
                    help="MTU of the path between the gateways (jumbo frames: 9000); sets the TUN's MTU")
+    p.add_argument("--wan-rate-bps", type=int, default=0,
+                   help="the WAN's rate in bit/s: egress is paced just below it (0: not paced)")
     p.add_argument("--interleaves", type=int, nargs="+", default=list(FecParams().interleaves))
     p.add_argument("--flush-ms", type=float, default=FecParams().flush_ms)
     args = p.parse_args(argv)
@@ -449,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
         tun = open_tun(args.tun)
         if not 576 <= args.wan_mtu <= 65535:
             raise ValueError(f"--wan-mtu: {args.wan_mtu} is outside 576-65535; use the site network's MTU, e.g. 1500 or 9000")
+        if args.wan_rate_bps < 0:
+            raise ValueError(f"--wan-rate-bps: {args.wan_rate_bps} is negative; give the WAN's rate in bit/s, or 0 not to pace")
         configure_tun(args.tun, args.address, args.route, tun_mtu(args.r, args.wan_mtu))
         asyncio.run(_main(args, key, tun))
     except (OSError, ValueError) as err:

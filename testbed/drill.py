@@ -207,7 +207,7 @@ def prepare(tb: Any, cfg: DrillConfig, tl: Timeline) -> dict[str, Any]:
             "--route", STORAGE[peer][1], "--local", f"{_ip(tb, vm)}:{TUNNEL_PORT}",
             "--peer", f"{_ip(tb, peer_vm)}:{TUNNEL_PORT}", "--control", CONTROL, "--key-file", KEY_FILE,
             "--stats", STATS_FILE, "--ready", f"{RUN}/gateway.ready", "--r", str(cfg.r),
-            "--wan-mtu", str(tb.spec.mtu),
+            "--wan-mtu", str(tb.spec.mtu), "--wan-rate-bps", str(egress_rate_bps(tb.spec.wan, site)),
         ])
     _wait_file(mg, f"{RUN}/mirror/mirror.ready", "mirror-site", "mirror site")
     for vm in (mirr, prim):
@@ -216,6 +216,12 @@ def prepare(tb: Any, cfg: DrillConfig, tl: Timeline) -> dict[str, Any]:
     secs = tb.snapshot(SNAPSHOT, say=lambda _m: None)
     tl.mark(f"snapshot {SNAPSHOT!r} taken ({secs:.1f} s paused)")
     return {"shaped": shaped.to_dict(), "calibration": cal}
+
+
+def egress_rate_bps(profile: Any, site: str) -> int:
+    """The WAN rate a site's gateway paces its egress to (0: the WAN has no rate, nothing to pace):
+    a→b for the primary, b→a for the mirror. Repairs share it, so FEC never overruns the WAN's queue."""
+    return (profile.a_to_b if site == "primary" else profile.b_to_a).rate_bps or 0
 
 
 def _gateway_stats(g: Any) -> dict[str, Any] | None:

@@ -31,7 +31,7 @@ class GatewayPair:
     def collect_stats(self) -> dict[str, Any]:
         """Both gateways' statistics plus the totals a result reports (``rebuilt``, ``lost_on_wan``...)."""
         per_site = {site: self.read(site) for site in self.stats_files}
-        total = {"lost_on_wan": 0, "rebuilt": 0, "lost_for_good": 0, "repairs_sent": 0, "rejected": 0}
+        total = {"lost_on_wan": 0, "rebuilt": 0, "lost_for_good": 0, "repairs_sent": 0, "rejected": 0, "edge_drops": 0}
         for st in per_site.values():
             for key in total:
                 total[key] += (st or {}).get(key) or 0
@@ -43,8 +43,9 @@ class GatewayPair:
 
 
 def start_gateways(tb: NamespaceTestbed, out: Path, logs: Path, r: int = 8,
-                   interleaves: tuple[int, ...] | None = None) -> GatewayPair:
-    """One gateway per site namespace; storage traffic between the sites is routed through them."""
+                   interleaves: tuple[int, ...] | None = None, wan_rate_bps: int = 0) -> GatewayPair:
+    """One gateway per site namespace; storage traffic between the sites is routed through them
+    (each paced to ``wan_rate_bps`` when given)."""
     key_file = out / "work" / "tunnel.key"
     key_file.parent.mkdir(parents=True, exist_ok=True)
     key_file.write_text(secrets.token_hex(32))
@@ -63,6 +64,8 @@ def start_gateways(tb: NamespaceTestbed, out: Path, logs: Path, r: int = 8,
         ]
         if interleaves:
             argv += ["--interleaves", *map(str, interleaves)]
+        if wan_rate_bps:
+            argv += ["--wan-rate-bps", str(wan_rate_bps)]
         proc = tb.spawn(site, "gateway", argv, logs / f"gateway-{site}.log")
         waiting.append((site, proc, ready))
     deadline = time.monotonic() + READY_TIMEOUT

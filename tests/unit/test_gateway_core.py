@@ -51,6 +51,7 @@ class FakeLoop:
     def __init__(self) -> None:
         self.now = 1000.0
         self.timers: list[FakeTimer] = []
+        self.reading_tun = True  # the TUN reader is registered (the pacer takes it off and puts it back)
 
     def time(self) -> float:
         return self.now
@@ -60,8 +61,14 @@ class FakeLoop:
         self.timers.append(t)
         return t
 
+    def call_later(self, delay: float, callback: Callable[[], None]) -> FakeTimer:
+        return self.call_at(self.now + delay, callback)
+
     def add_reader(self, *_args: object) -> None:
-        pass
+        self.reading_tun = True
+
+    def remove_reader(self, *_args: object) -> None:
+        self.reading_tun = False
 
     def next_timer(self) -> float | None:
         live = [t.when() for t in self.timers if not t.cancelled]
@@ -168,18 +175,20 @@ class Harness:
         return self.gw.tracker.safe_offset(FLOW)
 
 
-def _args(site: str) -> argparse.Namespace:
+def _args(site: str, wan_rate_bps: int = 0) -> argparse.Namespace:
     return argparse.Namespace(site=site, r=PARAMS.r, interleaves=list(PARAMS.interleaves), flush_ms=PARAMS.flush_ms,
-                              local="127.0.0.1:0", peer="127.0.0.1:9", control="127.0.0.1:0", tun="smfs-test")
+                              local="127.0.0.1:0", peer="127.0.0.1:9", control="127.0.0.1:0", tun="smfs-test",
+                              wan_mtu=1500, wan_rate_bps=wan_rate_bps)
 
 
-def _make(monkeypatch: pytest.MonkeyPatch, site: str) -> Iterator[Harness]:
+def _make(monkeypatch: pytest.MonkeyPatch, site: str, wan_rate_bps: int = 0) -> Iterator[Harness]:
     loop = FakeLoop()
     monkeypatch.setattr(gw_mod.asyncio, "get_running_loop", lambda: loop)
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     mine.setblocking(False)
     theirs.setblocking(False)
-    gw = Gateway(_args(site), KEY, mine.fileno())
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    gw = Gateway(_args(site, wan_rate_bps), KEY, mine.fileno())
     gw.wan.close()
     gw.control.close()
     gw.wan, gw.control = FakeWan(), FakeControl()  # type: ignore[assignment]
@@ -354,3 +363,51 @@ def test_a_late_original_after_a_rebuild_is_not_counted_as_replayed(ingress: Har
     snap = ingress.gw.snapshot()
     assert snap["replayed"] == 2 and snap["late_after_rebuild"] == 1
     assert ingress.delivered() == []
+
+
+# -- pacing: the egress never outruns the WAN's rate, and announces only what it sent -----------
+
+
+@pytest.fixture()
+def paced(monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
+    yield from _make(monkeypatch, "primary", wan_rate_bps=8_000_000)  # 1 MB/s; 24 kB of credit
+
+
+def test_a_paced_egress_leaves_packets_in_the_tun_until_its_debt_is_paid(paced: Harness) -> None:
+    paced.subscribe()
+    sends: list[tuple[float, int]] = []  # (loop time, wire bytes) of every datagram sent
+    paced.wan.fail = lambda d: sends.append((paced.loop.now, len(d) + 42))  # type: ignore[func-returns-value]
+    packets = [tcp(ISN, flags=TCP_SYN)] + [tcp(ISN + 1 + 1000 * i, 1000) for i in range(100)]
+    paced.send(*packets)  # what the credit covers goes out (owing one datagram), the rest waits in the TUN
+    sent = len(paced.wan.sent) - len(paced.wan.repairs())
+    assert 24_000 // (1500 + 42) < sent < len(packets) and not paced.loop.reading_tun
+    pause = paced.gw.pacer.paused_s
+    wire = sum(len(d) + 42 for d in paced.wan.sent)
+    assert pause == pytest.approx((wire - 24_000) / (1e6 * 0.95), rel=0.01)
+    # Safe offsets cover only what was sent: the packets still in the TUN are not "on the WAN".
+    paced.loop.advance(0.006)
+    assert 0 < paced.safe() <= 1000 * (sent - 1)
+    t0 = paced.loop.now - 0.006
+    for _ in range(100):  # the TUN is readable whenever the gateway reads it again
+        if paced.loop.reading_tun:
+            paced.gw._on_tun()
+        paced.loop.advance(0.01)
+    assert len(paced.wan.sent) - len(paced.wan.repairs()) == len(packets)
+    assert paced.safe() == 100_000
+    # At any moment, what went out on the wire is the credit plus at most the paced rate since the
+    # start, give or take the one datagram the pacer lets it owe and a flush of every open bin (the
+    # flush timer's repairs are not held back: callbacks wait for them).
+    batch = max(b for _t, b in sends) * (1 + sum(PARAMS.interleaves))
+    total = 0
+    for t, b in sends:
+        total += b
+        assert total <= 24_000 + 1e6 * 0.95 * (t - t0) + batch
+    assert sends[-1][0] - t0 >= (total - 24_000 - batch) / (1e6 * 0.95)
+    snap = paced.gw.snapshot()
+    assert snap["paced"]["pauses"] >= 1 and snap["paced"]["rate_bps"] == 8_000_000
+
+
+def test_an_unpaced_egress_sends_every_packet_it_can_read(egress: Harness) -> None:
+    egress.send(*[tcp(ISN + 1000 * i, 1000) for i in range(100)])
+    assert len(egress.wan.sent) - len(egress.wan.repairs()) == 100 and egress.loop.reading_tun
+    assert egress.gw.snapshot()["paced"] is None
