@@ -100,6 +100,8 @@ def test_report_writes_the_plots_and_says_when_the_paper_disagrees(tmp_path: Pat
     assert ("- DISAGREES: local-sync+fec loses fewer acked appends than local-sync (in number and share): "
             "local-sync+fec lost 9 of 50 (18.0 %), local-sync 7 of 100 (7.0 %)") in md
     assert "DISAGREES with the paper on 1 of 3 claims" in md
+    # the FEC table has a row for the mode with gateways only, with what its gateways counted
+    assert "| local-sync+fec | - | - | 4 | 4 | - | - | - |" in md and "| local-sync |" not in md
     assert "DISAGREES" in json.dumps(write_report(_result(remote_lost=3), tmp_path) and (tmp_path / "report.md").read_text())
 
 
