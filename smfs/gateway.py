@@ -52,6 +52,7 @@ _IPV4_UDP = 20 + 8  # bytes of IPv4 and UDP header around a tunnel datagram
 SITE_IDS = {"primary": 1, "mirror": 2}
 REPAIR_BACKLOG = 4096  # repairs waiting to be resent after a failed send (~6 MB of 1.4 KB repairs)
 RETRY_MIN_S, RETRY_MAX_S = 0.001, 0.05  # resend backoff (s): doubles per failed retry, up to the max
+PAUSE_MIN_S = 0.0005  # the shortest pause of the TUN reader (s)
 PACER_BURST_DATAGRAMS = 16  # the pacer's credit, in WAN-MTU datagrams: what the WAN's queue absorbs at once
 
 log = logging.getLogger("smfs.gateway")
@@ -122,6 +123,10 @@ class Gateway:
         self.pacer = (Pacer(args.wan_rate_bps, PACER_BURST_DATAGRAMS * args.wan_mtu, self.loop.time())
                       if args.wan_rate_bps else None)
         self._tun_paused = False
+        # Packets wait in the TUN because the pacer held them back: the bins they will fill need no
+        # flush (a flush now would send a repair per partial bin at every pause and multiply the
+        # repairs); the flush timer counts again once a read finds the TUN empty.
+        self._backlogged = False
         self.loop.add_reader(self.tun, self._on_tun)
         self.loop.add_reader(self.wan, self._on_wan)
         self.loop.add_reader(self.control, self._on_control)
@@ -158,6 +163,7 @@ class Gateway:
                     try:
                         packets.append(read(tun, 65535))
                     except BlockingIOError:
+                        self._backlogged = False
                         break
                 if not packets:
                     break
@@ -195,15 +201,18 @@ class Gateway:
         self._arm_timer()
 
     def _pause_tun(self, seconds: float) -> None:
-        """Stop reading the TUN for ``seconds`` (the pacer's debt)."""
+        """Stop reading the TUN for ``seconds`` (the pacer's debt; at least :data:`PAUSE_MIN_S`, so a
+        debt of a few bytes cannot spin the loop at one clock reading)."""
+        self._backlogged = True
         if not self._tun_paused:
             self._tun_paused = True
             self.loop.remove_reader(self.tun)
-            self.loop.call_later(seconds, self._resume_tun)
+            self.loop.call_later(max(seconds, PAUSE_MIN_S), self._resume_tun)
 
     def _resume_tun(self) -> None:
         self._tun_paused = False
         self.loop.add_reader(self.tun, self._on_tun)
+        self._on_tun()  # read now: if the TUN is empty this ends the backlog, and the flush timer counts again
 
     def _spend(self, datagram: bytes) -> None:
         if self.pacer is not None:
@@ -283,7 +292,7 @@ class Gateway:
             self._push_callbacks()
 
     def _arm_timer(self) -> None:
-        deadline = self.encoder.get_timer()
+        deadline = None if self._backlogged else self.encoder.get_timer()
         for t in (self.announcer.get_timer(), self._retry_at):
             if t is not None and (deadline is None or t < deadline):
                 deadline = t
@@ -301,7 +310,8 @@ class Gateway:
         now = self.loop.time()
         if self.backlog and self._retry_at is not None and now >= self._retry_at:
             self._resend_backlog(now)
-        self._send_repairs(self.encoder.handle_timer(now))
+        if not self._backlogged:
+            self._send_repairs(self.encoder.handle_timer(now))
         resent = self.announcer.handle_timer(now)
         if resent:
             self.stats["callbacks_resent"] += self._send_callbacks(resent)
