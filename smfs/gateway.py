@@ -75,12 +75,14 @@ def tun_mtu(r: int, wan_mtu: int = WAN_MTU) -> int:
     return wan_mtu - _IPV4_UDP - max(data, repair)
 
 
-def configure_tun(name: str, address: str, routes: list[str], mtu: int) -> None:
+def configure_tun(name: str, address: str, routes: list[str], mtu: int, queue: int = 0) -> None:
+    """Address-free TUN up with ``mtu``, the peer subnets routed into it; ``queue`` (packets, 0: the
+    kernel's 500) bounds what waits in it for the gateway: the site edge's buffer when paced."""
     from pyroute2 import IPRoute
 
     with IPRoute() as ip:
         idx = ip.link_lookup(ifname=name)[0]
-        ip.link("set", index=idx, mtu=mtu, state="up")
+        ip.link("set", index=idx, mtu=mtu, state="up", **({"txqlen": queue} if queue else {}))
         for dst in routes:
             ip.route("replace", dst=dst, oif=idx, prefsrc=address)
 
@@ -498,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="MTU of the path between the gateways (jumbo frames: 9000); sets the TUN's MTU")
     p.add_argument("--wan-rate-bps", type=int, default=0,
                    help="the WAN's rate in bit/s: egress is paced just below it (0: not paced)")
+    p.add_argument("--edge-queue", type=int, default=0,
+                   help="packets that may wait in the TUN for the gateway (its txqueuelen; 0: the kernel's "
+                        "default): the site edge's buffer when paced, e.g. one bandwidth-delay product")
     p.add_argument("--interleaves", type=int, nargs="+", default=list(FecParams().interleaves))
     p.add_argument("--flush-ms", type=float, default=FecParams().flush_ms)
     args = p.parse_args(argv)
@@ -510,7 +515,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--wan-mtu: {args.wan_mtu} is outside 576-65535; use the site network's MTU, e.g. 1500 or 9000")
         if args.wan_rate_bps < 0:
             raise ValueError(f"--wan-rate-bps: {args.wan_rate_bps} is negative; give the WAN's rate in bit/s, or 0 not to pace")
-        configure_tun(args.tun, args.address, args.route, tun_mtu(args.r, args.wan_mtu))
+        if not 0 <= args.edge_queue <= 100_000:
+            raise ValueError(f"--edge-queue: {args.edge_queue} is outside 0-100000 packets; use about one "
+                             "bandwidth-delay product, or 0 for the kernel's default")
+        configure_tun(args.tun, args.address, args.route, tun_mtu(args.r, args.wan_mtu), args.edge_queue)
         asyncio.run(_main(args, key, tun))
     except (OSError, ValueError) as err:
         log.error("gateway failed: %s", err)

@@ -13,6 +13,7 @@ The result directory and exit codes are those of the namespace drill (:mod:`test
 from __future__ import annotations
 
 import json
+import math
 import platform
 import shutil
 import socket
@@ -208,6 +209,7 @@ def prepare(tb: Any, cfg: DrillConfig, tl: Timeline) -> dict[str, Any]:
             "--peer", f"{_ip(tb, peer_vm)}:{TUNNEL_PORT}", "--control", CONTROL, "--key-file", KEY_FILE,
             "--stats", STATS_FILE, "--ready", f"{RUN}/gateway.ready", "--r", str(cfg.r),
             "--wan-mtu", str(tb.spec.mtu), "--wan-rate-bps", str(egress_rate_bps(tb.spec.wan, site)),
+            "--edge-queue", str(edge_queue_packets(tb.spec.wan, site, tb.spec.mtu)),
         ])
     _wait_file(mg, f"{RUN}/mirror/mirror.ready", "mirror-site", "mirror site")
     for vm in (mirr, prim):
@@ -222,6 +224,17 @@ def egress_rate_bps(profile: Any, site: str) -> int:
     """The WAN rate a site's gateway paces its egress to (0: the WAN has no rate, nothing to pace):
     a→b for the primary, b→a for the mirror. Repairs share it, so FEC never overruns the WAN's queue."""
     return (profile.a_to_b if site == "primary" else profile.b_to_a).rate_bps or 0
+
+
+def edge_queue_packets(profile: Any, site: str, mtu: int) -> int:
+    """The site edge's buffer in front of a paced gateway: one bandwidth-delay product (the egress rate
+    × the round trip's delay) in MTU packets, at least 16; 0 (the kernel's default) when not paced.
+    A bigger one would only hold more acked-but-unsent data where a site disaster destroys it."""
+    rate = egress_rate_bps(profile, site)
+    if not rate:
+        return 0
+    rtt_s = (profile.a_to_b.delay_us + profile.b_to_a.delay_us) / 1e6
+    return max(16, math.ceil(rate / 8 * rtt_s / mtu))
 
 
 def _gateway_stats(g: Any) -> dict[str, Any] | None:

@@ -43,7 +43,8 @@ class GatewayPair:
 
 
 def start_gateways(tb: NamespaceTestbed, out: Path, logs: Path, r: int = 8,
-                   interleaves: tuple[int, ...] | None = None, wan_rate_bps: int = 0) -> GatewayPair:
+                   interleaves: tuple[int, ...] | None = None, wan_rate_bps: int = 0,
+                   edge_queue: int = 0) -> GatewayPair:
     """One gateway per site namespace; storage traffic between the sites is routed through them
     (each paced to ``wan_rate_bps`` when given)."""
     key_file = out / "work" / "tunnel.key"
@@ -66,6 +67,8 @@ def start_gateways(tb: NamespaceTestbed, out: Path, logs: Path, r: int = 8,
             argv += ["--interleaves", *map(str, interleaves)]
         if wan_rate_bps:
             argv += ["--wan-rate-bps", str(wan_rate_bps)]
+        if edge_queue:
+            argv += ["--edge-queue", str(edge_queue)]
         proc = tb.spawn(site, "gateway", argv, logs / f"gateway-{site}.log")
         waiting.append((site, proc, ready))
     deadline = time.monotonic() + READY_TIMEOUT

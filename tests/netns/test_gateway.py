@@ -62,7 +62,8 @@ def test_a_paced_gateway_never_sends_faster_than_the_wan(tmp_path: Path) -> None
     tb = NamespaceTestbed()
     try:
         tb.build()
-        gw = start_gateways(tb, tmp_path, tmp_path, wan_rate_bps=rate)
+        gw = start_gateways(tb, tmp_path, tmp_path, wan_rate_bps=rate, edge_queue=32)
+        assert "qlen 32" in tb.sh("primary", "ip", "link", "show", "smfs0")  # the site edge's buffer
         got = _transfer(tb, tmp_path, 9102, 3.0)
         st = _stats(tb, gw, "primary")
     finally:

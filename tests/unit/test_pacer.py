@@ -67,3 +67,15 @@ def test_each_sites_gateway_is_paced_to_its_egress_direction_of_the_wan() -> Non
     wan = LinkProfile.from_mapping({"delay": "50ms", "rate": "40mbit", "reverse": {"rate": "10mbit"}}, "wan")
     assert (egress_rate_bps(wan, "primary"), egress_rate_bps(wan, "mirror")) == (40_000_000, 10_000_000)
     assert egress_rate_bps(LinkProfile.from_mapping({"delay": "50ms"}, "wan"), "primary") == 0  # no rate: not paced
+
+
+def test_the_edge_buffer_is_one_bandwidth_delay_product_of_mtu_packets() -> None:
+    from netem.profile import LinkProfile
+    from testbed.drill import edge_queue_packets
+
+    wan = LinkProfile.from_mapping({"delay": "50ms", "rate": "40mbit"}, "wan")
+    assert edge_queue_packets(wan, "primary", 9000) == 56  # 40 Mbit/s × 100 ms = 500 kB = 55.6 jumbo frames
+    assert edge_queue_packets(wan, "primary", 1500) == 334
+    slow = LinkProfile.from_mapping({"delay": "5ms", "rate": "8mbit"}, "wan")
+    assert edge_queue_packets(slow, "mirror", 9000) == 16  # never below 16
+    assert edge_queue_packets(LinkProfile.from_mapping({"delay": "50ms"}, "wan"), "primary", 9000) == 0
