@@ -49,6 +49,14 @@ FEC modes; the bare modes use the VMs' own addresses."""
 __all__ = ["EXIT_CODES", "DrillConfig", "run_drill"]
 
 
+DRILL_KEYS = {
+    "workload": {"testers", "append_size", "duration", "server_pairs"},
+    "fec": {"r", "c", "flush"},
+    "faults": {"schedule", "fail_at", "burst_loss", "burst", "during"},
+}
+"""The fields a drill reads from the spec's [workload], [fec] and [faults] tables; any other is a typo."""
+
+
 @dataclass(frozen=True)
 class DrillConfig:
     """A drill as run: the spec's [workload]/[fec]/[faults] tables resolved, plus the flags."""
@@ -63,6 +71,7 @@ class DrillConfig:
     fail_at: float = 30.0  # s after the testers start
     servers: int = 8
     r: int = 8
+    flush_ms: float = 5.0  # [fec] flush: a partial bin's repair goes out this long after its first packet
     schedule: str = "rolling-disaster"
     burst_loss: str = "1%"
     burst_seconds: float = 0.5
@@ -76,6 +85,7 @@ class DrillConfig:
             (self.duration > 0, "workload.duration", "must be positive, e.g. \"20s\""),
             (0 < self.fail_at <= self.duration, "faults.fail_at", "must be within workload.duration"),
             (len(self.modes) > 0, "modes", "give at least one mode"),
+            (0 < self.flush_ms <= 1000, "fec.flush", "must be within (0, 1000] ms, e.g. \"5ms\""),
         ]
         for ok, name, fix in checks:
             if not ok:
@@ -87,6 +97,12 @@ class DrillConfig:
         from smfs.units import parse_size
 
         wl, fec, faults = (dict(spec.sections.get(k, {})) for k in ("workload", "fec", "faults"))
+        for table, got in (("workload", wl), ("fec", fec), ("faults", faults)):
+            unknown = sorted(set(got) - DRILL_KEYS[table])
+            if unknown:
+                raise ValueError(f"{table}.{unknown[0]}: unknown field; use one of {', '.join(sorted(DRILL_KEYS[table]))}")
+        if int(fec.get("c", 3)) != 3:
+            raise ValueError("fec.c: the gateways run c = 3 layers (interleaves 1, 11, 19); leave c = 3 or remove it")
         duration = parse_time_us(wl.get("duration", "60s"), "workload.duration") / 1e6
         fail_at = parse_time_us(faults.get("fail_at", f"{duration * 0.6:g}s"), "faults.fail_at") / 1e6
         name = str(faults.get("schedule", "rolling-disaster"))
@@ -95,6 +111,7 @@ class DrillConfig:
             spec_path=Path(spec.path), modes=modes, out=out, keep=keep, testers=int(wl.get("testers", 64)),
             append_size=parse_size(str(wl.get("append_size", "512KiB")), "workload.append_size"),
             duration=duration, fail_at=fail_at, servers=int(wl.get("server_pairs", 8)), r=int(fec.get("r", 8)),
+            flush_ms=parse_time_us(fec.get("flush", "5ms"), "fec.flush") / 1000,
             schedule=str(faults.get("schedule", "rolling-disaster")), burst_loss=str(faults.get("burst_loss", "1%")),
             burst_seconds=parse_time_us(faults.get("burst", "500ms"), "faults.burst") / 1e6,
             during=during(faults.get("during"), spec, fail_at),
@@ -209,7 +226,7 @@ def prepare(tb: Any, cfg: DrillConfig, tl: Timeline) -> dict[str, Any]:
             "--peer", f"{_ip(tb, peer_vm)}:{TUNNEL_PORT}", "--control", CONTROL, "--key-file", KEY_FILE,
             "--stats", STATS_FILE, "--ready", f"{RUN}/gateway.ready", "--r", str(cfg.r),
             "--wan-mtu", str(tb.spec.mtu), "--wan-rate-bps", str(egress_rate_bps(tb.spec.wan, site)),
-            "--edge-queue", str(edge_queue_packets(tb.spec.wan, site, tb.spec.mtu)),
+            "--edge-queue", str(edge_queue_packets(tb.spec.wan, site, tb.spec.mtu)), "--flush-ms", f"{cfg.flush_ms:g}",
         ])
     _wait_file(mg, f"{RUN}/mirror/mirror.ready", "mirror-site", "mirror site")
     for vm in (mirr, prim):
@@ -416,7 +433,7 @@ def run_drill(spec_path: str | Path, modes: tuple[Mode, ...], out: Path | None =
         result = {
             "verdict": overall_verdict(entries), "spec": spec.name, "environment": environment(tb, wan_facts),
             "config": {"testers": cfg.testers, "append_size": cfg.append_size, "duration": cfg.duration,
-                       "fail_at": cfg.fail_at, "servers": cfg.servers, "r": cfg.r, "schedule": cfg.schedule,
+                       "fail_at": cfg.fail_at, "servers": cfg.servers, "r": cfg.r, "flush_ms": cfg.flush_ms, "schedule": cfg.schedule,
                        "burst_loss": cfg.burst_loss, "burst_seconds": cfg.burst_seconds,
                        "during": [t.describe() for t in cfg.during], "modes": [m.name for m in cfg.modes]},
             "calibration": wan_facts.get("calibration"), "setup_timeline": tl.events, "modes": entries,

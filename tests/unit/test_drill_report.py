@@ -40,6 +40,24 @@ def test_fail_at_beyond_the_run_is_refused() -> None:
         DrillConfig.from_spec(spec, tuple(parse_modes("local-sync")), Path("/tmp/x"))
 
 
+def test_the_fec_flush_comes_from_the_spec_and_is_checked() -> None:
+    base = {"sites": [{"name": "primary", "subnet": "198.18.1.0/24", "vms": [{"name": "primary"}]},
+                      {"name": "mirror", "subnet": "198.18.2.0/24", "vms": [{"name": "mirror"}]}]}
+    cfg = DrillConfig.from_spec(from_mapping({**base, "fec": {"flush": "20ms"}}), parse_modes("all"), Path("out"))
+    assert cfg.flush_ms == 20.0
+    assert DrillConfig.from_spec(from_mapping(base), parse_modes("all"), Path("out")).flush_ms == 5.0
+    with pytest.raises(ValueError, match="fec.flush: must be within"):
+        DrillConfig.from_spec(from_mapping({**base, "fec": {"flush": "2s"}}), parse_modes("all"), Path("out"))
+
+
+@pytest.mark.parametrize("table,field", [("workload", "testres"), ("fec", "interleave"), ("faults", "failat")])
+def test_a_misspelt_drill_field_is_a_one_line_error_naming_it(table: str, field: str) -> None:
+    base = {"sites": [{"name": "primary", "subnet": "198.18.1.0/24", "vms": [{"name": "primary"}]},
+                      {"name": "mirror", "subnet": "198.18.2.0/24", "vms": [{"name": "mirror"}]}]}
+    with pytest.raises(ValueError, match=f"^{table}.{field}: unknown field; use one of "):
+        DrillConfig.from_spec(from_mapping({**base, table: {field: 1}}), parse_modes("all"), Path("out"))
+
+
 def test_unknown_schedule_names_the_field() -> None:
     from netem.profile import LinkProfile
 
