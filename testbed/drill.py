@@ -97,10 +97,11 @@ class DrillConfig:
         from smfs.units import parse_size
 
         wl, fec, faults = (dict(spec.sections.get(k, {})) for k in ("workload", "fec", "faults"))
-        for table, got in (("workload", wl), ("fec", fec), ("faults", faults)):
-            unknown = sorted(set(got) - DRILL_KEYS[table])
+        for section, got in (("workload", wl), ("fec", fec), ("faults", faults)):
+            unknown = sorted(set(got) - DRILL_KEYS[section])
             if unknown:
-                raise ValueError(f"{table}.{unknown[0]}: unknown field; use one of {', '.join(sorted(DRILL_KEYS[table]))}")
+                known = ", ".join(sorted(DRILL_KEYS[section]))
+                raise ValueError(f"{section}.{unknown[0]}: unknown field; use one of {known}")
         if int(fec.get("c", 3)) != 3:
             raise ValueError("fec.c: the gateways run c = 3 layers (interleaves 1, 11, 19); leave c = 3 or remove it")
         duration = parse_time_us(wl.get("duration", "60s"), "workload.duration") / 1e6
