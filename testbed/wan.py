@@ -414,13 +414,14 @@ def start_resident(tb: Any) -> None:
     _enforcer(enforcement_point(tb)).start(tb)
 
 
-def shape(tb: Any, profile: LinkProfile) -> Shaped:
-    """Apply ``profile`` at the enforcement point (both directions at once), verified by read-back.
+def shape(tb: Any, profile: LinkProfile, only: str | None = None) -> Shaped:
+    """Apply ``profile`` at the enforcement point (both directions at once), verified by read-back;
+    ``only``: just VM ``only``'s part of it (nothing when that VM holds none).
 
     A reshape of a running WAN keeps the packets already queued (netem ``change``)."""
     t0 = time.monotonic()
     point = enforcement_point(tb)
-    read = _enforcer(point).apply(tb, profile)
+    read = _enforcer(point).apply(tb, profile, only)
     return Shaped(profile, read, enforcement_point=point, seconds=time.monotonic() - t0)
 
 
@@ -428,16 +429,10 @@ def after_boot(tb: Any, vm: str) -> Shaped | None:
     """Put back the WAN's current shape on ``vm`` after it booted again: its qdiscs died with its
     kernel (site ingress, router egress) or its host tap is a new one. Only ``vm`` is touched, so this
     works while the other site is down. None when the WAN was never shaped on this testbed."""
-    saved = tb.state.get("wan_profile")
-    if saved is None:
+    if tb.state.get("wan_profile") is None:
         return None
-    t0 = time.monotonic()
-    point = enforcement_point(tb)
-    profile = LinkProfile.from_mapping(saved, "wan")
-    read = _enforcer(point).apply(tb, profile, only=vm)
-    if not read:
-        return None
-    return Shaped(profile, read, enforcement_point=point, seconds=time.monotonic() - t0)
+    shaped = shape(tb, current_profile(tb), only=vm)
+    return shaped if shaped.read_back else None
 
 
 def read_back(tb: Any) -> dict[str, dict[str, Any] | None]:
