@@ -14,11 +14,21 @@ Vocabulary (Jepsen's set checker). Per operation, keyed by (log, seq):
 Per mirror log, a *prefix violation* is a log whose seqs are not exactly 0..k-1 in order (a hole, a
 duplicate, or disorder): log recovery keeps the longest valid prefix, so a hole is a stack bug.
 
-Verdicts (``verdict_for``), three-valued: *unknown* when the check could not be made (any error) or
-measured nothing (no acked op: with no ledger every mirror record would look unexpected, a false
-alarm); otherwise *data-loss* on any corrupt, unexpected or prefix violation, and, in durable modes
-only, on any lost op; else *ok*. Non-durable modes (local-sync) promise nothing about the mirror's
-completeness, so their losses are reported but keep the verdict ok.
+*dropped*: a record the mirror's log recovery threw away (the listing's ``dropped``: ``gap``,
+``checksum`` or ``torn``, see ``smfs.logstore``). An acked op dropped so and not on the mirror intact
+was on the mirror's disk and lost there: *corrupt* when the mode promised no loss, *lost* otherwise.
+Any other dropped record is only counted.
+
+Evidence: a listing without any log store (no ``stores`` entry, or an empty one) says nothing about
+the mirror (wrong directory, disk not mounted): the result carries ``error`` and is unknown in every
+mode. A listing with stores but no record is evidence: the mirror got nothing.
+
+Verdicts (``verdict_for``), three-valued: *unknown* when the check could not be made (any error, or
+no evidence); *data-loss* on any corrupt, unexpected or prefix violation, in every mode (even with no
+acked op: the mirror holds bytes nobody wrote, or wrote otherwise); otherwise *unknown* if no op was
+acked (nothing was measured); *data-loss* on any lost op in durable modes (the mode promised no
+loss under this disaster); else *ok*. Non-durable modes (local-sync) promise nothing about the
+mirror's completeness, so their losses are reported but keep the verdict ok.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ __all__ = [
     "CATEGORIES",
     "CheckError",
     "CheckResult",
+    "NO_EVIDENCE",
     "LogSummary",
     "Verdict",
     "check",
@@ -52,7 +63,10 @@ log = logging.getLogger(__name__)
 MAX_EXAMPLES = 10
 """(log, seq) examples kept per category."""
 
-CATEGORIES = ("lost", "corrupt", "unexpected", "recovered", "recovered_failed", "prefix_violations")
+NO_EVIDENCE = "no log store on the mirror: missing evidence"
+"""``CheckResult.error`` (prefix) of a listing without any log store."""
+
+CATEGORIES = ("lost", "corrupt", "unexpected", "recovered", "recovered_failed", "prefix_violations", "dropped")
 """Categories with examples; for prefix_violations the example is the first missing or misplaced seq."""
 
 
@@ -96,14 +110,17 @@ class LogSummary:
     unexpected: int = 0
     recovered: int = 0
     recovered_failed: int = 0
+    dropped: int = 0
 
 
 @dataclass(frozen=True)
 class CheckResult:
     """Counts per category, examples, per-log summaries, and the verdict under ``durable``.
 
-    ``error`` is set (and every count is 0) when the check could not be made; the verdict is then
-    unknown. ``inputs`` describes what was read (ledger stats, mirror source) when known.
+    ``error`` is set (and every count is 0) when the check could not be made, including when the
+    listing came from no log store (``NO_EVIDENCE``); the verdict is then unknown. ``mirror_stores``:
+    log stores the listing came from. ``dropped``: records the mirror's recovery threw away (listed
+    or only counted). ``inputs`` describes what was read (ledger stats, mirror source) when known.
     """
 
     attempted: int = 0
@@ -116,6 +133,8 @@ class CheckResult:
     recovered: int = 0
     recovered_failed: int = 0
     prefix_violations: int = 0
+    dropped: int = 0
+    mirror_stores: int = 0
     mirror_logs: int = 0
     mirror_records: int = 0
     examples: Mapping[str, tuple[tuple[str, int], ...]] = field(default_factory=dict)
@@ -153,7 +172,7 @@ class CheckResult:
         kind = "durable" if self.durable else "non-durable"
         if self.error is not None:
             return f"{self.verdict} ({kind}): check failed: {self.error}"
-        counts = " ".join(f"{name}={getattr(self, name)}" for name in _COUNTS if name != "mirror_logs")
+        counts = " ".join(f"{name}={getattr(self, name)}" for name in _COUNTS if name not in _SHAPE)
         line = f"{self.verdict} ({kind}): {counts}"
         for cat in ("corrupt", "unexpected", "prefix_violations", "lost"):
             if self.examples.get(cat):
@@ -164,19 +183,23 @@ class CheckResult:
 
 
 _COUNTS = ("attempted", "acked", "failed", "indeterminate", "lost", "corrupt", "unexpected", "recovered",
-           "recovered_failed", "prefix_violations", "mirror_logs", "mirror_records")
+           "recovered_failed", "prefix_violations", "dropped", "mirror_stores", "mirror_logs", "mirror_records")
+_SHAPE = ("mirror_stores", "mirror_logs")  # in to_dict, not in the summary line; set by check, not tallied
 
 
 def verdict_for(result: CheckResult, durable: bool) -> Verdict:
-    """Judge ``result`` for a mode: durable modes promise the mirror holds every acked append.
+    """Judge ``result`` for a mode; ``durable``: the mode promised no acked append is lost (in this disaster).
 
-    unknown if the check failed or no op was acked (nothing was measured); data-loss on any corrupt,
-    unexpected or prefix violation, or (durable only) any lost; ok otherwise.
+    unknown if the check failed (``error``, which includes no evidence); data-loss on any corrupt,
+    unexpected or prefix violation, whatever the mode; unknown if no op was acked (nothing measured);
+    data-loss on any lost op when ``durable``; ok otherwise.
     """
-    if result.error is not None or result.acked == 0:
+    if result.error is not None:
         return Verdict.UNKNOWN
     if result.corrupt or result.unexpected or result.prefix_violations:
         return Verdict.DATA_LOSS
+    if result.acked == 0:
+        return Verdict.UNKNOWN
     if durable and result.lost:
         return Verdict.DATA_LOSS
     return Verdict.OK
@@ -189,21 +212,30 @@ def check(entries: Iterable[LedgerEntry], listing: Mapping[str, Any], *, durable
     """Compare every ledger op with the mirror's recovered logs (``site_listing`` format).
 
     ``listing["logs"]`` maps a log id (string) to ``[[seq, size, digest], ...]`` in log order; ledger
-    logs are matched as ``str(entry.log)``. Raises ``CheckError`` on a malformed listing or two ops
-    on one (log, seq); ``check_dirs`` turns any exception into an unknown result.
+    logs are matched as ``str(entry.log)``. ``listing["stores"]`` lists the log stores read: without
+    any, the result has ``error`` set (``NO_EVIDENCE``) and is unknown. ``listing["dropped"]`` (optional)
+    lists ``[log, seq, reason]`` records recovery threw away, ``listing["dropped_omitted"]`` how many
+    more. ``durable``: the mode promised no acked append is lost in this disaster. Raises
+    ``CheckError`` on a malformed listing or two ops on one (log, seq); ``check_dirs`` turns any
+    exception into an unknown result.
     """
     ops = _ops_by_key(entries)
     mirror = _parse_listing(listing)
-    tally = _Tally()
+    dropped, omitted = _parse_dropped(listing)
+    stores = _count_stores(listing)
+    if not stores:
+        return _no_evidence(ops, durable)
+    tally = _Tally(durable)
     for (log_id, seq), entry in ops.items():
-        tally.op(log_id, seq, entry, mirror.get(log_id, {}).get(seq))
+        tally.op(log_id, seq, entry, mirror.get(log_id, {}).get(seq), dropped.get((log_id, seq), ()))
     for log_id, records in mirror.items():
         for seq, copies in records.items():
             if (log_id, seq) not in ops:
                 tally.unexpected(log_id, seq, len(copies))
     for log_id, order in _mirror_orders(listing).items():
         tally.shape(log_id, order)
-    return tally.result(durable, mirror_logs=len(mirror))
+    tally.dropped(dropped, omitted)
+    return tally.result(durable, mirror_stores=stores, mirror_logs=len(mirror))
 
 
 def load_listing(mirror: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
@@ -211,7 +243,7 @@ def load_listing(mirror: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
 
     ``mirror`` is a JSON listing file, a directory holding ``listing.json``, or a site/store directory
     (listed with ``smfs.logstore.site_listing``, imported only then). A site directory without any store
-    is a ``CheckError``: checking against nothing would report every acked op lost.
+    gives a listing with no ``stores``, which ``check`` judges unknown (no evidence), never "all lost".
     """
     path = Path(mirror)
     if path.is_file():
@@ -221,10 +253,7 @@ def load_listing(mirror: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
     if path.is_dir():
         from smfs.logstore import site_listing
 
-        listing = site_listing(path)
-        if not listing.get("stores"):
-            raise CheckError(f"mirror {path}: no log store found (wrong directory?)")
-        return listing, f"site directory {path}"
+        return site_listing(path), f"site directory {path}"
     raise FileNotFoundError(f"mirror {path}: no such file or directory")
 
 
@@ -276,6 +305,39 @@ def _parse_listing(listing: Mapping[str, Any]) -> dict[str, dict[int, list[tuple
     return mirror
 
 
+def _count_stores(listing: Mapping[str, Any]) -> int:
+    """How many log stores the listing came from (0 when it has no ``stores`` entry)."""
+    stores = listing.get("stores")
+    if stores is None:
+        return 0
+    if not isinstance(stores, list):
+        raise CheckError(f"listing: 'stores': expected a list, got {type(stores).__name__}")
+    return len(stores)
+
+
+def _parse_dropped(listing: Mapping[str, Any]) -> tuple[dict[tuple[str, int], list[str]], int]:
+    """The listing's dropped records as (log, seq) -> reasons, and the count of omitted ones."""
+    entries, omitted = listing.get("dropped", []), listing.get("dropped_omitted", 0)
+    if not isinstance(entries, list):
+        raise CheckError("listing: 'dropped': expected a list of [log, seq, reason]")
+    if not isinstance(omitted, int) or isinstance(omitted, bool) or omitted < 0:
+        raise CheckError(f"listing: 'dropped_omitted': expected a count, got {omitted!r}")
+    dropped: dict[tuple[str, int], list[str]] = defaultdict(list)
+    for index, item in enumerate(entries):
+        if not (isinstance(item, list | tuple) and len(item) == 3 and isinstance(item[0], str | int)
+                and isinstance(item[1], int) and not isinstance(item[1], bool) and item[1] >= 0
+                and isinstance(item[2], str)):
+            raise CheckError(f"listing: dropped {index}: expected [log, seq, reason], got {item!r}")
+        dropped[(str(item[0]), item[1])].append(item[2])
+    return dict(dropped), omitted
+
+
+def _no_evidence(ops: Mapping[tuple[str, int], LedgerEntry], durable: bool) -> CheckResult:
+    """The unknown result of a listing without any log store; the error says how much was at stake."""
+    acked = sum(entry.outcome is Outcome.OK for entry in ops.values())
+    return CheckResult(durable=durable, error=f"{NO_EVIDENCE} ({acked} acked of {len(ops)} ops in the ledger)")
+
+
 def _parse_record(log_id: str, index: int, record: Any) -> Record:
     if (isinstance(record, list | tuple) and len(record) == 3
             and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in record[:2])
@@ -291,7 +353,8 @@ def _mirror_orders(listing: Mapping[str, Any]) -> dict[str, list[int]]:
 class _Tally:
     """Accumulates counts, examples, notes and per-log summaries while ``check`` walks the data."""
 
-    def __init__(self) -> None:
+    def __init__(self, durable: bool) -> None:
+        self.durable = durable
         self.counts: dict[str, int] = defaultdict(int)
         self.examples: dict[str, list[tuple[str, int]]] = {cat: [] for cat in CATEGORIES}
         self.notes: list[tuple[str, int, str]] = []
@@ -307,8 +370,12 @@ class _Tally:
             if name == "lost" and (summary.get("first_lost") is None or seq < summary["first_lost"]):
                 summary["first_lost"] = seq
 
-    def op(self, log_id: str, seq: int, entry: LedgerEntry, copies: list[tuple[int, str]] | None) -> None:
-        """Classify one ledger op against the copies of its record on the mirror (None: absent)."""
+    def op(self, log_id: str, seq: int, entry: LedgerEntry, copies: list[tuple[int, str]] | None,
+           dropped: Iterable[str] = ()) -> None:
+        """Classify one ledger op against the copies of its record on the mirror (None: absent).
+
+        ``dropped``: why the mirror's recovery threw records with this (log, seq) away, if it did.
+        """
         self._log(log_id, "attempted")
         summary = self.logs[log_id]
         if entry.outcome is Outcome.OK:
@@ -318,7 +385,7 @@ class _Tally:
             self._log(log_id, "failed" if entry.outcome is Outcome.FAIL else "indeterminate")
         if copies is None:
             if entry.outcome is Outcome.OK:
-                self._log(log_id, "lost", seq)
+                self._absent(log_id, seq, tuple(dropped))
             return
         bad = [(size, digest) for size, digest in copies if (size, digest) != (entry.size, entry.digest)]
         if bad:
@@ -331,6 +398,25 @@ class _Tally:
             self._log(log_id, "recovered", seq)
         elif entry.outcome is Outcome.FAIL:
             self._log(log_id, "recovered_failed", seq)
+
+    def _absent(self, log_id: str, seq: int, dropped: tuple[str, ...]) -> None:
+        """An acked op absent on the mirror: lost, or corrupt if a durable mirror dropped it at recovery."""
+        if not (dropped and self.durable):
+            self._log(log_id, "lost", seq)
+            return
+        self._log(log_id, "corrupt", seq)
+        self.notes.append((log_id, seq, f"log {log_id} seq {seq}: acked, but the mirror's recovery dropped it"
+                                        f" ({', '.join(sorted(set(dropped)))})"))
+
+    def dropped(self, dropped: Mapping[tuple[str, int], list[str]], omitted: int) -> None:
+        """Count every record the mirror's recovery dropped, listed (per log) or only counted."""
+        for (log_id, seq), reasons in dropped.items():
+            self._log(log_id, "dropped", seq)
+            for _again in reasons[1:]:  # one example per (log, seq), one count per record
+                self._log(log_id, "dropped")
+        self.counts["dropped"] += omitted
+        if omitted:
+            self.notes.append(("", -1, f"{omitted} more records dropped by the mirror's recovery, not listed"))
 
     def unexpected(self, log_id: str, seq: int, copies: int) -> None:
         """A mirror record no tester invoked."""
@@ -353,14 +439,14 @@ class _Tally:
             self.notes.append((log_id, prefix, f"log {log_id}: seqs 0..{prefix - 1} then {order[prefix]}"
                                                f" at position {prefix} (not a prefix)"))
 
-    def result(self, durable: bool, mirror_logs: int) -> CheckResult:
-        counts = {name: self.counts.get(name, 0) for name in _COUNTS if name != "mirror_logs"}
+    def result(self, durable: bool, mirror_stores: int, mirror_logs: int) -> CheckResult:
+        counts = {name: self.counts.get(name, 0) for name in _COUNTS if name not in _SHAPE}
         examples = {cat: tuple(sorted(pairs, key=_order)[:MAX_EXAMPLES]) for cat, pairs in self.examples.items()}
         notes = tuple(text for *_, text in sorted(self.notes, key=lambda n: _order(n[:2])))[:2 * MAX_EXAMPLES]
         logs = {log_id: LogSummary(log=log_id, **{k: v for k, v in fields.items() if k in _SUMMARY_FIELDS})
                 for log_id, fields in sorted(self.logs.items(), key=lambda item: _order((item[0], 0)))}
-        return CheckResult(**counts, mirror_logs=mirror_logs, examples=examples, notes=notes, logs=logs,
-                           durable=durable)
+        return CheckResult(**counts, mirror_stores=mirror_stores, mirror_logs=mirror_logs, examples=examples,
+                           notes=notes, logs=logs, durable=durable)
 
 
 _SUMMARY_FIELDS = frozenset(LogSummary.__dataclass_fields__) - {"log"}

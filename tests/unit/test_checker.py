@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workloads.checker import CheckError, CheckResult, Verdict, check, check_dirs, verdict_for
+from workloads.checker import NO_EVIDENCE, CheckError, CheckResult, Verdict, check, check_dirs, verdict_for
 from workloads.ledger import LedgerEntry, LedgerWriter, Outcome
 from workloads.payload import expected_digest
 
@@ -27,9 +27,17 @@ def rec(log: int, seq: int, size: int = SIZE) -> list[object]:
     return [seq, size, expected_digest(log, seq, size)]
 
 
-def listing(**logs: list[list[object]]) -> dict[str, object]:
-    """A site listing; keyword ``l3=[...]`` is log "3"."""
-    return {"logs": {name.removeprefix("l"): records for name, records in logs.items()}, "stores": []}
+STORE = {"path": "mirror/server-0", "records": 0, "bytes_truncated": 0, "records_dropped": 0, "reasons": []}
+"""A ``stores`` entry: the listing came from a log store (evidence)."""
+
+
+def listing(dropped: list[list[object]] | None = None, **logs: list[list[object]]) -> dict[str, object]:
+    """A site listing read from one store; keyword ``l3=[...]`` is log "3"; ``dropped`` as site_listing's."""
+    out: dict[str, object] = {"logs": {name.removeprefix("l"): records for name, records in logs.items()},
+                              "stores": [STORE]}
+    if dropped is not None:
+        out["dropped"] = dropped
+    return out
 
 
 def ops(log: int, outcomes: str) -> list[LedgerEntry]:
@@ -159,13 +167,98 @@ def test_non_durable_mode_reports_losses_but_keeps_ok() -> None:
     assert r.summary_line().startswith("ok (non-durable): ")
 
 
-def test_nothing_acked_is_unknown_even_with_unexpected_records() -> None:
-    # With no acked op nothing was measured; typically the ledger is missing and every record would
-    # look unexpected: unknown, never a false data-loss alarm.
-    r = check(ops(1, "ii"), listing(l1=[rec(1, 0), rec(1, 1), rec(1, 2)]))
-    assert r.acked == 0 and r.unexpected == 1
+def test_nothing_acked_and_nothing_wrong_is_unknown() -> None:
+    # With no acked op and a clean mirror nothing was measured: unknown, in every mode.
+    r = check(ops(1, "ii"), listing(l1=[rec(1, 0), rec(1, 1)]))
+    assert r.acked == 0 and r.recovered == 2
     assert r.verdict is Verdict.UNKNOWN and verdict_for(r, durable=False) is Verdict.UNKNOWN
     assert check([], listing()).verdict is Verdict.UNKNOWN
+    assert check(ops(1, "fi"), listing(), durable=False).verdict is Verdict.UNKNOWN
+
+
+@pytest.mark.parametrize("case", ["unexpected", "corrupt", "prefix"])
+@pytest.mark.parametrize("durable", [True, False])
+def test_nothing_acked_but_a_bad_mirror_is_data_loss(case: str, durable: bool) -> None:
+    # Bytes nobody wrote, other bytes than were written, or a hole: data loss even with no acked op.
+    mirror = {"unexpected": listing(l1=[rec(1, 0), rec(1, 1), rec(1, 2)]),
+              "corrupt": listing(l1=[rec(1, 0), rec(1, 1, size=5)]),
+              "prefix": listing(l1=[rec(1, 1)])}[case]
+    r = check(ops(1, "ii"), mirror, durable=durable)
+    assert r.acked == 0 and (r.unexpected, r.corrupt, r.prefix_violations) == (
+        case == "unexpected", case == "corrupt", case == "prefix")
+    assert r.verdict is Verdict.DATA_LOSS and r.verdict.exit_code == 1
+
+
+# --- evidence: a listing from no log store is unknown, in every mode -----------------------------------
+
+@pytest.mark.parametrize("stores", ["missing", "empty"])
+@pytest.mark.parametrize("durable", [True, False])
+def test_listing_from_no_store_is_unknown_in_every_mode(stores: str, durable: bool) -> None:
+    # Every acked op absent: without a store this is missing evidence, not "all lost" (nor "ok").
+    empty: dict[str, object] = {"logs": {}} if stores == "missing" else {"logs": {}, "stores": []}
+    r = check(ops(1, "ooo") + ops(2, "of"), empty, durable=durable)
+    assert r.verdict is Verdict.UNKNOWN and r.verdict.exit_code == 2
+    assert r.error == f"{NO_EVIDENCE} (4 acked of 5 ops in the ledger)"
+    assert (r.acked, r.lost, r.mirror_stores) == (0, 0, 0)
+    assert verdict_for(r, durable=True) is Verdict.UNKNOWN and verdict_for(r, durable=False) is Verdict.UNKNOWN
+    assert r.to_dict()["error"].startswith("no log store on the mirror: missing evidence")
+    assert "check failed: no log store on the mirror" in r.summary_line()
+
+
+def test_listing_from_no_store_is_unknown_even_with_records() -> None:
+    # A hand-made listing with records but no store entry is still not evidence of a mirror's disk.
+    r = check(ops(1, "oo"), {"logs": {"1": [rec(1, 0), rec(1, 1)]}})
+    assert r.verdict is Verdict.UNKNOWN and (r.error or "").startswith(NO_EVIDENCE)
+
+
+def test_store_with_no_record_is_evidence_the_mirror_got_nothing() -> None:
+    r = check(ops(1, "ooo"), listing(), durable=True)
+    assert r.error is None and r.lost == 3 and r.mirror_stores == 1 and r.verdict is Verdict.DATA_LOSS
+    r = check(ops(1, "ooo"), listing(), durable=False)
+    assert r.lost == 3 and r.verdict is Verdict.OK
+
+
+def test_malformed_stores_is_a_check_error() -> None:
+    with pytest.raises(CheckError, match="'stores': expected a list"):
+        check(ops(1, "o"), {"logs": {}, "stores": {"path": "x"}})
+
+
+# --- records the mirror's recovery dropped ---------------------------------------------------------------
+
+def test_acked_record_dropped_by_recovery_is_corrupt_when_durable() -> None:
+    dropped = [["1", 2, "checksum"], ["1", 3, "gap"], ["1", 3, "torn"]]
+    r = check(ops(1, "oooo"), listing(l1=[rec(1, 0), rec(1, 1)], dropped=dropped), durable=True)
+    assert (r.lost, r.corrupt, r.dropped) == (0, 2, 3) and r.examples["corrupt"] == (("1", 2), ("1", 3))
+    assert r.examples["dropped"] == (("1", 2), ("1", 3)) and r.logs["1"].dropped == 3
+    assert "log 1 seq 2: acked, but the mirror's recovery dropped it (checksum)" in r.notes
+    assert "log 1 seq 3: acked, but the mirror's recovery dropped it (gap, torn)" in r.notes
+    assert r.verdict is Verdict.DATA_LOSS and "first corrupt: log 1 seq 2" in r.summary_line()
+
+
+def test_acked_record_dropped_by_recovery_is_lost_when_not_durable() -> None:
+    r = check(ops(1, "oooo"), listing(l1=[rec(1, 0), rec(1, 1)], dropped=[["1", 2, "torn"]]), durable=False)
+    assert (r.lost, r.corrupt, r.dropped) == (2, 0, 1) and r.verdict is Verdict.OK
+    assert r.to_dict()["dropped"] == 1 and "dropped=1" in r.summary_line()
+
+
+def test_dropped_records_not_acked_or_still_intact_are_only_counted() -> None:
+    # seq 1 failed, seq 2 indeterminate, log 9 never invoked, seq 0 intact (a duplicate dropped for the gap)
+    dropped = [[1, 0, "gap"], ["1", 1, "checksum"], ["1", 2, "torn"], ["9", 0, "checksum"]]
+    mirror = listing(l1=[rec(1, 0)], dropped=dropped)
+    mirror["dropped_omitted"] = 5
+    r = check(ops(1, "ofi"), mirror, durable=True)
+    assert (r.lost, r.corrupt, r.unexpected, r.dropped) == (0, 0, 0, 9)
+    assert "5 more records dropped by the mirror's recovery, not listed" in r.notes
+    assert r.verdict is Verdict.OK
+
+
+@pytest.mark.parametrize("bad", [
+    {"dropped": {"1": 0}}, {"dropped": [["1", 0]]}, {"dropped": [["1", -1, "gap"]]}, {"dropped": [["1", 0, 3]]},
+    {"dropped": [[None, 0, "gap"]]}, {"dropped_omitted": -1}, {"dropped_omitted": "many"},
+])
+def test_malformed_dropped_is_a_check_error(bad: dict[str, object]) -> None:
+    with pytest.raises(CheckError, match="dropped"):
+        check(ops(1, "o"), {**listing(l1=[rec(1, 0)]), **bad})
 
 
 def test_error_result_is_unknown() -> None:
@@ -178,6 +271,7 @@ def test_to_dict_is_json_friendly() -> None:
     d = json.loads(json.dumps(r.to_dict()))
     assert d["verdict"] == "data-loss" and d["lost"] == 1 and d["examples"]["lost"] == [["1", 1]]
     assert d["logs"]["1"]["first_hole"] == 1 and d["error"] is None
+    assert (d["dropped"], d["mirror_stores"], d["logs"]["1"]["dropped"], d["examples"]["dropped"]) == (0, 1, 0, [])
 
 
 # --- check_dirs: files, directories, unknown on bad input --------------------------------------------
@@ -256,7 +350,11 @@ def test_check_dirs_on_a_real_site_directory(tmp_path: Path) -> None:
     assert (r.acked, r.lost, r.corrupt, r.lost_examples) == (4, 1, 0, (("3", 3),))
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert "no log store" in (check_dirs(tmp_path / "ledgers", empty).error or "")
+    for durable in (True, False):
+        r = check_dirs(tmp_path / "ledgers", empty, durable=durable)
+        assert r.verdict is Verdict.UNKNOWN and r.lost == 0
+        assert r.error == f"{NO_EVIDENCE} (4 acked of 4 ops in the ledger)"
+        assert r.inputs["mirror_source"] == f"site directory {empty}" and r.inputs["mirror_stores"] == []
 
 
 # --- property: deleting a suffix of each log loses exactly its acked ops -------------------------------
@@ -277,7 +375,7 @@ def ledgers_and_cuts(draw: st.DrawFn) -> tuple[list[LedgerEntry], dict[str, int]
 @given(ledgers_and_cuts())
 def test_lost_equals_acked_ops_in_deleted_suffixes(case: tuple[list[LedgerEntry], dict[str, int]]) -> None:
     entries, keep = case
-    mirror = {"logs": {name: [rec(int(name), s) for s in range(k)] for name, k in keep.items()}}
+    mirror = {"logs": {name: [rec(int(name), s) for s in range(k)] for name, k in keep.items()}, "stores": [STORE]}
     r = check(entries, mirror)
     cut = [e for e in entries if e.seq >= keep[str(e.log)]]
     kept = [e for e in entries if e.seq < keep[str(e.log)]]
@@ -288,3 +386,57 @@ def test_lost_equals_acked_ops_in_deleted_suffixes(case: tuple[list[LedgerEntry]
     assert r.attempted == len(entries) and r.mirror_records == len(kept)
     expected = Verdict.UNKNOWN if r.acked == 0 else (Verdict.DATA_LOSS if r.lost else Verdict.OK)
     assert r.verdict is expected
+
+
+# --- a real store damaged on disk: what recovery dropped reaches the verdict --------------------------
+
+def _damaged_site(tmp_path: Path, damage: str) -> Path:
+    """Log 1 seqs 0..4 (SIZE-byte payloads) in one store, then ``damage`` on disk: a flipped payload
+    byte in seq 2 ("flip"), seq 4 cut after its header ("torn"), or cut inside its header ("header")."""
+    logstore = pytest.importorskip("smfs.logstore")
+    from workloads.payload import payload
+
+    root = tmp_path / "site" / "server-0"
+    with logstore.LogStore.open(root, sync=False) as store:
+        store.append_many([(1, seq, payload(1, seq, SIZE)) for seq in range(5)])
+    seg = root / logstore.segment_name(1)
+    data = bytearray(seg.read_bytes())
+    step = logstore.HEADER_BYTES + SIZE
+    if damage == "flip":
+        data[2 * step + logstore.HEADER_BYTES + 10] ^= 0x01
+    else:
+        del data[4 * step + (logstore.HEADER_BYTES + 7 if damage == "torn" else 20):]
+    seg.write_bytes(bytes(data))
+    return tmp_path / "site"
+
+
+def test_real_store_with_a_flipped_payload_byte_is_corrupt_when_durable(tmp_path: Path) -> None:
+    site = _damaged_site(tmp_path, "flip")
+    from smfs.logstore import site_listing
+
+    mirror = site_listing(site)
+    assert mirror["dropped"] == [["1", 2, "checksum"], ["1", 3, "gap"], ["1", 4, "gap"]]
+    r = check(ops(1, "ooooo"), mirror, durable=True)
+    assert (r.lost, r.corrupt, r.dropped, r.mirror_records) == (0, 3, 3, 2) and r.verdict is Verdict.DATA_LOSS
+    assert r.examples["corrupt"] == (("1", 2), ("1", 3), ("1", 4))
+    assert "log 1 seq 2: acked, but the mirror's recovery dropped it (checksum)" in r.notes
+    assert "log 1 seq 3: acked, but the mirror's recovery dropped it (gap)" in r.notes
+    r = check(ops(1, "ooooo"), mirror, durable=False)
+    assert (r.lost, r.corrupt, r.dropped) == (3, 0, 3) and r.verdict is Verdict.OK
+
+
+def test_real_store_with_a_torn_tail(tmp_path: Path) -> None:
+    from smfs.logstore import site_listing
+
+    torn = site_listing(_damaged_site(tmp_path / "a", "torn"))
+    assert torn["dropped"] == [["1", 4, "torn"]] and torn["stores"][0]["bytes_truncated"] == 31
+    r = check(ops(1, "ooooo"), torn, durable=True)
+    assert (r.lost, r.corrupt, r.dropped) == (0, 1, 1) and r.verdict is Verdict.DATA_LOSS
+    r = check(ops(1, "ooooi"), torn, durable=True)  # the torn record was never acked: only counted
+    assert (r.lost, r.corrupt, r.dropped) == (0, 0, 1) and r.verdict is Verdict.OK
+    r = check(ops(1, "ooooo"), torn, durable=False)
+    assert (r.lost, r.corrupt) == (1, 0) and r.verdict is Verdict.OK
+    header = site_listing(_damaged_site(tmp_path / "b", "header"))  # header incomplete: nothing to name
+    assert header["dropped"] == [] and header["stores"][0]["bytes_truncated"] == 20
+    r = check(ops(1, "ooooo"), header, durable=True)
+    assert (r.lost, r.corrupt, r.dropped) == (1, 0, 0) and r.verdict is Verdict.DATA_LOSS
