@@ -10,6 +10,10 @@ acknowledged once it is written locally and the mode's remote condition covers i
 
 All three advance monotonically; a report below the current value is ignored. Offsets are bytes
 from the start of the stream (the first byte after the SYN).
+
+Two seeded defects (:mod:`smfs.defects`) break this policy on purpose: ``remote-sync-acks-at-handoff``
+(``mirror`` waits for ``handoff`` instead) and ``primary-acks-before-local-write`` (every append
+counts as written locally when submitted).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass
 
+from smfs import defects
 from smfs.modes import AckOn, Mode
 from smfs.wire import frame_size
 
@@ -43,6 +48,11 @@ class AckTracker:
         self._expected: dict[int, int] = dict(next_seq or {})
         self._pending: list[Pending] = []  # in submission (= stream) order
         self.failed = False
+        # The offset that completes an append: the mode's, but for the seeded defect.
+        self._limit: AckOn = mode.ack_on
+        if mode.ack_on == "mirror" and defects.active("remote-sync-acks-at-handoff"):
+            self._limit = "handoff"
+        self._local_at_submit = defects.active("primary-acks-before-local-write")
 
     def expected_seq(self, log: int) -> int:
         return self._expected.get(log, 0)
@@ -55,7 +65,7 @@ class AckTracker:
         self._expected[log] = seq + 1
         start = self.assigned
         self.assigned += frame_size(payload_len)
-        item = Pending(client, log, seq, start, self.assigned)
+        item = Pending(client, log, seq, start, self.assigned, local=self._local_at_submit)
         self._pending.append(item)
         return item
 
@@ -82,7 +92,7 @@ class AckTracker:
         return len(self._pending)
 
     def _complete(self) -> list[Pending]:
-        limit = self.offsets[self.mode.ack_on]
+        limit = self.offsets[self._limit]
         done: list[Pending] = []
         keep: list[Pending] = []
         for i, item in enumerate(self._pending):

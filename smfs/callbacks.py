@@ -189,10 +189,15 @@ class FlowTracker:
     packets waiting for their repairs (oldest dropped first, their bytes never reported).
     ``latencies`` keeps the last ``max_latencies`` delays (s) from a segment's packet being
     sent to its being safe, when the caller passes ``now``.
+
+    ``safe_at_send`` is the seeded defect ``network-sync-callback-before-repairs`` (see
+    :mod:`smfs.defects`), never on in a real run: a packet's bytes are safe as soon as it is
+    sent, without waiting for the repairs that cover it.
     """
 
     def __init__(
-        self, c: int = 3, max_flows: int = 4096, max_pending: int = 65536, max_latencies: int = 10000
+        self, c: int = 3, max_flows: int = 4096, max_pending: int = 65536, max_latencies: int = 10000,
+        safe_at_send: bool = False,
     ):
         if not 1 <= c <= 8:
             raise ValueError(f"c must be 1..8, got {c!r}")
@@ -209,6 +214,7 @@ class FlowTracker:
         self.ignored = 0
         """Data segments of flows seen without a SYN."""
         self._flow_names: dict[bytes, Flow] = {}  # raw addresses and ports -> Flow
+        self._safe_at_send = safe_at_send
 
     def on_packet_sent(self, tunnel_seq: int, ip_packet: bytes, now: float | None = None) -> None:
         """Note that tunnel packet ``tunnel_seq`` carrying ``ip_packet`` was sent at ``now`` (s)."""
@@ -257,6 +263,10 @@ class FlowTracker:
             return
         if end > st.ref:
             st.ref = end
+        if self._safe_at_send:  # seeded defect: safe before a single repair covering it is out
+            if st.mark_safe(start, end):
+                self._advanced.add(flow)
+            return
         carried = self._carried
         entries = carried.get(tunnel_seq)
         if entries is None:

@@ -2,8 +2,11 @@
 
 Egress: IP packets routed from the site's storage subnet to the peer site's enter a TUN device;
 each is sent unaltered inside an authenticated UDP datagram to the peer gateway, numbered, and fed
-to the FEC encoder, whose repair datagrams go out alongside. A repair whose send fails (socket
-buffer full, link down) waits in a bounded backlog and is resent on the next send opportunity or
+to the FEC encoder, whose repair datagrams go out alongside. "Sent" means the kernel took the
+datagram: the WAN socket has IP_RECVERR, so a datagram the local qdisc or device queue drops fails
+its ``sendto`` (ENOBUFS) instead of vanishing behind a success. A data datagram whose send fails is
+not tracked (TCP retransmits it); a repair whose send fails (socket buffer full, local queue full,
+link down) waits in a bounded backlog and is resent on the next send opportunity or
 timer tick, with backoff. The flow tracker turns "sent, with every covering repair" into
 per-TCP-flow safe stream offsets, pushed as callbacks to the local storage servers that
 subscribed (network-sync), and re-announced for a while (the :class:`Announcer`), since the
@@ -13,6 +16,8 @@ Ingress: datagrams from the peer are authenticated (HMAC, per-testbed key) and c
 replay window; data is written to the TUN at once, repairs rebuild lost packets, which are written
 as soon as they are rebuilt. Hostile or foreign datagrams are counted and dropped; so are replayed
 ones, and late originals of packets already rebuilt (counted apart: they are not replays).
+ICMP errors the peer's host or the path report (IP_RECVERR queues them on the WAN socket and fails
+the next send or recv with them) are read off the socket's error queue and counted; reading goes on.
 
 Statistics are written to ``--stats`` every second, on SIGUSR1 and on exit.
 """
@@ -38,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from smfs import defects
 from smfs.callbacks import Announcer, FlowTracker, decode_subscribe
 from smfs.fec import Decoder, Encoder, FecParams, Repair
 from smfs.pacer import Pacer
@@ -54,6 +60,12 @@ REPAIR_BACKLOG = 4096  # repairs waiting to be resent after a failed send (~6 MB
 RETRY_MIN_S, RETRY_MAX_S = 0.001, 0.05  # resend backoff (s): doubles per failed retry, up to the max
 PAUSE_MIN_S = 0.0005  # the shortest pause of the TUN reader (s)
 PACER_BURST_DATAGRAMS = 16  # the pacer's credit, in WAN-MTU datagrams: what the WAN's queue absorbs at once
+IP_RECVERR = getattr(socket, "IP_RECVERR", 11)  # Linux: report local drops and ICMP errors to the sender
+MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)  # Linux: read the socket's error queue
+ERRQUEUE_BATCH = 1024  # error reports read per drain; the rest keep the socket readable and are read next
+_QUEUE_FULL = frozenset({errno.EAGAIN, errno.ENOBUFS})  # send errors that put nothing on the error queue
+_SOCK_EE = struct.Struct("=IBBBBII")  # struct sock_extended_err: errno, origin, type, code, pad, info, data
+_SO_EE_ORIGINS = {1: "local", 2: "ICMP"}
 
 log = logging.getLogger("smfs.gateway")
 
@@ -87,6 +99,39 @@ def configure_tun(name: str, address: str, routes: list[str], mtu: int, queue: i
             ip.route("replace", dst=dst, oif=idx, prefsrc=address)
 
 
+def wan_socket(local: str) -> socket.socket:
+    """The gateway's UDP socket on the WAN, bound to ``local`` (HOST:PORT), non-blocking.
+
+    With IP_RECVERR, a datagram the local qdisc or device queue drops fails its ``sendto`` with
+    ENOBUFS; without it Linux reports success (``udp_send_skb`` hides ENOBUFS) and the gateway
+    would call the packet "on the WAN" and maybe safe. It also makes ICMP errors for this
+    unconnected socket visible: queued on its error queue (see :meth:`Gateway._drain_wan_errors`)
+    and raised by the next send or recv."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+        sock.bind(parse_hostport(local))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def describe_wan_error(ancdata: list[tuple[int, int, bytes]]) -> str:
+    """One line for an error-queue message's ancillary data (its ``sock_extended_err``), e.g.
+    ``"Connection refused (ICMP 3/3)"``; no addresses, so the reasons stay few."""
+    for level, kind, data in ancdata:
+        if level == socket.IPPROTO_IP and kind == IP_RECVERR and len(data) >= _SOCK_EE.size:
+            err, origin, icmp_type, icmp_code, *_ = _SOCK_EE.unpack_from(data)
+            where = _SO_EE_ORIGINS.get(origin, f"origin {origin}")
+            detail = f"{where} {icmp_type}/{icmp_code}" if origin == 2 else where
+            return f"{os.strerror(err)} ({detail})"
+    return "no extended error"
+
+
 class Gateway:
     def __init__(self, args: argparse.Namespace, key: bytes, tun: int) -> None:
         self.args = args
@@ -97,7 +142,8 @@ class Gateway:
                                 flush_ms=args.flush_ms)
         self.encoder = Encoder(self.params)
         self.decoder = Decoder(self.params, window=max(4096, 2 * self.params.span))
-        self.tracker = FlowTracker(self.params.c)
+        self.tracker = FlowTracker(self.params.c,
+                                   safe_at_send=defects.active("network-sync-callback-before-repairs"))
         self.announcer = Announcer()
         self.replay = ReplayWindow(self.decoder.window)  # as deep as the decoder: it remembers what it rebuilt
         self.sealer = Sealer(key, self.site)  # checks the key once, at start
@@ -112,11 +158,7 @@ class Gateway:
         self._timer: asyncio.TimerHandle | None = None
         self.loop = asyncio.get_running_loop()
         self.tun = tun
-        self.wan = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.wan.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-        self.wan.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        self.wan.bind(parse_hostport(args.local))
-        self.wan.setblocking(False)
+        self.wan = wan_socket(args.local)
         self.peer = parse_hostport(args.peer)
         self.control = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.control.bind(parse_hostport(args.control))
@@ -137,9 +179,15 @@ class Gateway:
     # The per-packet paths below are the gateway's whole CPU cost: they bind what they use to
     # locals and count into locals added to ``stats`` once per batch (stats are only read
     # between event-loop callbacks, never during one).
-    def _send_failed(self, err: OSError) -> None:
+    def _send_failed(self, err: OSError, what: str) -> None:
+        """A ``what`` ("data" or "repair") datagram did not reach the WAN: count it. An error other
+        than a full queue may have left a report on the error queue (an ICMP error this send
+        raised, EMSGSIZE): read it, or the socket stays readable and the reader spins."""
         self.stats["send_errors"] += 1
+        self.stats[f"{what}_send_errors"] += 1
         self.reasons[f"send: {err.strerror}"] += 1
+        if err.errno not in _QUEUE_FULL:
+            self._drain_wan_errors()
 
     def _on_tun(self) -> None:
         now = self.loop.time()
@@ -183,8 +231,8 @@ class Gateway:
                     datagram = seal(seq, packet)
                     try:
                         sendto(datagram, peer)
-                    except OSError as err:  # link cut, buffer full: the datagram did not reach the WAN
-                        self._send_failed(err)
+                    except OSError as err:  # link cut, buffer or qdisc full: the datagram did not reach the WAN
+                        self._send_failed(err, "data")  # and is never tracked: its bytes stay unsafe
                     else:
                         n_out += 1
                         if pacer is not None:
@@ -228,8 +276,8 @@ class Gateway:
                 datagram = seal(r)
                 try:
                     sendto(datagram, peer)
-                except OSError as err:
-                    self._send_failed(err)
+                except OSError as err:  # not sent: not reported to the tracker until a resend succeeds
+                    self._send_failed(err, "repair")
                     self._defer(r, datagram, err)
                 else:
                     self._spend(datagram)
@@ -277,6 +325,8 @@ class Gateway:
                     self._abandon("too large")
                     continue
                 self.stats["repair_retry_failures"] += 1
+                if err.errno not in _QUEUE_FULL:
+                    self._drain_wan_errors()
                 self._retry_delay = min(2 * self._retry_delay, RETRY_MAX_S)
                 break
             backlog.popleft()
@@ -369,7 +419,14 @@ class Gateway:
                 try:
                     data = recv(65535)
                 except BlockingIOError:
+                    if not n_in:  # woken with nothing to read: maybe an error report (EPOLLERR)
+                        self._drain_wan_errors()
                     return
+                except OSError as err:  # an ICMP error (IP_RECVERR), not a datagram: read its report, go on
+                    self.stats["wan_recv_errors"] += 1
+                    self.reasons[f"wan recv: {err.strerror}"] += 1
+                    self._drain_wan_errors()
+                    continue
                 n_in += 1
                 try:
                     _site, seq, payload = decode_raw(data, key, peer_site)
@@ -404,6 +461,25 @@ class Gateway:
             self.stats["wan_in"] += n_in
             self.stats["tun_out"] += n_out
 
+    def _drain_wan_errors(self) -> int:
+        """Read the WAN socket's error queue (IP_RECVERR: ICMP errors, local EMSGSIZE) until it is
+        empty, at most :data:`ERRQUEUE_BATCH` reports: each is counted in ``wan_errors``, its
+        reason in ``reasons``. Left there, a report keeps the socket readable (EPOLLERR) and
+        ``_on_wan`` would be called over and over with nothing to read. The number read."""
+        recvmsg, n = self.wan.recvmsg, 0
+        while n < ERRQUEUE_BATCH:
+            try:
+                _data, ancdata, _flags, _addr = recvmsg(64, 512, MSG_ERRQUEUE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as err:
+                self.reasons[f"wan error queue: {err.strerror}"] += 1
+                break
+            n += 1
+            self.reasons[f"wan error: {describe_wan_error(ancdata)}"] += 1
+        self.stats["wan_errors"] += n
+        return n
+
     def _tun_write_failed(self, err: OSError) -> None:
         self.stats["tun_write_errors"] += 1
         self.reasons[f"tun: {err.strerror}"] += 1
@@ -435,6 +511,10 @@ class Gateway:
             "replayed": self.stats["replayed"],
             "late_after_rebuild": self.stats["late_after_rebuild"],
             "send_errors": self.stats["send_errors"],
+            "data_send_errors": self.stats["data_send_errors"],
+            "repair_send_errors": self.stats["repair_send_errors"],
+            "wan_errors": self.stats["wan_errors"],
+            "wan_recv_errors": self.stats["wan_recv_errors"],
             "callbacks_sent": self.stats["callbacks_sent"],
             "callbacks_resent": self.stats["callbacks_resent"],
             "callback_send_errors": self.stats["callback_send_errors"],
@@ -508,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        defects.announce(log)
         key = bytes.fromhex(Path(args.key_file).read_text().strip())
         # pyroute2's synchronous API runs its own event loop: configure before ours starts.
         tun = open_tun(args.tun)

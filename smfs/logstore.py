@@ -23,6 +23,13 @@ written. The torn tail of the last segment is truncated so that new appends foll
 (writable opens only) the dropped records are tombstoned so that appends made after this recovery are
 not shadowed by them at the next one. ``read_only=True`` recovers without modifying anything.
 
+Recovery also names what it dropped (``RecoveryReport.dropped``, one :class:`DroppedRecord` each), so
+a checker can tell "the mirror never got it" from "the mirror had it and lost it at recovery":
+``gap`` a valid record after a missing seq of its log; ``checksum`` a record whose header looks sane
+(live magic, length within the segment) but whose checksum fails; ``torn`` a record starting the
+unreadable end of a segment whose 24-byte header is complete with a live magic. For ``checksum``
+and ``torn`` the log id and seq come from a header the checksum could not vouch for: suspects.
+
 A payload that itself contains a complete, valid record can be mistaken for one by a resync after
 corruption; that is the price of resynchronising without a separate index.
 """
@@ -44,10 +51,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import NamedTuple
 
+from smfs import defects
+
 __all__ = [
     "DEFAULT_SEGMENT_BYTES",
     "HEADER_BYTES",
     "MARKER",
+    "MAX_DROPPED",
+    "DroppedRecord",
     "LogStore",
     "LogStoreError",
     "Record",
@@ -81,6 +92,8 @@ _U32 = 2**32 - 1
 _U64 = 2**64 - 1
 _SEGMENT_RE = re.compile(r"^seg-(\d{8})\.smfs$")
 _MAX_REASONS = 50
+MAX_DROPPED = 100_000
+"""Dropped records named one by one, per store and per site listing; the rest are only counted."""
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
 
 Payload = bytes | bytearray | memoryview
@@ -109,6 +122,14 @@ class Record:
     payload: bytes
 
 
+class DroppedRecord(NamedTuple):
+    """A record recovery did not keep: its log, its seq, and why (``gap``, ``checksum`` or ``torn``)."""
+
+    log_id: int
+    seq: int
+    reason: str
+
+
 class RecordInfo(NamedTuple):
     """What the checker needs to know of a record: its place, its size (bytes) and ``payload_digest``."""
 
@@ -125,7 +146,9 @@ class RecoveryReport:
     ``records``: records kept (all logs); ``logs``: logs with at least one kept record;
     ``bytes_truncated``: torn tail cut off the last segment, bytes (for a read-only open: what a
     writable open would cut); ``records_dropped``: valid records dropped because an earlier record of
-    their log was missing; ``reasons``: one short line per problem found, capped at 50.
+    their log was missing; ``reasons``: one short line per problem found, capped at 50;
+    ``dropped``: every record not kept, in scan order, capped at ``MAX_DROPPED``;
+    ``dropped_omitted``: how many more there were past the cap.
     """
 
     records: int
@@ -133,6 +156,8 @@ class RecoveryReport:
     bytes_truncated: int
     records_dropped: int
     reasons: tuple[str, ...]
+    dropped: tuple[DroppedRecord, ...] = ()
+    dropped_omitted: int = 0
 
     @property
     def clean(self) -> bool:
@@ -174,9 +199,14 @@ def site_listing(path: str | os.PathLike[str]) -> dict[str, object]:
     Returns a JSON-friendly dict::
 
         {"logs": {"<log_id>": [[seq, size, digest], ...]},
-         "stores": [{"path", "records", "bytes_truncated", "records_dropped", "reasons"}]}
+         "stores": [{"path", "records", "bytes_truncated", "records_dropped", "reasons"}],
+         "dropped": [["<log_id>", seq, "gap" | "checksum" | "torn"], ...],
+         "dropped_omitted": n}
 
-    An existing directory without any store gives empty ``logs`` and ``stores``; a missing one raises.
+    ``dropped`` names every record recovery threw away (see the module docstring), capped at
+    ``MAX_DROPPED`` over the site; ``dropped_omitted`` counts the rest. An existing directory without
+    any store gives empty ``logs``, ``stores`` and ``dropped`` (no evidence at all, which a checker
+    must not read as "the mirror holds nothing"); a missing one raises.
     """
     root = Path(path)
     if not root.is_dir():
@@ -186,6 +216,8 @@ def site_listing(path: str | os.PathLike[str]) -> dict[str, object]:
     logs: dict[int, list[list[object]]] = {}
     owner: dict[int, Path] = {}
     stores: list[dict[str, object]] = []
+    dropped: list[list[object]] = []
+    omitted = 0
     for store_root in roots:
         with LogStore.open(store_root, read_only=True) as store:
             rep = store.recovery
@@ -203,7 +235,11 @@ def site_listing(path: str | os.PathLike[str]) -> dict[str, object]:
                 "reasons": list(rep.reasons),
             }
         )
-    return {"logs": {str(k): logs[k] for k in sorted(logs)}, "stores": stores}
+        room = MAX_DROPPED - len(dropped)
+        dropped += [[str(d.log_id), d.seq, d.reason] for d in rep.dropped[:room]]
+        omitted += rep.dropped_omitted + max(0, len(rep.dropped) - room)
+    return {"logs": {str(k): logs[k] for k in sorted(logs)}, "stores": stores, "dropped": dropped,
+            "dropped_omitted": omitted}
 
 
 class LogStore:
@@ -291,7 +327,10 @@ class LogStore:
     def _prepare_root(self, create: bool) -> None:
         marker = self.root / MARKER
         if create:
+            made = [d for d in (self.root, *self.root.parents) if not d.exists()]
             self.root.mkdir(parents=True, exist_ok=True)
+            for d in made:  # each new folder's name must be durable in its parent, or a crash loses the store
+                self._sync_dir(d.parent)
             if not marker.exists():
                 tmp = self.root / (MARKER + ".tmp")
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -316,10 +355,11 @@ class LogStore:
             except BlockingIOError:
                 raise LogStoreError(f"{self.root}: store is open for writing elsewhere") from None
 
-    def _sync_dir(self) -> None:
+    def _sync_dir(self, path: Path | None = None) -> None:
+        """fsync the store's folder (or ``path``): a new or renamed entry in it is durable only then."""
         if not self.sync:
             return
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(path or self.root, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
         finally:
@@ -359,6 +399,8 @@ class LogStore:
             bytes_truncated=truncated,
             records_dropped=len(scan.dropped),
             reasons=scan.all_reasons(),
+            dropped=tuple(scan.named),
+            dropped_omitted=scan.named_omitted,
         )
 
     def _tombstone(self, dropped: list[tuple[int, int]]) -> None:
@@ -392,7 +434,8 @@ class LogStore:
         """Create segment ``number``, make its directory entry durable, and make it the append target."""
         fd = os.open(self._seg_path(number), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            self._sync_dir()
+            if not defects.active("mirror-skips-directory-fsync"):  # seeded defect: the self-test's only
+                self._sync_dir()
         except BaseException:
             os.close(fd)
             raise
@@ -624,6 +667,8 @@ class _Scan:
         self.index: dict[int, list[_Loc]] = {}
         self.dead: set[int] = set()
         self.dropped: list[tuple[int, int]] = []  # (segment, offset) of valid records not kept
+        self.named: list[DroppedRecord] = []  # every record not kept, valid or not, up to MAX_DROPPED
+        self.named_omitted = 0
         self.reasons: list[str] = []
         self.extra_reasons = 0
         self.tail_end = 0  # end of the last valid record of the last segment, bytes
@@ -634,6 +679,30 @@ class _Scan:
             self.reasons.append(text)
         else:
             self.extra_reasons += 1
+
+    def drop(self, log_id: int, seq: int, reason: str) -> None:
+        """Name a record recovery did not keep (past ``MAX_DROPPED``, only count it)."""
+        if len(self.named) < MAX_DROPPED:
+            self.named.append(DroppedRecord(log_id, seq, reason))
+        else:
+            self.named_omitted += 1
+
+    def suspects(self, view: memoryview, start: int, stop: int, reason: str) -> None:
+        """Name the records of the unreadable bytes ``start..stop`` by walking their headers.
+
+        Each header must be complete with a live magic; a ``checksum`` suspect also needs its length
+        within the segment (``len(view)``). The walk stops at the first header that fails or at ``stop``.
+        """
+        pos = start
+        while pos + HEADER_BYTES <= stop:
+            magic, _crc, log_id, seq, length = _HEADER.unpack_from(view, pos)
+            in_bounds = length <= len(view) - pos - HEADER_BYTES
+            if magic != _MAGIC_LIVE or not (in_bounds or reason == "torn"):
+                return
+            self.drop(log_id, seq, reason)
+            if not in_bounds:
+                return
+            pos += HEADER_BYTES + length
 
     def all_reasons(self) -> tuple[str, ...]:
         """The reasons, the ones past the cap summarised in a last line."""
@@ -674,7 +743,9 @@ class _Scan:
                 continue
             nxt = _resync(mm, view, pos + 1, size)
             if nxt < 0:
+                self.suspects(view, pos, size, "torn")
                 break
+            self.suspects(view, pos, nxt, "checksum")
             self.reason(f"{name}: skipped {nxt - pos} bytes at offset {pos} ({why})")
             pos = nxt
         return end
@@ -682,6 +753,7 @@ class _Scan:
     def _accept(self, number: int, name: str, pos: int, log_id: int, seq: int, length: int) -> None:
         if log_id in self.dead:
             self.dropped.append((number, pos))
+            self.drop(log_id, seq, "gap")
             return
         locs = self.index.get(log_id)
         expected = len(locs) if locs else 0
@@ -692,6 +764,7 @@ class _Scan:
             return
         self.dead.add(log_id)
         self.dropped.append((number, pos))
+        self.drop(log_id, seq, "gap")
         self.reason(
             f"log {log_id}: expected seq {expected}, found {seq} at {name}@{pos}; rest of log dropped"
         )

@@ -14,12 +14,14 @@ import os
 import socket
 import time
 
+from smfs import defects
 from smfs.acks import AckTracker, Pending, SequenceRejected
 from smfs.logstore import LogStore
 from smfs.modes import Mode
 from smfs.wire import FrameDecoder, FrameType, ProtocolError, encode, encode_header
 
 CONNECT_TIMEOUT = 30.0  # s to reach the mirror at start-up
+LAZY_WRITE_S = 1.0  # s the seeded defect primary-acks-before-local-write holds back each local write
 
 
 class PrimaryServer:
@@ -49,6 +51,10 @@ class PrimaryServer:
         self._mwriter: asyncio.StreamWriter | None = None
         self.flow: tuple[str, int, str, int] | None = None
         self.stats = {"acked": 0, "failed": 0, "callbacks": 0}
+        # Seeded defect: acks do not wait for the local write (AckTracker), which a write-behind
+        # writer makes LAZY_WRITE_S late, so a power cut finds acked appends missing on this disk.
+        self._lazy: asyncio.Queue[tuple[float, list[tuple[int, int, bytes]]]] | None = (
+            asyncio.Queue() if defects.active("primary-acks-before-local-write") else None)
 
     async def start(self) -> None:
         await self._connect_mirror()
@@ -58,6 +64,8 @@ class PrimaryServer:
         ]
         if self.mode.ack_on == "network":
             self._tasks.append(asyncio.create_task(self._callbacks(), name=f"callbacks-{self.index}"))
+        if self._lazy is not None:
+            self._tasks.append(asyncio.create_task(self._lazy_writer(), name=f"lazy-{self.index}"))
         for task in self._tasks:
             task.add_done_callback(self._task_done)
         with contextlib.suppress(FileNotFoundError):
@@ -159,9 +167,11 @@ class PrimaryServer:
                 self._mwriter.write(encode_header(FrameType.MIRROR, item.log, item.seq, payload))
                 self._mwriter.write(payload)
                 sent = item.end
-            local = asyncio.create_task(
-                asyncio.to_thread(self.store.append_many, [(i.log, i.seq, p) for i, p in batch])
-            )
+            records = [(i.log, i.seq, p) for i, p in batch]
+            if self._lazy is not None:  # seeded defect: write behind, acks do not wait
+                self._lazy.put_nowait((time.monotonic() + LAZY_WRITE_S, records))
+                records = []
+            local = asyncio.create_task(asyncio.to_thread(self.store.append_many, records))
             try:
                 await self._mwriter.drain()
                 self._ack(self.tracker.advance("handoff", sent))
@@ -174,6 +184,14 @@ class PrimaryServer:
                 self._fail_all(f"local write failed: {err}")
                 continue
             self._ack(self.tracker.local_written([i for i, _ in batch]))
+
+    async def _lazy_writer(self) -> None:
+        """The seeded defect's write-behind: each batch reaches the local store LAZY_WRITE_S late."""
+        assert self._lazy is not None
+        while True:
+            due, records = await self._lazy.get()
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            await asyncio.to_thread(self.store.append_many, records)
 
     async def _mirror_acks(self) -> None:
         assert self._mreader is not None

@@ -15,6 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
+from smfs import defects
 from smfs.logstore import LogStore
 from smfs.mirror import MirrorServer
 from smfs.modes import parse_mode
@@ -32,13 +33,19 @@ def socket_path(run_dir: Path | str, index: int) -> str:
 
 
 
+def open_stores(role: str, data: Path, servers: int, segment_bytes: int) -> list[LogStore]:
+    """The log stores of ``servers`` servers of ``role``, in ``data/server-i``; ``segment_bytes`` per
+    segment. Durable (fsync) always, but for the mirror under the seeded defect
+    ``mirror-acks-before-fsync``: its acks then cover data that is only in the page cache."""
+    sync = not (role == "mirror" and defects.active("mirror-acks-before-fsync"))
+    return [LogStore.open(data / f"server-{i}", segment_bytes=segment_bytes, sync=sync) for i in range(servers)]
+
+
 async def _run(args: argparse.Namespace) -> None:
     data, run = Path(args.data), Path(args.run)
     data.mkdir(parents=True, exist_ok=True)
     run.mkdir(parents=True, exist_ok=True)
-    stores = [
-        LogStore.open(data / f"server-{i}", segment_bytes=args.segment_bytes) for i in range(args.servers)
-    ]
+    stores = open_stores(args.role, data, args.servers, args.segment_bytes)
     servers: list[PrimaryServer | MirrorServer]
     if args.role == "mirror":
         host, port = parse_hostport(args.listen)
@@ -87,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        defects.announce(logging.getLogger("smfs.site"))
         asyncio.run(_run(args))
     except (ConnectionError, ValueError) as err:
         logging.getLogger("smfs.site").error("%s", err)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from smfs.acks import AckTracker, SequenceRejected
@@ -77,3 +79,47 @@ def test_mode_parsing() -> None:
     assert parse_mode("network-sync").durable and not parse_mode("local-sync+fec").durable
     with pytest.raises(ValueError, match="mode: unknown mode 'fast'"):
         parse_mode("fast")
+
+
+# -- seeded defects (smfs.defects): each breaks the policy only when SMFS_DEFECT names it --------
+
+
+@pytest.mark.parametrize("mode", ["remote-sync", "remote-sync+fec"])
+@pytest.mark.parametrize("seeded", [False, True])
+def test_remote_sync_acks_at_handoff_only_with_the_seeded_defect(
+    mode: str, seeded: bool, seed_defect: Callable[[str], None]
+) -> None:
+    if seeded:
+        seed_defect("remote-sync-acks-at-handoff")
+    t = AckTracker(MODES[mode])
+    items = _submit(t, 2)
+    t.local_written(items)
+    handed = [d.client for d in t.advance("handoff", t.assigned)]
+    assert handed == (["c0", "c1"] if seeded else [])
+    if not seeded:
+        assert [d.client for d in t.advance("mirror", t.assigned)] == ["c0", "c1"]
+
+
+@pytest.mark.parametrize("mode", ["local-sync", "network-sync"])
+def test_the_handoff_defect_leaves_the_other_modes_alone(mode: str, seed_defect: Callable[[str], None]) -> None:
+    seed_defect("remote-sync-acks-at-handoff")
+    t = AckTracker(MODES[mode])
+    items = _submit(t, 1)
+    t.local_written(items)
+    kind = MODES[mode].ack_on
+    assert len(t.advance(kind, t.assigned)) == 1
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("seeded", [False, True])
+def test_acks_before_the_local_write_only_with_the_seeded_defect(
+    mode: str, seeded: bool, seed_defect: Callable[[str], None]
+) -> None:
+    if seeded:
+        seed_defect("primary-acks-before-local-write")
+    t = AckTracker(MODES[mode])
+    items = _submit(t, 2)
+    remote = [d.client for d in t.advance(MODES[mode].ack_on, t.assigned)]  # not written locally yet
+    assert remote == (["c0", "c1"] if seeded else [])
+    assert [d.client for d in t.local_written(items)] == ([] if seeded else ["c0", "c1"])
+    assert t.pending() == 0

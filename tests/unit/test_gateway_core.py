@@ -1,11 +1,13 @@
 """The gateway's egress and ingress paths in memory: a fake event loop and clock, fake WAN and
-control sockets, a datagram socketpair as the TUN. Failed repair sends, lost callbacks and late
-originals of rebuilt packets."""
+control sockets, a datagram socketpair as the TUN. Failed data and repair sends, lost callbacks,
+late originals of rebuilt packets, ICMP errors on the WAN socket (and, on loopback, the real
+socket's IP_RECVERR behaviour)."""
 
 from __future__ import annotations
 
 import argparse
 import errno
+import select
 import socket
 import struct
 from collections.abc import Callable, Iterator
@@ -89,11 +91,15 @@ class FakeLoop:
 
 
 class FakeWan:
-    """The WAN socket: records what was sent; ``fail`` decides which sends raise."""
+    """The WAN socket: records what was sent; ``fail`` decides which sends raise. ``inbox`` holds
+    datagrams or OSErrors (an ICMP error the next recv raises); ``errqueue`` the error queue's
+    reports (ancillary data), read with ``recvmsg(..., MSG_ERRQUEUE)``."""
 
     def __init__(self) -> None:
         self.sent: list[bytes] = []
-        self.inbox: list[bytes] = []
+        self.inbox: list[bytes | OSError] = []
+        self.errqueue: list[list[tuple[int, int, bytes]]] = []
+        self.errqueue_reads = 0
         self.fail: Callable[[bytes], OSError | None] = lambda _d: None
 
     def sendto(self, data: bytes, _addr: object) -> int:
@@ -106,7 +112,17 @@ class FakeWan:
     def recv(self, _size: int) -> bytes:
         if not self.inbox:
             raise BlockingIOError
-        return self.inbox.pop(0)
+        item = self.inbox.pop(0)
+        if isinstance(item, OSError):
+            raise item
+        return item
+
+    def recvmsg(self, _size: int, _ancsize: int, flags: int) -> tuple[bytes, list, int, None]:
+        assert flags & gw_mod.MSG_ERRQUEUE, "only the error queue is read with recvmsg"
+        self.errqueue_reads += 1
+        if not self.errqueue:
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        return b"", self.errqueue.pop(0), 0, None
 
     def repairs(self) -> list[bytes]:
         return [d for d in self.sent if d[2] == KIND_REPAIR]
@@ -158,7 +174,7 @@ class Harness:
         self.control.inbox.append((encode_subscribe(FLOW), SUBSCRIBER))
         self.gw._on_control()
 
-    def receive(self, *datagrams: bytes) -> None:
+    def receive(self, *datagrams: bytes | OSError) -> None:
         self.wan.inbox.extend(datagrams)
         self.gw._on_wan()
 
@@ -181,7 +197,8 @@ def _args(site: str, wan_rate_bps: int = 0) -> argparse.Namespace:
                               wan_mtu=1500, wan_rate_bps=wan_rate_bps)
 
 
-def _make(monkeypatch: pytest.MonkeyPatch, site: str, wan_rate_bps: int = 0) -> Iterator[Harness]:
+def _make(monkeypatch: pytest.MonkeyPatch, site: str, wan_rate_bps: int = 0, real_wan: bool = False) -> Iterator[Harness]:
+    """A gateway on a fake loop and fake sockets; ``real_wan`` keeps its real WAN socket (on loopback)."""
     loop = FakeLoop()
     monkeypatch.setattr(gw_mod.asyncio, "get_running_loop", lambda: loop)
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -189,12 +206,16 @@ def _make(monkeypatch: pytest.MonkeyPatch, site: str, wan_rate_bps: int = 0) -> 
     theirs.setblocking(False)
     theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
     gw = Gateway(_args(site, wan_rate_bps), KEY, mine.fileno())
-    gw.wan.close()
     gw.control.close()
-    gw.wan, gw.control = FakeWan(), FakeControl()  # type: ignore[assignment]
+    gw.control = FakeControl()  # type: ignore[assignment]
+    if not real_wan:
+        gw.wan.close()
+        gw.wan = FakeWan()  # type: ignore[assignment]
     try:
         yield Harness(gw, loop, theirs)
     finally:
+        if real_wan:
+            gw.wan.close()
         mine.close()
         theirs.close()
 
@@ -284,6 +305,218 @@ def test_a_repair_too_large_to_send_is_not_retried(egress: Harness) -> None:
     snap = egress.gw.snapshot()
     assert snap["repair_backlog"] == 0 and snap["repairs_abandoned"] == 5
     assert egress.loop.next_timer() is None
+
+
+# -- "sent" means the kernel took it: a datagram whose send failed never counts as on the WAN ---
+
+
+FILL = PARAMS.r * 11 * 19  # data packets that fill every bin of every layer exactly: no partial bin left
+
+
+def _send_in_chunks(h: Harness, packets: list[bytes], chunk: int = 128) -> None:
+    """Route ``packets`` into the TUN a chunk at a time (its socket buffer is bounded), reading each."""
+    for i in range(0, len(packets), chunk):
+        h.send(*packets[i : i + chunk])
+
+
+def _spy_on_repairs(h: Harness) -> list[int]:
+    """Count what the gateway reports to the tracker as sent repairs from now on; each report must
+    already be on the (fake) WAN."""
+    reported: list[int] = []
+    real, before = h.gw.tracker.on_repairs_sent, len(h.wan.repairs())
+
+    def spy(repairs: list, now: float | None = None) -> None:
+        reported.append(len(repairs))
+        assert sum(reported) <= len(h.wan.repairs()) - before, "a repair reported sent that never went out"
+        real(repairs, now)
+
+    h.gw.tracker.on_repairs_sent = spy  # type: ignore[method-assign]
+    return reported
+
+
+@pytest.mark.parametrize("repairs_fail", [False, True])
+def test_full_bins_are_safe_only_once_their_repairs_are_really_sent(egress: Harness, repairs_fail: bool) -> None:
+    egress.subscribe()
+    egress.send(tcp(ISN, flags=TCP_SYN))
+    egress.loop.advance(0.006)  # the SYN's partial bins flushed: the next FILL packets fill bins exactly
+    reported = _spy_on_repairs(egress)
+    if repairs_fail:  # the local qdisc drops them: with IP_RECVERR, sendto says so
+        egress.wan.fail = _repairs_fail(OSError(errno.ENOBUFS, "No buffer space available"))
+    _send_in_chunks(egress, [tcp(ISN + 1 + 100 * i, 100) for i in range(FILL)])
+    full = 100 * FILL
+    if not repairs_fail:  # every bin filled and went out in the send path: safe at once, no timer
+        assert egress.safe() == full and egress.control.offsets()[-1] == full
+        return
+    assert egress.safe() == 0 and egress.control.offsets() == [] and sum(reported) == 0
+    egress.loop.advance(0.2)  # flush and retry timers: still failing, still nothing safe
+    assert egress.safe() == 0 and egress.control.offsets() == [] and sum(reported) == 0
+    snap = egress.gw.snapshot()
+    assert snap["repair_send_errors"] == snap["repairs_deferred"] == 3 * FILL // PARAMS.r
+    assert snap["data_send_errors"] == 0 and snap["repair_retry_failures"] >= 3
+    egress.wan.fail = lambda _d: None  # the queue drained: the next retry gets them out
+    egress.loop.advance(0.1)
+    assert egress.safe() == full and egress.control.offsets()[-1] == full
+    assert sum(reported) == 3 * FILL // PARAMS.r == len(egress.wan.repairs()) - 3  # 3: the SYN's
+
+
+def test_a_failed_data_send_keeps_its_bytes_unacked_until_resent(egress: Harness) -> None:
+    egress.subscribe()
+    data_sends = 0
+
+    def fail_second_data(d: bytes) -> OSError | None:
+        nonlocal data_sends
+        if d[2] == KIND_REPAIR:
+            return None
+        data_sends += 1
+        return OSError(errno.ENOBUFS, "No buffer space available") if data_sends == 3 else None
+
+    egress.wan.fail = fail_second_data
+    reported = _spy_on_repairs(egress)
+    sent = egress.gw.tracker.on_packet_sent
+    seen: list[int] = []
+    egress.gw.tracker.on_packet_sent = lambda seq, p, now=None: (seen.append(seq), sent(seq, p, now))  # type: ignore[method-assign]
+    # SYN, then bytes 0-99 sent, 100-199 dropped by the local queue, 200-299 sent.
+    egress.send(tcp(ISN, flags=TCP_SYN), tcp(ISN + 1, 100), tcp(ISN + 101, 100), tcp(ISN + 201, 100))
+    egress.loop.advance(0.006)  # every repair out, including the ones covering the lost packet
+    assert len(seen) == 3  # the failed datagram was never given to the tracker
+    assert egress.safe() == 100 and egress.control.offsets() == [100]  # 100-199 unacked, so 200-299 too
+    snap = egress.gw.snapshot()
+    assert snap["data_send_errors"] == snap["send_errors"] == 1 and snap["packets_out"] == 3
+    assert sum(reported) == len(egress.wan.repairs())
+    egress.loop.advance(1.0)
+    assert egress.safe() == 100
+    egress.send(tcp(ISN + 101, 100))  # TCP retransmits the segment: a new tunnel packet
+    egress.loop.advance(0.006)
+    assert egress.safe() == 300 and egress.control.offsets()[-1] == 300
+
+
+def test_a_send_failing_with_a_queued_icmp_error_is_not_sent_and_reads_the_report(egress: Harness) -> None:
+    """With IP_RECVERR an ICMP error (the peer's port closed while its gateway restarts) fails the
+    next send: that datagram did not go out. Its report is read off the error queue."""
+    egress.subscribe()
+    refused = ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+    egress.wan.errqueue.append(_icmp_report(errno.ECONNREFUSED))
+    egress.wan.fail = lambda d: refused if d[2] == KIND_REPAIR else None
+    egress.send(tcp(ISN, flags=TCP_SYN), tcp(ISN + 1, 100))
+    egress.loop.advance(0.006)  # the flush: every repair send fails
+    assert egress.safe() == 0 and egress.wan.errqueue == []  # the report was read at the first failure
+    egress.wan.fail = lambda _d: None
+    egress.loop.advance(0.1)
+    assert egress.safe() == 100
+    snap = egress.gw.snapshot()
+    assert snap["repairs_deferred"] == 5 and snap["repairs_retried"] == 5 and snap["wan_errors"] == 1
+    assert snap["reasons"]["wan error: Connection refused (ICMP 3/3)"] == 1
+
+
+def _icmp_report(err: int, icmp_type: int = 3, icmp_code: int = 3) -> list[tuple[int, int, bytes]]:
+    """The ancillary data of an error-queue message: an ICMP error's ``sock_extended_err``."""
+    ee = struct.pack("=IBBBBII", err, 2, icmp_type, icmp_code, 0, 0, 0) + bytes(16)
+    return [(socket.IPPROTO_IP, gw_mod.IP_RECVERR, ee)]
+
+
+def test_the_ingress_reader_survives_an_icmp_error_and_drains_the_error_queue(ingress: Harness) -> None:
+    data, repairs = _peer_stream(8)
+    ingress.wan.errqueue.extend([_icmp_report(errno.ECONNREFUSED), _icmp_report(errno.EHOSTUNREACH, 3, 1)])
+    refused = ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+    ingress.receive(data[0][2], refused, *[d for _s, _p, d in data[1:]], *repairs)
+    assert [p for _s, p, _d in data] == ingress.delivered()  # read on after the error: nothing lost
+    assert ingress.wan.errqueue == [] and ingress.wan.inbox == []
+    snap = ingress.gw.snapshot()
+    assert snap["wan_recv_errors"] == 1 and snap["wan_errors"] == 2 and snap["wan_datagrams_in"] == len(data) + len(repairs)
+    assert snap["reasons"]["wan recv: Connection refused"] == 1
+    assert snap["reasons"]["wan error: No route to host (ICMP 3/1)"] == 1
+
+
+def test_the_ingress_reader_woken_with_nothing_drains_the_error_queue(ingress: Harness) -> None:
+    """A send consumed the socket's pending error: its report stays queued and keeps the socket
+    readable (EPOLLERR), so a reader that found nothing to read must read the report, or spin."""
+    ingress.wan.errqueue.append(_icmp_report(errno.ECONNREFUSED))
+    ingress.gw._on_wan()
+    assert ingress.wan.errqueue == [] and ingress.gw.snapshot()["wan_errors"] == 1
+    reads = ingress.wan.errqueue_reads
+    data, _ = _peer_stream(2)
+    ingress.receive(*[d for _s, _p, d in data])  # datagrams read: no extra error-queue read per batch
+    assert ingress.wan.errqueue_reads == reads
+
+
+def test_the_ingress_reader_gives_up_after_a_batch_of_errors(ingress: Harness) -> None:
+    ingress.receive(*[OSError(errno.EHOSTUNREACH, "No route to host")] * 300)
+    assert len(ingress.wan.inbox) == 300 - 256  # returned to the loop: it is called again, never stuck
+    assert ingress.gw.snapshot()["wan_recv_errors"] == 256
+
+
+def test_the_wan_socket_reports_local_drops() -> None:
+    sock = gw_mod.wan_socket("127.0.0.1:0")
+    try:
+        assert sock.getsockopt(socket.IPPROTO_IP, gw_mod.IP_RECVERR) == 1
+        assert not sock.getblocking() and sock.getsockname()[0] == "127.0.0.1"
+    finally:
+        sock.close()
+
+
+def _closed_udp_port() -> int:
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    return port
+
+
+def _wait_for_error(sock: socket.socket) -> None:
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    assert poller.poll(2000), "no ICMP error came back on loopback"
+
+
+@pytest.fixture()
+def real_egress(monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
+    yield from _make(monkeypatch, "primary", real_wan=True)
+
+
+def test_icmp_errors_on_the_real_wan_socket_fail_a_send_and_are_drained(real_egress: Harness) -> None:
+    """On loopback, for real: the peer's port is closed, so the kernel answers a datagram with ICMP
+    port unreachable. The next send fails (nothing sent, nothing tracked), a recv fails likewise,
+    and the gateway reads the reports so that the socket does not stay readable."""
+    h, gw = real_egress, real_egress.gw
+    assert gw.wan.getsockopt(socket.IPPROTO_IP, gw_mod.IP_RECVERR) == 1
+    gw.peer = ("127.0.0.1", _closed_udp_port())
+    seen: list[int] = []
+    sent = gw.tracker.on_packet_sent
+    gw.tracker.on_packet_sent = lambda seq, p, now=None: (seen.append(seq), sent(seq, p, now))  # type: ignore[method-assign]
+    h.send(tcp(ISN, flags=TCP_SYN))  # goes out; the ICMP error comes back
+    _wait_for_error(gw.wan)
+    h.send(tcp(ISN + 1, 100))  # fails with the queued error: not on the WAN, not tracked
+    snap = gw.snapshot()
+    assert snap["data_send_errors"] == 1 and snap["packets_out"] == 1 and len(seen) == 1
+    assert snap["wan_errors"] == 1 and snap["reasons"]["wan error: Connection refused (ICMP 3/3)"] == 1
+    h.send(tcp(ISN + 1, 100))  # goes out; another ICMP error, now raised by the ingress recv
+    _wait_for_error(gw.wan)
+    gw._on_wan()
+    snap = gw.snapshot()
+    assert snap["wan_recv_errors"] == 1 and snap["wan_errors"] == 2
+    assert select.select([gw.wan], [], [gw.wan], 0) == ([], [], [])  # nothing left: the reader will not spin
+
+
+# -- seeded defect: callbacks before the repairs (smfs.defects) ----------------------------------
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_a_callback_before_the_repairs_only_with_the_seeded_defect(
+    monkeypatch: pytest.MonkeyPatch, seed_defect: Callable[[str], None], seeded: bool
+) -> None:
+    if seeded:
+        seed_defect("network-sync-callback-before-repairs")
+    for h in _make(monkeypatch, "primary"):
+        h.subscribe()
+        h.wan.fail = _repairs_fail(OSError(errno.ENOBUFS, "No buffer space available"))
+        h.send(tcp(ISN, flags=TCP_SYN), tcp(ISN + 1, 100))
+        h.loop.advance(0.006)
+        assert not h.wan.repairs()  # not one repair is out
+        assert h.safe() == (100 if seeded else 0)
+        assert h.control.offsets() == ([100] if seeded else [])
+        h.wan.fail = lambda _d: None
+        h.loop.advance(0.1)
+        assert len(h.wan.repairs()) == 5 and h.safe() == 100  # repairs still go out as usual
 
 
 # -- bug 2: a lost callback is re-announced ---------------------------------------------------

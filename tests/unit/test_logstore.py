@@ -17,6 +17,7 @@ from smfs import logstore
 from smfs.logstore import (
     HEADER_BYTES,
     MARKER,
+    DroppedRecord,
     LogStore,
     LogStoreError,
     Record,
@@ -355,11 +356,28 @@ def test_recovery_after_a_flipped_byte_anywhere(tmp_path: Path, small_store: tup
             later = len(originals[hit_log]) - hit_seq - 1
             assert store.recovery.records_dropped == later, pos
             assert store.recovery.reasons, pos
+            _assert_dropped_named(store.recovery.dropped, ops, hit, pos - bounds[hit][0])
             store.append(hit_log, hit_seq, b"replacement")
         with LogStore.open(root, sync=False) as store:
             assert store.recovery.records_dropped == 0, pos
             again = _contents(store)
             assert again[hit_log] == originals[hit_log][:hit_seq] + [b"replacement"], pos
+
+
+def _assert_dropped_named(dropped: tuple[DroppedRecord, ...], ops: list[Op], hit: int, at: int) -> None:
+    """Recovery names the later records of the damaged one's log (``gap``) and, when the flip at byte
+    ``at`` of record ``hit`` left its magic, log id, seq and length alone, the damaged one itself:
+    ``checksum``, or ``torn`` when it was the last record of the segment."""
+    hit_log, hit_seq = ops[hit][0], ops[hit][1]
+    later = [DroppedRecord(hit_log, seq, "gap") for log_id, seq, _p in ops[hit + 1 :] if log_id == hit_log]
+    assert [d for d in dropped if d.reason == "gap"] == later, at
+    if 4 <= at < 8 or at >= HEADER_BYTES:  # the crc or the payload
+        reason = "torn" if hit == len(ops) - 1 else "checksum"
+        assert dropped[0] == DroppedRecord(hit_log, hit_seq, reason), at
+        assert len(dropped) == len(later) + 1, at
+    elif at < 4:  # the magic: nothing names the record
+        assert len(dropped) == len(later), at
+    assert all(isinstance(d.log_id, int) and d.reason in {"gap", "checksum", "torn"} for d in dropped), at
 
 
 def test_gap_in_an_old_segment_is_tombstoned(tmp_path: Path) -> None:
@@ -375,9 +393,12 @@ def test_gap_in_an_old_segment_is_tombstoned(tmp_path: Path) -> None:
     with LogStore.open(root, segment_bytes=200, sync=False) as store:
         assert store.recovery.records_dropped == 4 and store.next_seq(1) == 1
         assert store.recovery.bytes_truncated == 0
+        assert store.recovery.dropped == (DroppedRecord(1, 1, "checksum"),
+                                          *(DroppedRecord(1, seq, "gap") for seq in range(2, 6)))
         store.append_many([(1, 1, b"new one"), (1, 2, b"new two")])
     with LogStore.open(root, segment_bytes=200, sync=False) as store:
-        assert store.recovery.records_dropped == 0
+        assert store.recovery.records_dropped == 0  # the gap's records were tombstoned; the bad bytes stay
+        assert store.recovery.dropped == (DroppedRecord(1, 1, "checksum"),)
         assert _contents(store) == {1: [ops[0][2], b"new one", b"new two"], 2: [b"other"]}
 
 
@@ -434,14 +455,75 @@ def test_site_listing_merges_servers(tmp_path: Path) -> None:
         (str(site / "server-0"), 6, 0),
         (str(site / "server-3"), 2, 4),
     ]
+    assert listing["dropped"] == [] and listing["dropped_omitted"] == 0  # "torn" is too short for a header
     assert site_listing(site / "server-0")["logs"].keys() == {"1", "5"}
-    assert site_listing(tmp_path / "mirror" / "not-a-store") == {"logs": {}, "stores": []}
+    assert site_listing(tmp_path / "mirror" / "not-a-store") == {
+        "logs": {}, "stores": [], "dropped": [], "dropped_omitted": 0}
     with pytest.raises(LogStoreError):
         site_listing(tmp_path / "nowhere")
     with LogStore.open(site / "server-4", sync=False) as store:
         store.append(5, 0, b"duplicate log")
     with pytest.raises(LogStoreError, match="log 5 is in two stores"):
         site_listing(site)
+
+
+def _damaged_site(tmp_path: Path) -> tuple[Path, bytes]:
+    """Site with two stores: server-0 holds log 1 seqs 0..4 (64-byte payloads) with a flipped payload
+    byte in seq 1 and seq 4 torn after its header; server-1 holds log 2 seqs 0..2, intact."""
+    site = tmp_path / "mirror"
+    with LogStore.open(site / "server-0", sync=False) as store:
+        store.append_many([(1, seq, _payload(1, seq, 64)) for seq in range(5)])
+    with LogStore.open(site / "server-1", sync=False) as store:
+        store.append_many([(2, seq, _payload(2, seq, 64)) for seq in range(3)])
+    seg = site / "server-0" / segment_name(1)
+    data = bytearray(seg.read_bytes())
+    step = HEADER_BYTES + 64
+    data[step + HEADER_BYTES + 30] ^= 0x40
+    seg.write_bytes(bytes(data[: 4 * step + HEADER_BYTES + 10]))
+    return site, bytes(data)
+
+
+def test_site_listing_names_the_dropped_records_and_modifies_nothing(tmp_path: Path) -> None:
+    site, _data = _damaged_site(tmp_path)
+    before = _snapshot(site / "server-0")
+    listing = site_listing(site)
+    assert _snapshot(site / "server-0") == before
+    assert json.loads(json.dumps(listing)) == listing
+    assert listing["logs"]["1"] == [[0, 64, payload_digest(_payload(1, 0, 64))]] and len(listing["logs"]["2"]) == 3
+    assert listing["dropped"] == [["1", 1, "checksum"], ["1", 2, "gap"], ["1", 3, "gap"], ["1", 4, "torn"]]
+    assert listing["dropped_omitted"] == 0
+    store0 = listing["stores"][0]
+    assert (store0["records"], store0["bytes_truncated"], store0["records_dropped"]) == (1, HEADER_BYTES + 10, 2)
+
+
+def test_torn_tail_walks_every_readable_header(tmp_path: Path) -> None:
+    """A power cut in a batch can leave several partial records at the tail; each readable one is named."""
+    root = tmp_path / "s"
+    with LogStore.open(root, sync=False) as store:
+        store.append_many([(1, seq, _payload(1, seq, 40)) for seq in range(4)])
+    seg = root / segment_name(1)
+    data = bytearray(seg.read_bytes())
+    step = HEADER_BYTES + 40
+    data[step + HEADER_BYTES + 1] ^= 0x01  # seq 1's payload: a bad record the tail starts with
+    data[2 * step + HEADER_BYTES + 1] ^= 0x01  # seq 2's too (length still sane)
+    seg.write_bytes(bytes(data[: 3 * step + HEADER_BYTES + 3]))  # and seq 3 torn after its header
+    with LogStore.open(root, read_only=True) as store:
+        assert store.recovery.dropped == tuple(DroppedRecord(1, seq, "torn") for seq in (1, 2, 3))
+        assert store.recovery.bytes_truncated == len(data[step : 3 * step + HEADER_BYTES + 3])
+
+
+def test_dropped_records_past_the_cap_are_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    site, _data = _damaged_site(tmp_path)
+    monkeypatch.setattr(logstore, "MAX_DROPPED", 3)
+    with LogStore.open(site / "server-0", read_only=True) as store:
+        assert len(store.recovery.dropped) == 3 and store.recovery.dropped_omitted == 1
+    with LogStore.open(site / "server-2", sync=False) as store:  # a third store: a gap in log 3
+        store.append(3, 0, b"x")
+    seg = site / "server-2" / segment_name(1)
+    seg.write_bytes(seg.read_bytes() * 2)  # seq 0 again after seq 0: the second one is dropped
+    listing = site_listing(site)
+    assert listing["dropped"] == [["1", 1, "checksum"], ["1", 2, "gap"], ["1", 3, "gap"]]
+    assert listing["dropped_omitted"] == 2
 
 
 # ---------------------------------------------------------------- properties
@@ -489,3 +571,34 @@ def test_model_with_rolling_and_a_torn_last_segment(
 def test_module_exports() -> None:
     assert set(logstore.__all__) <= set(dir(logstore))
     assert segment_name(1) == "seg-00000001.smfs"
+
+
+def test_a_new_store_makes_every_folder_it_created_durable(tmp_path, monkeypatch) -> None:
+    """A store at data/mirror/server-0 made from nothing: the names mirror/ and server-0/ must be
+    fsynced into their parents, else a power cut before writeback loses the whole store."""
+    synced: list[Path] = []
+    real = LogStore._sync_dir
+
+    def spy(self, path=None):
+        synced.append(Path(path or self.root))
+        real(self, path)
+
+    monkeypatch.setattr(LogStore, "_sync_dir", spy)
+    root = tmp_path / "data" / "mirror" / "server-0"
+    LogStore.open(root).close()
+    assert tmp_path in synced and tmp_path / "data" in synced and tmp_path / "data" / "mirror" in synced
+    assert root in synced  # the marker and the first segment
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_a_new_segment_is_made_durable_in_its_folder_unless_the_defect_is_seeded(tmp_path, monkeypatch, seeded,
+                                                                                   seed_defect) -> None:
+    if seeded:
+        seed_defect("mirror-skips-directory-fsync")
+    store = LogStore.open(tmp_path / "s", segment_bytes=4096)
+    synced: list[Path] = []
+    monkeypatch.setattr(LogStore, "_sync_dir", lambda self, path=None: synced.append(Path(path or self.root)))
+    for seq in range(4):
+        store.append(1, seq, b"x" * 3000)  # each append rolls to a new segment
+    store.close()
+    assert synced == ([] if seeded else [tmp_path / "s"] * 3)

@@ -4,6 +4,7 @@ bytes on any socket close only that connection, never the server or a log."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -159,5 +160,53 @@ def test_network_sync_resubscribes_when_callbacks_stop(tmp_path: Path) -> None:
         await primary.close()
         await mirror.close()
         gw.close()
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_the_mirror_skips_fsync_only_with_the_seeded_defect(
+    tmp_path: Path, seeded: bool, seed_defect: Callable[[str], None]
+) -> None:
+    from smfs.site import open_stores
+
+    if seeded:
+        seed_defect("mirror-acks-before-fsync")
+    mirror = open_stores("mirror", tmp_path / "m", 2, 1 << 20)
+    primary = open_stores("primary", tmp_path / "p", 2, 1 << 20)
+    try:
+        assert [s.sync for s in mirror] == [not seeded] * 2
+        assert [s.sync for s in primary] == [True, True]  # the primary's stores are never affected
+        assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["server-0", "server-1"]
+    finally:
+        for s in mirror + primary:
+            s.close()
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_an_ack_waits_for_the_local_write_unless_the_defect_is_seeded(
+    tmp_path: Path, seeded: bool, seed_defect: Callable[[str], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """remote-sync: correct, every acked append is in the primary's own store at its ack; with the
+    seeded defect the ack comes first and the write ``LAZY_WRITE_S`` later (what a power cut finds)."""
+    import smfs.primary as primary_mod
+
+    if seeded:
+        seed_defect("primary-acks-before-local-write")
+    monkeypatch.setattr(primary_mod, "LAZY_WRITE_S", 0.3)
+
+    async def go() -> None:
+        primary, mirror, pstore, mstore = await _pair(tmp_path, "remote-sync")
+        client = await Client.connect(str(tmp_path / "p.sock"))
+        for seq in range(5):
+            await client.append(3, seq, bytes([seq]) * 1000)
+        at_ack = pstore.next_seq(3)
+        await asyncio.sleep(0.6)
+        later = pstore.next_seq(3)
+        await client.close()
+        await primary.close()
+        await mirror.close()
+        assert later == 5
+        assert (at_ack < 5) if seeded else (at_ack == 5), at_ack
 
     asyncio.run(go())
