@@ -91,3 +91,18 @@ def _teardown_sysctl(res: Resource) -> None:
 
 register_teardown("bridge", _teardown_bridge)
 register_teardown("sysctl", _teardown_sysctl)
+
+
+def link_down(ifname: str) -> bool:
+    """Take a host interface (a VM's tap) down; False when it is already gone."""
+    with IPRoute() as ip:
+        idx = ip.link_lookup(ifname=ifname)
+        if not idx:
+            return False
+        try:
+            ip.link("set", index=idx[0], state="down")
+        except NetlinkError as err:
+            if err.code == 19:  # ENODEV: the tap went away with its QEMU
+                return False
+            raise
+    return True

@@ -15,11 +15,11 @@ from __future__ import annotations
 import json
 import math
 import platform
+import re
 import shutil
 import socket
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +27,8 @@ from typing import Any
 
 from smfs.modes import Mode
 from testbed.faults import Runner, Timed, Timeline, during, schedule
-from testbed.localdrill import EXIT_CODES, InfrastructureError, overall_verdict
-from testbed.progress import Progress
-from testbed.report import ledger_figures, table
+from testbed.report import table
+from testbed.runner import EXIT_CODES, InfrastructureError, RunConfig, overall_verdict
 
 Say = Callable[[str], None]
 SNAPSHOT = "ready"
@@ -52,7 +51,7 @@ __all__ = ["EXIT_CODES", "DrillConfig", "run_drill"]
 DRILL_KEYS = {
     "workload": {"testers", "append_size", "duration", "server_pairs"},
     "fec": {"r", "c", "flush"},
-    "faults": {"schedule", "fail_at", "burst_loss", "burst", "during"},
+    "faults": {"schedule", "fail_at", "burst_loss", "burst", "during", "drain_timeout"},
 }
 """The fields a drill reads from the spec's [workload], [fec] and [faults] tables; any other is a typo."""
 
@@ -75,8 +74,16 @@ class DrillConfig:
     schedule: str = "rolling-disaster"
     burst_loss: str = "1%"
     burst_seconds: float = 0.5
-    drain: float = 2.0  # s the mirror gets after the power cut, on top of the WAN's one-way delay
+    drain_timeout: float = 60.0  # [faults] drain_timeout: s the mirror gets to go quiet after the disaster
     during: tuple[Timed, ...] = ()  # faults injected (and healed) during the run, before the disaster
+    defects: tuple[str, ...] = ()  # seeded stack defects (the self-test only)
+    segment_bytes: int = 100 << 20  # log store segment size (the self-test makes it small)
+
+    def run_config(self) -> RunConfig:
+        """What the shared recipe needs of this drill."""
+        return RunConfig(out=self.out, testers=self.testers, append_size=self.append_size, duration=self.duration,
+                         fail_at=self.fail_at, servers=self.servers, schedule=self.schedule,
+                         drain_timeout=self.drain_timeout, defects=self.defects)
 
     def __post_init__(self) -> None:
         checks = [
@@ -86,6 +93,7 @@ class DrillConfig:
             (0 < self.fail_at <= self.duration, "faults.fail_at", "must be within workload.duration"),
             (len(self.modes) > 0, "modes", "give at least one mode"),
             (0 < self.flush_ms <= 1000, "fec.flush", "must be within (0, 1000] ms, e.g. \"5ms\""),
+            (1 <= self.drain_timeout <= 3600, "faults.drain_timeout", "must be within 1 s and 1 h, e.g. \"60s\""),
         ]
         for ok, name, fix in checks:
             if not ok:
@@ -116,6 +124,7 @@ class DrillConfig:
             schedule=str(faults.get("schedule", "rolling-disaster")), burst_loss=str(faults.get("burst_loss", "1%")),
             burst_seconds=parse_time_us(faults.get("burst", "500ms"), "faults.burst") / 1e6,
             during=during(faults.get("during"), spec, fail_at),
+            drain_timeout=parse_time_us(faults.get("drain_timeout", "60s"), "faults.drain_timeout") / 1e6,
         )
 
 
@@ -216,19 +225,9 @@ def prepare(tb: Any, cfg: DrillConfig, tl: Timeline) -> dict[str, Any]:
              "echo 8388608 > /proc/sys/net/core/rmem_max && echo 8388608 > /proc/sys/net/core/wmem_max")
         g.write_file(KEY_FILE, key, mode=0o600)
     mg = tb.guest(mirr)
-    mg.spawn("mirror-site", ["python3", "-m", "smfs.site", "mirror", "--servers", str(cfg.servers), "--data",
-                             "/data/mirror", "--run", f"{RUN}/mirror", "--listen", f"0.0.0.0:{MIRROR_PORT}"])
+    mg.spawn("mirror-site", mirror_argv(cfg))
     for site, vm in (("mirror", mirr), ("primary", prim)):
-        peer = "mirror" if site == "primary" else "primary"
-        peer_vm = mirr if site == "primary" else prim
-        tb.guest(vm).spawn("gateway", [
-            "python3", "-m", "smfs.gateway", "--site", site, "--tun", "smfs0", "--address", STORAGE[site][0],
-            "--route", STORAGE[peer][1], "--local", f"{_ip(tb, vm)}:{TUNNEL_PORT}",
-            "--peer", f"{_ip(tb, peer_vm)}:{TUNNEL_PORT}", "--control", CONTROL, "--key-file", KEY_FILE,
-            "--stats", STATS_FILE, "--ready", f"{RUN}/gateway.ready", "--r", str(cfg.r),
-            "--wan-mtu", str(tb.spec.mtu), "--wan-rate-bps", str(egress_rate_bps(tb.spec.wan, site)),
-            "--edge-queue", str(edge_queue_packets(tb.spec.wan, site, tb.spec.mtu)), "--flush-ms", f"{cfg.flush_ms:g}",
-        ])
+        tb.guest(vm).spawn("gateway", gateway_argv(tb, cfg, site))
     _wait_file(mg, f"{RUN}/mirror/mirror.ready", "mirror-site", "mirror site")
     for vm in (mirr, prim):
         _wait_file(tb.guest(vm), f"{RUN}/gateway.ready", "gateway", f"{vm} gateway")
@@ -236,6 +235,24 @@ def prepare(tb: Any, cfg: DrillConfig, tl: Timeline) -> dict[str, Any]:
     secs = tb.snapshot(SNAPSHOT, say=lambda _m: None)
     tl.mark(f"snapshot {SNAPSHOT!r} taken ({secs:.1f} s paused)")
     return {"shaped": shaped.to_dict(), "calibration": cal}
+
+
+def mirror_argv(cfg: DrillConfig) -> list[str]:
+    """The mirror site's command line in its guest."""
+    return ["python3", "-m", "smfs.site", "mirror", "--servers", str(cfg.servers), "--data", "/data/mirror",
+            "--run", f"{RUN}/mirror", "--listen", f"0.0.0.0:{MIRROR_PORT}", "--segment-bytes", str(cfg.segment_bytes)]
+
+
+def gateway_argv(tb: Any, cfg: DrillConfig, site: str) -> list[str]:
+    """A site's FEC gateway's command line in its guest."""
+    peer = "mirror" if site == "primary" else "primary"
+    vm, peer_vm = _vm(tb, site), _vm(tb, peer)
+    return ["python3", "-m", "smfs.gateway", "--site", site, "--tun", "smfs0", "--address", STORAGE[site][0],
+            "--route", STORAGE[peer][1], "--local", f"{_ip(tb, vm)}:{TUNNEL_PORT}",
+            "--peer", f"{_ip(tb, peer_vm)}:{TUNNEL_PORT}", "--control", CONTROL, "--key-file", KEY_FILE,
+            "--stats", STATS_FILE, "--ready", f"{RUN}/gateway.ready", "--r", str(cfg.r),
+            "--wan-mtu", str(tb.spec.mtu), "--wan-rate-bps", str(egress_rate_bps(tb.spec.wan, site)),
+            "--edge-queue", str(edge_queue_packets(tb.spec.wan, site, tb.spec.mtu)), "--flush-ms", f"{cfg.flush_ms:g}"]
 
 
 def egress_rate_bps(profile: Any, site: str) -> int:
@@ -272,114 +289,216 @@ def _fec_totals(per_site: dict[str, dict[str, Any] | None], out: Path) -> dict[s
     return GatewayPair(files).collect_stats()
 
 
-def _check_alive(pg: Any, mg: Any) -> None:
-    for g, name in ((pg, "primary-site"), (mg, "mirror-site"), (pg, "testers")):
-        if g.find(name) is None:
-            tail = g.sh(f"tail -n 3 {RUN}/{name}.log", check=False).strip().replace("\n", " | ")
-            raise InfrastructureError(f"{name} died during the run: {tail[:300]}")
-
-
-def run_mode(tb: Any, cfg: DrillConfig, mode: Mode, say: Say) -> dict[str, Any]:
-    """One mode from snapshot "ready"; returns its entry for result.json."""
-    from smfs.logstore import site_listing  # noqa: F401 - the guest runs the same function
-    from workloads.checker import check, verdict_for
-    from workloads.ledger import load_ledgers, normalize
-
-    out = cfg.out / mode.name
-    shutil.rmtree(out, ignore_errors=True)
-    (out / "logs").mkdir(parents=True)
-    tl = Timeline(say=say, prefix=f"{mode.name}: ")
-    entry: dict[str, Any] = {"mode": mode.name, "durable": mode.durable}
-    stream: LedgerStream | None = None
-    prim, mirr = _vm(tb, "primary"), _vm(tb, "mirror")
+PROBE = r"""
+import json, os, re, subprocess, sys
+ports, tunnel, store = set(json.loads(sys.argv[1])), int(sys.argv[2]), sys.argv[3]
+def rx(path, want):
+    total = 0
     try:
-        secs = tb.restore(SNAPSHOT, say=lambda _m: None)
+        lines = open(path).read().splitlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        f = line.split()
+        if int(f[1].split(":")[1], 16) in want:
+            total += int(f[4].split(":")[1], 16)
+    return total
+size = 0
+for d, _, files in os.walk(store):
+    for name in files:
+        try:
+            size += os.path.getsize(os.path.join(d, name))
+        except OSError:
+            pass
+backlog = None
+if os.path.exists("/sys/class/net/ifb-eth0"):
+    out = subprocess.run(["tc", "-s", "qdisc", "show", "dev", "ifb-eth0"], capture_output=True, text=True).stdout
+    backlog = sum(int(n) for n in re.findall(r"backlog \S+ (\d+)p", out))
+print(json.dumps({"wan_backlog": backlog, "tcp_rx": rx("/proc/net/tcp", ports), "udp_rx": rx("/proc/net/udp", {tunnel}),
+                  "store_bytes": size}))
+"""
+"""The mirror guest's side of a drain probe: packets in its ingress netem (site-ingress-ifb), bytes
+waiting in its storage and tunnel sockets, and the size of its log stores."""
+
+
+class VmBed:
+    """The VM testbed as the drill recipe's :class:`~testbed.runner.Bed`: each mode from snapshot
+    "ready", the primary site started in the mode, the ledger streamed over a virtio-serial port,
+    the spec's faults during the run and its disaster schedule at the end."""
+
+    kind = "vm"
+
+    def __init__(self, tb: Any, cfg: DrillConfig, say: Say) -> None:
+        self.tb, self.cfg, self.say = tb, cfg, say
+        self.prim, self.mirr = _vm(tb, "primary"), _vm(tb, "mirror")
+        self.env = {"SMFS_DEFECT": ",".join(cfg.defects)} if cfg.defects else None
+        self.runner: Runner | None = None
+        self.fec_sites: dict[str, dict[str, Any] | None] = {}
+        self.tl: Timeline | None = None
+
+    def begin(self, mode: Mode, out: Path, tl: Timeline) -> None:
+        self.out, self.tl, self.runner, self.fec_sites = out, tl, None, {}
+        secs = self.tb.restore(SNAPSHOT, say=lambda _m: None)
         tl.mark(f"restored {SNAPSHOT!r} ({secs:.1f} s)")
-        pg, mg = tb.guest(prim), tb.guest(mirr)
+        self.pg, self.mg = self.tb.guest(self.prim), self.tb.guest(self.mirr)
+        if self.env:  # the mirror site and the gateways in the snapshot run the correct stack
+            for g, name, argv in ((self.mg, "mirror-site", mirror_argv(self.cfg)),
+                                  *((self.tb.guest(vm), "gateway", gateway_argv(self.tb, self.cfg, site))
+                                    for site, vm in (("mirror", self.mirr), ("primary", self.prim)))):
+                ready = f"{RUN}/mirror/mirror.ready" if name == "mirror-site" else f"{RUN}/gateway.ready"
+                g.stop(name, wait=5)
+                g.sh(f"rm -f {ready}")
+                g.spawn(name, argv, env=self.env)
+                _wait_file(g, ready, name, f"{g.name} {name} (seeded defect)")
+            tl.mark(f"SEEDED DEFECT {', '.join(self.cfg.defects)}: mirror site and gateways restarted with it")
+
+    def start_primary(self, mode: Mode, tl: Timeline) -> None:
         if mode.fec:
             target, source = STORAGE["mirror"][0], STORAGE["primary"][0]
         else:
-            target, source = _ip(tb, mirr), _ip(tb, prim)
-        args = ["python3", "-m", "smfs.site", "primary", "--servers", str(cfg.servers), "--data", "/data/primary",
-                "--run", f"{RUN}/primary", "--mirror", f"{target}:{MIRROR_PORT}", "--source", source,
-                "--mode", mode.name]
+            target, source = _ip(self.tb, self.mirr), _ip(self.tb, self.prim)
+        args = ["python3", "-m", "smfs.site", "primary", "--servers", str(self.cfg.servers), "--data",
+                "/data/primary", "--run", f"{RUN}/primary", "--mirror", f"{target}:{MIRROR_PORT}", "--source", source,
+                "--mode", mode.name, "--segment-bytes", str(self.cfg.segment_bytes)]
         if mode.ack_on == "network":
             args += ["--gateway-control", CONTROL]
-        pg.spawn("primary-site", args)
-        _wait_file(pg, f"{RUN}/primary/primary.ready", "primary-site", "primary site")
-        tl.mark(f"primary site up ({cfg.servers} servers, {'through the gateways' if mode.fec else 'bare TCP'})")
-        stream = LedgerStream(tb.info(prim).ledger, out / "ledger-raw" / "stream.jsonl")
-        pg.spawn("testers", ["python3", "-m", "workloads.tester", "--testers", str(cfg.testers), "--append-size",
-                             str(cfg.append_size), "--duration", str(cfg.duration), "--servers", str(cfg.servers),
-                             "--run", f"{RUN}/primary", "--ledger-stream", LEDGER_PORT_DEV])
-        t_start = tl.mark(f"testers started ({cfg.testers} × {cfg.append_size} B appends)")
-        runner = Runner(cfg.during, tb, tl, clock=lambda: time.time() - t_start)
-        next_check = 0.0
-        with Progress(f"{mode.name}: testers running until the disaster", cfg.fail_at, say) as bar:
-            while (elapsed := time.time() - t_start) < cfg.fail_at:
-                runner.tick(elapsed)
-                if elapsed >= next_check and not runner.injected:  # a frozen VM cannot answer
-                    _check_alive(pg, mg)
-                    next_check = elapsed + 3.0
-                bar.update(elapsed, f"{stream.bytes // 1024} KiB of ledger")
-                time.sleep(0.2)
-        runner.heal_all()
-        fec_sites: dict[str, dict[str, Any] | None] = {}
+        self.pg.spawn("primary-site", args, env=self.env)
+        _wait_file(self.pg, f"{RUN}/primary/primary.ready", "primary-site", "primary site")
+        tl.mark(f"primary site up ({self.cfg.servers} servers, {'through the gateways' if mode.fec else 'bare TCP'})")
+
+    def start_testers(self, raw: Path, tl: Timeline) -> LedgerStream:
+        stream = LedgerStream(self.tb.info(self.prim).ledger, raw / "stream.jsonl")
+        cfg = self.cfg
+        self.pg.spawn("testers", ["python3", "-m", "workloads.tester", "--testers", str(cfg.testers), "--append-size",
+                                  str(cfg.append_size), "--duration", str(cfg.duration), "--servers", str(cfg.servers),
+                                  "--run", f"{RUN}/primary", "--ledger-stream", LEDGER_PORT_DEV], env=self.env)
+        return stream
+
+    def clock(self) -> dict[str, float]:
+        """The primary guest's clock against the host's (the ledger's times are the guest's)."""
+        dom = self.tb.domain(self.prim)
+        t0 = time.time()
+        got = dom.getTime()
+        t1 = time.time()
+        guest = got["seconds"] + got.get("nseconds", 0) / 1e9
+        return {"offset_s": round(guest - (t0 + t1) / 2, 4), "uncertainty_s": round((t1 - t0) / 2, 4)}
+
+    def tick(self, elapsed: float) -> None:
+        assert self.tl is not None
+        if self.runner is None:
+            t_start = time.time() - elapsed
+            self.runner = Runner(self.cfg.during, self.tb, self.tl, clock=lambda: time.time() - t_start)
+            self.next_check = 0.0
+        self.runner.tick(elapsed)
+        if elapsed >= self.next_check and not self.runner.injected:  # a frozen VM cannot answer
+            for g, name in ((self.pg, "primary-site"), (self.mg, "mirror-site"), (self.pg, "testers")):
+                if g.find(name) is None:
+                    tail = g.sh(f"tail -n 3 {RUN}/{name}.log", check=False).strip().replace("\n", " | ")
+                    raise InfrastructureError(f"{name} died during the run: {tail[:300]}")
+            self.next_check = elapsed + 3.0
+
+    def heal_all(self) -> None:
+        if self.runner is not None:
+            self.runner.heal_all()
+
+    def before_disaster(self, mode: Mode) -> None:
         if mode.fec:
-            fec_sites["primary"] = _gateway_stats(pg)  # its stats die with it: read just before the faults
-        for fault in schedule(cfg.schedule, tb.spec.wan, cfg.burst_loss, cfg.burst_seconds):
-            fault.inject(tb, tl)
-        t_cut = time.time()
-        ledger_bytes = stream.close()
-        stream = None
-        if tb.domain(mirr).isActive():
-            drain = cfg.drain + tb.spec.wan.a_to_b.delay_us / 1e6
-            time.sleep(drain)
-            tl.mark(f"mirror drained {drain:.1f} s; stopping it", ledger_bytes=ledger_bytes)
-            mg.stop("mirror-site", wait=10)
+            self.fec_sites["primary"] = _gateway_stats(self.pg)  # its stats die with it: read just before
+
+    def disaster(self, tl: Timeline) -> float:
+        for fault in schedule(self.cfg.schedule, self.tb.spec.wan, self.cfg.burst_loss, self.cfg.burst_seconds):
+            fault.inject(self.tb, tl)
+        return next(e["instant"] for e in reversed(tl.events) if e.get("site") == "primary" and "instant" in e)
+
+    def probe(self) -> dict[str, Any] | None:
+        """Where the mirror's drain stands (None when the mirror itself was hit: nothing to drain)."""
+        if not self.tb.domain(self.mirr).isActive():
+            return None
+        ports = list(range(MIRROR_PORT, MIRROR_PORT + self.cfg.servers))
+        res = self.mg.exec(["python3", "-c", PROBE, json.dumps(ports), str(TUNNEL_PORT), "/data/mirror"], timeout=30)
+        if res.rc != 0:
+            raise InfrastructureError(f"drain probe failed in the mirror: {res.stderr.decode(errors='replace')[-200:]}")
+        got = json.loads(res.out)
+        elsewhere = wan_backlog(self.tb, "mirror")
+        if elsewhere is not None:
+            got["wan_backlog"] = (got.get("wan_backlog") or 0) + elsewhere
+        stats = _gateway_stats(self.mg)
+        got["gateway_in"] = (stats or {}).get("wan_datagrams_in")
+        return got
+
+    def stop_mirror(self, mode: Mode, out: Path, tl: Timeline) -> dict[str, Any] | None:
+        if self.tb.domain(self.mirr).isActive():
+            self.mg.stop("mirror-site", wait=10)
+            tl.mark("mirror site stopped")
             if mode.fec:
-                mg.stop("gateway", wait=5)  # writes its final statistics on exit
-                fec_sites["mirror"] = _gateway_stats(mg)
+                self.mg.stop("gateway", wait=5)  # writes its final statistics on exit
+                self.fec_sites["mirror"] = _gateway_stats(self.mg)
             for name in ("mirror-site", "gateway"):
                 try:
-                    (out / "logs" / f"mirror-{name}.log").write_bytes(mg.read_file(f"{RUN}/{name}.log"))
+                    (out / "logs" / f"mirror-{name}.log").write_bytes(self.mg.read_file(f"{RUN}/{name}.log"))
                 except Exception:  # noqa: BLE001 - a healed disk may have rebooted the mirror: no log
                     pass
         else:
-            secs = tb.start(mirr)
-            mg = tb.guest(mirr)
-            tl.mark(f"mirror was hit: booted it again ({secs:.1f} s) to recover its logs", ledger_bytes=ledger_bytes)
-            fec_sites["mirror"] = None
-        if mode.fec:
-            entry["fec"] = _fec_totals(fec_sites, out)
-        mg.sh(f"mkdir -p {RUN}")  # a rebooted mirror starts with an empty /run
-        res = mg.exec(["python3", "-c", "import json; from smfs.logstore import site_listing; "
-                       "json.dump(site_listing('/data/mirror'), open('/run/smfs/listing.json', 'w'))"], timeout=180)
+            secs = self.tb.start(self.mirr)
+            self.mg = self.tb.guest(self.mirr)
+            tl.mark(f"mirror was hit: booted it again ({secs:.1f} s) to recover its logs")
+            self.fec_sites["mirror"] = None
+        return _fec_totals(self.fec_sites, out) if mode.fec else None
+
+    def listing(self, tl: Timeline) -> dict[str, Any]:
+        self.mg.sh(f"mkdir -p {RUN}")  # a rebooted mirror starts with an empty /run
+        res = self.mg.exec(["python3", "-c", "import json; from smfs.logstore import site_listing; "
+                            "json.dump(site_listing('/data/mirror'), open('/run/smfs/listing.json', 'w'))"], timeout=180)
         if res.rc != 0:
             raise InfrastructureError(f"mirror listing failed: {res.stderr.decode(errors='replace').strip()[-200:]}")
-        listing = json.loads(mg.read_file(f"{RUN}/listing.json"))
-        (out / "mirror-listing.json").write_text(json.dumps(listing))
-        tl.mark(f"mirror listing recovered: {sum(len(v) for v in listing['logs'].values())} records")
-        normalize(out / "ledger-raw", out / "ledger")
-        ledger = load_ledgers(out / "ledger")
-        result = check(ledger.entries, listing, durable=mode.durable)
-        entry.update(result.to_dict())
-        entry.update(ledger_figures(ledger.entries, t_end=t_cut))
-        entry["verdict"] = verdict_for(result, mode.durable)
-        tl.mark(f"checked: {result.summary_line()}")
-    except InfrastructureError as err:
-        entry.update({"verdict": "unknown", "error": str(err)})
-        say(f"{mode.name}: INFRASTRUCTURE FAILURE: {err}")
-    except Exception as err:  # noqa: BLE001 - a drill bug is "unknown", never "data-loss"
-        (out / "logs" / "drill-error.txt").write_text(traceback.format_exc())
-        entry.update({"verdict": "unknown", "error": f"{type(err).__name__}: {err}"})
-        say(f"{mode.name}: DRILL ERROR (verdict unknown): {err}; traceback in {out / 'logs' / 'drill-error.txt'}")
-    finally:
-        if stream is not None:
-            stream.close(wait=0)
-        entry["timeline"] = tl.events
-        (out / "mode.json").write_text(json.dumps(entry, indent=1, default=str))
-    return entry
+        return json.loads(self.mg.read_file(f"{RUN}/listing.json"))
+
+    def primary_listing(self, tl: Timeline) -> dict[str, Any]:
+        """Boot the power-cut primary again and recover its own logs read-only."""
+        secs = self.tb.start(self.prim)
+        self.pg = self.tb.guest(self.prim)
+        tl.mark(f"primary booted again ({secs:.1f} s) to read its own disk")
+        self.pg.sh(f"mkdir -p {RUN}")
+        res = self.pg.exec(["python3", "-c", "import json; from smfs.logstore import site_listing; "
+                            "json.dump(site_listing('/data/primary'), open('/run/smfs/listing.json', 'w'))"], timeout=180)
+        if res.rc != 0:
+            raise InfrastructureError(f"primary listing failed: {res.stderr.decode(errors='replace').strip()[-200:]}")
+        return json.loads(self.pg.read_file(f"{RUN}/listing.json"))
+
+    def end_mode(self) -> None:
+        return None
+
+
+def wan_backlog(tb: Any, towards: str) -> int | None:
+    """Packets queued in the WAN towards ``towards`` where it is enforced outside that site's guest:
+    the router's NIC towards it, or the host tap of its VM. None at the site-ingress point (the guest
+    probe reads its ifb) or when it cannot be read."""
+    from testbed import wan
+
+    point = wan.enforcement_point(tb)
+    if point == wan.ROUTER_POINT:
+        leg = tb.state["router"]["legs"][towards]["ifname"]
+        out = tb.guest(tb.router).exec(["tc", "-s", "qdisc", "show", "dev", leg], timeout=15).out
+        return sum(int(n) for n in re.findall(r"backlog \S+ (\d+)p", out))
+    if point == wan.HOST_POINT:
+        total = 0
+        with wan._host_ipr() as ipr:
+            for vm in tb.site_vms(towards):
+                tap = wan.tap_of(tb, vm)
+                idx = ipr.link_lookup(ifname=tap) if tap else []
+                for q in ipr.get_qdiscs(index=idx[0]) if idx else []:
+                    st = q.get_attr("TCA_STATS2")
+                    queue = st.get_attr("TCA_STATS_QUEUE") if st is not None else None
+                    total += (queue or {}).get("qlen", 0)
+        return total
+    return None
+
+
+def run_mode(tb: Any, cfg: DrillConfig, mode: Mode, say: Say) -> dict[str, Any]:
+    """One mode from snapshot "ready" through the shared recipe; returns its entry for result.json."""
+    from testbed.runner import run_mode as recipe
+
+    return recipe(VmBed(tb, cfg, say), cfg.run_config(), mode, say)
 
 
 def environment(tb: Any, wan_facts: dict[str, Any]) -> dict[str, Any]:
@@ -401,22 +520,16 @@ def environment(tb: Any, wan_facts: dict[str, Any]) -> dict[str, Any]:
             "wan": wan_facts.get("shaped"), "versions": vers}
 
 
-def run_drill(spec_path: str | Path, modes: tuple[Mode, ...], out: Path | None = None, keep: bool = False,
-              say: Say = print) -> dict[str, Any]:
-    """The whole drill; returns result.json's content (``verdict`` decides the exit code).
-
-    The testbed is brought up (or the active one of the same spec reused) and torn down at the end
-    unless ``keep``, also on Ctrl-C or error."""
+def with_testbed(spec: Any, cfg: DrillConfig, out: Path, keep: bool, say: Say,
+                 body: Callable[[Any], None], tl: Timeline | None = None) -> dict[str, Any]:
+    """Bring the spec's testbed up (or reuse the running one of the same spec), prepare snapshot
+    "ready" once, run ``body(tb)``, and tear the testbed down unless ``keep`` (also on Ctrl-C or
+    error). Returns the WAN's facts. A teardown that fails is said and raised only when ``body``
+    itself succeeded, so it never hides the error or the verdict that came before it."""
     from testbed import vmbed
-    from testbed.spec import load as load_spec
 
-    spec = load_spec(spec_path)
-    out = out or Path("results") / spec.name / time.strftime("%Y%m%d-%H%M%S")
-    cfg = DrillConfig.from_spec(spec, modes, out, keep)
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(spec_path, out / "spec.toml")
-    tl = Timeline(say=say)
-    result: dict[str, Any] = {"verdict": "unknown", "modes": []}
+    tl = tl or Timeline(say=say)
+    ok = False
     try:
         tb = _reuse(spec.name, say)
         if tb is None:
@@ -430,40 +543,83 @@ def run_drill(spec_path: str | Path, modes: tuple[Mode, ...], out: Path | None =
             tb.state["drill_wan"] = wan_facts
             tb._save()
         (out / "calibration.json").write_text(json.dumps(wan_facts.get("calibration"), indent=1))
-        entries = [run_mode(tb, cfg, mode, say) for mode in cfg.modes]
-        result = {
-            "verdict": overall_verdict(entries), "spec": spec.name, "environment": environment(tb, wan_facts),
-            "config": {"testers": cfg.testers, "append_size": cfg.append_size, "duration": cfg.duration,
-                       "fail_at": cfg.fail_at, "servers": cfg.servers, "r": cfg.r, "flush_ms": cfg.flush_ms, "schedule": cfg.schedule,
-                       "burst_loss": cfg.burst_loss, "burst_seconds": cfg.burst_seconds,
-                       "during": [t.describe() for t in cfg.during], "modes": [m.name for m in cfg.modes]},
-            "calibration": wan_facts.get("calibration"), "setup_timeline": tl.events, "modes": entries,
-        }
-        from testbed.plots import paper_findings
+        body(tb)
+        ok = True
+        return wan_facts | {"tb": tb}
+    finally:
+        if not keep:
+            say("tearing down the testbed (--keep keeps it)")
+            try:
+                vmbed.down(say=say)
+            except Exception as err:  # noqa: BLE001 - reported; the verdict (or the first error) stands
+                say(f"TEARDOWN FAILED: {err}; run ./inv down")
+                if ok:
+                    raise TeardownFailed(str(err)) from err
 
-        result["paper"] = paper_findings(entries)
-        (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
-        try:
-            from testbed.plots import write_report
 
-            write_report(result, out)
-        except Exception as err:  # noqa: BLE001 - the verdict stands without the plots
-            say(f"report: plots failed: {err}")
-        say("\n" + table(entries))
-        if result["paper"]:
-            say("\nagainst the paper:\n" + "\n".join(
-                f"  {'agrees   ' if f['agrees'] else 'DISAGREES'}  {f['claim']}: {f['detail']}" for f in result["paper"]))
-        say(f"\nverdict: {result['verdict']}   (result: {out / 'result.json'})")
-        return result
+class TeardownFailed(RuntimeError):
+    """The drill reached its end but the testbed could not be torn down (./inv down)."""
+
+
+def run_drill(spec_path: str | Path, modes: tuple[Mode, ...], out: Path | None = None, keep: bool = False,
+              say: Say = print) -> dict[str, Any]:
+    """The whole drill; returns result.json's content (``verdict`` decides the exit code).
+
+    The testbed is brought up (or the active one of the same spec reused) and torn down at the end
+    unless ``keep``, also on Ctrl-C or error. A failed teardown after the verdict is recorded in the
+    result (``teardown_error``) and said; it does not replace the verdict."""
+    from testbed.spec import load as load_spec
+
+    spec = load_spec(spec_path)
+    out = out or Path("results") / spec.name / time.strftime("%Y%m%d-%H%M%S")
+    cfg = DrillConfig.from_spec(spec, modes, out, keep)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(spec_path, out / "spec.toml")
+    tl = Timeline(say=say)
+    result: dict[str, Any] = {"verdict": "unknown", "modes": []}
+    entries: list[dict[str, Any]] = []
+    try:
+        facts = with_testbed(spec, cfg, out, keep, say,
+                             lambda tb: entries.extend(run_mode(tb, cfg, mode, say) for mode in cfg.modes), tl)
     except InfrastructureError as err:
         say(f"INFRASTRUCTURE FAILURE: {err}")
         result["error"] = str(err)
         (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
         return result
-    finally:
-        if not keep:
-            say("tearing down the testbed (--keep keeps it)")
-            vmbed.down(say=say)
+    except TeardownFailed as err:
+        facts = {"teardown_error": str(err)}
+    wan_facts = {k: v for k, v in facts.items() if k != "tb"}
+    result = {
+        "verdict": overall_verdict(entries), "spec": spec.name,
+        "environment": environment(facts["tb"], wan_facts) if "tb" in facts else {"testbed": "vm"},
+        "config": {"testers": cfg.testers, "append_size": cfg.append_size, "duration": cfg.duration,
+                   "fail_at": cfg.fail_at, "servers": cfg.servers, "r": cfg.r, "flush_ms": cfg.flush_ms,
+                   "schedule": cfg.schedule, "burst_loss": cfg.burst_loss, "burst_seconds": cfg.burst_seconds,
+                   "drain_timeout": cfg.drain_timeout, "during": [t.describe() for t in cfg.during],
+                   "modes": [m.name for m in cfg.modes]},
+        "calibration": wan_facts.get("calibration"), "setup_timeline": tl.events, "modes": entries,
+    }
+    if "teardown_error" in facts:
+        result["teardown_error"] = facts["teardown_error"]
+    from testbed.plots import paper_findings
+
+    result["paper"] = paper_findings(entries)
+    (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
+    try:
+        from testbed.plots import write_report
+
+        write_report(result, out)
+    except Exception as err:  # noqa: BLE001 - the verdict stands without the plots
+        say(f"report: plots failed: {err}")
+    say("\n" + table(entries))
+    if result["paper"]:
+        say("\nagainst the paper:\n" + "\n".join(
+            f"  {'agrees   ' if f['agrees'] else 'DISAGREES'}  {f['claim']}: {f['detail']}" for f in result["paper"]))
+    faults = [f"{m['mode']}: {f}" for m in entries for f in m.get("drill_faults", [])]
+    if faults:
+        say("\ndrill faults:\n" + "\n".join(f"  {f}" for f in faults))
+    say(f"\nverdict: {result['verdict']}   (result: {out / 'result.json'})")
+    return result
 
 
 def _reuse(name: str, say: Say) -> Any:

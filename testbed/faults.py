@@ -75,20 +75,27 @@ class LinkCut(Fault):
         tl.mark(f"WAN healed: {self.site} link up", site=self.site)
 
 
+def site_instant(tb: Any, tl: Timeline, site: str, what: str = "power cut") -> float:
+    """The site's disaster as one instant (``tb.disaster``: every VM frozen at once, then its links
+    cut, then destroyed); marks it in the timeline with ``instant`` (host time) and returns it."""
+    took = tb.disaster(site)
+    t = took["t_instant"]
+    tl.mark(f"{site} site: {what} at the instant (VMs frozen together in {took['freeze_s'] * 1000:.2f} ms, "
+            f"then links cut and VMs destroyed)", site=site, instant=t, instant_t=round(t - tl.origin, 3),
+            freeze_s=took["freeze_s"], destroy_s=took["destroy_s"], taps=took.get("taps"))
+    return t
+
+
 @dataclass(frozen=True)
 class SitePowerCut(Fault):
-    """Cut the site's links, then destroy every VM of the site (no shutdown, no flush)."""
+    """The site's disaster at one instant: its VMs frozen together, links cut, VMs destroyed (no
+    shutdown, no flush)."""
 
     site: str
     name = "site-power-cut"
 
     def inject(self, tb: Any, tl: Timeline) -> None:
-        for vm in tb.site_vms(self.site):
-            tb.set_link(vm, False)
-        tl.mark(f"{self.site} site: links cut", site=self.site)
-        took = tb.power_cut(self.site)
-        tl.mark(f"{self.site} site: power cut (VMs destroyed)", site=self.site,
-                destroy_s={vm: round(s, 2) for vm, s in took.items()})
+        site_instant(tb, tl, self.site)
 
 
 @dataclass(frozen=True)
@@ -115,7 +122,8 @@ class LossBurst(Fault):
 
 @dataclass(frozen=True)
 class RollingDisaster(Fault):
-    """The paper's: raise WAN loss briefly, then cut the WAN, then power-cut the primary site."""
+    """The paper's: raise WAN loss briefly, then the primary site's disaster at one instant (frozen,
+    links cut, destroyed)."""
 
     base: LinkProfile
     loss: str = "1%"
@@ -126,10 +134,7 @@ class RollingDisaster(Fault):
     def inject(self, tb: Any, tl: Timeline) -> None:
         LossBurst(self.base, self.loss, self.burst_seconds).inject(tb, tl)
         time.sleep(self.burst_seconds)
-        LinkCut(self.site).inject(tb, tl)
-        took = tb.power_cut(self.site)
-        tl.mark(f"{self.site} site: power cut (VMs destroyed)", site=self.site,
-                destroy_s={vm: round(s, 2) for vm, s in took.items()})
+        site_instant(tb, tl, self.site, "disaster")
 
 
 @dataclass(frozen=True)
@@ -209,11 +214,9 @@ class MirrorPowerOutage(Fault):
     name = "mirror-power-outage"
 
     def inject(self, tb: Any, tl: Timeline) -> None:
-        took = tb.power_cut(self.site)
-        tl.mark(f"{self.site} site: power outage (VMs destroyed)", site=self.site,
-                destroy_s={vm: round(s, 2) for vm, s in took.items()})
+        site_instant(tb, tl, self.site, "power outage")
         time.sleep(self.gap)
-        SitePowerCut(self.then).inject(tb, tl)
+        site_instant(tb, tl, self.then)
 
 
 SCHEDULES = ("rolling-disaster", "site-power-cut", "mirror-power-outage")

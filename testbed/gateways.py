@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.netns import ADDRS, NamespaceTestbed, other
+from testbed.runner import InfrastructureError
 
 TUNNEL_PORT = 7800
 CONTROL = "127.0.0.1:7790"
@@ -44,7 +45,7 @@ class GatewayPair:
 
 def start_gateways(tb: NamespaceTestbed, out: Path, logs: Path, r: int = 8,
                    interleaves: tuple[int, ...] | None = None, wan_rate_bps: int = 0,
-                   edge_queue: int = 0) -> GatewayPair:
+                   edge_queue: int = 0, env: dict[str, str] | None = None) -> GatewayPair:
     """One gateway per site namespace; storage traffic between the sites is routed through them
     (each paced to ``wan_rate_bps`` when given)."""
     key_file = out / "work" / "tunnel.key"
@@ -69,14 +70,12 @@ def start_gateways(tb: NamespaceTestbed, out: Path, logs: Path, r: int = 8,
             argv += ["--wan-rate-bps", str(wan_rate_bps)]
         if edge_queue:
             argv += ["--edge-queue", str(edge_queue)]
-        proc = tb.spawn(site, "gateway", argv, logs / f"gateway-{site}.log")
+        proc = tb.spawn(site, "gateway", argv, logs / f"gateway-{site}.log", env=env)
         waiting.append((site, proc, ready))
     deadline = time.monotonic() + READY_TIMEOUT
     for site, proc, ready in waiting:
         while not ready.exists():
             if proc.poll() is not None or time.monotonic() > deadline:
-                from testbed.localdrill import InfrastructureError
-
                 raise InfrastructureError(f"{site} gateway did not start (see {logs / f'gateway-{site}.log'})")
             time.sleep(0.05)
     return GatewayPair(stats)

@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,16 +25,16 @@ from typing import Any
 from smfs.modes import Mode
 from testbed import procs
 from testbed.netns import ADDRS, NamespaceTestbed, host_has_netem
-from testbed.report import ledger_figures, table
+from testbed.report import table
+from testbed.runner import InfrastructureError, overall_verdict
 
 MIRROR_PORT = 7700
 GATEWAY_CONTROL_PORT = 7790
+TUNNEL_PORT = 7800
 READY_TIMEOUT = 60.0  # s for a site to report ready
-DRAIN_GRACE = 1.5  # s the mirror gets, after the cut, to apply what already crossed the WAN
-
-
-class InfrastructureError(RuntimeError):
-    """The drill itself failed (a process died, a site never became ready): verdict unknown."""
+SCHEDULES = ("site-power-cut", "rolling-disaster")
+"""What the namespace drill can do at ``fail_at``. A mirror power outage needs VMs: a killed process
+leaves its writes in the host's page cache, which no power cut of a namespace can take away."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +49,11 @@ class LocalDrillConfig:
     segment_bytes: int = 100 << 20
     out: Path = Path("results/local")
     keep_data: bool = False
+    schedule: str = "site-power-cut"
+    burst_loss: float = 5.0  # % each way during the rolling disaster's burst
+    burst_seconds: float = 0.5
+    drain_timeout: float = 30.0  # s the mirror gets to go quiet after the disaster
+    defects: tuple[str, ...] = ()  # seeded stack defects (the self-test only)
 
     def __post_init__(self) -> None:
         checks = [
@@ -59,6 +63,10 @@ class LocalDrillConfig:
             (self.fail_at > 0, "fail_at", "must be positive seconds after the testers start"),
             (0 <= self.wan_loss < 100, "wan_loss", "must be a percentage in [0, 100)"),
             (len(self.modes) > 0, "modes", "give at least one mode"),
+            (self.schedule in SCHEDULES, "schedule", f"use one of {', '.join(SCHEDULES)} (a mirror power outage "
+             "needs VMs: ./inv drill)"),
+            (0 <= self.burst_loss <= 100, "burst_loss", "must be a percentage in [0, 100]"),
+            (1 <= self.drain_timeout <= 3600, "drain_timeout", "must be within 1 s and 1 h"),
         ]
         for ok, name, fix in checks:
             if not ok:
@@ -100,123 +108,172 @@ def _wait_ready(path: Path, proc: subprocess.Popen[bytes], what: str, log: Path)
         time.sleep(0.05)
 
 
-def run_mode(cfg: LocalDrillConfig, mode: Mode, say: Say) -> dict[str, Any]:
-    """One mode from a clean state; returns its entry for result.json."""
-    from workloads.checker import check, verdict_for
-    from workloads.ledger import load_ledgers, normalize
+class NsBed:
+    """The namespace testbed as the drill recipe's :class:`~testbed.runner.Bed`: per mode fresh
+    namespaces, the WAN's loss, the mirror site (and the gateways in the FEC modes), the primary site."""
 
-    out = cfg.out / mode.name
-    if out.exists():
-        shutil.rmtree(out)
-    work, logs, ledger_raw = out / "work", out / "logs", out / "work" / "ledger-raw"
-    for d in (work, logs):
-        d.mkdir(parents=True, exist_ok=True)
-    py = sys.executable
-    tb = NamespaceTestbed()
-    timeline: list[dict[str, Any]] = []
-    t_origin = time.time()
+    kind = "netns"
 
-    def mark(event: str, **extra: Any) -> None:
-        timeline.append({"t": round(time.time() - t_origin, 3), "event": event, **extra})
-        say(f"{mode.name}: {event}")
+    def __init__(self, cfg: LocalDrillConfig, say: Say) -> None:
+        self.cfg, self.say = cfg, say
+        self.env = {"SMFS_DEFECT": ",".join(cfg.defects)} if cfg.defects else None
+        self.tb: NamespaceTestbed | None = None
+        self.gw: Any = None
+        self.work = cfg.out / "work"
 
-    entry: dict[str, Any] = {"mode": mode.name, "durable": mode.durable}
-    try:
+    def begin(self, mode: Mode, out: Path, tl: Any) -> None:
+        self.out, self.work, self.logs = out, out / "work", out / "logs"
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.tb = tb = NamespaceTestbed()
         tb.build()
-        mark("namespaces up", run_id=tb.run_id)
-        method = tb.set_loss(cfg.wan_loss)
-        entry["wan"] = {"loss_pct": cfg.wan_loss, "method": method}
-        mark(f"WAN loss {cfg.wan_loss}% each way via {method}")
-        gw = None
+        tl.mark("namespaces up", run_id=tb.run_id)
+        method = tb.set_loss(self.cfg.wan_loss)
+        tl.mark(f"WAN loss {self.cfg.wan_loss}% each way via {method}", method=method)
+        self.gw = None
         if mode.fec:
             from testbed.gateways import start_gateways
 
-            gw = start_gateways(tb, out, logs)
-            mark("FEC gateways up")
-        mlog = logs / "mirror-site.log"
-        mproc = tb.spawn("mirror", "servers", [
-            py, "-m", "smfs.site", "mirror", "--servers", str(cfg.servers), "--data", str(work / "mirror"),
-            "--run", str(work / "run-mirror"), "--listen", f"{ADDRS['mirror'].storage}:{MIRROR_PORT}",
-            "--segment-bytes", str(cfg.segment_bytes),
-        ], mlog)
-        _wait_ready(work / "run-mirror" / "mirror.ready", mproc, "mirror site", mlog)
-        plog = logs / "primary-site.log"
+            self.gw = start_gateways(tb, out, self.logs, env=self.env)
+            tl.mark("FEC gateways up")
+        mlog = self.logs / "mirror-site.log"
+        self.mproc = tb.spawn("mirror", "servers", [
+            sys.executable, "-m", "smfs.site", "mirror", "--servers", str(self.cfg.servers), "--data",
+            str(self.work / "mirror"), "--run", str(self.work / "run-mirror"),
+            "--listen", f"{ADDRS['mirror'].storage}:{MIRROR_PORT}", "--segment-bytes", str(self.cfg.segment_bytes),
+        ], mlog, env=self.env)
+        _wait_ready(self.work / "run-mirror" / "mirror.ready", self.mproc, "mirror site", mlog)
+
+    def start_primary(self, mode: Mode, tl: Any) -> None:
+        assert self.tb is not None
+        plog = self.logs / "primary-site.log"
         pargs = [
-            py, "-m", "smfs.site", "primary", "--servers", str(cfg.servers), "--data", str(work / "primary"),
-            "--run", str(work / "run-primary"), "--mirror", f"{ADDRS['mirror'].storage}:{MIRROR_PORT}",
-            "--source", ADDRS["primary"].storage, "--mode", mode.name, "--segment-bytes", str(cfg.segment_bytes),
+            sys.executable, "-m", "smfs.site", "primary", "--servers", str(self.cfg.servers), "--data",
+            str(self.work / "primary"), "--run", str(self.work / "run-primary"),
+            "--mirror", f"{ADDRS['mirror'].storage}:{MIRROR_PORT}", "--source", ADDRS["primary"].storage,
+            "--mode", mode.name, "--segment-bytes", str(self.cfg.segment_bytes),
         ]
         if mode.ack_on == "network":
             pargs += ["--gateway-control", f"127.0.0.1:{GATEWAY_CONTROL_PORT}"]
-        pproc = tb.spawn("primary", "servers", pargs, plog)
-        _wait_ready(work / "run-primary" / "primary.ready", pproc, "primary site", plog)
-        mark("storage servers up", servers=cfg.servers)
-        tproc = tb.spawn("primary", "testers", [
-            py, "-m", "workloads.tester", "--testers", str(cfg.testers), "--append-size", str(cfg.append_size),
-            "--duration", str(cfg.duration), "--servers", str(cfg.servers), "--run", str(work / "run-primary"),
-            "--ledger", str(ledger_raw),
-        ], logs / "testers.log")
-        t_start = time.time()
-        mark("testers started", testers=cfg.testers, append_size=cfg.append_size)
-        next_note = 0.0
-        while (elapsed := time.time() - t_start) < cfg.fail_at:
-            for proc, what in ((pproc, "primary site"), (mproc, "mirror site")):
-                if proc.poll() is not None:
-                    raise InfrastructureError(f"{what} died during the run (exit {proc.returncode})")
-            if tproc.poll() is not None and elapsed < cfg.duration - 1:
-                raise InfrastructureError(f"testers exited early (exit {tproc.returncode}); see {logs / 'testers.log'}")
-            if elapsed >= next_note:
-                say(f"{mode.name}: running {elapsed:4.1f}/{cfg.fail_at:.1f} s until the power cut")
-                next_note += 2.0
-            time.sleep(0.05)
-        t_cut = time.time()
-        killed = tb.power_cut("primary")
-        mark("primary site power cut: WAN link cut, then SIGKILL", killed=killed)
-        time.sleep(DRAIN_GRACE)
-        for res in tb.site_processes("mirror"):
+        self.pproc = self.tb.spawn("primary", "servers", pargs, plog, env=self.env)
+        _wait_ready(self.work / "run-primary" / "primary.ready", self.pproc, "primary site", plog)
+        tl.mark("storage servers up", servers=self.cfg.servers)
+
+    def start_testers(self, raw: Path, tl: Any) -> _LedgerDir:
+        assert self.tb is not None
+        cfg = self.cfg
+        self.tproc = self.tb.spawn("primary", "testers", [
+            sys.executable, "-m", "workloads.tester", "--testers", str(cfg.testers), "--append-size",
+            str(cfg.append_size), "--duration", str(cfg.duration), "--servers", str(cfg.servers),
+            "--run", str(self.work / "run-primary"), "--ledger", str(raw),
+        ], self.logs / "testers.log", env=self.env)
+        return _LedgerDir(raw)
+
+    def clock(self) -> dict[str, float]:
+        return {"offset_s": 0.0, "uncertainty_s": 0.0}  # the testers write the host's clock
+
+    def tick(self, elapsed: float) -> None:
+        for proc, what in ((self.pproc, "primary site"), (self.mproc, "mirror site")):
+            if proc.poll() is not None:
+                raise InfrastructureError(f"{what} died during the run (exit {proc.returncode})")
+        if self.tproc.poll() is not None and elapsed < self.cfg.duration - 1:
+            raise InfrastructureError(f"testers exited early (exit {self.tproc.returncode}); see {self.logs / 'testers.log'}")
+
+    def heal_all(self) -> None:
+        return None
+
+    def before_disaster(self, mode: Mode) -> None:
+        return None
+
+    def disaster(self, tl: Any) -> float:
+        assert self.tb is not None
+        if self.cfg.schedule == "rolling-disaster":
+            method = self.tb.set_loss(self.cfg.burst_loss)
+            tl.mark(f"WAN loss raised to {self.cfg.burst_loss}% ({method})")
+            time.sleep(self.cfg.burst_seconds)
+        took = self.tb.disaster("primary")
+        t = took["t_instant"]
+        tl.mark(f"primary site: power cut at the instant ({len(took['frozen'])} processes frozen together, "
+                "then the WAN link cut, then SIGKILL)", site="primary", instant=t, instant_t=round(t - tl.origin, 3),
+                killed=took["killed"])
+        return t
+
+    def probe(self) -> dict[str, Any] | None:
+        assert self.tb is not None
+        return self.tb.mirror_probe([MIRROR_PORT + i for i in range(self.cfg.servers)], TUNNEL_PORT,
+                                    self.work / "mirror")
+
+    def stop_mirror(self, mode: Mode, out: Path, tl: Any) -> dict[str, Any] | None:
+        assert self.tb is not None
+        for res in self.tb.site_processes("mirror"):
             procs.kill(int(res.ident), res.meta.get("started"), sig=signal.SIGTERM, wait=5.0)
             procs.kill(int(res.ident), res.meta.get("started"))
-        if gw is not None:
-            entry["fec"] = gw.collect_stats()
-        mark("mirror stopped; recovering its logs read-only")
+        tl.mark("mirror stopped; recovering its logs read-only")
+        return self.gw.collect_stats() if self.gw is not None else None
+
+    def listing(self, tl: Any) -> dict[str, Any]:
         from smfs.logstore import site_listing
 
-        listing = site_listing(work / "mirror")
-        (out / "mirror-listing.json").write_text(json.dumps(listing))
-        normalize(ledger_raw, out / "ledger")
-        ledger = load_ledgers(out / "ledger")
-        result = check(ledger.entries, listing, durable=mode.durable)
-        entry.update(result.to_dict())
-        entry.update(ledger_figures(ledger.entries, t_end=t_cut))
-        entry["wan"]["drops"] = tb.wan_drops()
-        entry["verdict"] = verdict_for(result, mode.durable)
-        mark(f"checked: {result.summary_line()}")
-    except InfrastructureError as err:
-        entry.update({"verdict": "unknown", "error": str(err)})
-        say(f"{mode.name}: INFRASTRUCTURE FAILURE: {err}")
-    except Exception as err:  # noqa: BLE001 - a drill bug is "unknown", never "data-loss"
-        (logs / "drill-error.txt").write_text(traceback.format_exc())
-        entry.update({"verdict": "unknown", "error": f"{type(err).__name__}: {err}"})
-        say(f"{mode.name}: DRILL ERROR (verdict unknown): {err}; traceback in {logs / 'drill-error.txt'}")
-    finally:
-        tb.teardown()
-        entry["timeline"] = timeline
-        if not cfg.keep_data and work.exists():
-            shutil.rmtree(work, ignore_errors=True)
-    (out / "mode.json").write_text(json.dumps(entry, indent=1, default=str))
+        return site_listing(self.work / "mirror")
+
+    def primary_listing(self, tl: Any) -> dict[str, Any]:
+        from smfs.logstore import site_listing
+
+        return site_listing(self.work / "primary")
+
+    def end_mode(self) -> None:
+        if self.tb is not None:
+            drops = self.tb.wan_drops()
+            self.tb.teardown()
+            self.tb = None
+            if drops is not None:
+                (self.out / "wan-drops.json").write_text(json.dumps({"nftables_drops": drops}))
+        if not self.cfg.keep_data and self.work.exists():
+            shutil.rmtree(self.work, ignore_errors=True)
+
+
+class _LedgerDir:
+    """The testers' ledger files on this machine, as the recipe's ledger source."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.path.glob("*.jsonl")) if self.path.exists() else 0
+
+    def close(self, wait: float = 5.0) -> int:
+        return self.bytes
+
+
+def run_mode(cfg: LocalDrillConfig, mode: Mode, say: Say) -> dict[str, Any]:
+    """One mode from a clean state through the shared recipe; returns its entry for result.json."""
+    from testbed.runner import RunConfig
+    from testbed.runner import run_mode as recipe
+
+    run = RunConfig(out=cfg.out, testers=cfg.testers, append_size=cfg.append_size, duration=cfg.duration,
+                    fail_at=cfg.fail_at, servers=cfg.servers, schedule=cfg.schedule,
+                    drain_timeout=cfg.drain_timeout, defects=cfg.defects)
+    entry = recipe(NsBed(cfg, say), run, mode, say, progress=_Notes)
+    entry["wan"] = {"loss_pct": cfg.wan_loss}
     return entry
 
 
-def overall_verdict(modes: list[dict[str, Any]]) -> str:
-    verdicts = [m.get("verdict", "unknown") for m in modes]
-    if "data-loss" in verdicts:
-        return "data-loss"
-    if "unknown" in verdicts or not verdicts:
-        return "unknown"
-    return "ok"
+class _Notes:
+    """Progress as a line every 2 s (the namespace drill's runs are short)."""
 
+    def __init__(self, description: str, total: float, say: Say) -> None:
+        self.description, self.total, self.say, self.next = description, total, say, 0.0
 
-EXIT_CODES = {"ok": 0, "data-loss": 1, "unknown": 2}
+    def __enter__(self) -> _Notes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, done: float, status: str = "") -> None:
+        if done >= self.next:
+            self.say(f"{self.description}: {done:4.1f}/{self.total:.1f} s ({status})")
+            self.next += 2.0
 
 
 def run_local_drill(cfg: LocalDrillConfig, say: Say = print) -> dict[str, Any]:

@@ -17,11 +17,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import secrets
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pyroute2 import IPRoute, NetlinkError, NetNS, netns
 
@@ -119,11 +122,12 @@ class NamespaceTestbed:
             raise RuntimeError(f"{' '.join(argv)} in {site}: {res.stderr.decode().strip()}")
         return res.stdout.decode()
 
-    def spawn(self, site: str, name: str, argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    def spawn(self, site: str, name: str, argv: list[str], log_path: Path,
+              env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         """Start a long-running process in a site's namespace, recorded under this run."""
         return procs.spawn(
             ["ip", "netns", "exec", self.ns(site), *argv], owner=self.owner, name=f"{site}:{name}",
-            log_path=log_path, registry=self.registry,
+            log_path=log_path, registry=self.registry, env=env,
         )
 
     def site_processes(self, site: str) -> list[Resource]:
@@ -186,6 +190,42 @@ class NamespaceTestbed:
     def power_cut(self, site: str) -> list[str]:
         self.cut_link(site)
         return self.kill_site(site)
+
+    def disaster(self, site: str) -> dict[str, Any]:
+        """The site's power cut as one instant: every process of the site is stopped at once
+        (SIGSTOP to each process group: nothing more is sent or acked), then its WAN link is cut,
+        then they are killed. ``t_instant`` is the host time once all are stopped."""
+        frozen = []
+        for res in self.site_processes(site):
+            if procs.alive(int(res.ident), res.meta.get("started")):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(int(res.ident), signal.SIGSTOP)
+                frozen.append(res.meta.get("name", res.ident))
+        t_instant = time.time()
+        self.cut_link(site)
+        killed = self.kill_site(site)
+        return {"t_instant": t_instant, "frozen": frozen, "killed": killed}
+
+    def mirror_probe(self, ports: list[int], tunnel_port: int, store: Path) -> dict[str, Any]:
+        """Where the mirror's drain stands: bytes waiting in its storage sockets and its tunnel socket
+        (the mirror namespace's /proc/net), packets in the WAN's netem queues (0 with the nftables
+        drop, which holds nothing), and the size of its log stores."""
+        def rx(table: str, want: set[int]) -> int:
+            text = self.sh("mirror", "cat", f"/proc/net/{table}")
+            total = 0
+            for line in text.splitlines()[1:]:
+                f = line.split()
+                if int(f[1].split(":")[1], 16) in want:
+                    total += int(f[4].split(":")[1], 16)
+            return total
+
+        backlog = 0
+        if self.loss_method == "netem":
+            out = self.sh("wan", "tc", "-s", "qdisc", "show", "dev", "to-mirror", check=False)
+            backlog = sum(int(n) for n in re.findall(r"backlog \S+ (\d+)p", out))
+        size = sum(f.stat().st_size for f in store.rglob("*") if f.is_file()) if store.exists() else 0
+        return {"wan_backlog": backlog, "tcp_rx": rx("tcp", set(ports)), "udp_rx": rx("udp", {tunnel_port}),
+                "store_bytes": size}
 
     def teardown(self) -> None:
         self.registry.teardown(owner=self.owner)

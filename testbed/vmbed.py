@@ -18,6 +18,7 @@ boot, again after any reboot of a VM), so site-to-site traffic crosses the route
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 Say = Callable[[str], None]
 MIB = 1 << 20
+QEMU_RUN_DIR = "/run/libvirt/qemu"  # libvirt keeps <domain>.pid here (qemu:///system)
 
 
 class TestbedError(RuntimeError):
@@ -244,6 +246,61 @@ class VmTestbed:
     def power_cut(self, site: str) -> dict[str, float]:
         """Destroy every VM of ``site``; returns seconds per VM."""
         return {vm: self.destroy(vm) for vm in self.site_vms(site)}
+
+    def qemu_pid(self, vm: str) -> int:
+        """The pid of the running QEMU of ``vm`` (libvirt's pid file, checked against its command line)."""
+        info = self.info(vm)
+        try:
+            pid = int(Path(f"{QEMU_RUN_DIR}/{info.domain}.pid").read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError) as err:
+            raise TestbedError(f"{vm}: no running QEMU found ({err}); is the VM running?") from None
+        if f"guest={info.domain}".encode() not in cmdline:
+            raise TestbedError(f"{vm}: pid {pid} from libvirt's pid file is not {info.domain}'s QEMU")
+        return pid
+
+    def disaster(self, site: str) -> dict[str, Any]:
+        """The site's disaster as one instant: every QEMU of the site is stopped at once (SIGSTOP: no
+        vCPU runs, no packet or ledger line leaves, and no disk flush happens, unlike QMP ``stop``,
+        which flushes every disk cache), then its host taps are taken down, then the VMs are killed
+        (SIGKILL, then libvirt's destroy). Returns ``t_instant`` (host ``time.time()`` once every
+        QEMU of the site is stopped), ``freeze_s`` (SIGSTOP of the first to the last) and per VM
+        ``destroy_s``."""
+        import signal
+
+        from testbed import wan
+
+        pids = {vm: self.qemu_pid(vm) for vm in self.site_vms(site) if self.domain(vm).isActive()}
+        t0 = time.time()
+        for pid in pids.values():
+            os.kill(pid, signal.SIGSTOP)
+        t_instant = time.time()
+        taps = {}
+        for vm in pids:
+            tap = wan.tap_of(self, vm)
+            if tap:
+                bridges.link_down(tap)
+                taps[vm] = tap
+        destroy_s = {}
+        for vm, pid in pids.items():
+            t1 = time.monotonic()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            self._reap(vm)
+            destroy_s[vm] = round(time.monotonic() - t1, 3)
+        return {"t_instant": t_instant, "freeze_s": round(t_instant - t0, 6), "pids": pids, "taps": taps,
+                "destroy_s": destroy_s}
+
+    def _reap(self, vm: str, timeout: float = 15.0) -> None:
+        """Wait until libvirt sees ``vm``'s killed QEMU gone (destroying what remains)."""
+        dom = self.domain(vm)
+        deadline = time.monotonic() + timeout
+        while dom.isActive():
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.destroy()
+            if time.monotonic() > deadline:
+                raise TestbedError(f"{vm}: still running {timeout:.0f} s after SIGKILL of its QEMU")
+            time.sleep(0.05)
 
     def start(self, vm: str, timeout: float | None = None) -> float:
         """Boot a destroyed VM again (same overlays, so its disks are what survived); seconds to agent-ready."""

@@ -77,12 +77,12 @@ class FakeBed:
     def set_link(self, vm: str, up: bool) -> None:
         self.calls.append(("link", vm, up))
 
-    def power_cut(self, site: str) -> dict[str, float]:
-        self.calls.append(("power_cut", site))
-        return {site: 0.1}
+    def disaster(self, site: str) -> dict[str, Any]:
+        self.calls.append(("disaster", site))
+        return {"t_instant": 1000.0 + len(self.calls), "freeze_s": 0.0001, "destroy_s": {site: 0.1}}
 
 
-def test_rolling_disaster_raises_loss_then_cuts_the_wan_then_the_power(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rolling_disaster_raises_loss_then_the_primary_site_dies_at_one_instant(monkeypatch: pytest.MonkeyPatch) -> None:
     from netem.profile import LinkProfile
     from testbed import wan
 
@@ -91,9 +91,10 @@ def test_rolling_disaster_raises_loss_then_cuts_the_wan_then_the_power(monkeypat
     tl = faults.Timeline(say=lambda _m: None)
     base = LinkProfile.from_mapping({"delay": "10ms", "loss": "0%"})
     faults.RollingDisaster(base, "2%", burst_seconds=0.0).inject(bed, tl)
-    assert bed.calls == [("shape", 2.0, 2.0), ("link", "primary", False), ("power_cut", "primary")]
-    assert [e["event"] for e in tl.events] == ["WAN loss raised to 2%", "WAN cut: primary link down",
-                                                "primary site: power cut (VMs destroyed)"]
+    assert bed.calls == [("shape", 2.0, 2.0), ("disaster", "primary")]
+    assert [e["event"].split(" at the instant")[0] for e in tl.events] == ["WAN loss raised to 2%",
+                                                                         "primary site: disaster"]
+    assert tl.events[-1]["instant"] == 1002.0 and tl.events[-1]["site"] == "primary"
     assert all(a["t"] <= b["t"] for a, b in zip(tl.events, tl.events[1:], strict=False))
 
 
@@ -218,8 +219,10 @@ def test_runner_injects_and_heals_on_the_runs_clock_and_heals_the_rest_before_th
 
 def test_mirror_power_outage_takes_the_mirror_first_then_the_primary() -> None:
     bed = FakeBed()
-    faults.MirrorPowerOutage(gap=0.0).inject(bed, faults.Timeline(say=lambda _m: None))
-    assert bed.calls == [("power_cut", "mirror"), ("link", "primary", False), ("power_cut", "primary")]
+    tl = faults.Timeline(say=lambda _m: None)
+    faults.MirrorPowerOutage(gap=0.0).inject(bed, tl)
+    assert bed.calls == [("disaster", "mirror"), ("disaster", "primary")]
+    assert [e["site"] for e in tl.events if "instant" in e] == ["mirror", "primary"]
 
 
 def test_paper_findings_check_the_throughput_claim_against_local_sync() -> None:

@@ -1,0 +1,302 @@
+"""One drill recipe over interchangeable testbeds (Jepsen's shape): the namespace testbed and the VM
+testbed implement :class:`Bed`; :func:`run_mode` is the recipe, written once.
+
+Per mode: begin from a clean state (fresh namespaces, or the ``ready`` snapshot), start the primary
+site in the mode, start the testers, inject the faults during the run, then at ``fail_at`` the
+disaster. The disaster is an **instant**: everything in the primary site is frozen at once (no
+packet leaves, no ack is recorded after it), then its links are cut, then it is destroyed. The
+mirror is then **drained until quiet** (the WAN's queues empty, the mirror's sockets read, its
+stores no longer growing), bounded by ``drain_timeout``; a drain that hits the bound makes the
+verdict ``unknown``. The mirror's recovered logs are then checked against the ledger, judged by
+what the mode promises under the schedule that ran (:func:`smfs.modes.promises`). An ack whose
+completion is after the instant (on the host's clock) is a drill fault: reported, never counted.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from smfs.modes import Mode
+from testbed.faults import Timeline
+
+Say = Callable[[str], None]
+
+DRAIN_INTERVAL = 0.5  # s between two probes of the mirror while draining
+QUIET_PROBES = 2  # consecutive quiet comparisons (each DRAIN_INTERVAL apart) that end a drain
+EXIT_CODES = {"ok": 0, "data-loss": 1, "unknown": 2}
+
+
+class InfrastructureError(RuntimeError):
+    """The drill itself failed (a process died, a site never became ready): verdict unknown."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What the recipe needs of a drill, whichever the testbed."""
+
+    out: Path
+    testers: int
+    append_size: int  # bytes
+    duration: float  # s the testers run at most
+    fail_at: float  # s after the testers start
+    servers: int
+    schedule: str = "rolling-disaster"
+    drain_timeout: float = 60.0  # s the mirror gets to go quiet after the disaster
+    defects: tuple[str, ...] = ()  # seeded stack defects (the self-test only), SMFS_DEFECT in the stack
+
+
+class LedgerSource(Protocol):
+    bytes: int
+
+    def close(self, wait: float = 5.0) -> int: ...
+
+
+class Bed(Protocol):
+    """A testbed the recipe drives. Every method may raise :class:`InfrastructureError`."""
+
+    kind: str
+
+    def begin(self, mode: Mode, out: Path, tl: Timeline) -> None: ...
+    def start_primary(self, mode: Mode, tl: Timeline) -> None: ...
+    def start_testers(self, raw: Path, tl: Timeline) -> LedgerSource: ...
+    def clock(self) -> dict[str, float]: ...
+    def tick(self, elapsed: float) -> None: ...
+    def heal_all(self) -> None: ...
+    def before_disaster(self, mode: Mode) -> None: ...
+    def disaster(self, tl: Timeline) -> float: ...
+    def probe(self) -> dict[str, Any] | None: ...
+    def stop_mirror(self, mode: Mode, out: Path, tl: Timeline) -> dict[str, Any] | None: ...
+    def listing(self, tl: Timeline) -> dict[str, Any]: ...
+    def primary_listing(self, tl: Timeline) -> dict[str, Any]: ...
+    def end_mode(self) -> None: ...
+
+
+# --- drain until quiet -------------------------------------------------------------------------
+
+
+QUEUES = ("wan_backlog", "tcp_rx", "udp_rx")
+"""Probe fields that must be zero for the mirror to be quiet: packets in the WAN's queues towards the
+mirror, bytes in the mirror's storage sockets and its gateway's tunnel socket."""
+GROWING = ("store_bytes", "gateway_in")
+"""Probe fields that must not change between two probes: the mirror's log stores, the gateway's
+datagrams in."""
+
+
+def quiet(prev: Mapping[str, Any], cur: Mapping[str, Any]) -> bool:
+    """Is the mirror quiet at ``cur``, compared with the probe ``DRAIN_INTERVAL`` before?
+
+    Every queue is empty (a field that is None could not be read and does not count) and nothing
+    grew. A probe without any queue field proves nothing and is never quiet."""
+    known = [cur[k] for k in QUEUES if cur.get(k) is not None]
+    if not known or any(known):
+        return False
+    return all(cur.get(k) == prev.get(k) for k in GROWING)
+
+
+@dataclass(frozen=True)
+class Drain:
+    """How a drain ended: ``quiet`` (the mirror had nothing more to do) or the bound was hit."""
+
+    quiet: bool
+    seconds: float
+    probes: int
+    last: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quiet": self.quiet, "seconds": round(self.seconds, 2), "probes": self.probes, "last": self.last,
+                "reason": self.reason}
+
+
+def drain_until_quiet(probe: Callable[[], dict[str, Any] | None], timeout: float,
+                      interval: float = DRAIN_INTERVAL, clock: Callable[[], float] = time.monotonic,
+                      sleep: Callable[[float], None] = time.sleep) -> Drain:
+    """Probe the mirror every ``interval`` s until :func:`quiet` holds ``QUIET_PROBES`` times in a
+    row, or ``timeout`` s pass (then ``quiet`` is False and ``reason`` says what was still busy)."""
+    t0 = clock()
+    prev = probe()
+    n, streak = 1, 0
+    last = prev or {}
+    while True:
+        if clock() - t0 >= timeout:
+            busy = {k: last.get(k) for k in (*QUEUES, *GROWING) if last.get(k)}
+            return Drain(False, clock() - t0, n, last,
+                         f"not quiet after {timeout:g} s (faults.drain_timeout); last probe: {busy or last}")
+        sleep(interval)
+        cur = probe()
+        n += 1
+        if cur is None or prev is None:
+            streak = 0
+        elif quiet(prev, cur):
+            streak += 1
+            if streak >= QUIET_PROBES:
+                return Drain(True, clock() - t0, n, cur)
+        else:
+            streak = 0
+        prev = cur
+        last = cur or last
+
+
+# --- acks after the instant --------------------------------------------------------------------
+
+
+def split_after_instant(entries: list[Any], instant: float | None, clock: Mapping[str, float] | None
+                        ) -> tuple[list[Any], list[Any]]:
+    """Acks completed after the disaster's instant, and the entries to check without them.
+
+    ``t_complete`` is on the clock of whoever wrote the ledger; ``clock`` holds that clock's offset
+    from the host's (``offset_s``, guest minus host) and the measurement's ``uncertainty_s``. An ack
+    is after the instant when ``t_complete - offset_s > instant + uncertainty_s``: such an ack cannot
+    have been given by a frozen site, so it is a drill fault; it is reported and checked as ``info``
+    (its answer does not count), never as acked."""
+    from workloads.ledger import Outcome
+
+    if instant is None:
+        return [], entries
+    offset = (clock or {}).get("offset_s", 0.0)
+    slack = (clock or {}).get("uncertainty_s", 0.0)
+    late, kept = [], []
+    for e in entries:
+        if e.outcome is Outcome.OK and e.t_complete - offset > instant + slack:
+            late.append(e)
+            kept.append(replace(e, outcome=Outcome.INFO, t_complete=None))
+        else:
+            kept.append(e)
+    return late, kept
+
+
+# --- the recipe --------------------------------------------------------------------------------
+
+
+def run_mode(bed: Bed, cfg: RunConfig, mode: Mode, say: Say, progress: Callable[..., Any] | None = None
+             ) -> dict[str, Any]:
+    """One mode on ``bed``, from a clean state; returns its entry for result.json."""
+    from smfs.modes import promises
+    from testbed.report import ledger_figures
+    from workloads.checker import check, verdict_for
+    from workloads.ledger import normalize
+
+    out = cfg.out / mode.name
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "logs").mkdir(parents=True)
+    tl = Timeline(say=say, prefix=f"{mode.name}: ")
+    promised = promises(mode, cfg.schedule)
+    entry: dict[str, Any] = {"mode": mode.name, "durable": promised, "schedule": cfg.schedule,
+                             "promise": "no acked append lost" if promised else "none"}
+    if cfg.defects:
+        entry["defects"] = list(cfg.defects)
+    stream: LedgerSource | None = None
+    try:
+        bed.begin(mode, out, tl)
+        bed.start_primary(mode, tl)
+        stream = bed.start_testers(out / "ledger-raw", tl)
+        t_start = tl.mark(f"testers started ({cfg.testers} × {cfg.append_size} B appends)")
+        clocks = [bed.clock()]
+        _run_until(bed, cfg, mode, t_start, stream, say, progress)
+        bed.heal_all()
+        bed.before_disaster(mode)
+        clocks.append(bed.clock())
+        instant = bed.disaster(tl)
+        entry["instant"] = {"t": instant, "t_rel": round(instant - tl.origin, 3)}
+        entry["clock"] = clocks[-1] | {"measured": clocks}
+        ledger_bytes = stream.close()
+        stream = None
+        drain = None
+        probe = bed.probe()
+        if probe is not None:  # the mirror survived: drain it until quiet
+            drain = drain_until_quiet(bed.probe, cfg.drain_timeout)
+            entry["drain"] = drain.to_dict()
+            tl.mark(f"mirror drained: {'quiet' if drain.quiet else 'NOT quiet'} after {drain.seconds:.1f} s "
+                    f"({drain.probes} probes)", ledger_bytes=ledger_bytes)
+        fec = bed.stop_mirror(mode, out, tl)
+        if fec is not None:
+            entry["fec"] = fec
+        listing = bed.listing(tl)
+        (out / "mirror-listing.json").write_text(json.dumps(listing))
+        tl.mark(f"mirror listing recovered: {sum(len(v) for v in listing.get('logs', {}).values())} records")
+        ledger = normalize(out / "ledger-raw", out / "ledger")
+        late, entries = split_after_instant(list(ledger.entries), instant, entry["clock"])
+        if late:
+            entry["acks_after_instant"] = {"count": len(late), "examples": [[e.log, e.seq, e.t_complete]
+                                                                            for e in late[:10]]}
+            entry.setdefault("drill_faults", []).append(
+                f"{len(late)} acks completed after the disaster's instant; not counted (checked as info)")
+            tl.mark(f"DRILL FAULT: {len(late)} acks after the instant (not counted)")
+        result = check(entries, listing, durable=promised)
+        entry.update(result.to_dict())
+        entry.update(ledger_figures(entries, t_end=instant))
+        entry["verdict"] = str(verdict_for(result, promised))
+        if cfg.schedule in LOCAL_EVIDENCE:
+            entry["primary_disk"] = _local_durability(bed, entries, tl)
+            if entry["primary_disk"]["lost"] or entry["primary_disk"]["corrupt"]:
+                entry["verdict"] = "data-loss"
+        if drain is not None and not drain.quiet:
+            entry["verdict"] = "unknown"
+            entry["error"] = f"drain: {drain.reason}"
+        tl.mark(f"checked: {result.summary_line()}"
+                + ("" if entry["verdict"] == str(result.verdict) else f"; verdict {entry['verdict']} ({entry.get('error')})"))
+    except InfrastructureError as err:
+        entry.update({"verdict": "unknown", "error": str(err)})
+        say(f"{mode.name}: INFRASTRUCTURE FAILURE: {err}")
+    except Exception as err:  # noqa: BLE001 - a drill bug is "unknown", never "data-loss"
+        (out / "logs" / "drill-error.txt").write_text(traceback.format_exc())
+        entry.update({"verdict": "unknown", "error": f"{type(err).__name__}: {err}"})
+        say(f"{mode.name}: DRILL ERROR (verdict unknown): {err}; traceback in {out / 'logs' / 'drill-error.txt'}")
+    finally:
+        if stream is not None:
+            stream.close(wait=0)
+        try:
+            bed.end_mode()
+        except Exception as err:  # noqa: BLE001 - the verdict stands; the leftover is reported
+            entry.setdefault("drill_faults", []).append(f"cleanup after the mode failed: {err}")
+            say(f"{mode.name}: cleanup failed: {err} (./inv down removes what is left)")
+        entry["timeline"] = tl.events
+        (out / "mode.json").write_text(json.dumps(entry, indent=1, default=str))
+    return entry
+
+
+LOCAL_EVIDENCE = ("site-power-cut",)
+"""Schedules after which the primary's own disk is evidence too: its power was cut, not its site
+destroyed, so every acked append must be on it (every mode acks after its local write)."""
+
+
+def _local_durability(bed: Bed, entries: list[Any], tl: Timeline) -> dict[str, Any]:
+    """Every acked append on the primary's own disk after its power cut? (every mode promises it)."""
+    from workloads.checker import check
+
+    local = check(entries, bed.primary_listing(tl), durable=True)
+    got = {"acked": local.acked, "lost": local.lost, "corrupt": local.corrupt, "records": local.mirror_records,
+           "examples": {k: [list(p) for p in v] for k, v in local.examples.items() if v and k in ("lost", "corrupt")},
+           "error": local.error}
+    tl.mark(f"primary's own disk: {local.mirror_records} records; {local.lost} acked appends missing, "
+            f"{local.corrupt} corrupt")
+    return got
+
+
+def _run_until(bed: Bed, cfg: RunConfig, mode: Mode, t_start: float, stream: LedgerSource, say: Say,
+               progress: Callable[..., Any] | None) -> None:
+    """Let the testers run until ``fail_at``, injecting the faults due and checking liveness."""
+    from testbed.progress import Progress
+
+    bar = (progress or Progress)(f"{mode.name}: testers running until the disaster", cfg.fail_at, say)
+    with bar:
+        while (elapsed := time.time() - t_start) < cfg.fail_at:
+            bed.tick(elapsed)
+            bar.update(elapsed, f"{stream.bytes // 1024} KiB of ledger")
+            time.sleep(0.05 if bed.kind == "netns" else 0.2)
+
+
+def overall_verdict(modes: list[dict[str, Any]]) -> str:
+    verdicts = [m.get("verdict", "unknown") for m in modes]
+    if "data-loss" in verdicts:
+        return "data-loss"
+    if "unknown" in verdicts or not verdicts:
+        return "unknown"
+    return "ok"

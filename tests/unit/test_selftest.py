@@ -1,0 +1,35 @@
+"""The self-test's bookkeeping: every seeded defect has a case, names are checked, and a defect
+counts as caught only when every one of its runs caught it."""
+
+from __future__ import annotations
+
+import pytest
+
+from smfs.defects import DEFECTS
+from smfs.modes import SCHEDULES, parse_mode, promises
+from testbed.selftest import CASES, cases, summarize, table
+
+
+def test_every_seeded_defect_has_a_case_where_its_mode_promises_something() -> None:
+    assert sorted(c.defect for c in CASES) == sorted(DEFECTS)
+    for c in CASES:
+        assert c.schedule in SCHEDULES
+        # A defect run under a schedule where the mode promises nothing could never be caught.
+        assert promises(parse_mode(c.mode), c.schedule), c
+
+
+def test_case_names_are_checked() -> None:
+    assert [c.defect for c in cases("mirror-acks-before-fsync")] == ["mirror-acks-before-fsync"]
+    assert cases("all") == CASES
+    with pytest.raises(ValueError, match="--defects: unknown defect 'mirror-acks'"):
+        cases("mirror-acks")
+
+
+def test_a_defect_missed_in_one_run_is_missed() -> None:
+    rows = [{"defect": "d", "mode": "remote-sync", "schedule": "site-power-cut", "caught": c, "evidence": e}
+            for c, e in ((True, "lost 3"), (False, "lost 0"), (True, "lost 1"))]
+    (s,) = summarize(rows)
+    assert (s["runs"], s["caught_in"], s["caught"]) == (3, 2, False)
+    assert "MISSED 2/3" in table([s]) and "lost 3" in table([s])
+    (s,) = summarize(rows[:1])
+    assert s["caught"] and "caught 1/1" in table([s])
