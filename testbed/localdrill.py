@@ -120,6 +120,8 @@ class NsBed:
         self.tb: NamespaceTestbed | None = None
         self.gw: Any = None
         self.work = cfg.out / "work"
+        self.method = "none"
+        self.drops: int | None = None
 
     def begin(self, mode: Mode, out: Path, tl: Any) -> None:
         self.out, self.work, self.logs = out, out / "work", out / "logs"
@@ -127,7 +129,7 @@ class NsBed:
         self.tb = tb = NamespaceTestbed()
         tb.build()
         tl.mark("namespaces up", run_id=tb.run_id)
-        method = tb.set_loss(self.cfg.wan_loss)
+        self.method = method = tb.set_loss(self.cfg.wan_loss)
         tl.mark(f"WAN loss {self.cfg.wan_loss}% each way via {method}", method=method)
         self.gw = None
         if mode.fec:
@@ -222,11 +224,9 @@ class NsBed:
 
     def end_mode(self) -> None:
         if self.tb is not None:
-            drops = self.tb.wan_drops()
+            self.drops = self.tb.wan_drops()
             self.tb.teardown()
             self.tb = None
-            if drops is not None:
-                (self.out / "wan-drops.json").write_text(json.dumps({"nftables_drops": drops}))
         if not self.cfg.keep_data and self.work.exists():
             shutil.rmtree(self.work, ignore_errors=True)
 
@@ -253,8 +253,10 @@ def run_mode(cfg: LocalDrillConfig, mode: Mode, say: Say) -> dict[str, Any]:
     run = RunConfig(out=cfg.out, testers=cfg.testers, append_size=cfg.append_size, duration=cfg.duration,
                     fail_at=cfg.fail_at, servers=cfg.servers, schedule=cfg.schedule,
                     drain_timeout=cfg.drain_timeout, defects=cfg.defects)
-    entry = recipe(NsBed(cfg, say), run, mode, say, progress=_Notes)
-    entry["wan"] = {"loss_pct": cfg.wan_loss}
+    bed = NsBed(cfg, say)
+    entry = recipe(bed, run, mode, say, progress=_Notes)
+    entry["wan"] = {"loss_pct": cfg.wan_loss, "method": bed.method, "drops": bed.drops}
+    (cfg.out / mode.name / "mode.json").write_text(json.dumps(entry, indent=1, default=str))
     return entry
 
 

@@ -26,6 +26,9 @@ def test_remote_sync_keeps_every_acked_append_and_leaves_nothing_behind(tmp_path
     assert (mode["lost"], mode["corrupt"], mode["unexpected"], mode["prefix_violations"]) == (0, 0, 0, 0)
     assert mode["verdict"] == "ok" and result["verdict"] == "ok"
     assert mode["wan"]["method"] in ("netem", "nftables-random-drop")
+    # The power cut is one instant; no ack after it; the mirror drained until quiet.
+    assert mode["instant"]["t"] > 0 and "acks_after_instant" not in mode
+    assert mode["drain"]["quiet"] and mode["drain"]["last"]["tcp_rx"] == 0
     # The result is on disk with the ledger and the mirror listing beside it.
     on_disk = json.loads((tmp_path / "result.json").read_text())
     assert on_disk["modes"][0]["acked"] == mode["acked"]
@@ -58,3 +61,17 @@ def test_network_sync_through_the_gateways_keeps_acked_appends(tmp_path: Path) -
     assert fec["lost_on_wan"] > 0 and fec["rebuilt"] > 0
     assert fec["rebuilt"] >= 0.9 * fec["lost_on_wan"]
     assert fec["sites"]["primary"]["callbacks_sent"] > 0
+
+
+def test_rolling_disaster_and_seeded_defect(tmp_path: Path) -> None:  # short: unix socket paths
+    """The namespace testbed runs the shared recipe's schedules; a stack that acks before its local
+    write is caught by the check of the primary's own disk after a site power cut."""
+    result = _drill(tmp_path / "r", "remote-sync", schedule="rolling-disaster", burst_loss=5.0)
+    [mode] = result["modes"]
+    events = [e["event"] for e in mode["timeline"]]
+    assert any(e.startswith("WAN loss raised to 5.0%") for e in events), (events, mode.get("error"))
+    assert mode["verdict"] == "ok" and mode["schedule"] == "rolling-disaster", mode.get("error")
+    seeded = _drill(tmp_path / "s", "remote-sync", defects=("primary-acks-before-local-write",))
+    [mode] = seeded["modes"]
+    assert mode["primary_disk"]["lost"] > 0 and mode["verdict"] == "data-loss", mode.get("primary_disk")
+    assert seeded["verdict"] == "data-loss"
