@@ -37,14 +37,16 @@ def open_stores(role: str, data: Path, servers: int, segment_bytes: int) -> list
     """The log stores of ``servers`` servers of ``role``, in ``data/server-i``; ``segment_bytes`` per
     segment. Durable (fsync) always, but for the mirror under the seeded defect
     ``mirror-acks-before-fsync``: its acks then cover data that is only in the page cache."""
-    sync = not (role == "mirror" and defects.active("mirror-acks-before-fsync"))
-    return [LogStore.open(data / f"server-{i}", segment_bytes=segment_bytes, sync=sync) for i in range(servers)]
+    stores = [LogStore.open(data / f"server-{i}", segment_bytes=segment_bytes) for i in range(servers)]
+    if role == "mirror" and defects.active("mirror-acks-before-fsync"):
+        for store in stores:  # created durably (as the correct stack), then appends without fsync
+            store.sync = False
+    return stores
 
 
 async def _run(args: argparse.Namespace) -> None:
     data, run = Path(args.data), Path(args.run)
-    data.mkdir(parents=True, exist_ok=True)
-    run.mkdir(parents=True, exist_ok=True)
+    run.mkdir(parents=True, exist_ok=True)  # the data folders are made (durably) by LogStore.open
     stores = open_stores(args.role, data, args.servers, args.segment_bytes)
     servers: list[PrimaryServer | MirrorServer]
     if args.role == "mirror":
