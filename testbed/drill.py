@@ -232,7 +232,7 @@ def prepare(tb: Any, cfg: DrillConfig, tl: Timeline) -> dict[str, Any]:
     for vm in (mirr, prim):
         _wait_file(tb.guest(vm), f"{RUN}/gateway.ready", "gateway", f"{vm} gateway")
     tl.mark(f"mirror site ({cfg.servers} servers) and both FEC gateways (r = {cfg.r}) answer")
-    secs = tb.snapshot(SNAPSHOT, say=lambda _m: None)
+    secs = tb.snapshot(SNAPSHOT, say=lambda _m: None, resume=False)  # each mode restores it at once
     tl.mark(f"snapshot {SNAPSHOT!r} taken ({secs:.1f} s paused)")
     return {"shaped": shaped.to_dict(), "calibration": cal}
 

@@ -261,7 +261,6 @@ class DomainConfig:
     initrd: Path
     cmdline: str
     root_disk: Path
-    data_disk: Path
     bridge: str
     mac: str
     qmp_socket: Path
@@ -270,6 +269,8 @@ class DomainConfig:
     ledger_socket: Path | None = None  # host end of the virtio-serial port LEDGER_PORT (QEMU listens)
     mtu: int = 1500  # the NIC's MTU: the tap's, and the guest's through virtio-net's host_mtu feature
     extra_nics: tuple[tuple[str, str], ...] = ()  # (bridge, mac) of further NICs (the WAN router's eth1...)
+    data_socket: Path | None = None  # nbdkit's unix socket serving the data disk (vdb); none: no data disk
+    uuid: str | None = None  # the domain's UUID (a clone restored from a save image names its own domain's)
 
 
 LEDGER_PORT = "smfs.ledger"
@@ -280,6 +281,8 @@ in the guest). Lines written to it are on the host at once, so they survive the 
 def domain_xml(c: DomainConfig) -> str:
     """Direct kernel boot, virtio everywhere, guest agent and ledger channels, balloon with stats, second QMP.
 
+    The data disk (vdb) is an NBD disk on ``data_socket`` (nbdkit with a volatile write cache:
+    ``testbed.disks``); QEMU's ``cache='writeback'`` shows the guest a write cache, so it flushes.
     NICs appear in the order given (first ``bridge``/``mac``, then ``extra_nics``); the guest finds
     each by its MAC rather than trusting eth0/eth1 to follow that order."""
     e = lambda p: escape(str(p), {"'": "&apos;", '"': "&quot;"})  # noqa: E731
@@ -289,6 +292,12 @@ def domain_xml(c: DomainConfig) -> str:
     </channel>""" if c.ledger_socket is not None else "")
     seclabel = ("<seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>"
                 if c.run_as_root else "")
+    data = (f"""<disk type='network' device='disk'>
+      <driver name='qemu' type='raw' cache='writeback'/>
+      <source protocol='nbd'><host transport='unix' socket='{e(c.data_socket)}'/></source>
+      <target dev='vdb' bus='virtio'/>
+      <alias name='ua-data'/>
+    </disk>""" if c.data_socket is not None else "")
     cpu = "<cpu mode='host-passthrough'/>" if c.domain_type == "kvm" else ""
     nics = "\n    ".join(f"""<interface type='bridge'>
       <source bridge='{e(bridge)}'/>
@@ -299,6 +308,7 @@ def domain_xml(c: DomainConfig) -> str:
     </interface>""" for i, (bridge, mac) in enumerate(((c.bridge, c.mac), *c.extra_nics)))
     return f"""<domain type='{c.domain_type}' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{e(c.name)}</name>
+  {f"<uuid>{e(c.uuid)}</uuid>" if c.uuid else ""}
   <description>smfs-testbed VM (created by smfs-testbed; ./inv down removes it)</description>
   <memory unit='MiB'>{c.max_memory_mib}</memory>
   <currentMemory unit='MiB'>{c.memory_mib}</currentMemory>
@@ -323,12 +333,7 @@ def domain_xml(c: DomainConfig) -> str:
       <target dev='vda' bus='virtio'/>
       <alias name='ua-root'/>
     </disk>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2' cache='writeback'/>
-      <source file='{e(c.data_disk)}'/>
-      <target dev='vdb' bus='virtio'/>
-      <alias name='ua-data'/>
-    </disk>
+    {data}
     {nics}
     <channel type='unix'>
       <target type='virtio' name='org.qemu.guest_agent.0'/>

@@ -24,7 +24,8 @@ _NAME = re.compile(r"^[a-z][a-z0-9-]{0,9}$")
 _NAME_FIX = "use 1-10 characters a-z, 0-9 or '-', starting with a letter"
 _SITE_KEYS = {"name", "uri", "subnet", "gateway", "vms"}
 _VM_KEYS = {"name", "vcpus", "memory", "max_memory", "data_disk", "address"}
-_TESTBED_KEYS = {"accel", "boot_timeout", "mtu"}
+_TESTBED_KEYS = {"accel", "boot_timeout", "mtu", "data_fs"}
+DATA_FILESYSTEMS = ("minix", "ext4")
 DEFAULT_URI = "qemu:///system"
 # RFC 2544 benchmarking range: never routed on the Internet, rarely used on a LAN.
 BENCH_NET = ipaddress.ip_network("198.18.0.0/15")
@@ -80,6 +81,7 @@ class Spec:
     mtu: int = 1500  # bytes: the site networks' MTU (bridges, taps, guest NICs; the WAN path's MTU)
     wan_enforcement: str = "auto"  # where netem runs: auto | host | guest | router (testbed.wan chooses for auto)
     router: RouterSpec | None = None  # the WAN router guest, when wan.enforcement = "router"
+    data_fs: str = "minix"  # the data disks' filesystem (see DATA_FILESYSTEMS and the README's disk model)
 
     @property
     def vms(self) -> tuple[VmSpec, ...]:
@@ -183,6 +185,10 @@ def from_mapping(data: Mapping[str, Any], path: str = "<memory>", default_name: 
     if not isinstance(mtu, int) or isinstance(mtu, bool) or not 1280 <= mtu <= 9000:
         raise SpecError(f"testbed.mtu: {mtu!r} is not a whole number of bytes from 1280 to 9000; "
                         "use 1500 (Ethernet) or 9000 (jumbo frames)")
+    data_fs = tb.get("data_fs", "minix")
+    if data_fs not in DATA_FILESYSTEMS:
+        raise SpecError(f"testbed.data_fs: {data_fs!r} is not one of {', '.join(DATA_FILESYSTEMS)}; use minix "
+                        "(nothing is durable that was not fsynced) or ext4 (its journal commits more than asked)")
     raw_sites = data.get("sites")
     if not isinstance(raw_sites, list) or not raw_sites:
         raise SpecError("sites: missing; add at least one [[sites]] table with name, subnet and [[sites.vms]]")
@@ -202,7 +208,7 @@ def from_mapping(data: Mapping[str, Any], path: str = "<memory>", default_name: 
     known = {"name", "testbed", "sites", "wan"}
     sections = {k: _freeze(v) for k, v in data.items() if k not in known}
     return Spec(name, path, accel, boot_timeout, sites, wan, MappingProxyType(sections), _freeze(data), mtu,
-                wan_enforcement=wan_enforcement, router=router)
+                wan_enforcement=wan_enforcement, router=router, data_fs=data_fs)
 
 
 def _site(raw: Any, i: int) -> SiteSpec:

@@ -1,14 +1,18 @@
 """The VM testbed: a spec turned into running libvirt domains on per-site host bridges.
 
-``up(spec)`` builds or reuses the image, creates the bridges, one qcow2 overlay per disk per VM,
-defines and starts the domains and waits until every guest agent answers. ``VmTestbed`` (from
-``up`` or ``VmTestbed.active()``) then gives guests (``guest(vm)``), balloon, whole-testbed
-snapshots and restore, clones, QMP control and the power cut the nemesis needs.
+``up(spec)`` builds or reuses the image, creates the bridges, per VM a qcow2 overlay for the root
+disk and a raw data disk served by its own nbdkit with a volatile write cache (``testbed.disks``:
+a power cut loses what the guest never flushed), defines and starts the domains and waits until
+every guest agent answers. ``VmTestbed`` (from ``up`` or ``VmTestbed.active()``) then gives guests
+(``guest(vm)``), balloon, whole-testbed snapshots and restore (libvirt's save/restore of memory
+plus copies of the disk files: libvirt refuses internal snapshots of NBD disks), clones, QMP
+control, disk failures and the power cut the nemesis needs.
 
-State of a testbed lives in ``<cache>/testbeds/<name>/`` (``state.json``, overlays, QMP sockets,
-console logs); ``<cache>/testbeds/active`` names the testbed the tasks act on. Every domain,
-overlay, socket, snapshot, bridge and folder is recorded in the registry before it is created
-(owner ``testbed-<name>``), so ``./inv down`` removes exactly those, also after a crash.
+State of a testbed lives in ``<cache>/testbeds/<name>/`` (``state.json``, overlays, data disks and
+their servers' sockets in ``disks/``, QMP sockets, console logs, ``snapshots/<name>/``);
+``<cache>/testbeds/active`` names the testbed the tasks act on. Every domain, disk, disk server,
+socket, bridge and folder is recorded in the registry before it is created (owner
+``testbed-<name>``), so ``./inv down`` removes exactly those, also after a crash.
 
 With ``wan.enforcement = "router"`` a small extra VM ``router`` (pseudo-site ``wan``, so never one of
 ``site_vms(site)``) gets one NIC on each site bridge at the subnet's .253 and forwards between them;
@@ -28,13 +32,13 @@ import subprocess
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import libvirt
 
-from testbed import bridges, hypervisor
+from testbed import bridges, disks, hypervisor
 from testbed.guest import Guest
 from testbed.hypervisor import DomainConfig, HypervisorError
 from testbed.paths import cache_dir
@@ -53,6 +57,20 @@ class TestbedError(RuntimeError):
     """The testbed could not be brought up or changed (the message says what to do)."""
 
     __test__ = False
+
+
+def _disk_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A data disk's failure (``disks.DiskError``: nbdkit missing, a copy failed) is a TestbedError."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except disks.DiskError as err:
+            raise TestbedError(str(err)) from None
+
+    return wrapper
 
 
 def testbeds_dir() -> Path:
@@ -87,6 +105,7 @@ class VmInfo:
     console: str
     boot_seconds: float = 0.0
     ledger: str = ""  # host unix socket of the guest's ledger port (hypervisor.LEDGER_PORT)
+    data_socket: str = ""  # nbdkit's unix socket serving the data disk (``data`` is its raw file)
 
 
 class VmTestbed:
@@ -179,7 +198,8 @@ class VmTestbed:
                                "snapshots": self.state.get("snapshots", [])}
         for info in self.vms.values():
             row: dict[str, Any] = {"vm": info.name, "site": info.site, "domain": info.domain, "address": info.address,
-                                   "console": info.console, "boot_seconds": info.boot_seconds}
+                                   "console": info.console, "boot_seconds": info.boot_seconds,
+                                   "disk_server": self.disk_server(info.name)}
             if info.name == self.router:
                 row["address"] = ", ".join(leg["address"] for leg in self.state["router"]["legs"].values())
             try:
@@ -235,12 +255,26 @@ class VmTestbed:
 
     # --- power ---------------------------------------------------------------------------------
 
+    @_disk_errors
     def destroy(self, vm: str) -> float:
-        """Power cut: destroy the VM (no shutdown, no flush); returns seconds taken."""
+        """Power cut: the VM's QEMU and its data disk server are killed (SIGKILL: no shutdown, no flush;
+        what the disk had not written back is lost); returns seconds taken."""
+        import signal
+
         t0 = time.monotonic()
         dom = self.domain(vm)
         if dom.isActive():
-            dom.destroy()
+            try:
+                pid: int | None = self.qemu_pid(vm)
+            except TestbedError:
+                pid = None
+            if pid is not None:  # libvirt's destroy sends SIGTERM first, on which QEMU flushes its disks
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            else:
+                self.kill_disk(vm)
+            self._reap(vm)
+        self.kill_disk(vm)
         return time.monotonic() - t0
 
     def power_cut(self, site: str) -> dict[str, float]:
@@ -260,20 +294,26 @@ class VmTestbed:
         return pid
 
     def disaster(self, site: str) -> dict[str, Any]:
-        """The site's disaster as one instant: every QEMU of the site is stopped at once (SIGSTOP: no
-        vCPU runs, no packet or ledger line leaves, and no disk flush happens, unlike QMP ``stop``,
-        which flushes every disk cache), then its host taps are taken down, then the VMs are killed
-        (SIGKILL, then libvirt's destroy). Returns ``t_instant`` (host ``time.time()`` once every
-        QEMU of the site is stopped), ``freeze_s`` (SIGSTOP of the first to the last) and per VM
-        ``destroy_s``."""
+        """The site's disaster as one instant: every QEMU of the site and every data disk server of
+        its VMs are stopped at once (SIGSTOP: no vCPU runs, no packet or ledger line leaves, and no
+        disk flush happens, unlike QMP ``stop``, which flushes every disk cache), then its host taps
+        are taken down, then QEMUs and disk servers are killed (SIGKILL, then libvirt's destroy): what
+        a disk had not written back is lost. Returns ``t_instant`` (host ``time.time()`` once all are
+        stopped), ``freeze_s`` (SIGSTOP of the first to the last), ``pids`` (QEMUs),
+        ``disk_servers`` (nbdkit pids), ``taps`` and per VM ``destroy_s``."""
         import signal
 
         from testbed import wan
 
-        pids = {vm: self.qemu_pid(vm) for vm in self.site_vms(site) if self.domain(vm).isActive()}
+        vms = self.site_vms(site)
+        pids = {vm: self.qemu_pid(vm) for vm in vms if self.domain(vm).isActive()}
+        servers = {vm: pid for vm in vms if (pid := self.disk_server(vm)) is not None}
         t0 = time.time()
-        for pid in pids.values():
-            os.kill(pid, signal.SIGSTOP)
+        for vm in vms:
+            for pid in (pids.get(vm), servers.get(vm)):
+                if pid is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGSTOP)
         t_instant = time.time()
         taps = {}
         for vm in pids:
@@ -282,14 +322,19 @@ class VmTestbed:
                 bridges.link_down(tap)
                 taps[vm] = tap
         destroy_s = {}
-        for vm, pid in pids.items():
+        for vm in vms:
             t1 = time.monotonic()
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            self._reap(vm)
-            destroy_s[vm] = round(time.monotonic() - t1, 3)
-        return {"t_instant": t_instant, "freeze_s": round(t_instant - t0, 6), "pids": pids, "taps": taps,
-                "destroy_s": destroy_s}
+            for pid in (pids.get(vm), servers.get(vm)):
+                if pid is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            if vm in pids:
+                self._reap(vm)
+            self.kill_disk(vm)
+            if vm in pids or vm in servers:
+                destroy_s[vm] = round(time.monotonic() - t1, 3)
+        return {"t_instant": t_instant, "freeze_s": round(t_instant - t0, 6), "pids": pids,
+                "disk_servers": servers, "taps": taps, "destroy_s": destroy_s}
 
     def _reap(self, vm: str, timeout: float = 15.0) -> None:
         """Wait until libvirt sees ``vm``'s killed QEMU gone (destroying what remains)."""
@@ -302,11 +347,14 @@ class VmTestbed:
                 raise TestbedError(f"{vm}: still running {timeout:.0f} s after SIGKILL of its QEMU")
             time.sleep(0.05)
 
+    @_disk_errors
     def start(self, vm: str, timeout: float | None = None) -> float:
-        """Boot a destroyed VM again (same overlays, so its disks are what survived); seconds to agent-ready."""
+        """Boot a destroyed VM again: its data disk server first, on the same file (so its disks are
+        what survived: the root overlay, and of the data disk what was flushed); seconds to agent-ready."""
         dom = self.domain(vm)
         t0 = time.monotonic()
         if not dom.isActive():
+            self.start_disk(vm)
             dom.create()
         Guest(dom, vm).wait_ready(timeout or self.state.get("boot_timeout", 120))
         if self.router:  # a fresh boot forgot what the agent configured: the router's NICs, the site routes
@@ -332,89 +380,139 @@ class VmTestbed:
                f"<model type='virtio'/><mtu size='{self.spec.mtu}'/><link state='{'up' if up else 'down'}'/></interface>")
         dom.updateDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
 
-    # --- disk failure -------------------------------------------------------------------------
+    # --- data disks ---------------------------------------------------------------------------
+
+    def data_disk(self, vm: str) -> disks.DataDisk:
+        """The VM's data disk: its raw file and its nbdkit's socket, error file and log."""
+        info = self.info(vm)
+        if not info.data_socket:
+            raise TestbedError(f"{vm}: testbed {self.name!r} predates NBD data disks; ./inv down then ./inv up")
+        return disks.DataDisk(vm=vm, site=info.site, file=Path(info.data), folder=Path(info.data_socket).parent)
+
+    def start_disk(self, vm: str) -> int:
+        """(Re)start the VM's data disk server on its file (a running one is killed first); its pid."""
+        uid, gid = (0, 0) if self.state.get("run_as_root") else hypervisor.qemu_user()[:2]
+        try:
+            return disks.start(self.data_disk(vm), owner=self.owner, registry=self.registry, uid=uid, gid=gid)
+        except disks.DiskError as err:
+            raise TestbedError(str(err)) from None
+
+    def kill_disk(self, vm: str) -> bool:
+        """SIGKILL the VM's data disk server (its unwritten cache is lost); whether one ran."""
+        return disks.stop(self.owner, vm, self.registry)
+
+    def disk_server(self, vm: str) -> int | None:
+        """The pid of the VM's running data disk server (nbdkit), or None."""
+        return disks.pid(self.owner, vm, self.registry)
+
+    def disk_servers(self, site: str) -> dict[str, int]:
+        """Per VM of ``site`` the pid of its running data disk server."""
+        return {vm: pid for vm in self.site_vms(site) if (pid := self.disk_server(vm)) is not None}
 
     def fail_disk(self, vm: str) -> None:
-        """The VM's data disk (/data) starts failing reads and writes with EIO (QMP blkdebug filter)."""
-        self.qmp(vm).disk_fail(self.info(vm).data)
+        """The VM's data disk (/data) starts failing every read and write with EIO (nbdkit's error
+        filter, while the VM's error file exists)."""
+        disks.fail(self.data_disk(vm))
 
     def heal_disk(self, vm: str) -> str:
-        """Remove the failure. QEMU flushes the disk before it can take the filter out; when that
-        flush fails too (dirty qcow2 metadata behind the filter), the VM is power-cycled instead,
-        which rebuilds its block graph from the domain XML. Returns "reopened" or "rebooted"."""
-        from testbed.qmp import QmpError
-
+        """Requests to the data disk succeed again. When the errors left the guest's /data unwritable
+        (ext4 aborted its journal and went read-only), the VM is power-cycled, which mounts it again
+        (the root overlay and the flushed part of the data disk survive). Returns "healed" or "rebooted"."""
+        disks.heal(self.data_disk(vm))
+        probe = "echo probe > /data/.probe && sync /data/.probe && rm -f /data/.probe"
         try:
-            self.qmp(vm).disk_heal(self.info(vm).data)
-            return "reopened"
-        except QmpError as err:
-            log.info("%s: cannot reopen the data disk (%s); power-cycling", vm, err)
-            self.destroy(vm)
-            self.start(vm)
-            return "rebooted"
+            ok = self.guest(vm).exec(["/bin/sh", "-c", probe], timeout=30).rc == 0
+        except Exception as err:  # noqa: BLE001 - an unanswering guest is power-cycled too
+            log.info("%s: /data probe failed (%s)", vm, err)
+            ok = False
+        if ok:
+            return "healed"
+        log.info("%s: /data is not writable after the disk healed; power-cycling", vm)
+        self.destroy(vm)
+        self.start(vm)
+        return "rebooted"
 
     # --- snapshots ----------------------------------------------------------------------------
 
-    def snapshot(self, name: str, say: Say = print) -> float:
-        """Internal qcow2 snapshots with RAM of every VM, taken together (all paused first).
+    def snapshot_dir(self, name: str) -> Path:
+        """``<testbed>/snapshots/<name>/``: per VM ``<vm>.save`` (libvirt's memory image), copies of the
+        root overlay and of the data disk's file, and ``<vm>.xml`` when the snapshot came from a clone."""
+        return self.dir / "snapshots" / name
 
-        Returns seconds with the testbed paused."""
+    @_disk_errors
+    def snapshot(self, name: str, say: Say = print, resume: bool = True) -> float:
+        """Snapshot every VM together: all are paused (QMP ``stop``, which flushes every disk: the
+        data disks' caches are written back), each one's memory is saved to a file with libvirt (the
+        domain stops), then its root overlay and data disk file are copied beside it. With ``resume``
+        the VMs are then restored from those files and resumed together; without it they stay shut
+        off (for a caller that restores at once).
+
+        Returns seconds from the pause to the resume (or to the end, without ``resume``)."""
         _check_snap_name(name)
         doms = {vm: self.domain(vm) for vm in self.vms}
         for vm, dom in doms.items():
             if not dom.isActive():
                 raise TestbedError(f"snapshot {name}: {vm} is not running; restore or start it first")
-            if _find_snapshot(dom, name) is not None:
-                raise TestbedError(f"snapshot {name!r} already exists; pick another name or ./inv restore {name}")
+        if name in self.state.get("snapshots", []):
+            raise TestbedError(f"snapshot {name!r} already exists; pick another name or ./inv restore {name}")
+        folder = self.snapshot_dir(name)
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         t0 = time.monotonic()
-        paused = []
+        saved: list[str] = []
         try:
             for dom in doms.values():
                 if dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING:
                     dom.suspend()
-                    paused.append(dom)
-            for vm, dom in doms.items():
-                self.registry.add("snapshot", f"{dom.name()}/{name}", self.owner, uri=self.info(vm).uri,
-                                  domain=dom.name(), snapshot=name)
-                dom.snapshotCreateXML(f"<domainsnapshot><name>{name}</name>"
-                                      "<description>smfs-testbed</description></domainsnapshot>", 0)
-                say(f"  {vm}: snapshot {name} taken")
-        finally:
-            for dom in paused:
-                dom.resume()
-        snaps = [s for s in self.state.get("snapshots", []) if s != name] + [name]
-        self.state["snapshots"] = snaps
+
+            def save(vm: str) -> str:
+                doms[vm].saveFlags(str(tmp / f"{vm}.save"), None, libvirt.VIR_DOMAIN_SAVE_PAUSED)
+                saved.append(vm)
+                info = self.info(vm)
+                for disk in (info.root, info.data):
+                    disks.copy(Path(disk), tmp / Path(disk).name)
+                return vm
+
+            with ThreadPoolExecutor(max_workers=len(doms)) as pool:
+                for vm in pool.map(save, list(doms)):
+                    say(f"  {vm}: memory saved, disks copied")
+            shutil.rmtree(folder, ignore_errors=True)  # left by a crash before it was recorded
+            tmp.rename(folder)
+        except BaseException:
+            try:
+                if saved:  # those VMs stopped: bring them back from what was saved
+                    self._restore_from(tmp, saved, say, copy_disks=False)
+                for dom in doms.values():
+                    if dom.isActive() and dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                        dom.resume()
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if resume:
+            self._restore_from(folder, list(doms), say, copy_disks=False)
+            self._resume_all(say)
+        secs = time.monotonic() - t0
+        self.state["snapshots"] = [s for s in self.state.get("snapshots", []) if s != name] + [name]
         self.state.setdefault("snapshot_wan", {})[name] = {k: self.state.get(k) for k in _WAN_STATE}
         self._save()
-        return time.monotonic() - t0
+        return secs
 
+    @_disk_errors
     def restore(self, name: str, say: Say = print) -> float:
-        """Revert every VM to snapshot ``name`` (paused), then resume them together and set guest clocks.
+        """Bring every VM back to snapshot ``name``: running VMs and their disk servers are killed, the
+        disk files copied back from the snapshot, the disk servers started on them, every VM restored
+        from its memory image (paused, in parallel), then all resumed together and guest clocks set.
 
         Returns seconds until every guest agent answers."""
-        doms = {vm: self.domain(vm) for vm in self.vms}
-        snaps = {}
-        for vm, dom in doms.items():
-            snap = _find_snapshot(dom, name)
-            if snap is None:
+        folder = self.snapshot_dir(name)
+        for vm in self.vms:
+            if name not in self.state.get("snapshots", []) or not (folder / f"{vm}.save").exists():
                 have = ", ".join(self.state.get("snapshots", [])) or "none"
                 raise TestbedError(f"no snapshot {name!r} of {vm}; snapshots: {have} (take one with ./inv snapshot NAME)")
-            snaps[vm] = snap
         t0 = time.monotonic()
-        def revert(vm: str) -> str:
-            flags = libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_PAUSED | libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_FORCE
-            doms[vm].revertToSnapshot(snaps[vm], flags)
-            return vm
-
-        with ThreadPoolExecutor(max_workers=len(doms)) as pool:  # each revert restarts QEMU (-loadvm)
-            for vm in pool.map(revert, list(doms)):
-                say(f"  {vm}: reverted to {name} (paused)")
-        for dom in doms.values():
-            if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
-                dom.resume()
-        for vm, dom in doms.items():
-            Guest(dom, vm).wait_ready(60)
-            _sync_clock(dom)
+        self._restore_from(folder, list(self.vms), say, copy_disks=True)
+        self._resume_all(say)
         # The WAN's shaping lives in the guests' (or the router's) memory, so it is back as it was at the
         # snapshot: so must be what the testbed says it is (./inv calibrate and shape build on it).
         for key, value in self.state.get("snapshot_wan", {}).get(name, {}).items():
@@ -425,37 +523,77 @@ class VmTestbed:
         self._save()
         return time.monotonic() - t0
 
+    def _restore_from(self, folder: Path, vms: list[str], say: Say, copy_disks: bool) -> None:
+        """Restore ``vms`` from the memory images in ``folder`` (paused). With ``copy_disks`` each VM
+        is killed first and its disk files are copied back from ``folder``; its disk server is
+        (re)started on the data file either way unless one is running (the snapshot case)."""
+        def one(vm: str) -> str:
+            info = self.info(vm)
+            if copy_disks:
+                self.destroy(vm)
+                disks.heal(self.data_disk(vm))  # a disk failure of before the restore is over
+                for disk in (info.root, info.data):
+                    disks.copy(folder / Path(disk).name, Path(disk))
+            if copy_disks or self.disk_server(vm) is None:
+                self.start_disk(vm)
+            xml_file = folder / f"{vm}.xml"  # a clone's: its own domain in place of the one saved
+            dxml = xml_file.read_text() if xml_file.exists() else None
+            try:
+                hypervisor.connect(info.uri).restoreFlags(str(folder / f"{vm}.save"), dxml,
+                                                          libvirt.VIR_DOMAIN_SAVE_PAUSED)
+            except libvirt.libvirtError as err:
+                raise TestbedError(f"{vm}: libvirt cannot restore {folder / f'{vm}.save'}: "
+                                   f"{err.get_error_message()}") from None
+            return vm
+
+        with ThreadPoolExecutor(max_workers=max(1, len(vms))) as pool:
+            for vm in pool.map(one, vms):
+                say(f"  {vm}: restored from {folder.name} (paused)")
+
+    def _resume_all(self, say: Say) -> None:
+        """Resume every paused VM together, wait for their agents and set their clocks to the host's."""
+        doms = {vm: self.domain(vm) for vm in self.vms}
+        for dom in doms.values():
+            if dom.isActive() and dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                dom.resume()
+
+        def ready(vm: str) -> None:  # setting the clock takes the agent about a second under TCG
+            Guest(doms[vm], vm).wait_ready(60)
+            _sync_clock(doms[vm])
+
+        with ThreadPoolExecutor(max_workers=len(doms)) as pool:
+            list(pool.map(ready, list(doms)))
+
     # --- clone --------------------------------------------------------------------------------
 
+    @_disk_errors
     def clone(self, snapshot: str, new: str, say: Say = print) -> Path:
-        """Copy the testbed at ``snapshot`` to ``<cache>/clones/<new>/`` (overlays with their internal
-        snapshots, spec, snapshot metadata). The VMs are paused while their overlays are copied.
-        ``up(..., clone=new)`` boots a testbed from it. Returns the clone folder."""
+        """Copy the testbed at ``snapshot`` to ``<cache>/clones/<new>/`` (the snapshot's memory images
+        and disk files, the spec, the VMs' MACs, domain names and UUIDs: libvirt restores a memory image
+        only into a domain of the same name, UUID and NICs, so a clone's domains keep them; it comes up
+        when the testbed it was made from is down).
+        ``up(..., clone=new)`` brings up a testbed from it. Returns the clone folder."""
         _check_snap_name(new)
         dest = cache_dir() / "clones" / new
         if dest.exists():
             raise TestbedError(f"clone {new!r} exists at {dest}; pick another name or delete that folder")
-        doms = {vm: self.domain(vm) for vm in self.vms}
-        for vm, dom in doms.items():
-            if _find_snapshot(dom, snapshot) is None:
-                raise TestbedError(f"no snapshot {snapshot!r} of {vm}; take one with ./inv snapshot {snapshot}")
+        src = self.snapshot_dir(snapshot)
+        if snapshot not in self.state.get("snapshots", []) or not src.is_dir():
+            raise TestbedError(f"no snapshot {snapshot!r} of {next(iter(self.vms))}; take one with ./inv snapshot {snapshot}")
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        paused = [d for d in doms.values() if d.state()[0] == libvirt.VIR_DOMAIN_RUNNING]
-        try:
-            for dom in paused:
-                dom.suspend()
-            for vm in self.vms:
-                info = self.info(vm)
-                for disk in (info.root, info.data):
-                    _run(["cp", "--sparse=always", disk, str(tmp / Path(disk).name)])
-                say(f"  {vm}: overlays copied")
-        finally:
-            for dom in paused:
-                dom.resume()
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        _run(["cp", "-r", "--sparse=always", str(src), str(tmp)])
+        for xml in tmp.glob("*.xml"):  # a clone of a clone: its domains' XML is the new up's business
+            xml.unlink()
+        say(f"  {', '.join(self.vms)}: memory images and disks copied")
         meta = {"from": self.name, "snapshot": snapshot, "spec": self.state["spec"], "spec_path": self.state["spec_path"],
-                "image": self.state["image"], "wan": self.state.get("snapshot_wan", {}).get(snapshot), "t": time.time()}
+                "image": self.state["image"], "wan": self.state.get("snapshot_wan", {}).get(snapshot),
+                "macs": {vm: info.mac for vm, info in self.vms.items()},
+                "domains": {vm: info.domain for vm, info in self.vms.items()},
+                "uuids": {vm: self.domain(vm).UUIDString() for vm in self.vms},
+                "router_macs": {site: leg["mac"] for site, leg in (self.state.get("router") or {}).get("legs", {}).items()},
+                "t": time.time()}
         (tmp / "clone.json").write_text(json.dumps(meta, indent=1))
         tmp.rename(dest)
         return dest
@@ -508,14 +646,16 @@ def _qemu_img_overlay(base: Path, out: Path) -> None:
 # --- up ----------------------------------------------------------------------------------------
 
 
+@_disk_errors
 def up(spec: Spec | str | Path, say: Say = print, rebuild_image: bool = False, clone: str | None = None) -> VmTestbed:
     """Bring up the testbed of ``spec`` (or of clone ``clone``, at the clone's snapshot).
 
     On any failure or Ctrl-C, everything created so far is torn down before the error propagates.
     """
-    from vmimages.build import data_base, ensure_image
+    from vmimages.build import ensure_image
 
     clone_dir: Path | None = None
+    meta: dict[str, Any] = {}
     if clone is not None:
         clone_dir = cache_dir() / "clones" / clone
         if not (clone_dir / "clone.json").exists():
@@ -545,16 +685,20 @@ def up(spec: Spec | str | Path, say: Say = print, rebuild_image: bool = False, c
     image = ensure_image(rebuild=rebuild_image, progress=say)
     built = f"built in {image.seconds:.0f} s" if image.built else "cached"
     say(f"image {image.key} ({built})")
-    if clone_dir is not None and json.loads((clone_dir / "clone.json").read_text())["image"] != image.key:
+    if clone_dir is not None and meta["image"] != image.key:
         say("note: the clone was made from another image; its overlays still name their own base")
+    disks.nbdkit_path()  # before anything is created: "install nbdkit" is the whole message
     conns = {s.uri: hypervisor.connect(s.uri, say) for s in spec.sites}
     accel = hypervisor.detect_accel(image.kernel, spec.accel)
     say(f"accelerator: {accel.name} ({accel.reason})")
     all_vms = [*spec.vms, *([router.vm] if router else [])]
+    # a clone's domains keep the names and UUIDs of the testbed it was made from: libvirt restores a
+    # memory image only into a domain of the same name and UUID
+    names = {vm.name: meta.get("domains", {}).get(vm.name) or domain_name(spec.name, vm.name) for vm in all_vms}
     for vm in all_vms:
         uri = router.uri if router and vm is router.vm else spec.site_of(vm.name).uri
-        if hypervisor.lookup(conns[uri], domain_name(spec.name, vm.name)) is not None:
-            raise TestbedError(f"domain {domain_name(spec.name, vm.name)} exists but is not recorded by smfs-testbed; "
+        if hypervisor.lookup(conns[uri], names[vm.name]) is not None:
+            raise TestbedError(f"domain {names[vm.name]} exists but is not recorded by smfs-testbed; "
                                "remove it with virsh undefine, or rename the spec")
 
     tb_dir = testbeds_dir() / spec.name
@@ -569,6 +713,7 @@ def up(spec: Spec | str | Path, say: Say = print, rebuild_image: bool = False, c
         registry.add("marker", str(marker), owner)
         shutil.rmtree(tb_dir, ignore_errors=True)
         (tb_dir / "qmp").mkdir(parents=True)
+        (tb_dir / "disks").mkdir()
         if not run_as_root:
             os.chown(tb_dir / "qmp", uid, gid)
         marker.write_text(spec.name)
@@ -585,17 +730,17 @@ def up(spec: Spec | str | Path, say: Say = print, rebuild_image: bool = False, c
                 site = spec.site_of(vm.name)
                 site_name, uri, gateway = site.name, site.uri, str(site.gateway.ip)
                 ledger = str(tb_dir / "qmp" / f"{vm.name}-ledger.sock")
-            info = VmInfo(name=vm.name, site=site_name, domain=domain_name(spec.name, vm.name), uri=uri,
-                          address=str(vm.address), gateway=gateway, mac=_mac(spec.name, vm.name),
-                          root=str(tb_dir / f"{vm.name}-root.qcow2"), data=str(tb_dir / f"{vm.name}-data.qcow2"),
+            mac = meta.get("macs", {}).get(vm.name) or _mac(spec.name, vm.name)  # a clone keeps its NICs
+            info = VmInfo(name=vm.name, site=site_name, domain=names[vm.name], uri=uri,
+                          address=str(vm.address), gateway=gateway, mac=mac,
+                          root=str(tb_dir / f"{vm.name}-root.qcow2"), data=str(tb_dir / f"{vm.name}-data.raw"),
                           qmp=str(tb_dir / "qmp" / f"{vm.name}.sock"), console=str(tb_dir / f"{vm.name}-console.log"),
-                          ledger=ledger)
-            for disk, base in ((info.root, image.base), (info.data, data_base(vm.data_disk))):
-                registry.add("overlay", disk, owner, image=image.key)
-                if clone_dir is not None:
-                    _run(["cp", "--sparse=always", str(clone_dir / Path(disk).name), disk])
-                else:
-                    _qemu_img_overlay(base, Path(disk))
+                          ledger=ledger, data_socket=str(tb_dir / "disks" / f"{vm.name}.sock"))
+            registry.add("overlay", info.root, owner, image=image.key)
+            registry.add("overlay", info.data, owner, image=image.key)
+            if clone_dir is None:  # a clone's disks come from its snapshot, at restore
+                _qemu_img_overlay(image.base, Path(info.root))
+                disks.create_image(Path(info.data), vm.data_disk, getattr(spec, "data_fs", "ext4"))
             vms.append(info)
         state: dict[str, Any] = {
             "name": spec.name, "spec": thaw(spec.raw), "spec_path": spec.path, "image": image.key,
@@ -604,26 +749,39 @@ def up(spec: Spec | str | Path, say: Say = print, rebuild_image: bool = False, c
         }
         if router:
             state["router"] = _router_state(spec.name, router)
+            for site, leg_mac in meta.get("router_macs", {}).items():
+                if site in state["router"]["legs"]:
+                    state["router"]["legs"][site]["mac"] = leg_mac
         (tb_dir / "state.json").write_text(json.dumps(state, indent=1))
         tb = VmTestbed(spec.name, state)
+        tb.registry = registry
 
         started: dict[str, float] = {}
         for vm, info in zip(all_vms, vms, strict=True):
             conn = conns[info.uri]
             nics = _router_nics(state["router"]) if info.site == ROUTER_SITE else None
-            xml = hypervisor.domain_xml(_config(vm, info, accel.domain_type, image, run_as_root, spec.mtu, nics))
+            config = _config(vm, info, accel.domain_type, image, run_as_root, spec.mtu, nics)
+            if meta.get("uuids", {}).get(vm.name):  # a memory image restores only into its own domain's UUID
+                config = replace(config, uuid=meta["uuids"][vm.name])
+                _check_uuid_free(conn, config.uuid, clone or "")
             registry.add("domain", info.domain, owner, uri=info.uri)
             registry.add("qmp", info.qmp, owner)
             if info.ledger:
                 registry.add("qmp", info.ledger, owner)
-            dom = conn.defineXML(xml)
+            dom = conn.defineXML(hypervisor.domain_xml(config))
             if clone_dir is None:
                 say(f"starting {vm.name} ({vm.vcpus} vCPU, {vm.memory_mib}/{vm.max_memory_mib} MiB, {info.address})")
+                tb.start_disk(vm.name)
                 started[vm.name] = time.monotonic()
                 dom.create()
+            else:  # the memory image names the original's domain: restore it as this one
+                _clone_snapshot(tb, clone_dir, meta["snapshot"], vm.name, replace(config, uuid=dom.UUIDString()))
         if clone_dir is not None:
-            snap = json.loads((clone_dir / "clone.json").read_text())["snapshot"]
-            _redefine_snapshots(tb, clone_dir, snap)
+            snap = meta["snapshot"]
+            tb.state["snapshots"] = [snap]
+            if meta.get("wan") is not None:
+                tb.state["snapshot_wan"] = {snap: meta["wan"]}
+            tb._save()
             say(f"restoring clone {clone} at snapshot {snap}")
             tb.restore(snap, say)
         else:
@@ -647,8 +805,6 @@ def up(spec: Spec | str | Path, say: Say = print, rebuild_image: bool = False, c
 
 
 def _renamed(spec: Spec, name: str) -> Spec:
-    from dataclasses import replace
-
     return replace(spec, name=name)
 
 
@@ -661,7 +817,8 @@ def _config(vm: VmSpec, info: VmInfo, domain_type: str, image: Any, run_as_root:
     return DomainConfig(
         name=info.domain, domain_type=domain_type, vcpus=vm.vcpus, memory_mib=vm.memory_mib,
         max_memory_mib=vm.max_memory_mib, kernel=image.kernel, initrd=image.initrd, cmdline=cmdline,
-        root_disk=Path(info.root), data_disk=Path(info.data), bridge=bridge, mac=mac,
+        root_disk=Path(info.root), data_socket=Path(info.data_socket) if info.data_socket else None,
+        bridge=bridge, mac=mac,
         qmp_socket=Path(info.qmp), console_log=Path(info.console), run_as_root=run_as_root,
         ledger_socket=Path(info.ledger) if info.ledger else None, mtu=mtu, extra_nics=tuple(extra),
     )
@@ -742,21 +899,31 @@ def _wait_agents(tb: VmTestbed, started: dict[str, float], timeout: float, say: 
     tb.vms = {v["name"]: VmInfo(**v) for v in tb.state["vms"]}
 
 
-def _redefine_snapshots(tb: VmTestbed, clone_dir: Path, snap: str) -> None:
-    """Make libvirt aware of the internal snapshot the copied overlays carry (and the testbed of the WAN's
-    shape in it)."""
-    for vm in tb.vms:
-        dom = tb.domain(vm)
-        dom_xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)
-        xml = (f"<domainsnapshot><name>{snap}</name><state>paused</state><memory snapshot='internal'/>"
-               f"<creationTime>{int(time.time())}</creationTime>{dom_xml}</domainsnapshot>")
-        tb.registry.add("snapshot", f"{dom.name()}/{snap}", tb.owner, uri=tb.info(vm).uri, domain=dom.name(), snapshot=snap)
-        dom.snapshotCreateXML(xml, libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE)
-    tb.state["snapshots"] = [snap]
-    wan_at_snap = json.loads((clone_dir / "clone.json").read_text()).get("wan")
-    if wan_at_snap is not None:
-        tb.state["snapshot_wan"] = {snap: wan_at_snap}
-    tb._save()
+def _check_uuid_free(conn: libvirt.virConnect, uuid: str, clone: str) -> None:
+    try:
+        other = conn.lookupByUUIDString(uuid)
+    except libvirt.libvirtError:
+        return
+    raise TestbedError(f"clone {clone}: its VMs keep the names and UUIDs of the testbed it was made from, and "
+                       f"domain {other.name()} still has one; ./inv down that testbed first")
+
+
+def _clone_snapshot(tb: VmTestbed, clone_dir: Path, snap: str, vm: str, config: DomainConfig) -> None:
+    """Put the clone's snapshot of ``vm`` into the new testbed's snapshot folder, with ``<vm>.xml``: the
+    new domain (its paths; the original's name, UUID and MACs, which libvirt's check of a memory
+    image requires) that restore gives libvirt in place of the XML inside the memory image."""
+    folder = tb.snapshot_dir(snap)
+    folder.mkdir(parents=True, exist_ok=True)
+    info = tb.info(vm)
+    for name in (f"{vm}.save", Path(info.root).name, Path(info.data).name):
+        src = clone_dir / name
+        if not src.exists():
+            raise TestbedError(f"clone {clone_dir.name}: {name} is missing; make the clone again with ./inv clone")
+        try:  # never written in place (restore copies from it), so a hard link will do
+            os.link(src, folder / name)
+        except OSError:
+            disks.copy(src, folder / name)
+    (folder / f"{vm}.xml").write_text(hypervisor.domain_xml(config))
 
 
 def down(say: Say = print) -> list[Resource]:

@@ -317,19 +317,27 @@ def _build_initrd(recipe: Recipe, rootfs: Path, kver: str, out: Path) -> None:
         out.write_bytes(gzip.compress(cpio.stdout, compresslevel=6))
 
 
-def data_base(size: int) -> Path:
-    """An empty ext4 data disk of ``size`` bytes as a qcow2 base (per VM overlays go on top)."""
+DATA_MKFS = {
+    "ext4": ["mkfs.ext4", "-q", "-F", "-L", "smfs-data", "-E", "lazy_itable_init=1,lazy_journal_init=1"],
+    "minix": ["mkfs.minix", "-3"],  # no journal: only what was fsynced is on the disk
+}
+
+
+def data_raw(size: int, fs: str = "ext4") -> Path:
+    """An empty data disk of ``size`` bytes with filesystem ``fs`` (ext4 labelled smfs-data, or
+    minix v3) as a raw sparse file, built once per size and filesystem; each VM's data disk is a
+    sparse copy of it (served by nbdkit: ``testbed.disks``)."""
+    if fs not in DATA_MKFS:
+        raise ImageError(f"data disk: no filesystem {fs!r}; use one of {', '.join(DATA_MKFS)}")
     d = cache_dir() / "images"
     d.mkdir(parents=True, exist_ok=True)
-    path = d / f"data-{size // MIB}M.qcow2"
+    path = d / f"data-{size // MIB}M-{fs}.raw"
     with _flock(d / ".data.lock"):
         if path.exists():
             return path
-        with tempfile.TemporaryDirectory(dir=d) as tmp:
-            raw = Path(tmp) / "data.raw"
-            _run(["truncate", "-s", str(size), str(raw)], "truncate")
-            _run(["mkfs.ext4", "-q", "-F", "-L", "smfs-data", "-E", "lazy_itable_init=1,lazy_journal_init=1",
-                  str(raw)], "mkfs.ext4 (data)")
-            _run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(path) + ".tmp"], "qemu-img convert (data)")
-            os.replace(str(path) + ".tmp", path)
+        tmp = Path(str(path) + ".tmp")
+        tmp.unlink(missing_ok=True)
+        _run(["truncate", "-s", str(size), str(tmp)], "truncate")
+        _run([*DATA_MKFS[fs], str(tmp)], f"mkfs ({fs} data disk)")
+        os.replace(tmp, path)
     return path

@@ -36,7 +36,12 @@ sysctl -qw net.core.rmem_max=16777216 net.core.wmem_max=16777216
 
 mkdir -p /data
 if [ -b /dev/vdb ]; then
-    mount -t ext4 /dev/vdb /data 2>/dev/null || { mkfs.ext4 -q -F -L smfs-data /dev/vdb && mount -t ext4 /dev/vdb /data; }
+    # The data disk's filesystem is the spec's testbed.data_fs (minix or ext4), found by its signature.
+    # A disk with no filesystem gets ext4; one that will not mount is left alone (never reformatted:
+    # after a power cut its contents are the evidence).
+    fs=$(blkid -o value -s TYPE /dev/vdb 2>/dev/null)
+    if [ -z "$fs" ]; then mkfs.ext4 -q -F -L smfs-data /dev/vdb && fs=ext4; fi
+    mount -t "$fs" /dev/vdb /data || echo "smfs-init: cannot mount the data disk (${fs:-unknown})" >/dev/console
 fi
 
 mkdir -p /dev/virtio-ports

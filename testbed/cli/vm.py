@@ -152,7 +152,7 @@ def balloon(c, vm, mib):
 
 @task(help={"name": "snapshot name"})
 def snapshot(c, name):
-    """Snapshot every VM of the testbed together (internal qcow2 snapshots with RAM)."""
+    """Snapshot every VM of the testbed together (libvirt save files with RAM, plus copies of the disks)."""
     from testbed import vmbed
 
     with _user_errors(), _progress(f"snapshot {name}") as say:

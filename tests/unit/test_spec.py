@@ -157,3 +157,10 @@ def test_router_needs_two_sites_with_room_for_it(path: str, value: object, expec
     with pytest.raises(SpecError) as err:
         from_mapping({**data, "wan": {"enforcement": "router"}})
     assert expect in str(err.value) and "\n" not in str(err.value)
+
+
+def test_data_fs_is_minix_unless_the_spec_says_ext4() -> None:
+    assert from_mapping(base()).data_fs == "minix"
+    assert from_mapping(base() | {"testbed": {"data_fs": "ext4"}}).data_fs == "ext4"
+    with pytest.raises(SpecError, match="testbed.data_fs: 'xfs' is not one of minix, ext4"):
+        from_mapping(base() | {"testbed": {"data_fs": "xfs"}})

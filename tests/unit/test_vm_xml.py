@@ -14,7 +14,7 @@ QEMU_NS = "{http://libvirt.org/schemas/domain/qemu/1.0}"
 def config(**kw: object) -> DomainConfig:
     base = dict(name="smfs-ci-primary", domain_type="qemu", vcpus=1, memory_mib=384, max_memory_mib=512,
                 kernel=Path("/c/vmlinuz"), initrd=Path("/c/initrd.img"), cmdline="root=/dev/vda smfs_ip=198.18.1.10/24",
-                root_disk=Path("/c/root.qcow2"), data_disk=Path("/c/data.qcow2"), bridge="smfs-primary",
+                root_disk=Path("/c/root.qcow2"), data_socket=Path("/c/disks/primary.sock"), bridge="smfs-primary",
                 mac="52:54:00:01:02:03", qmp_socket=Path("/c/qmp/primary.sock"), console_log=Path("/c/console.log"),
                 run_as_root=False)
     base.update(kw)
@@ -33,6 +33,55 @@ def test_domain_xml_shape() -> None:
     args = [a.get("value") for a in root.iter(f"{QEMU_NS}arg")]
     assert args == ["-qmp", "unix:/c/qmp/primary.sock,server=on,wait=off"]
     assert root.find("seclabel") is None
+
+
+def test_data_disk_is_nbd_on_the_servers_socket() -> None:
+    root = ET.fromstring(domain_xml(config()))
+    vda, vdb = root.findall("devices/disk")
+    assert (vda.get("type"), vda.find("driver").get("type"), vda.find("source").get("file")) == \
+        ("file", "qcow2", "/c/root.qcow2")
+    assert (vdb.get("type"), vdb.get("device")) == ("network", "disk")
+    # raw over NBD, and a write cache the guest sees (so it flushes): nbdkit's cache filter keeps the rest
+    assert (vdb.find("driver").get("name"), vdb.find("driver").get("type"), vdb.find("driver").get("cache")) == \
+        ("qemu", "raw", "writeback")
+    assert vdb.find("source").get("protocol") == "nbd"
+    host = vdb.find("source/host")
+    assert (host.get("transport"), host.get("socket")) == ("unix", "/c/disks/primary.sock")
+    assert (vdb.find("target").get("dev"), vdb.find("target").get("bus")) == ("vdb", "virtio")
+    assert vdb.find("alias").get("name") == "ua-data"
+    # no socket, no data disk (and no file-backed one either)
+    nodata = ET.fromstring(domain_xml(config(data_socket=None)))
+    assert [d.find("target").get("dev") for d in nodata.findall("devices/disk")] == ["vda"]
+
+
+def test_uuid_only_when_given() -> None:
+    assert ET.fromstring(domain_xml(config())).find("uuid") is None
+    uuid = "6f1b2c3d-0000-4000-8000-123456789abc"
+    assert ET.fromstring(domain_xml(config(uuid=uuid))).findtext("uuid") == uuid
+
+
+def test_nbdkit_filters_stack_error_then_cache_then_file(tmp_path: Path) -> None:
+    from testbed import disks
+
+    disk = disks.DataDisk(vm="mirror", site="mirror", file=tmp_path / "mirror-data.raw", folder=tmp_path / "disks")
+    argv = disks.argv(disk)
+    assert argv[0] == "nbdkit" and "--foreground" in argv
+    assert argv[argv.index("--unix") + 1] == str(disk.socket) == str(tmp_path / "disks" / "mirror.sock")
+    # the first --filter is the one the client talks to: client → error → cache → file
+    filters = [a for a in argv if a.startswith("--filter=")]
+    assert filters == ["--filter=error", "--filter=cache"]
+    plugin = argv.index("file")
+    assert argv.index("--filter=cache") < plugin and argv[plugin + 1] == str(disk.file)
+    params = set(argv[plugin + 2:])
+    assert params == {"cache=writeback", "error=EIO", "error-rate=100%", f"error-file={disk.fail_file}"}
+    assert disk.name == "nbdkit:mirror"
+    assert not disks.failing(disk)
+    disk.folder.mkdir()
+    disks.fail(disk)
+    assert disks.failing(disk) and disk.fail_file.exists()
+    disks.heal(disk)
+    disks.heal(disk)  # idempotent
+    assert not disks.failing(disk)
 
 
 def test_domain_xml_kvm_and_root() -> None:
@@ -90,8 +139,8 @@ def test_router_domain_has_a_nic_on_each_site_bridge() -> None:
     def info(name: str, site: str, address: str, gateway: str, ledger: str = "") -> vmbed.VmInfo:
         return vmbed.VmInfo(name=name, site=site, domain=f"smfs-ci-{name}", uri="qemu:///system", address=address,
                             gateway=gateway, mac=vmbed._mac("ci", name), root=f"/c/{name}-root.qcow2",
-                            data=f"/c/{name}-data.qcow2", qmp=f"/c/qmp/{name}.sock", console=f"/c/{name}.log",
-                            ledger=ledger)  # fmt: skip
+                            data=f"/c/{name}-data.raw", qmp=f"/c/qmp/{name}.sock", console=f"/c/{name}.log",
+                            ledger=ledger, data_socket=f"/c/disks/{name}.sock")  # fmt: skip
 
     rinfo = info("router", "wan", str(router.vm.address), "")
     root = ET.fromstring(domain_xml(vmbed._config(router.vm, rinfo, "qemu", image, False, spec.mtu,
@@ -105,6 +154,8 @@ def test_router_domain_has_a_nic_on_each_site_bridge() -> None:
     cmdline = root.findtext("os/cmdline")
     assert "smfs_ip=198.18.1.253/24" in cmdline and "smfs_gw" not in cmdline and "smfs_host=router" in cmdline
     assert (root.findtext("memory"), root.findtext("vcpu")) == ("256", "1")
+    # every VM's data disk is served the same way, the router's too
+    assert root.find("devices/disk[@type='network']/source/host").get("socket") == "/c/disks/router.sock"
     assert [t.get("name") for t in root.findall("devices/channel/target")] == ["org.qemu.guest_agent.0"]
     # each site routes the other's subnet via the router's address on its own bridge
     assert vmbed.site_routes(router) == state["routes"] == {"primary": [["198.18.2.0/24", "198.18.1.253"]],
@@ -114,3 +165,14 @@ def test_router_domain_has_a_nic_on_each_site_bridge() -> None:
     proot = ET.fromstring(domain_xml(vmbed._config(spec.vm("primary"), pinfo, "qemu", image, False, spec.mtu)))
     assert [n.find("source").get("bridge") for n in proot.findall("devices/interface")] == ["smfs-primary"]
     assert "smfs_gw=198.18.1.254 smfs_host=primary" in proot.findtext("os/cmdline")
+
+
+def test_a_missing_nbdkit_says_how_to_get_it(monkeypatch) -> None:
+    import pytest
+
+    from testbed import disks
+
+    monkeypatch.setattr(disks.shutil, "which", lambda _name: None)
+    monkeypatch.setattr(disks.os.path, "exists", lambda _p: False)
+    with pytest.raises(disks.DiskError, match=r"install nbdkit \(./inv installs it\)"):
+        disks.nbdkit_path()
