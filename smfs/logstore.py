@@ -369,7 +369,11 @@ class LogStore:
         numbers = []
         for entry in os.scandir(self.root):
             m = _SEGMENT_RE.match(entry.name)
-            if m and entry.is_file():
+            try:
+                is_file = entry.is_file()
+            except OSError:  # a name whose inode is gone (see _recover): keep it, its scan says why
+                is_file = True
+            if m and is_file:
                 numbers.append(int(m.group(1)))
         return sorted(numbers)
 
@@ -384,7 +388,15 @@ class LogStore:
         for prev, number in zip([0, *numbers], numbers, strict=False):
             if number != prev + 1:
                 scan.reason(f"segments {prev + 1}..{number - 1} missing")
-            scan.segment(number, self._seg_path(number), last=number == numbers[-1])
+            try:
+                scan.segment(number, self._seg_path(number), last=number == numbers[-1])
+            except OSError as err:
+                # After a crash a name can outlive its file (e.g. ESTALE: a directory entry whose inode
+                # never reached the disk). Read-only recovery is evidence: say so, and what was in it is
+                # missing; a writable open must not build on such a store.
+                if not self.read_only:
+                    raise
+                scan.reason(f"{segment_name(number)}: unreadable ({err.strerror or err}); its records are missing")
         self._index = scan.index
         truncated = scan.tail_bytes
         if not self.read_only:

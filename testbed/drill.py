@@ -341,7 +341,10 @@ class VmBed:
         secs = self.tb.restore(SNAPSHOT, say=lambda _m: None)
         tl.mark(f"restored {SNAPSHOT!r} ({secs:.1f} s)")
         self.pg, self.mg = self.tb.guest(self.prim), self.tb.guest(self.mirr)
-        if self.env:  # the mirror site and the gateways in the snapshot run the correct stack
+        from smfs.logstore import DEFAULT_SEGMENT_BYTES
+
+        # The mirror site and the gateways in the snapshot run the correct stack with the default segment size.
+        if self.env or self.cfg.segment_bytes != DEFAULT_SEGMENT_BYTES:
             for g, name, argv in ((self.mg, "mirror-site", mirror_argv(self.cfg)),
                                   *((self.tb.guest(vm), "gateway", gateway_argv(self.tb, self.cfg, site))
                                     for site, vm in (("mirror", self.mirr), ("primary", self.prim)))):
@@ -350,7 +353,8 @@ class VmBed:
                 g.sh(f"rm -f {ready}")
                 g.spawn(name, argv, env=self.env)
                 _wait_file(g, ready, name, f"{g.name} {name} (seeded defect)")
-            tl.mark(f"SEEDED DEFECT {', '.join(self.cfg.defects)}: mirror site and gateways restarted with it")
+            tl.mark(f"mirror site and gateways restarted ({'SEEDED DEFECT ' + ', '.join(self.cfg.defects) if self.env else 'correct stack'}, "
+                    f"{self.cfg.segment_bytes // 1024} KiB segments)")
 
     def start_primary(self, mode: Mode, tl: Timeline) -> None:
         if mode.fec:

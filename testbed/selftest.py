@@ -118,15 +118,19 @@ def run_self_test(spec_path: str | Path, names: str = "all", runs: int = 1, out:
     result: dict[str, Any] = {"verdict": "unknown", "spec": spec.name, "runs": runs, "rows": [], "controls": []}
 
     def body(tb: Any) -> None:
-        pairs = list(dict.fromkeys((c.mode, c.schedule) for c in chosen)) if controls else []
-        for mode_name, sched in pairs:
+        # One control per (mode, schedule, segment size) the chosen defects use: the same run, correct stack.
+        pairs = list(dict.fromkeys((c.mode, c.schedule, c.segment_bytes) for c in chosen)) if controls else []
+        for mode_name, sched, seg in pairs:
             mode = parse_mode(mode_name)
-            cfg = replace(base, modes=(mode,), schedule=sched, out=out / "control" / f"{mode_name}-{sched}")
-            say(f"self-test: control: the correct stack in {mode_name} under {sched}")
+            label = f"{mode_name}-{sched}" + (f"-{seg // 1024}KiB-segments" if seg else "")
+            cfg = replace(base, modes=(mode,), schedule=sched, out=out / "control" / label,
+                          segment_bytes=seg or base.segment_bytes)
+            say(f"self-test: control: the correct stack in {label}")
             entry = drill.run_mode(tb, cfg, mode, say)
-            result["controls"].append({"mode": mode_name, "schedule": sched, "verdict": entry.get("verdict"),
-                                       "evidence": evidence(entry), "error": entry.get("error")})
-            say(f"self-test: control {mode_name} under {sched}: {entry.get('verdict')} ({evidence(entry)})")
+            result["controls"].append({"mode": mode_name, "schedule": sched, "segment_bytes": seg,
+                                       "verdict": entry.get("verdict"), "evidence": evidence(entry),
+                                       "error": entry.get("error")})
+            say(f"self-test: control {label}: {entry.get('verdict')} ({evidence(entry)})")
         for case in chosen:
             mode = parse_mode(case.mode)
             for i in range(runs):

@@ -602,3 +602,25 @@ def test_a_new_segment_is_made_durable_in_its_folder_unless_the_defect_is_seeded
         store.append(1, seq, b"x" * 3000)  # each append rolls to a new segment
     store.close()
     assert synced == ([] if seeded else [tmp_path / "s"] * 3)
+
+
+def test_read_only_recovery_reports_a_segment_it_cannot_open_and_goes_on(tmp_path, monkeypatch) -> None:
+    """After a crash a segment's name can outlive its inode (minix: ESTALE on open). The listing is
+    evidence: the segment is reported unreadable and its records are missing, not a crash."""
+    store = LogStore.open(tmp_path / "s", segment_bytes=4096)
+    for seq in range(3):
+        store.append(1, seq, b"x" * 3000)  # one record per segment
+    store.close()
+    real_open = open
+
+    def stale(path, *args, **kwargs):
+        if str(path).endswith("seg-00000002.smfs"):
+            raise OSError(errno.ESTALE, "Stale file handle", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", stale)
+    listing = logstore.site_listing(tmp_path / "s")
+    assert [r[0] for r in listing["logs"]["1"]] == [0]  # seq 1 unreadable, seq 2 dropped after the gap
+    assert any("seg-00000002.smfs: unreadable (Stale file handle)" in r for r in listing["stores"][0]["reasons"])
+    with pytest.raises(LogStoreError, match="Stale file handle"):
+        LogStore.open(tmp_path / "s")  # a writable open refuses to build on it
