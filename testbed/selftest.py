@@ -161,7 +161,8 @@ def run_self_test(spec_path: str | Path, names: str = "all", runs: int = 1, out:
             result["verdict"] = "data-loss"
         (out / "self-test.json").write_text(json.dumps(result, indent=1, default=str))
     for c in result["controls"]:
-        say(f"control  {c['mode']} under {c['schedule']}: {c['verdict']} ({c['evidence']})")
+        seg = f" ({c['segment_bytes'] // 1024} KiB segments)" if c.get("segment_bytes") else ""
+        say(f"control  {c['mode']} under {c['schedule']}{seg}: {c['verdict']} ({c['evidence']})")
     say("\n" + table(summary))
     missed = [s["defect"] for s in summary if not s["caught"]]
     if result["verdict"] == "ok":

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-CAUGHT_RELIABLY = "remote-sync-acks-at-handoff,mirror-acks-before-fsync,primary-acks-before-local-write"
-"""The defects this short variant runs (one run each); `./inv drill --self-test --runs 10` runs all."""
+CAUGHT_RELIABLY = ("remote-sync-acks-at-handoff,mirror-acks-before-fsync,primary-acks-before-local-write,"
+                   "mirror-skips-directory-fsync")
+"""The defects this short variant runs (one run each). network-sync-callback-before-repairs is left
+out: no end-to-end loss shows it reliably (README, "The self-test"); `./inv drill --self-test` runs it."""
 
 
 def test_seeded_defects_are_caught_and_the_correct_stack_is_not_accused(tmp_path: Path) -> None:
@@ -23,6 +25,7 @@ def test_seeded_defects_are_caught_and_the_correct_stack_is_not_accused(tmp_path
     on_disk = json.loads((tmp_path / "st" / "self-test.json").read_text())
     assert on_disk["verdict"] == result["verdict"] == "ok", (result["controls"], result["rows"])
     assert {c["schedule"] for c in result["controls"]} == {"rolling-disaster", "mirror-power-outage", "site-power-cut"}
+    assert any(c["segment_bytes"] for c in result["controls"]), "a control with the defect's small segments"
     assert all(c["verdict"] == "ok" for c in result["controls"]), result["controls"]
     rows = {r["defect"]: r for r in result["rows"]}
     assert set(rows) == set(CAUGHT_RELIABLY.split(","))
