@@ -241,3 +241,13 @@ def test_paper_findings_check_the_throughput_claim_against_local_sync() -> None:
     assert claim["agrees"] is False and "17.5 %" in claim["detail"]
     assert got["network-sync loses no acked append in the disaster"]["agrees"] is True
     assert not any(c.startswith("remote-sync") for c in got)  # a mode that failed to run checks no claim
+
+
+def test_paper_findings_count_corrupt_and_skip_schedules_where_the_mode_promises_nothing() -> None:
+    from testbed.plots import paper_findings
+
+    corrupt = [{"mode": "remote-sync", "acked": 10, "lost": 0, "corrupt": 2, "durable": True}]
+    (f,) = paper_findings(corrupt)
+    assert not f["agrees"] and "corrupt 2" in f["detail"]
+    outage = [{"mode": "network-sync", "acked": 10, "lost": 3, "durable": False}]  # mirror power outage
+    assert paper_findings(outage) == []
