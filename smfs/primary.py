@@ -3,6 +3,12 @@
 Clients (the testers) send APPEND frames over a Unix socket. Each append is assigned its range on
 the mirror stream, sent to the mirror and written locally (one fdatasync per batch), and
 acknowledged when ``AckTracker`` says the mode's condition holds (see ``smfs.modes``).
+
+With ``ack_trace`` (a file path), every ack is also written there as it is given: a first line
+``flow SRC SPORT DST DPORT`` (the mirror stream as this server sends it), then one line per acked
+append ``LOG SEQ END T``: the stream offset just after its frame and the wall-clock time of the ack.
+The drill's wire check (``testbed.wirecheck``) holds these against a capture of what left the site:
+a network-sync ack promises that every byte below ``END`` was on the WAN with its repairs at ``T``.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import logging
 import os
 import socket
 import time
+from typing import Any
 
 from smfs import defects
 from smfs.acks import AckTracker, Pending, SequenceRejected
@@ -34,6 +41,7 @@ class PrimaryServer:
         mirror: tuple[str, int],
         source: str | None = None,
         gateway_control: tuple[str, int] | None = None,
+        ack_trace: str | None = None,
     ) -> None:
         self.index = index
         self.store = store
@@ -42,6 +50,8 @@ class PrimaryServer:
         self.mirror = mirror
         self.source = source
         self.gateway_control = gateway_control
+        self.ack_trace = ack_trace
+        self._trace: Any = None
         self.log = logging.getLogger(f"smfs.primary.{index}")
         self.tracker = AckTracker(mode, {lg: store.next_seq(lg) for lg in store.logs()})
         self._queue: asyncio.Queue[tuple[Pending, bytes]] = asyncio.Queue()
@@ -83,6 +93,9 @@ class PrimaryServer:
                 await task
         if self._mwriter is not None:
             self._mwriter.close()
+        if self._trace is not None:
+            self._trace.close()
+            self._trace = None
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         """A background task must never die silently: log it and fail what is pending."""
@@ -113,6 +126,10 @@ class PrimaryServer:
         self.flow = (lhost, lport, rhost, rport)
         self._mreader, self._mwriter = reader, writer
         self.log.info("mirror stream %s:%d -> %s:%d", *self.flow)
+        if self.ack_trace:
+            self._trace = open(self.ack_trace, "w", buffering=1 << 16)  # noqa: SIM115 - closed in close()
+            self._trace.write("flow {} {} {} {}\n".format(*self.flow))
+            self._trace.flush()
 
     async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         decoder = FrameDecoder(allowed=frozenset({FrameType.APPEND}))
@@ -143,6 +160,12 @@ class PrimaryServer:
             writer.write(encode(ftype, log, seq, reason.encode()))
 
     def _ack(self, items: list[Pending]) -> None:
+        if not items:
+            return
+        if self._trace is not None:  # before the answers leave: the time bounds the ack from below
+            t = time.time()
+            self._trace.write("".join(f"{i.log} {i.seq} {i.end} {t:.6f}\n" for i in items))
+            self._trace.flush()
         for item in items:
             self._answer(item.client, FrameType.ACK, item.log, item.seq)  # type: ignore[arg-type]
 

@@ -58,8 +58,11 @@ async def _run(args: argparse.Namespace) -> None:
         control = parse_hostport(args.gateway_control) if args.gateway_control else None
         if mode.ack_on == "network" and control is None:
             raise SystemExit("error: --gateway-control is required for network-sync")
+        if args.ack_trace:
+            Path(args.ack_trace).mkdir(parents=True, exist_ok=True)
         servers = [
-            PrimaryServer(i, stores[i], mode, socket_path(run, i), (host, port + i), args.source, control)
+            PrimaryServer(i, stores[i], mode, socket_path(run, i), (host, port + i), args.source, control,
+                          ack_trace=str(Path(args.ack_trace) / f"acks-{i}.txt") if args.ack_trace else None)
             for i in range(args.servers)
         ]
     await asyncio.gather(*(s.start() for s in servers))
@@ -88,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source", default=None, help="primary: local address for the mirror connections")
     p.add_argument("--mode", default="remote-sync")
     p.add_argument("--gateway-control", default=None, help="network-sync: gateway HOST:PORT for callbacks")
+    p.add_argument("--ack-trace", default=None,
+                   help="primary: folder for one ack trace per server (acks-I.txt: flow, then LOG SEQ END T per ack)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(

@@ -78,6 +78,7 @@ class DrillConfig:
     during: tuple[Timed, ...] = ()  # faults injected (and healed) during the run, before the disaster
     defects: tuple[str, ...] = ()  # seeded stack defects (the self-test only)
     segment_bytes: int = 100 << 20  # log store segment size (the self-test makes it small)
+    restart_stack: bool = False  # restart the mirror site and gateways after the restore (the self-test's variants)
 
     def run_config(self) -> RunConfig:
         """What the shared recipe needs of this drill."""
@@ -335,16 +336,20 @@ class VmBed:
         self.runner: Runner | None = None
         self.fec_sites: dict[str, dict[str, Any] | None] = {}
         self.tl: Timeline | None = None
+        self.capture: Any = None  # testbed.wirecheck.Capture in network-sync modes
+        self.ack_traces: dict[str, str | None] = {}
 
     def begin(self, mode: Mode, out: Path, tl: Timeline) -> None:
         self.out, self.tl, self.runner, self.fec_sites = out, tl, None, {}
+        self.ack_traces = {}
         secs = self.tb.restore(SNAPSHOT, say=lambda _m: None)
         tl.mark(f"restored {SNAPSHOT!r} ({secs:.1f} s)")
         self.pg, self.mg = self.tb.guest(self.prim), self.tb.guest(self.mirr)
         from smfs.logstore import DEFAULT_SEGMENT_BYTES
 
-        # The mirror site and the gateways in the snapshot run the correct stack with the default segment size.
-        if self.env or self.cfg.segment_bytes != DEFAULT_SEGMENT_BYTES:
+        # The mirror site and the gateways in the snapshot run the correct stack with the default segment size
+        # and the spec's flush delay.
+        if self.env or self.cfg.segment_bytes != DEFAULT_SEGMENT_BYTES or self.cfg.restart_stack:
             for g, name, argv in ((self.mg, "mirror-site", mirror_argv(self.cfg)),
                                   *((self.tb.guest(vm), "gateway", gateway_argv(self.tb, self.cfg, site))
                                     for site, vm in (("mirror", self.mirr), ("primary", self.prim)))):
@@ -354,7 +359,25 @@ class VmBed:
                 g.spawn(name, argv, env=self.env)
                 _wait_file(g, ready, name, f"{g.name} {name} (seeded defect)")
             tl.mark(f"mirror site and gateways restarted ({'SEEDED DEFECT ' + ', '.join(self.cfg.defects) if self.env else 'correct stack'}, "
-                    f"{self.cfg.segment_bytes // 1024} KiB segments)")
+                    f"{self.cfg.segment_bytes // 1024} KiB segments, flush {self.cfg.flush_ms:g} ms)")
+        if mode.ack_on == "network":
+            self._start_capture(out, tl)
+
+    def _start_capture(self, out: Path, tl: Timeline) -> None:
+        """The wire check's capture: what leaves the primary VM, on its host tap, from before its
+        primary servers connect (the replay numbers each flow's bytes from its SYN) to the disaster."""
+        from testbed import wan
+        from testbed.wirecheck import Capture, WireError
+
+        tap = wan.tap_of(self.tb, self.prim)
+        if not tap:
+            raise InfrastructureError(f"{self.prim} has no host tap to capture the WAN on")
+        try:
+            self.capture = Capture(tap, out / "wan-primary.pcap", port=TUNNEL_PORT, registry=self.tb.registry,
+                                   owner=self.tb.owner)
+        except WireError as err:
+            raise InfrastructureError(str(err)) from None
+        tl.mark(f"wire capture on {tap} (the primary's WAN side, host clock)")
 
     def start_primary(self, mode: Mode, tl: Timeline) -> None:
         if mode.fec:
@@ -365,7 +388,7 @@ class VmBed:
                 "/data/primary", "--run", f"{RUN}/primary", "--mirror", f"{target}:{MIRROR_PORT}", "--source", source,
                 "--mode", mode.name, "--segment-bytes", str(self.cfg.segment_bytes)]
         if mode.ack_on == "network":
-            args += ["--gateway-control", CONTROL]
+            args += ["--gateway-control", CONTROL, "--ack-trace", f"{RUN}/acks"]
         self.pg.spawn("primary-site", args, env=self.env)
         _wait_file(self.pg, f"{RUN}/primary/primary.ready", "primary-site", "primary site")
         tl.mark(f"primary site up ({self.cfg.servers} servers, {'through the gateways' if mode.fec else 'bare TCP'})")
@@ -408,6 +431,25 @@ class VmBed:
     def before_disaster(self, mode: Mode) -> None:
         if mode.fec:
             self.fec_sites["primary"] = _gateway_stats(self.pg)  # its stats die with it: read just before
+        if self.capture is not None:  # the acks given so far; later ones die with the primary unchecked
+            self.ack_traces = {}
+            for i in range(self.cfg.servers):
+                try:
+                    self.ack_traces[f"acks-{i}.txt"] = self.pg.read_file(f"{RUN}/acks/acks-{i}.txt").decode()
+                except Exception:  # noqa: BLE001 - a missing trace makes the check inconclusive
+                    self.ack_traces[f"acks-{i}.txt"] = None
+
+    def wire_evidence(self, clock: dict[str, Any]) -> dict[str, Any] | None:
+        """Stop the capture (the site is gone) and hold the primary's acks against it (:mod:`testbed.wirecheck`)."""
+        from smfs.gateway import SITE_IDS
+        from testbed import wirecheck
+
+        cap, self.capture = self.capture, None
+        if cap is None:
+            return None
+        res = wirecheck.evaluate(cap.out, self.ack_traces, clock, cap.stop(), site=SITE_IDS["primary"])
+        (self.out / "wire.json").write_text(json.dumps(res, indent=1))
+        return res
 
     def disaster(self, tl: Timeline) -> float:
         for fault in schedule(self.cfg.schedule, self.tb.spec.wan, self.cfg.burst_loss, self.cfg.burst_seconds):
@@ -470,7 +512,9 @@ class VmBed:
         return json.loads(self.pg.read_file(f"{RUN}/listing.json"))
 
     def end_mode(self) -> None:
-        return None
+        cap, self.capture = self.capture, None
+        if cap is not None:  # the mode ended before its wire check (an error): the capture ends here
+            cap.kill()
 
 
 def wan_backlog(tb: Any, towards: str) -> int | None:
@@ -619,6 +663,9 @@ def run_drill(spec_path: str | Path, modes: tuple[Mode, ...], out: Path | None =
     if result["paper"]:
         say("\nagainst the paper:\n" + "\n".join(
             f"  {'agrees   ' if f['agrees'] else 'DISAGREES'}  {f['claim']}: {f['detail']}" for f in result["paper"]))
+    broken = [f"{m['mode']}: {b}" for m in entries for b in m.get("broken_promises", [])]
+    if broken:
+        say("\nbroken promises (the stack acked what it had not made safe):\n" + "\n".join(f"  {b}" for b in broken))
     faults = [f"{m['mode']}: {f}" for m in entries for f in m.get("drill_faults", [])]
     if faults:
         say("\ndrill faults:\n" + "\n".join(f"  {f}" for f in faults))

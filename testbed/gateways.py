@@ -45,7 +45,7 @@ class GatewayPair:
 
 def start_gateways(tb: NamespaceTestbed, out: Path, logs: Path, r: int = 8,
                    interleaves: tuple[int, ...] | None = None, wan_rate_bps: int = 0,
-                   edge_queue: int = 0, env: dict[str, str] | None = None) -> GatewayPair:
+                   edge_queue: int = 0, env: dict[str, str] | None = None, flush_ms: float | None = None) -> GatewayPair:
     """One gateway per site namespace; storage traffic between the sites is routed through them
     (each paced to ``wan_rate_bps`` when given)."""
     key_file = out / "work" / "tunnel.key"
@@ -70,6 +70,8 @@ def start_gateways(tb: NamespaceTestbed, out: Path, logs: Path, r: int = 8,
             argv += ["--wan-rate-bps", str(wan_rate_bps)]
         if edge_queue:
             argv += ["--edge-queue", str(edge_queue)]
+        if flush_ms is not None:
+            argv += ["--flush-ms", f"{flush_ms:g}"]
         proc = tb.spawn(site, "gateway", argv, logs / f"gateway-{site}.log", env=env)
         waiting.append((site, proc, ready))
     deadline = time.monotonic() + READY_TIMEOUT

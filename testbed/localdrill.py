@@ -54,6 +54,7 @@ class LocalDrillConfig:
     burst_seconds: float = 0.5
     drain_timeout: float = 30.0  # s the mirror gets to go quiet after the disaster
     defects: tuple[str, ...] = ()  # seeded stack defects (the self-test only)
+    flush_ms: float = 5.0  # the gateways' FEC flush delay (a partial bin's repair follows its first packet by this)
 
     def __post_init__(self) -> None:
         checks = [
@@ -67,6 +68,7 @@ class LocalDrillConfig:
              "needs VMs: ./inv drill)"),
             (0 <= self.burst_loss <= 100, "burst_loss", "must be a percentage in [0, 100]"),
             (1 <= self.drain_timeout <= 3600, "drain_timeout", "must be within 1 s and 1 h"),
+            (0 < self.flush_ms <= 1000, "flush_ms", "must be within (0, 1000] ms"),
         ]
         for ok, name, fix in checks:
             if not ok:
@@ -122,6 +124,7 @@ class NsBed:
         self.work = cfg.out / "work"
         self.method = "none"
         self.drops: int | None = None
+        self.capture: Any = None  # testbed.wirecheck.Capture in network-sync modes
 
     def begin(self, mode: Mode, out: Path, tl: Any) -> None:
         self.out, self.work, self.logs = out, out / "work", out / "logs"
@@ -129,13 +132,16 @@ class NsBed:
         self.tb = tb = NamespaceTestbed()
         tb.build()
         tl.mark("namespaces up", run_id=tb.run_id)
-        self.method = method = tb.set_loss(self.cfg.wan_loss)
-        tl.mark(f"WAN loss {self.cfg.wan_loss}% each way via {method}", method=method)
+        from netem.profile import LinkProfile
+
+        self.profile = LinkProfile().with_changes(loss=f"{self.cfg.wan_loss:.10g}%")
+        self.method = method = tb.shape(self.profile)
+        tl.mark(f"WAN shaped: {self.profile.describe()} via {method}", method=method)
         self.gw = None
         if mode.fec:
             from testbed.gateways import start_gateways
 
-            self.gw = start_gateways(tb, out, self.logs, env=self.env)
+            self.gw = start_gateways(tb, out, self.logs, env=self.env, flush_ms=self.cfg.flush_ms)
             tl.mark("FEC gateways up")
         mlog = self.logs / "mirror-site.log"
         self.mproc = tb.spawn("mirror", "servers", [
@@ -155,10 +161,39 @@ class NsBed:
             "--mode", mode.name, "--segment-bytes", str(self.cfg.segment_bytes),
         ]
         if mode.ack_on == "network":
-            pargs += ["--gateway-control", f"127.0.0.1:{GATEWAY_CONTROL_PORT}"]
+            pargs += ["--gateway-control", f"127.0.0.1:{GATEWAY_CONTROL_PORT}", "--ack-trace", str(self.work / "acks")]
+            self._start_capture(tl)
         self.pproc = self.tb.spawn("primary", "servers", pargs, plog, env=self.env)
         _wait_ready(self.work / "run-primary" / "primary.ready", self.pproc, "primary site", plog)
         tl.mark("storage servers up", servers=self.cfg.servers)
+
+    def _start_capture(self, tl: Any) -> None:
+        """The wire check's capture: what leaves the primary namespace on its WAN link (host clock),
+        from before the primary servers connect to the disaster."""
+        from testbed.wirecheck import Capture, WireError
+
+        assert self.tb is not None
+        try:
+            self.capture = Capture("wan0", self.out / "wan-primary.pcap", prefix=("ip", "netns", "exec", self.tb.ns("primary")),
+                                   port=TUNNEL_PORT, registry=self.tb.registry, owner=self.tb.owner)
+        except WireError as err:
+            raise InfrastructureError(str(err)) from None
+        tl.mark("wire capture on the primary's wan0")
+
+    def wire_evidence(self, clock: dict[str, Any]) -> dict[str, Any] | None:
+        """Stop the capture and hold the primary's acks against it (:mod:`testbed.wirecheck`)."""
+        from testbed import wirecheck
+
+        cap, self.capture = self.capture, None
+        if cap is None:
+            return None
+        traces: dict[str, str | None] = {}
+        for i in range(self.cfg.servers):
+            path = self.work / "acks" / f"acks-{i}.txt"
+            traces[path.name] = path.read_text() if path.exists() else None
+        res = wirecheck.evaluate(cap.out, traces, clock, cap.stop())
+        (self.out / "wire.json").write_text(json.dumps(res, indent=1))
+        return res
 
     def start_testers(self, raw: Path, tl: Any) -> _LedgerDir:
         assert self.tb is not None
@@ -189,8 +224,9 @@ class NsBed:
     def disaster(self, tl: Any) -> float:
         assert self.tb is not None
         if self.cfg.schedule == "rolling-disaster":
-            method = self.tb.set_loss(self.cfg.burst_loss)
-            tl.mark(f"WAN loss raised to {self.cfg.burst_loss}% ({method})")
+            burst = self.profile.with_changes(loss=f"{self.cfg.burst_loss:.10g}%")
+            method = self.tb.shape(burst)
+            tl.mark(f"WAN loss raised: {burst.describe()} ({method})")
             time.sleep(self.cfg.burst_seconds)
         took = self.tb.disaster("primary")
         t = took["t_instant"]
@@ -223,6 +259,9 @@ class NsBed:
         return site_listing(self.work / "primary")
 
     def end_mode(self) -> None:
+        cap, self.capture = self.capture, None
+        if cap is not None:
+            cap.kill()
         if self.tb is not None:
             self.drops = self.tb.wan_drops()
             self.tb.teardown()
@@ -294,5 +333,8 @@ def run_local_drill(cfg: LocalDrillConfig, say: Say = print) -> dict[str, Any]:
     }
     (cfg.out / "result.json").write_text(json.dumps(result, indent=1, default=str))
     say("\n" + table(modes))
+    broken = [f"{m['mode']}: {b}" for m in modes for b in m.get("broken_promises", [])]
+    if broken:
+        say("\nbroken promises (the stack acked what it had not made safe):\n" + "\n".join(f"  {b}" for b in broken))
     say(f"\nverdict: {result['verdict']}   (result: {cfg.out / 'result.json'})")
     return result

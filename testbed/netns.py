@@ -74,6 +74,7 @@ class NamespaceTestbed:
     run_id: str = field(default_factory=lambda: secrets.token_hex(3))
     registry: Registry = field(default_factory=Registry)
     loss_method: str = "none"
+    dropped_before: int = 0  # packets the nftables loss rules of earlier shapes dropped
 
     @property
     def owner(self) -> str:
@@ -134,43 +135,66 @@ class NamespaceTestbed:
         return [r for r in self.registry.items("process", self.owner) if r.meta.get("name", "").startswith(f"{site}:")]
 
     # -- the WAN ---------------------------------------------------------------------------
-    def set_loss(self, percent: float) -> str:
-        """Random loss on every packet crossing the WAN, each direction; returns the method used.
+    def shape(self, profile: Any) -> str:
+        """Shape the WAN with a :class:`netem.profile.LinkProfile` (``a_to_b`` leaves the wan namespace
+        towards the mirror, ``b_to_a`` towards the primary); returns the method used.
 
-        netem when the host kernel has it; otherwise an nftables random drop in the wan namespace
-        (this machine's kernel has no sch_netem; nftables can drop but cannot delay).
-        """
-        if percent <= 0:
+        netem (the whole profile) when the host kernel has it; otherwise an nftables random drop per
+        direction in the wan namespace (this machine's kernel has no sch_netem), which can only do
+        independent random loss: any other field of the profile is refused with a one-line ValueError
+        before anything changes."""
+        towards = {"to-mirror": profile.a_to_b, "to-primary": profile.b_to_a}
+        if all(d.is_identity for d in towards.values()) and self.loss_method in ("none", "nftables-random-drop"):
+            self._drop_table()
             self.loss_method = "none"
             return self.loss_method
         if host_has_netem():
+            from netem.shaper import Shaper
+
             with NetNS(self.ns("wan")) as ns:
-                for site in SITES:
-                    idx = ns.link_lookup(ifname=f"to-{site}")[0]
-                    ns.tc("replace", "netem", index=idx, loss=percent)
+                for ifname, direction in towards.items():
+                    Shaper(ns, ifname).apply(direction)
             self.loss_method = "netem"
-        else:
-            threshold = round(percent * 100)  # out of 10000: 0.01 % resolution
-            rules = (
-                "table inet smfs_wan {\n chain loss {\n  type filter hook forward priority 0; policy accept;\n"
-                f"  numgen random mod 10000 < {threshold} counter drop\n }}\n}}\n"
-            )
-            self.sh("wan", "nft", "-f", "-", input=rules.encode())
-            listed = self.sh("wan", "nft", "list", "table", "inet", "smfs_wan")
-            if f"< {threshold}" not in listed:
-                raise RuntimeError(f"nftables loss rule not in place after applying it: {listed!r}")
-            self.loss_method = "nftables-random-drop"
+            return self.loss_method
+        for d in towards.values():
+            if d != type(d)(loss_pct=d.loss_pct, limit=d.limit):
+                raise ValueError(f"wan: {d.describe()} needs netem, which this host kernel lacks (no sch_netem); "
+                                 "the namespace WAN can only drop at random: give wan.loss alone, or run ./inv drill (VMs)")
+        rules = "table inet smfs_wan {\n chain loss {\n  type filter hook forward priority 0; policy accept;\n"
+        for ifname, d in towards.items():
+            if d.loss_pct > 0:  # out of 10000: 0.01 % resolution
+                rules += f'  oifname "{ifname}" numgen random mod 10000 < {round(d.loss_pct * 100)} counter drop\n'
+        rules += " }\n}\n"
+        self._drop_table()
+        self.sh("wan", "nft", "-f", "-", input=rules.encode())
+        listed = self.sh("wan", "nft", "list", "table", "inet", "smfs_wan")
+        for ifname, d in towards.items():
+            if d.loss_pct > 0 and f"< {round(d.loss_pct * 100)}" not in listed:
+                raise RuntimeError(f"nftables loss rule for {ifname} not in place after applying it: {listed!r}")
+        self.loss_method = "nftables-random-drop"
         return self.loss_method
 
+    def _drop_table(self) -> None:
+        """Remove the nftables loss rules, keeping the count of what they dropped."""
+        self.dropped_before += self._table_drops()
+        self.sh("wan", "nft", "delete", "table", "inet", "smfs_wan", check=False)
+
+    def set_loss(self, percent: float) -> str:
+        """Independent random loss of ``percent`` on every packet crossing the WAN, each direction
+        (:meth:`shape` with a loss-only profile); returns the method used."""
+        from netem.profile import LinkProfile
+
+        return self.shape(LinkProfile().with_changes(loss=f"{percent:.10g}%"))
+
     def wan_drops(self) -> int | None:
-        """Packets dropped by the nftables loss rule so far (None when it is not in use)."""
+        """Packets dropped by the nftables loss rules so far, over every shape (None when never used)."""
         if self.loss_method != "nftables-random-drop":
-            return None
+            return self.dropped_before or None
+        return self.dropped_before + self._table_drops()
+
+    def _table_drops(self) -> int:
         out = self.sh("wan", "nft", "list", "table", "inet", "smfs_wan", check=False)
-        for line in out.splitlines():
-            if "counter packets" in line:
-                return int(line.split("counter packets")[1].split()[0])
-        return None
+        return sum(int(line.split("counter packets")[1].split()[0]) for line in out.splitlines() if "counter packets" in line)
 
     # -- failures ---------------------------------------------------------------------------
     def cut_link(self, site: str) -> None:

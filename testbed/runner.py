@@ -237,11 +237,15 @@ def run_mode(bed: Bed, cfg: RunConfig, mode: Mode, say: Say, progress: Callable[
             entry["primary_disk"] = _local_durability(bed, entries, tl)
             if entry["primary_disk"]["lost"] or entry["primary_disk"]["corrupt"]:
                 entry["verdict"] = "data-loss"
+        wire = getattr(bed, "wire_evidence", None)
+        if wire is not None and mode.ack_on == "network":
+            _wire_check(entry, wire(entry["clock"]), tl)
         if drain is not None and not drain.quiet:
             entry["verdict"] = "unknown"
             entry["error"] = f"drain: {drain.reason}"
         tl.mark(f"checked: {result.summary_line()}"
-                + ("" if entry["verdict"] == str(result.verdict) else f"; verdict {entry['verdict']} ({entry.get('error')})"))
+                + ("" if entry["verdict"] == str(result.verdict)
+                   else f"; verdict {entry['verdict']} ({entry.get('error') or '; '.join(entry.get('broken_promises', []))})"))
     except InfrastructureError as err:
         entry.update({"verdict": "unknown", "error": str(err)})
         say(f"{mode.name}: INFRASTRUCTURE FAILURE: {err}")
@@ -265,6 +269,24 @@ def run_mode(bed: Bed, cfg: RunConfig, mode: Mode, say: Say, progress: Callable[
 LOCAL_EVIDENCE = ("site-power-cut",)
 """Schedules after which the primary's own disk is evidence too: its power was cut, not its site
 destroyed, so every acked append must be on it (every mode acks after its local write)."""
+
+
+def _wire_check(entry: dict[str, Any], res: dict[str, Any] | None, tl: Timeline) -> None:
+    """network-sync's ack condition, checked on the wire (:mod:`testbed.wirecheck`): an ack given before
+    its bytes and repairs left the site breaks the mode's promise whatever the disaster found, so the
+    verdict is ``data-loss`` (the append was acked while a WAN loss could take it); reported apart."""
+    from testbed.wirecheck import summary_line
+
+    if res is None:
+        return
+    entry["wire"] = res
+    tl.mark(summary_line(res))
+    if res["unsafe"] and not res.get("inconclusive"):
+        entry["unsafe_acks"] = res["unsafe"]
+        entry["verdict"] = "data-loss"
+        entry.setdefault("broken_promises", []).append(
+            f"{res['unsafe']} of {res['checked']} acks were given before their bytes and every repair covering "
+            "them were on the WAN (wire check)")
 
 
 def _local_durability(bed: Bed, entries: list[Any], tl: Timeline) -> dict[str, Any]:

@@ -30,6 +30,7 @@ class Case:
     schedule: str
     why: str
     segment_bytes: int | None = None  # small segments: segment files are created during the run
+    flush_ms: float | None = None  # a longer FEC flush delay: a packet's last repair follows it by up to this
 
 
 CASES: tuple[Case, ...] = (
@@ -40,7 +41,8 @@ CASES: tuple[Case, ...] = (
     Case("primary-acks-before-local-write", "remote-sync", "site-power-cut",
          "acked appends not yet on the primary's own disk when its power is cut"),
     Case("network-sync-callback-before-repairs", "network-sync", "rolling-disaster",
-         "a lost packet whose repairs were never sent cannot be rebuilt at the mirror"),
+         "acks given before the repairs left the site (wire check); a WAN loss then is never rebuilt",
+         flush_ms=100.0),
     Case("mirror-skips-directory-fsync", "remote-sync", "mirror-power-outage",
          "a new segment file's name is not durable at the mirror's power cut", segment_bytes=256 << 10),
 )
@@ -68,6 +70,11 @@ def evidence(entry: dict[str, Any]) -> str:
     for key in ("corrupt", "prefix_violations", "unexpected"):
         if entry.get(key):
             parts.append(f"{key} {entry[key]}")
+    wire = entry.get("wire") or {}
+    if wire.get("unsafe") and not wire.get("inconclusive"):
+        parts.append(f"acked before on the WAN {wire['unsafe']} of {wire['checked']} (wire check)")
+    elif wire.get("inconclusive"):
+        parts.append(f"wire check inconclusive: {wire['inconclusive'][:80]}")
     local = entry.get("primary_disk") or {}
     if local.get("lost"):
         parts.append(f"missing on the primary's disk {local['lost']}")
@@ -119,15 +126,17 @@ def run_self_test(spec_path: str | Path, names: str = "all", runs: int = 1, out:
 
     def body(tb: Any) -> None:
         # One control per (mode, schedule, segment size) the chosen defects use: the same run, correct stack.
-        pairs = list(dict.fromkeys((c.mode, c.schedule, c.segment_bytes) for c in chosen)) if controls else []
-        for mode_name, sched, seg in pairs:
+        pairs = list(dict.fromkeys((c.mode, c.schedule, c.segment_bytes, c.flush_ms) for c in chosen)) if controls else []
+        for mode_name, sched, seg, flush in pairs:
             mode = parse_mode(mode_name)
-            label = f"{mode_name}-{sched}" + (f"-{seg // 1024}KiB-segments" if seg else "")
+            label = (f"{mode_name}-{sched}" + (f"-{seg // 1024}KiB-segments" if seg else "")
+                     + (f"-flush-{flush:g}ms" if flush else ""))
             cfg = replace(base, modes=(mode,), schedule=sched, out=out / "control" / label,
-                          segment_bytes=seg or base.segment_bytes)
+                          segment_bytes=seg or base.segment_bytes, flush_ms=flush or base.flush_ms,
+                          restart_stack=bool(flush))
             say(f"self-test: control: the correct stack in {label}")
             entry = drill.run_mode(tb, cfg, mode, say)
-            result["controls"].append({"mode": mode_name, "schedule": sched, "segment_bytes": seg,
+            result["controls"].append({"mode": mode_name, "schedule": sched, "segment_bytes": seg, "flush_ms": flush,
                                        "verdict": entry.get("verdict"), "evidence": evidence(entry),
                                        "error": entry.get("error")})
             say(f"self-test: control {label}: {entry.get('verdict')} ({evidence(entry)})")
@@ -136,7 +145,8 @@ def run_self_test(spec_path: str | Path, names: str = "all", runs: int = 1, out:
             for i in range(runs):
                 cfg = replace(base, modes=(mode,), schedule=case.schedule, defects=(case.defect,),
                               out=out / case.defect / f"run-{i + 1}",
-                              segment_bytes=case.segment_bytes or base.segment_bytes)
+                              segment_bytes=case.segment_bytes or base.segment_bytes,
+                              flush_ms=case.flush_ms or base.flush_ms, restart_stack=bool(case.flush_ms))
                 say(f"self-test: {case.defect} ({case.mode}, {case.schedule}), run {i + 1} of {runs}")
                 entry = drill.run_mode(tb, cfg, mode, say)
                 caught = entry.get("verdict") == "data-loss"
@@ -162,6 +172,7 @@ def run_self_test(spec_path: str | Path, names: str = "all", runs: int = 1, out:
         (out / "self-test.json").write_text(json.dumps(result, indent=1, default=str))
     for c in result["controls"]:
         seg = f" ({c['segment_bytes'] // 1024} KiB segments)" if c.get("segment_bytes") else ""
+        seg += f" (flush {c['flush_ms']:g} ms)" if c.get("flush_ms") else ""
         say(f"control  {c['mode']} under {c['schedule']}{seg}: {c['verdict']} ({c['evidence']})")
     say("\n" + table(summary))
     missed = [s["defect"] for s in summary if not s["caught"]]

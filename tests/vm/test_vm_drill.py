@@ -32,6 +32,10 @@ def test_ci_drill_keeps_durable_promises_and_counts_local_sync_losses(tmp_path: 
         assert m["acked"] > 0 and m["lost"] == 0 and m["corrupt"] == 0 and m["verdict"] == "ok", m
     for name in ("local-sync+fec", "remote-sync+fec", "network-sync"):
         assert modes[name]["fec"]["sites"]["mirror"] is not None, name
+    # network-sync's acks held against a host capture of what left the primary: none came early.
+    wire = modes["network-sync"]["wire"]
+    assert wire["inconclusive"] is None and wire["checked"] > 0 and wire["unsafe"] == 0, wire
+    assert wire["capture"]["kernel_drops"] == 0 and wire["flows"] == 2
     for name, m in modes.items():
         # The disaster is an instant on the host's clock; no ack after it; the mirror drained until quiet.
         assert m["instant"]["t"] > 0 and "acks_after_instant" not in m, (name, m.get("acks_after_instant"))

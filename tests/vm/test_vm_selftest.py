@@ -10,9 +10,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 CAUGHT_RELIABLY = ("remote-sync-acks-at-handoff,mirror-acks-before-fsync,primary-acks-before-local-write,"
-                   "mirror-skips-directory-fsync")
-"""The defects this short variant runs (one run each). network-sync-callback-before-repairs is left
-out: no end-to-end loss shows it reliably (README, "The self-test"); `./inv drill --self-test` runs it."""
+                   "network-sync-callback-before-repairs,mirror-skips-directory-fsync")
+"""Every seeded defect, one run each (network-sync-callback-before-repairs by the wire check)."""
 
 
 def test_seeded_defects_are_caught_and_the_correct_stack_is_not_accused(tmp_path: Path) -> None:
@@ -30,4 +29,7 @@ def test_seeded_defects_are_caught_and_the_correct_stack_is_not_accused(tmp_path
     rows = {r["defect"]: r for r in result["rows"]}
     assert set(rows) == set(CAUGHT_RELIABLY.split(","))
     assert all(r["caught"] and r["verdict"] == "data-loss" for r in rows.values()), rows
+    assert "wire check" in rows["network-sync-callback-before-repairs"]["evidence"]
+    [wired] = [c for c in result["controls"] if c["mode"] == "network-sync"]
+    assert wired["flush_ms"] == 100.0 and wired["verdict"] == "ok"  # the correct stack passes the wire check
     assert not (vmbed.testbeds_dir() / "active").exists()
