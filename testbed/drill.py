@@ -150,7 +150,9 @@ class LedgerStream:
         self._thread.start()
 
     def _run(self) -> None:
-        with open(self.out, "ab") as f:
+        # Beside the lines, when each chunk arrived (host clock): "BYTES_SO_FAR TIME" per chunk. An ack
+        # line's arrival bounds the ack from above without any guest clock (the wire check uses it).
+        with open(self.out, "ab") as f, open(self.out.with_suffix(".recv"), "a") as times:
             while not self._stop.is_set():
                 try:
                     data = self.sock.recv(1 << 16)
@@ -160,9 +162,12 @@ class LedgerStream:
                     break
                 if not data:
                     break
+                t = time.time()
                 f.write(data)
                 f.flush()
                 self.bytes += len(data)
+                times.write(f"{self.bytes} {t:.6f}\n")
+                times.flush()
 
     def close(self, wait: float = 5.0) -> int:
         """Stop reading (after EOF or ``wait`` s) and return the bytes received."""
@@ -439,15 +444,22 @@ class VmBed:
                 except Exception:  # noqa: BLE001 - a missing trace makes the check inconclusive
                     self.ack_traces[f"acks-{i}.txt"] = None
 
-    def wire_evidence(self, clock: dict[str, Any]) -> dict[str, Any] | None:
-        """Stop the capture (the site is gone) and hold the primary's acks against it (:mod:`testbed.wirecheck`)."""
+    def wire_evidence(self, clock: dict[str, Any], entries: list[Any]) -> dict[str, Any] | None:
+        """Stop the capture (the site is gone) and hold the primary's acks against it (:mod:`testbed.wirecheck`):
+        each ack is bounded by the host's receipt of its ledger line (no guest clock in the verdict)."""
         from smfs.gateway import SITE_IDS
         from testbed import wirecheck
 
         cap, self.capture = self.capture, None
         if cap is None:
             return None
-        res = wirecheck.evaluate(cap.out, self.ack_traces, clock, cap.stop(), site=SITE_IDS["primary"])
+        (self.out / "acks").mkdir(exist_ok=True)
+        for name, text in self.ack_traces.items():  # the evidence beside the verdict
+            if text is not None:
+                (self.out / "acks" / name).write_text(text)
+        stream = self.out / "ledger-raw" / "stream.jsonl"
+        received = wirecheck.ledger_receipts(stream, stream.with_suffix(".recv"))
+        res = wirecheck.evaluate(cap.out, self.ack_traces, clock, cap.stop(), received, site=SITE_IDS["primary"])
         (self.out / "wire.json").write_text(json.dumps(res, indent=1))
         return res
 

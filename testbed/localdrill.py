@@ -180,7 +180,7 @@ class NsBed:
             raise InfrastructureError(str(err)) from None
         tl.mark("wire capture on the primary's wan0")
 
-    def wire_evidence(self, clock: dict[str, Any]) -> dict[str, Any] | None:
+    def wire_evidence(self, clock: dict[str, Any], entries: list[Any]) -> dict[str, Any] | None:
         """Stop the capture and hold the primary's acks against it (:mod:`testbed.wirecheck`)."""
         from testbed import wirecheck
 
@@ -191,7 +191,11 @@ class NsBed:
         for i in range(self.cfg.servers):
             path = self.work / "acks" / f"acks-{i}.txt"
             traces[path.name] = path.read_text() if path.exists() else None
-        res = wirecheck.evaluate(cap.out, traces, clock, cap.stop())
+        if (self.work / "acks").exists():  # the evidence beside the verdict
+            shutil.copytree(self.work / "acks", self.out / "acks", dirs_exist_ok=True)
+        # The testers run on this host: their completion times are on the capture's clock.
+        received = {(e.log, e.seq): e.t_complete for e in entries if e.t_complete is not None}
+        res = wirecheck.evaluate(cap.out, traces, clock, cap.stop(), received)
         (self.out / "wire.json").write_text(json.dumps(res, indent=1))
         return res
 

@@ -239,7 +239,7 @@ def run_mode(bed: Bed, cfg: RunConfig, mode: Mode, say: Say, progress: Callable[
                 entry["verdict"] = "data-loss"
         wire = getattr(bed, "wire_evidence", None)
         if wire is not None and mode.ack_on == "network":
-            _wire_check(entry, wire(entry["clock"]), tl)
+            _wire_check(entry, wire(entry["clock"], entries), tl)
         if drain is not None and not drain.quiet:
             entry["verdict"] = "unknown"
             entry["error"] = f"drain: {drain.reason}"

@@ -13,10 +13,17 @@ breaks this promise rarely. The wire check catches it every time, from evidence 
   stream offset just after the append and the guest's wall-clock time of the ack);
 - the guest's clock offset from the host's, measured by the drill.
 
+- when the host received each ack: the ledger line the tester writes once the ack is in (the VM
+  drill records the host's time of arrival of each chunk of the ledger stream; the namespace
+  drill's testers write the host's clock). The ack was given before that, so comparing the wire's
+  times with it needs no guest clock, and can never accuse a correct stack of being early.
+
 The capture is replayed through the specification of "safe" (:class:`smfs.callbacks.FlowTracker`,
 never with a seeded defect): each flow's safe stream offset over time, as the wire shows it. An ack
-is **unsafe** when its offset became safe on the wire later than the ack (beyond the clock's
-uncertainty and :data:`SLACK_S`), or never while the capture still ran for :data:`HORIZON_S` after it.
+is **unsafe** when its offset became safe on the wire later than the host received the ack (beyond
+:data:`SLACK_S`), or never while the capture still ran for :data:`HORIZON_S` after it. The lag
+against the primary's own ack time (its guest clock, less the measured offset) is reported beside
+it, for information.
 The check is **inconclusive** (and judges nothing) when the capture lost frames, or when it saw none
 of a flow's SYN (the replay cannot number its bytes).
 
@@ -43,9 +50,8 @@ from smfs.callbacks import Flow, FlowTracker
 SNAPLEN = 192
 """Bytes of each frame the capture keeps: Ethernet, IPv4, UDP, the tunnel header and the inner IPv4
 and TCP headers of a DATA datagram (14 + 20 + 8 + 12 + 60 + 60), or a REPAIR's header and table."""
-SLACK_S = 0.005
-"""Seconds an ack may precede the wire's evidence beyond the clock's uncertainty: the frame's trip
-from the guest's socket through virtio to the host's tap (under a TCG guest, a few ms at worst)."""
+SLACK_S = 0.001
+"""Seconds an ack's receipt may precede the wire's evidence: the capture's timestamp granularity."""
 HORIZON_S = 1.0
 """An ack whose offset the wire never made safe is unsafe only when the capture ran this long after it."""
 MAX_EXAMPLES = 10
@@ -205,16 +211,44 @@ def read_ack_trace(text: str, name: str = "ack trace") -> list[Ack]:
     return acks
 
 
+def ledger_receipts(stream: Path, recv: Path) -> dict[tuple[int, int], float]:
+    """(log, seq) -> host time at which the ``ok`` ledger line of that append arrived, from the VM
+    drill's ledger stream and its chunk times (``BYTES_SO_FAR TIME`` lines); {} when either is missing."""
+    try:
+        data = stream.read_bytes()
+        marks = [(int(a), float(b)) for a, b in (line.split() for line in recv.read_text().splitlines() if line.strip())]
+    except (OSError, ValueError):
+        return {}
+    ends = [m[0] for m in marks]
+    out: dict[tuple[int, int], float] = {}
+    pos = 0
+    for line in data.split(b"\n"):
+        pos += len(line) + 1
+        if b'"ok"' not in line:
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        i = bisect.bisect_left(ends, pos - 1)  # the chunk holding the line's last byte
+        if obj.get("outcome") == "ok" and i < len(marks):
+            out.setdefault((int(obj["log"]), int(obj["seq"])), marks[i][1])
+    return out
+
+
 def check(acks: list[Ack], wire: WireTimeline, clock: dict[str, Any], capture: dict[str, Any] | None = None,
-          slack: float = SLACK_S, horizon: float = HORIZON_S) -> dict[str, Any]:
+          received: dict[tuple[int, int], float] | None = None, slack: float = SLACK_S,
+          horizon: float = HORIZON_S) -> dict[str, Any]:
     """Hold every ack against the wire: a plain dict for result.json (see the module docstring).
 
-    ``clock``: ``offset_s`` (guest minus host) and ``uncertainty_s``; ``capture``: the capture's own
-    figures (``kernel_drops`` above 0 makes the check inconclusive)."""
+    ``received``: (log, seq) -> host time the ack was known to have been given by (its ledger line's
+    arrival); an ack not in it is not judged (``not_in_ledger``). ``clock``: the primary guest's
+    ``offset_s`` (guest minus host) and ``uncertainty_s``, for the reported lag against the primary's
+    own ack time. ``capture``: the capture's figures (``kernel_drops`` above 0: inconclusive)."""
     offset = float(clock.get("offset_s", 0.0))
-    tol = float(clock.get("uncertainty_s", 0.0)) + slack
-    out: dict[str, Any] = {"acks": len(acks), "checked": 0, "unsafe": 0, "beyond_capture": 0,
-                           "tolerance_ms": round(tol * 1000, 2), "data": wire.data, "repairs": wire.repairs,
+    received = received or {}
+    out: dict[str, Any] = {"acks": len(acks), "checked": 0, "unsafe": 0, "beyond_capture": 0, "not_in_ledger": 0,
+                           "slack_ms": round(slack * 1000, 2), "data": wire.data, "repairs": wire.repairs,
                            "flows": len(wire.offsets), "examples": []}
     reasons = []
     drops = (capture or {}).get("kernel_drops")
@@ -225,28 +259,33 @@ def check(acks: list[Ack], wire: WireTimeline, clock: dict[str, Any], capture: d
         reasons.append(f"no safe offset on the wire for {len(unseen)} of the primary's flows "
                        "(capture started after their SYN?), e.g. {}:{} -> {}:{}".format(*unseen[0]))
     lags: list[float] = []
+    margins: list[float] = []
     for a in acks:
-        t_host = a.t - offset
-        if wire.last is None or t_host + horizon > wire.last:
+        got = received.get((a.log, a.seq))
+        if got is None:
+            out["not_in_ledger"] += 1
+            continue
+        if wire.last is None or got + horizon > wire.last:
             out["beyond_capture"] += 1
             continue
         out["checked"] += 1
         w = wire.safe_at(a.flow, a.end)
-        lag = None if w is None else w - t_host
-        if lag is not None:
-            lags.append(lag)
-        if lag is None or lag > tol:
+        if w is not None:
+            lags.append(w - (a.t - offset))
+            margins.append(got - w)
+        if w is None or w > got + slack:
             out["unsafe"] += 1
             if len(out["examples"]) < MAX_EXAMPLES:
                 out["examples"].append({"log": a.log, "seq": a.seq, "end": a.end,
-                                        "lag_ms": None if lag is None else round(lag * 1000, 2)})
-    if lags:
-        lags.sort()
-        out["lag_ms"] = {"min": round(lags[0] * 1000, 2), "median": round(lags[len(lags) // 2] * 1000, 2),
-                         "max": round(lags[-1] * 1000, 2)}
+                                        "wire_after_receipt_ms": None if w is None else round((w - got) * 1000, 2)})
+    for name, vals in (("lag_ms", lags), ("margin_ms", margins)):
+        if vals:
+            vals.sort()
+            out[name] = {"min": round(vals[0] * 1000, 2), "median": round(vals[len(vals) // 2] * 1000, 2),
+                         "max": round(vals[-1] * 1000, 2)}
     out["inconclusive"] = "; ".join(reasons) if reasons else None
     if not out["checked"] and not reasons:
-        out["inconclusive"] = "no ack early enough in the capture to be checked"
+        out["inconclusive"] = "no ack early enough in the capture (and in the ledger) to be checked"
     return out
 
 
@@ -254,9 +293,10 @@ def summary_line(res: dict[str, Any]) -> str:
     """One line for the timeline."""
     if res.get("inconclusive"):
         return f"wire check inconclusive: {res['inconclusive']}"
-    lag = res.get("lag_ms") or {}
-    return (f"wire check: {res['unsafe']} of {res['checked']} acks given before their bytes and repairs were on the WAN "
-            f"(wire minus ack: median {lag.get('median')} ms, max {lag.get('max')} ms; tolerance {res['tolerance_ms']} ms)")
+    lag, margin = res.get("lag_ms") or {}, res.get("margin_ms") or {}
+    return (f"wire check: {res['unsafe']} of {res['checked']} acks received before their bytes and repairs were on the WAN "
+            f"(receipt minus wire: min {margin.get('min')} ms, median {margin.get('median')} ms; wire minus the primary's "
+            f"ack, guest clock: median {lag.get('median')} ms, max {lag.get('max')} ms)")
 
 
 class Capture:
@@ -312,7 +352,7 @@ class Capture:
 
 
 def evaluate(pcap: Path, traces: dict[str, str | None], clock: dict[str, Any], figures: dict[str, Any],
-             site: int = 1, c: int = 3) -> dict[str, Any]:
+             received: dict[tuple[int, int], float], site: int = 1, c: int = 3) -> dict[str, Any]:
     """The wire check of one mode: the capture ``pcap`` (with its ``figures``), the primary servers'
     ack traces by name (None: unreadable, which makes the check inconclusive), the guest clock."""
     if figures.get("error"):
@@ -321,7 +361,7 @@ def evaluate(pcap: Path, traces: dict[str, str | None], clock: dict[str, Any], f
     for name, text in sorted(traces.items()):
         if text is not None:
             acks.extend(read_ack_trace(text, name))
-    res = check(acks, replay(read_pcap(pcap), site=site, c=c), clock, figures)
+    res = check(acks, replay(read_pcap(pcap), site=site, c=c), clock, figures, received)
     res["capture"] = figures
     missing = sorted(name for name, text in traces.items() if text is None)
     if missing:

@@ -91,12 +91,17 @@ def acks_at(callbacks: list[tuple[float, int]], mss: int = 1000, append_segments
     return acks
 
 
+def got(acks, delay=0.0):
+    """When the host received each ack (``delay`` s after it was given)."""
+    return {(a.log, a.seq): a.t + delay for a in acks}
+
+
 def test_correct_gateway_acks_are_all_safe_on_the_wire(tmp_path):
     frames, callbacks = send_stream(400)
     write_pcap(tmp_path / "w.pcap", frames)
     wire = wirecheck.replay(wirecheck.read_pcap(tmp_path / "w.pcap"))
     acks = acks_at(callbacks)
-    res = wirecheck.check(acks, wire, {"offset_s": 0.0, "uncertainty_s": 0.001})
+    res = wirecheck.check(acks, wire, {"offset_s": 0.0, "uncertainty_s": 0.001}, received=got(acks))
     assert res["checked"] >= 90 and res["unsafe"] == 0 and res["inconclusive"] is None
     assert res["lag_ms"]["max"] <= 0.0  # every ack came at or after its bytes were safe on the wire
     assert wire.data == 401 and wire.repairs > 0
@@ -106,20 +111,27 @@ def test_callback_before_repairs_is_caught_on_every_run(tmp_path):
     frames, callbacks = send_stream(400, defect=True)
     write_pcap(tmp_path / "w.pcap", frames)
     wire = wirecheck.replay(wirecheck.read_pcap(tmp_path / "w.pcap"))
-    res = wirecheck.check(acks_at(callbacks), wire, {"offset_s": 0.0, "uncertainty_s": 0.001})
+    acks = acks_at(callbacks)
+    res = wirecheck.check(acks, wire, {"offset_s": 0.0, "uncertainty_s": 0.001}, received=got(acks, 0.003))
     assert res["unsafe"] > res["checked"] // 2  # most acks precede a repair by up to the flush delay
     assert res["examples"] and res["lag_ms"]["max"] > 5.0
 
 
-def test_guest_clock_offset_is_taken_off_the_ack_times(tmp_path):
+def test_the_verdict_needs_no_guest_clock(tmp_path):
+    """The primary's ack times (a guest clock, even a wrong one) are only reported; the host's receipt
+    of each ack judges: acks received after the wire made them safe pass, however the guest clock reads."""
     frames, callbacks = send_stream(200)
     write_pcap(tmp_path / "w.pcap", frames)
     wire = wirecheck.replay(wirecheck.read_pcap(tmp_path / "w.pcap"))
-    ahead = [wirecheck.Ack(a.flow, a.log, a.seq, a.end, a.t + 3.0) for a in acks_at(callbacks)]
-    assert wirecheck.check(ahead, wire, {"offset_s": 3.0, "uncertainty_s": 0.001})["unsafe"] == 0
-    # The same acks read without the offset look 3 s early, never safe: the offset matters.
-    early = [wirecheck.Ack(a.flow, a.log, a.seq, a.end, a.t - 0.5) for a in acks_at(callbacks)]
-    assert wirecheck.check(early, wire, {"offset_s": 0.0, "uncertainty_s": 0.001})["unsafe"] > 0
+    acks = acks_at(callbacks)
+    skewed = [wirecheck.Ack(a.flow, a.log, a.seq, a.end, a.t - 0.5) for a in acks]  # a guest clock 0.5 s behind
+    res = wirecheck.check(skewed, wire, {"offset_s": 0.0}, received=got(acks, 0.002))
+    assert res["unsafe"] == 0 and res["lag_ms"]["min"] >= 499 and res["margin_ms"]["min"] >= 1.9
+    # Received before the wire made them safe: unsafe, whatever the guest clock says.
+    early = wirecheck.check(acks, wire, {"offset_s": 0.0}, received=got(acks, -0.05))
+    assert early["unsafe"] > 0
+    # An ack the ledger never confirmed is not judged.
+    assert wirecheck.check(acks, wire, {}, received={})["not_in_ledger"] == len(acks)
 
 
 def test_ack_for_bytes_never_on_the_wire_is_unsafe(tmp_path):
@@ -127,19 +139,20 @@ def test_ack_for_bytes_never_on_the_wire_is_unsafe(tmp_path):
     write_pcap(tmp_path / "w.pcap", frames)
     wire = wirecheck.replay(wirecheck.read_pcap(tmp_path / "w.pcap"))
     far = wirecheck.Ack(FLOW, 1, 99, 10**7, 100.05)  # beyond every byte the capture carried
-    res = wirecheck.check([far], wire, {"offset_s": 0.0, "uncertainty_s": 0.0})
-    assert res["unsafe"] == 1 and res["examples"][0]["lag_ms"] is None
+    res = wirecheck.check([far], wire, {"offset_s": 0.0, "uncertainty_s": 0.0}, received=got([far]))
+    assert res["unsafe"] == 1 and res["examples"][0]["wire_after_receipt_ms"] is None
 
 
 def test_capture_drops_or_a_missing_syn_make_it_inconclusive(tmp_path):
     frames, callbacks = send_stream(100, defect=True)
     write_pcap(tmp_path / "w.pcap", frames)
     wire = wirecheck.replay(wirecheck.read_pcap(tmp_path / "w.pcap"))
-    res = wirecheck.check(acks_at(callbacks), wire, {}, {"kernel_drops": 3})
+    acks = acks_at(callbacks)
+    res = wirecheck.check(acks, wire, {}, {"kernel_drops": 3}, received=got(acks))
     assert "lost 3 frames" in res["inconclusive"]
     write_pcap(tmp_path / "late.pcap", frames[1:])  # the SYN is not in the capture
     late = wirecheck.replay(wirecheck.read_pcap(tmp_path / "late.pcap"))
-    res = wirecheck.check(acks_at(callbacks), late, {})
+    res = wirecheck.check(acks, late, {}, received=got(acks))
     assert "SYN" in res["inconclusive"]
     entry: dict = {"verdict": "ok"}
     from testbed.faults import Timeline
@@ -152,7 +165,7 @@ def test_unsafe_acks_make_the_verdict_data_loss(tmp_path):
     from testbed.faults import Timeline
 
     entry: dict = {"verdict": "ok"}
-    _wire_check(entry, {"unsafe": 4, "checked": 50, "inconclusive": None, "tolerance_ms": 6.0}, Timeline(say=lambda _m: None))
+    _wire_check(entry, {"unsafe": 4, "checked": 50, "inconclusive": None, "slack_ms": 1.0}, Timeline(say=lambda _m: None))
     assert entry["verdict"] == "data-loss" and entry["unsafe_acks"] == 4 and "wire check" in entry["broken_promises"][0]
 
 
@@ -172,6 +185,17 @@ def test_ack_trace_parsing():
         wirecheck.read_ack_trace("3 0 4096 1.0\n")
     with pytest.raises(wirecheck.WireError, match=":2: expected"):
         wirecheck.read_ack_trace("flow 10.9.1.1 40000 10.9.2.1 7700\nx y\n3 1 8192 1.0\n")
+
+
+def test_ledger_receipts_map_each_ok_line_to_its_chunk(tmp_path):
+    lines = [b'{"tester":0,"log":7,"seq":0,"outcome":"info"}', b'{"tester":0,"log":7,"seq":0,"outcome":"ok"}',
+             b'{"tester":1,"log":8,"seq":0,"outcome":"ok"}']
+    data = b"\n".join(lines) + b"\n"
+    cut = len(lines[0]) + len(lines[1]) + 2  # the first chunk ends after the second line
+    (tmp_path / "s.jsonl").write_bytes(data)
+    (tmp_path / "s.recv").write_text(f"{cut - 5} 10.0\n{cut} 11.0\n{len(data)} 12.5\n")
+    assert wirecheck.ledger_receipts(tmp_path / "s.jsonl", tmp_path / "s.recv") == {(7, 0): 11.0, (8, 0): 12.5}
+    assert wirecheck.ledger_receipts(tmp_path / "none.jsonl", tmp_path / "s.recv") == {}
 
 
 def test_not_a_pcap_is_a_one_line_error(tmp_path):
