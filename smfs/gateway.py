@@ -537,6 +537,44 @@ class Gateway:
 
 
 
+NATIVE_BUILD = Path(__file__).resolve().parent / "native" / "build"
+C_BINARIES = ("smfs-gateway-static", "smfs-gateway")  # the static one first: it runs in any Debian guest
+C_BINARY_ENV = "SMFS_GATEWAY_BINARY"  # a path overriding the choice (e.g. the ASan build, for tests)
+
+
+def c_binary() -> Path:
+    """The C gateway program (``$SMFS_GATEWAY_BINARY``, else the first of :data:`C_BINARIES` built in
+    smfs/native/build); ValueError with the command that builds it when there is none."""
+    override = os.environ.get(C_BINARY_ENV)
+    candidates = [Path(override)] if override else [NATIVE_BUILD / name for name in C_BINARIES]
+    for path in candidates:
+        if os.access(path, os.X_OK):
+            return path
+    raise ValueError(f"--engine c: no C gateway at {' or '.join(map(str, candidates))}; "
+                     "build it with `make -f smfs/native/gateway.mk`")
+
+
+def exec_c_gateway(args: argparse.Namespace, binary: Path, tun: int) -> None:
+    """Replace this process by the C gateway (same pid: signals and the stats file stay the
+    contract), handing it the configured TUN's fd; the key stays in its file (never in argv).
+    Addresses are resolved here: the C program takes dotted IPv4 only."""
+    def ipv4(hostport: str) -> str:
+        host, port = parse_hostport(hostport)
+        return f"{socket.gethostbyname(host)}:{port}"
+
+    os.set_inheritable(tun, True)
+    argv = [str(binary), "--tun-fd", str(tun), "--tun", args.tun, "--site", args.site,
+            "--local", ipv4(args.local), "--peer", ipv4(args.peer), "--control", ipv4(args.control),
+            "--key-file", str(Path(args.key_file).resolve()), "--stats", args.stats, "--ready", args.ready,
+            "--r", str(args.r), "--wan-mtu", str(args.wan_mtu), "--wan-rate-bps", str(args.wan_rate_bps),
+            "--interleaves", ",".join(map(str, args.interleaves)), "--flush-ms", repr(float(args.flush_ms))]
+    if defects.active("network-sync-callback-before-repairs"):
+        argv.append("--safe-at-send")
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os.execv(binary, argv)
+
+
 def _tun_tx_dropped(name: str) -> int | None:
     """Packets the kernel dropped at the TUN (its queue full while the gateway was paced or slow): the
     site edge's congestion drops, which TCP retransmits and no callback ever covered."""
@@ -585,10 +623,14 @@ def main(argv: list[str] | None = None) -> int:
                         "default): the site edge's buffer when paced, e.g. one bandwidth-delay product")
     p.add_argument("--interleaves", type=int, nargs="+", default=list(FecParams().interleaves))
     p.add_argument("--flush-ms", type=float, default=FecParams().flush_ms)
+    p.add_argument("--engine", choices=("python", "c"), default="python",
+                   help="the data path: this module (python) or smfs/native's smfs-gateway (c), "
+                        "built by `make -f smfs/native/gateway.mk`")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         defects.announce(log)
+        binary = c_binary() if args.engine == "c" else None
         key = bytes.fromhex(Path(args.key_file).read_text().strip())
         # pyroute2's synchronous API runs its own event loop: configure before ours starts.
         tun = open_tun(args.tun)
@@ -600,6 +642,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--edge-queue: {args.edge_queue} is outside 0-100000 packets; use about one "
                              "bandwidth-delay product, or 0 for the kernel's default")
         configure_tun(args.tun, args.address, args.route, tun_mtu(args.r, args.wan_mtu), args.edge_queue)
+        if binary is not None:
+            FecParams(r=args.r, c=len(args.interleaves), interleaves=tuple(args.interleaves), flush_ms=args.flush_ms)
+            Sealer(key, SITE_IDS[args.site])  # the checks the Python engine makes at start
+            exec_c_gateway(args, binary, tun)
         asyncio.run(_main(args, key, tun))
     except (OSError, ValueError) as err:
         log.error("gateway failed: %s", err)
