@@ -50,7 +50,7 @@ __all__ = ["EXIT_CODES", "DrillConfig", "run_drill"]
 
 DRILL_KEYS = {
     "workload": {"testers", "append_size", "duration", "server_pairs"},
-    "fec": {"r", "c", "flush"},
+    "fec": {"r", "c", "flush", "engine"},
     "faults": {"schedule", "fail_at", "burst_loss", "burst", "during", "drain_timeout"},
 }
 """The fields a drill reads from the spec's [workload], [fec] and [faults] tables; any other is a typo."""
@@ -79,6 +79,7 @@ class DrillConfig:
     defects: tuple[str, ...] = ()  # seeded stack defects (the self-test only)
     segment_bytes: int = 100 << 20  # log store segment size (the self-test makes it small)
     restart_stack: bool = False  # restart the mirror site and gateways after the restore (the self-test's variants)
+    engine: str = "c"  # [fec] engine: the gateways' data path, c (smfs/native) or python (the specification)
 
     def run_config(self) -> RunConfig:
         """What the shared recipe needs of this drill."""
@@ -94,6 +95,7 @@ class DrillConfig:
             (0 < self.fail_at <= self.duration, "faults.fail_at", "must be within workload.duration"),
             (len(self.modes) > 0, "modes", "give at least one mode"),
             (0 < self.flush_ms <= 1000, "fec.flush", "must be within (0, 1000] ms, e.g. \"5ms\""),
+            (self.engine in ("c", "python"), "fec.engine", "use \"c\" (the compiled data path) or \"python\" (the specification)"),
             (1 <= self.drain_timeout <= 3600, "faults.drain_timeout", "must be within 1 s and 1 h, e.g. \"60s\""),
         ]
         for ok, name, fix in checks:
@@ -121,7 +123,7 @@ class DrillConfig:
             spec_path=Path(spec.path), modes=modes, out=out, keep=keep, testers=int(wl.get("testers", 64)),
             append_size=parse_size(str(wl.get("append_size", "512KiB")), "workload.append_size"),
             duration=duration, fail_at=fail_at, servers=int(wl.get("server_pairs", 8)), r=int(fec.get("r", 8)),
-            flush_ms=parse_time_us(fec.get("flush", "5ms"), "fec.flush") / 1000,
+            flush_ms=parse_time_us(fec.get("flush", "5ms"), "fec.flush") / 1000, engine=str(fec.get("engine", "c")),
             schedule=str(faults.get("schedule", "rolling-disaster")), burst_loss=str(faults.get("burst_loss", "1%")),
             burst_seconds=parse_time_us(faults.get("burst", "500ms"), "faults.burst") / 1e6,
             during=during(faults.get("during"), spec, fail_at),
@@ -258,7 +260,8 @@ def gateway_argv(tb: Any, cfg: DrillConfig, site: str) -> list[str]:
             "--peer", f"{_ip(tb, peer_vm)}:{TUNNEL_PORT}", "--control", CONTROL, "--key-file", KEY_FILE,
             "--stats", STATS_FILE, "--ready", f"{RUN}/gateway.ready", "--r", str(cfg.r),
             "--wan-mtu", str(tb.spec.mtu), "--wan-rate-bps", str(egress_rate_bps(tb.spec.wan, site)),
-            "--edge-queue", str(edge_queue_packets(tb.spec.wan, site, tb.spec.mtu)), "--flush-ms", f"{cfg.flush_ms:g}"]
+            "--edge-queue", str(edge_queue_packets(tb.spec.wan, site, tb.spec.mtu)), "--flush-ms", f"{cfg.flush_ms:g}",
+            "--engine", cfg.engine]
 
 
 def egress_rate_bps(profile: Any, site: str) -> int:
@@ -653,7 +656,7 @@ def run_drill(spec_path: str | Path, modes: tuple[Mode, ...], out: Path | None =
         "verdict": overall_verdict(entries), "spec": spec.name,
         "environment": environment(facts["tb"], wan_facts) if "tb" in facts else {"testbed": "vm"},
         "config": {"testers": cfg.testers, "append_size": cfg.append_size, "duration": cfg.duration,
-                   "fail_at": cfg.fail_at, "servers": cfg.servers, "r": cfg.r, "flush_ms": cfg.flush_ms,
+                   "fail_at": cfg.fail_at, "servers": cfg.servers, "r": cfg.r, "flush_ms": cfg.flush_ms, "engine": cfg.engine,
                    "schedule": cfg.schedule, "burst_loss": cfg.burst_loss, "burst_seconds": cfg.burst_seconds,
                    "drain_timeout": cfg.drain_timeout, "during": [t.describe() for t in cfg.during],
                    "modes": [m.name for m in cfg.modes]},

@@ -43,11 +43,26 @@ class GatewayPair:
         return total | {"sites": per_site}
 
 
+def ensure_c_gateway() -> None:
+    """Build the C gateway on this host if its sources changed (``make -f smfs/native/gateway.mk static``);
+    InfrastructureError with make's last lines when it cannot be built."""
+    import subprocess
+
+    mk = Path(__file__).resolve().parents[1] / "smfs" / "native" / "gateway.mk"
+    res = subprocess.run(["make", "-s", "-f", str(mk), "static"], capture_output=True, text=True)
+    if res.returncode != 0:
+        tail = " | ".join((res.stderr or res.stdout).strip().splitlines()[-3:])
+        raise InfrastructureError(f"building the C gateway failed ({tail}); ./inv installs gcc, make and libssl-dev")
+
+
 def start_gateways(tb: NamespaceTestbed, out: Path, logs: Path, r: int = 8,
                    interleaves: tuple[int, ...] | None = None, wan_rate_bps: int = 0,
-                   edge_queue: int = 0, env: dict[str, str] | None = None, flush_ms: float | None = None) -> GatewayPair:
+                   edge_queue: int = 0, env: dict[str, str] | None = None, flush_ms: float | None = None,
+                   engine: str = "python") -> GatewayPair:
     """One gateway per site namespace; storage traffic between the sites is routed through them
     (each paced to ``wan_rate_bps`` when given)."""
+    if engine == "c":
+        ensure_c_gateway()
     key_file = out / "work" / "tunnel.key"
     key_file.parent.mkdir(parents=True, exist_ok=True)
     key_file.write_text(secrets.token_hex(32))
@@ -72,6 +87,8 @@ def start_gateways(tb: NamespaceTestbed, out: Path, logs: Path, r: int = 8,
             argv += ["--edge-queue", str(edge_queue)]
         if flush_ms is not None:
             argv += ["--flush-ms", f"{flush_ms:g}"]
+        if engine != "python":
+            argv += ["--engine", engine]
         proc = tb.spawn(site, "gateway", argv, logs / f"gateway-{site}.log", env=env)
         waiting.append((site, proc, ready))
     deadline = time.monotonic() + READY_TIMEOUT

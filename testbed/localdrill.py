@@ -55,6 +55,7 @@ class LocalDrillConfig:
     drain_timeout: float = 30.0  # s the mirror gets to go quiet after the disaster
     defects: tuple[str, ...] = ()  # seeded stack defects (the self-test only)
     flush_ms: float = 5.0  # the gateways' FEC flush delay (a partial bin's repair follows its first packet by this)
+    engine: str = "c"  # the gateways' data path: c (smfs/native, built by make) or python (the specification)
 
     def __post_init__(self) -> None:
         checks = [
@@ -69,6 +70,7 @@ class LocalDrillConfig:
             (0 <= self.burst_loss <= 100, "burst_loss", "must be a percentage in [0, 100]"),
             (1 <= self.drain_timeout <= 3600, "drain_timeout", "must be within 1 s and 1 h"),
             (0 < self.flush_ms <= 1000, "flush_ms", "must be within (0, 1000] ms"),
+            (self.engine in ("python", "c"), "engine", "use python or c"),
         ]
         for ok, name, fix in checks:
             if not ok:
@@ -141,7 +143,7 @@ class NsBed:
         if mode.fec:
             from testbed.gateways import start_gateways
 
-            self.gw = start_gateways(tb, out, self.logs, env=self.env, flush_ms=self.cfg.flush_ms)
+            self.gw = start_gateways(tb, out, self.logs, env=self.env, flush_ms=self.cfg.flush_ms, engine=self.cfg.engine)
             tl.mark("FEC gateways up")
         mlog = self.logs / "mirror-site.log"
         self.mproc = tb.spawn("mirror", "servers", [

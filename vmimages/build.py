@@ -105,12 +105,20 @@ def recipe_hash(recipe_path: Path = RECIPE) -> str:
     return h.hexdigest()[:16]
 
 
+CODE_SUFFIXES = (".py", ".c", ".h", ".mk")
+"""Files whose content makes the guest's code: Python and the compiled gateway's sources (with ``Makefile``)."""
+NATIVE_GATEWAY = Path("smfs") / "native" / "build" / "smfs-gateway-static"
+"""The compiled gateway the guests run (``[fec] engine = "c"``), built on the host by ``gateway.mk``, static."""
+
+
 def code_hash(packages: tuple[str, ...]) -> str:
-    """Hash of the project's stack code copied into the guest (``*.py`` of each package)."""
+    """Hash of the project's stack code copied into the guest (``*.py`` of each package, and the C
+    sources of the compiled gateway, which is built for the image)."""
     h = hashlib.sha256()
     for pkg in packages:
-        for f in sorted((REPO / pkg).rglob("*.py")):
-            if "__pycache__" in f.parts:
+        files = (f for f in (REPO / pkg).rglob("*") if f.suffix in CODE_SUFFIXES or f.name == "Makefile")
+        for f in sorted(files):
+            if "__pycache__" in f.parts or "build" in f.relative_to(REPO).parts or not f.is_file():
                 continue
             h.update(str(f.relative_to(REPO)).encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()[:16]
@@ -256,12 +264,23 @@ def _in_use(image_dir: Path) -> bool:
     return any(image_dir.name in p.read_text() for p in clones.glob("*/clone.json")) if clones.exists() else False
 
 
+def build_native_gateway() -> Path:
+    """Build the static C gateway on this host (``make -f smfs/native/gateway.mk static``): linked
+    statically (glibc and Debian's libcrypto.a), it runs in the bookworm guests whatever the host."""
+    _run(["make", "-s", "-f", str(REPO / "smfs" / "native" / "gateway.mk"), "static"], "building the C gateway")
+    return REPO / NATIVE_GATEWAY
+
+
 def _install_project(recipe: Recipe, rootfs: Path) -> None:
     opt = rootfs / "opt" / "smfs-testbed"
     shutil.rmtree(opt, ignore_errors=True)
     opt.mkdir(parents=True)
+    gateway = build_native_gateway() if "smfs" in recipe.project_packages else None
     for pkg in recipe.project_packages:
-        shutil.copytree(REPO / pkg, opt / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(REPO / pkg, opt / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "build"))
+    if gateway is not None:
+        (opt / NATIVE_GATEWAY).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(gateway, opt / NATIVE_GATEWAY)
     pyver = sorted(p.name for p in (rootfs / "usr" / "lib").glob("python3.*"))[-1]
     site = rootfs / "usr" / "lib" / "python3" / "dist-packages"
     site.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ def lint(c):
     c.run(f"{sys.executable} -m ruff check {ROOT}", pty=False)
 
 
-BENCHES = ("logstore", "local-drill", "fec", "gateway", "vm")
+BENCHES = ("logstore", "local-drill", "fec", "native", "gateway", "gateway-c", "vm")
 
 
 @task(positional=["which"], help={"which": f"all, or a comma list of: {', '.join(BENCHES)}",
@@ -74,6 +74,18 @@ def _run_bench(name: str, cold: bool = False) -> object:
         from smfs.bench_fec import bench_fec
 
         return bench_fec()
+    if name == "native":  # the FEC codec and the tunnel in C beside Python, one core
+        from smfs import native
+        from smfs.bench_native import bench_native
+
+        native.build()
+        return bench_native()
+    if name == "gateway-c":  # a gateway pair in namespaces: Python and C engines beside the bare path
+        from testbed.bench_gateway_c import bench_gateway_c
+        from testbed.gateways import ensure_c_gateway
+
+        ensure_c_gateway()
+        return {f"loss_{loss:g}pct": bench_gateway_c(loss=loss) for loss in (0.0, 1.0)}
     if name == "local-drill":
         from testbed.bench_drill import bench_local_drill
 

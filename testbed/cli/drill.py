@@ -35,10 +35,11 @@ def _stamp(start: float) -> callable:
                 "--burst-loss for 0.5 s first)",
     "burst_loss": "WAN loss, percent each way, during the rolling disaster's burst",
     "drain_timeout": "seconds the mirror gets to go quiet after the disaster (then the verdict is unknown)",
+    "engine": "the FEC gateways' data path: c (smfs/native, built by make; default) or python (the specification)",
 })
 def local_drill(c, mode="remote-sync", testers=64, append_size="512KiB", duration=20.0, fail_at=10.0,
                 wan_loss=0.0, servers=8, out="", keep_data=False, schedule="site-power-cut", burst_loss=5.0,
-                drain_timeout=30.0):
+                drain_timeout=30.0, engine="c"):
     """Run the SMFS stack in network namespaces, power-cut the primary site, check for data loss."""
     from smfs.modes import parse_modes
     from testbed.localdrill import LocalDrillConfig, run_local_drill
@@ -49,7 +50,7 @@ def local_drill(c, mode="remote-sync", testers=64, append_size="512KiB", duratio
             modes=tuple(parse_modes(mode)), testers=int(testers), append_size=parse_size(append_size, "--append-size"),
             duration=float(duration), fail_at=float(fail_at), wan_loss=float(wan_loss), servers=int(servers),
             out=Path(out) if out else Path("results/local") / time.strftime("%Y%m%d-%H%M%S"), keep_data=keep_data,
-            schedule=schedule, burst_loss=float(burst_loss), drain_timeout=float(drain_timeout),
+            schedule=schedule, burst_loss=float(burst_loss), drain_timeout=float(drain_timeout), engine=engine,
         )
     except ValueError as err:
         raise user_error(str(err)) from None

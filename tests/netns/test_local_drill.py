@@ -70,7 +70,8 @@ def test_network_sync_through_the_gateways_keeps_acked_appends(tmp_path: Path) -
 def test_wire_defect(tmp_path: Path) -> None:  # short: unix socket paths
     """The seeded defect network-sync-callback-before-repairs rarely loses data in a disaster (the
     window is a packet's wait for its repairs); the wire check sees every ack it gave too early."""
-    seeded = _drill(tmp_path / "s", "network-sync", defects=("network-sync-callback-before-repairs",), flush_ms=100.0)
+    seeded = _drill(tmp_path / "s", "network-sync", defects=("network-sync-callback-before-repairs",), flush_ms=100.0,
+                    engine="python")
     [mode] = seeded["modes"]
     wire = mode["wire"]
     assert wire["inconclusive"] is None, wire
@@ -90,3 +91,18 @@ def test_rolling_disaster_and_seeded_defect(tmp_path: Path) -> None:  # short: u
     [mode] = seeded["modes"]
     assert mode["primary_disk"]["lost"] > 0 and mode["verdict"] == "data-loss", mode.get("primary_disk")
     assert seeded["verdict"] == "data-loss"
+
+
+def test_c_engine(tmp_path: Path) -> None:  # short: unix socket paths
+    """The compiled gateway (smfs/native) in the drill: network-sync loses nothing, its callbacks pass
+    the wire check, and the same seeded defect in the C data path is caught by it."""
+    subprocess.run(["make", "-s", "-f", str(Path(__file__).parents[2] / "smfs/native/gateway.mk")], check=True)
+    result = _drill(tmp_path / "c", "network-sync", engine="c")
+    [mode] = result["modes"]
+    assert mode["verdict"] == "ok" and mode["acked"] > 0 and mode["lost"] == 0, mode.get("error")
+    assert mode["wire"]["checked"] > 0 and mode["wire"]["unsafe"] == 0, mode["wire"]
+    assert mode["fec"]["rebuilt"] > 0
+    seeded = _drill(tmp_path / "s", "network-sync", engine="c", defects=("network-sync-callback-before-repairs",),
+                    flush_ms=100.0)
+    [bad] = seeded["modes"]
+    assert bad["verdict"] == "data-loss" and bad["wire"]["unsafe"] >= 10, bad.get("wire")

@@ -50,6 +50,30 @@ def test_the_fec_flush_comes_from_the_spec_and_is_checked() -> None:
         DrillConfig.from_spec(from_mapping({**base, "fec": {"flush": "2s"}}), parse_modes("all"), Path("out"))
 
 
+def test_the_gateway_engine_comes_from_the_spec_and_reaches_the_gateways() -> None:
+    from testbed.drill import gateway_argv
+
+    base = {"sites": [{"name": "primary", "subnet": "198.18.1.0/24", "vms": [{"name": "primary"}]},
+                      {"name": "mirror", "subnet": "198.18.2.0/24", "vms": [{"name": "mirror"}]}]}
+    assert DrillConfig.from_spec(from_mapping(base), parse_modes("all"), Path("out")).engine == "c"
+    cfg = DrillConfig.from_spec(from_mapping({**base, "fec": {"engine": "python"}}), parse_modes("all"), Path("out"))
+    assert cfg.engine == "python"
+    with pytest.raises(ValueError, match='^fec.engine: use "c"'):
+        DrillConfig.from_spec(from_mapping({**base, "fec": {"engine": "rust"}}), parse_modes("all"), Path("out"))
+
+    class Tb:  # what gateway_argv reads of a testbed
+        spec = from_mapping(base)
+
+        def site_vms(self, site):
+            return [site]
+
+        def info(self, vm):
+            return type("I", (), {"address": "198.18.1.10/24" if vm == "primary" else "198.18.2.10/24"})()
+
+    argv = gateway_argv(Tb(), cfg, "primary")
+    assert argv[argv.index("--engine") + 1] == "python"
+
+
 @pytest.mark.parametrize("table,field", [("workload", "testres"), ("fec", "interleave"), ("faults", "failat")])
 def test_a_misspelt_drill_field_is_a_one_line_error_naming_it(table: str, field: str) -> None:
     base = {"sites": [{"name": "primary", "subnet": "198.18.1.0/24", "vms": [{"name": "primary"}]},
