@@ -489,6 +489,8 @@ class Gateway:
         d = self.decoder.stats
         lat = np.array(self.tracker.latencies) * 1000.0 if self.tracker.latencies else None
         lost_on_wan = d.rebuilt + d.lost + self.decoder.missing_in_window()
+        cpu = time.process_time()  # the gateway's CPU (user + system) over packets handled either way
+        handled = self.stats["tun_in"] + self.stats["wan_in"]
         return {
             "site": self.args.site,
             "params": {"r": self.params.r, "c": self.params.c, "interleaves": list(self.params.interleaves),
@@ -525,6 +527,8 @@ class Gateway:
                 "rate_bps": self.args.wan_rate_bps, "pauses": self.pacer.pauses,
                 "paused_s": round(self.pacer.paused_s, 3)},
             "edge_drops": _tun_tx_dropped(self.args.tun),
+            "cpu_s": round(cpu, 3),
+            "cpu_us_per_packet": round(cpu * 1e6 / handled, 2) if handled else None,
             "reasons": dict(self.reasons),
             "t": time.time(),
         }

@@ -1063,6 +1063,18 @@ static void write_stats(struct gw *g)
         fprintf(f, " \"edge_drops\": %lld,\n", drops);
     else
         fprintf(f, " \"edge_drops\": null,\n");
+    struct timespec cpu_ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &cpu_ts);
+    double cpu = (double)cpu_ts.tv_sec + (double)cpu_ts.tv_nsec * 1e-9;
+    uint64_t handled = s[S_TUN_IN] + s[S_WAN_IN];
+    pyfloat(num, sizeof num, round_to(cpu, 1e3));
+    fprintf(f, " \"cpu_s\": %s,\n", num);
+    if (handled) {
+        pyfloat(num, sizeof num, round_to(cpu * 1e6 / (double)handled, 1e2));
+        fprintf(f, " \"cpu_us_per_packet\": %s,\n", num);
+    } else {
+        fprintf(f, " \"cpu_us_per_packet\": null,\n");
+    }
     fprintf(f, " \"reasons\": {");
     for (size_t i = 0; i < g->n_reasons; i++) {
         fprintf(f, "%s\n  ", i ? "," : "");
