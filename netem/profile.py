@@ -69,19 +69,31 @@ _RATE_BPS = {
 }  # fmt: skip
 
 
+def _show(value: object) -> str:
+    """``repr(value)`` for a one-line message: cut when long; a huge integer described (its decimal form
+    may exceed Python's int-to-text limit)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"a {value.bit_length()}-bit integer"
+    try:
+        text = repr(value)
+    except ValueError:  # a container holding a huge integer
+        return f"a {type(value).__name__}"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _split(value: object, path: str, fix: str) -> tuple[float, str]:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise ProfileError(path, f"expected a string, got {type(value).__name__} {value!r}", fix)
+        raise ProfileError(path, f"expected a string, got {type(value).__name__} {_show(value)}", fix)
     if isinstance(value, (int, float)):
         if value == 0:
             return 0.0, ""
-        raise ProfileError(path, f"bare number {value!r} has no unit", fix)
+        raise ProfileError(path, f"bare number {_show(value)} has no unit", fix)
     m = _NUM_RE.match(value)
     if not m:
-        raise ProfileError(path, f"cannot parse {value!r}", fix)
+        raise ProfileError(path, f"cannot parse {_show(value)}", fix)
     number = float(m.group(1))
     if not math.isfinite(number):
-        raise ProfileError(path, f"{value!r} is not finite", fix)
+        raise ProfileError(path, f"{_show(value)} is not finite", fix)
     return number, m.group(2)
 
 
@@ -93,7 +105,7 @@ def parse_time_us(value: object, path: str = "time") -> int:
         return 0
     factor = _TIME_US.get(unit.lower())
     if factor is None:
-        raise ProfileError(path, f"unknown time unit {unit!r} in {value!r}", f"use a duration like {example}")
+        raise ProfileError(path, f"unknown time unit {unit!r} in {_show(value)}", f"use a duration like {example}")
     return round(number * factor)
 
 
@@ -104,9 +116,9 @@ def parse_percent(value: object, path: str = "percent") -> float:
     if number == 0 and unit == "":
         return 0.0
     if unit != "%":
-        raise ProfileError(path, f"{value!r} is not a percentage", fix)
+        raise ProfileError(path, f"{_show(value)} is not a percentage", fix)
     if number > 100:
-        raise ProfileError(path, f"{value!r} is above 100%", fix + " (at most 100%)")
+        raise ProfileError(path, f"{_show(value)} is above 100%", fix + " (at most 100%)")
     return number
 
 
@@ -118,28 +130,36 @@ def parse_rate_bps(value: object, path: str = "rate") -> int:
         return 0
     factor = _RATE_BPS.get(unit.lower())
     if factor is None:
-        raise ProfileError(path, f"unknown rate unit {unit!r} in {value!r}", f"use a rate like {example}")
+        raise ProfileError(path, f"unknown rate unit {unit!r} in {_show(value)}", f"use a rate like {example}")
     return round(number * factor)
 
 
+MAX_COUNT = 2**32 - 1
+"""netem's packet counts (limit, reorder gap) are u32."""
+
+
 def parse_count(value: object, path: str, what: str, minimum: int = 0) -> int:
-    """A whole number (packets, or a reorder gap) ≥ ``minimum``."""
-    if isinstance(value, str) and value.strip().isdigit():
+    """A whole number (packets, or a reorder gap) from ``minimum`` to :data:`MAX_COUNT`."""
+    if isinstance(value, str) and re.fullmatch(r"\s*[0-9]{1,10}\s*", value):
         value = int(value.strip())
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_COUNT:
         raise ProfileError(
             path,
-            f"{value!r} is not a whole number of {what} ≥ {minimum}",
+            f"{_show(value)} is not a whole number of {what} from {minimum} to {MAX_COUNT}",
             f"use an integer like {max(minimum, 1000) if what == 'packets' else max(minimum, 5)}",
         )
     return value
 
 
+MAX_BURST = 1e6
+"""Packets: the longest mean loss burst (r = 1/B stays well above netem's resolution)."""
+
+
 def parse_burst(value: object, path: str = "burst") -> float:
-    """``5`` or ``"5"`` → 5.0: a mean loss-burst length in packets, ≥ 1."""
+    """``5`` or ``"5"`` → 5.0: a mean loss-burst length in packets, 1 to :data:`MAX_BURST`."""
     fix = "use a mean burst length in packets ≥ 1, like 5"
     number: float | None = None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**53):
         number = float(value)
     elif isinstance(value, str):
         try:
@@ -147,9 +167,11 @@ def parse_burst(value: object, path: str = "burst") -> float:
         except ValueError:
             number = None
     if number is None or not math.isfinite(number):
-        raise ProfileError(path, f"cannot parse {value!r} as a number of packets", fix)
+        raise ProfileError(path, f"cannot parse {_show(value)} as a number of packets", fix)
     if number < 1:
-        raise ProfileError(path, f"{value!r} is below 1 packet", fix)
+        raise ProfileError(path, f"{_show(value)} is below 1 packet", fix)
+    if number > MAX_BURST:
+        raise ProfileError(path, f"{_show(value)} is above {MAX_BURST:g} packets", fix)
     return number
 
 

@@ -48,12 +48,7 @@ FEC modes; the bare modes use the VMs' own addresses."""
 __all__ = ["EXIT_CODES", "DrillConfig", "run_drill"]
 
 
-DRILL_KEYS = {
-    "workload": {"testers", "append_size", "duration", "server_pairs"},
-    "fec": {"r", "c", "flush", "engine"},
-    "faults": {"schedule", "fail_at", "burst_loss", "burst", "during", "drain_timeout"},
-}
-"""The fields a drill reads from the spec's [workload], [fec] and [faults] tables; any other is a typo."""
+from testbed.spec import DRILL_KEYS  # noqa: E402 - the fields a drill reads; any other is a typo (one list, in the spec)
 
 
 @dataclass(frozen=True)

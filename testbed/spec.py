@@ -1,15 +1,18 @@
 """The testbed spec: a TOML file of sites, VMs, addressing, the WAN profile and the workload.
 
 Loaded once into frozen dataclasses; every problem is a ``SpecError`` whose one-line message names
-the field and the fix (``sites[1].vms[0].memory: cannot parse 'lots' as a size; use e.g. 512MiB``).
-Sections owned by other parts of the project (``workload``, ``stack``, ``faults``, ``drill``, ...)
-are kept as read-only mappings for their owners to validate.
+the field and the fix (``sites[1].vms[0].memory: cannot parse 'lots' as a size; use e.g. 512MiB, 1GiB``).
+This is the one validation layer: every field is typed and bounded (the bounds below, shared with the
+command line's flags), unknown tables and fields are refused, and it all runs before anything is
+created. The drill's tables (``workload``, ``fec``, ``faults``) are checked here too and kept as
+read-only mappings in ``Spec.sections`` for the drill to read.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,18 +20,47 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from testbed.cli.common import parse_size
+from smfs.units import format_size, parse_size, show
+from smfs.wire import MAX_PAYLOAD
 
 MIB = 1 << 20
-_NAME = re.compile(r"^[a-z][a-z0-9-]{0,9}$")
+GIB = 1 << 30
+_NAME = re.compile(r"[a-z][a-z0-9-]{0,9}")
 _NAME_FIX = "use 1-10 characters a-z, 0-9 or '-', starting with a letter"
+_URI = re.compile(r"[a-z][a-z0-9+.-]*://[^\s\x00-\x1f\x7f]*")
 _SITE_KEYS = {"name", "uri", "subnet", "gateway", "vms"}
 _VM_KEYS = {"name", "vcpus", "memory", "max_memory", "data_disk", "address"}
 _TESTBED_KEYS = {"accel", "boot_timeout", "mtu", "data_fs"}
+TOP_KEYS = {"name", "testbed", "sites", "wan", "workload", "fec", "faults"}
+"""The spec's top-level fields and tables; anything else is a typo (``[wrokload]``)."""
+DRILL_KEYS = {
+    "workload": {"testers", "append_size", "duration", "server_pairs"},
+    "fec": {"r", "c", "flush", "engine"},
+    "faults": {"schedule", "fail_at", "burst_loss", "burst", "during", "drain_timeout"},
+}
+"""The fields of the [workload], [fec] and [faults] tables (the drill reads them: ``testbed.drill``)."""
 DATA_FILESYSTEMS = ("minix", "ext4")
 DEFAULT_URI = "qemu:///system"
 # RFC 2544 benchmarking range: never routed on the Internet, rarely used on a LAN.
 BENCH_NET = ipaddress.ip_network("198.18.0.0/15")
+
+# Bounds, inclusive, shared with the command line's flags (testbed.cli.common). A value outside is a typo
+# or a machine this testbed does not run on, refused before anything is created.
+MAX_SPEC_BYTES = 1 << 20  # a spec file larger than this is not a spec
+SITES = (1, 8)
+VMS_PER_SITE = (1, 16)
+VCPUS = (1, 64)
+MEMORY = (128 * MIB, 64 * GIB)  # bytes: memory and max_memory, whole MiB
+DATA_DISK = (64 * MIB, 1 << 40)  # bytes: the data disk (a sparse file), whole MiB
+BOOT_TIMEOUT = (5, 3600)  # s
+TESTERS = (1, 1024)
+SERVER_PAIRS = (1, 64)  # the mirror's servers listen on consecutive ports from 7700
+APPEND_SIZE = (1, MAX_PAYLOAD)  # bytes: an append is one frame on the storage sockets (smfs.wire)
+DURATION = (0, 86400)  # s, low exclusive: the testers' run
+FLUSH = (0, 1)  # s, low exclusive: a partial FEC bin's repair delay
+BURST = (0, 60)  # s, low exclusive: the rolling disaster's loss burst
+DRAIN_TIMEOUT = (1, 3600)  # s
+FEC_ENGINES = ("c", "python")
 
 
 class SpecError(ValueError):
@@ -163,35 +195,64 @@ def router_spec(sites: tuple[SiteSpec, ...], where: str = "wan.enforcement") -> 
 
 
 def load(path: str | Path) -> Spec:
-    """Read and validate a spec file; raises ``SpecError`` with a one-line message."""
+    """Read and validate a spec file (a regular UTF-8 TOML file of at most 1 MiB); raises ``SpecError``
+    with a one-line message naming the file or the field."""
     p = Path(path)
+    shown = show(str(p), limit=300)
+    fix = "pass a TOML file, e.g. --spec specs/ci.toml"
     try:
-        data = tomllib.loads(p.read_text())
+        st = p.stat()
     except FileNotFoundError:
-        raise SpecError(f"spec file {p} not found; pass an existing file, e.g. --spec specs/ci.toml") from None
+        raise SpecError(f"spec file {shown} not found; pass an existing file, e.g. --spec specs/ci.toml") from None
+    except (OSError, ValueError) as err:  # permissions, a loop, a NUL in the path
+        raise SpecError(f"spec file {shown}: cannot read it ({getattr(err, 'strerror', None) or err}); {fix}") from None
+    if not stat.S_ISREG(st.st_mode):
+        what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise SpecError(f"spec file {shown}: is {what}; {fix}")
+    if st.st_size > MAX_SPEC_BYTES:
+        raise SpecError(f"spec file {shown}: {st.st_size} bytes is more than a spec's {format_size(MAX_SPEC_BYTES)}; {fix}")
+    try:
+        raw = p.read_bytes()
+    except OSError as err:
+        raise SpecError(f"spec file {shown}: cannot read it ({err.strerror or err}); {fix}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SpecError(f"spec file {shown}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise SpecError(f"{p}: not valid TOML ({err}); fix the syntax") from None
+        raise SpecError(f"{shown}: not valid TOML ({err}); fix the syntax") from None
+    except RecursionError:
+        raise SpecError(f"{shown}: not valid TOML (nested too deeply); fix the syntax") from None
     return from_mapping(data, path=str(p), default_name=p.stem)
 
 
 def from_mapping(data: Mapping[str, Any], path: str = "<memory>", default_name: str = "testbed") -> Spec:
+    """Validate a spec's tables (every field typed and bounded, unknown tables and fields refused) and
+    build the ``Spec``; the first problem is a one-line ``SpecError`` naming the field and the fix."""
+    if not isinstance(data, Mapping):
+        raise SpecError("spec: must be a table of name, [testbed], [[sites]], [wan], [workload], [fec], [faults]")
+    _known(data, "", TOP_KEYS, "table")
     name = _name(data.get("name", default_name), "name")
     tb = _table(data.get("testbed", {}), "testbed", _TESTBED_KEYS)
     accel = tb.get("accel", "auto")
     if accel not in ("auto", "kvm", "tcg"):
-        raise SpecError(f"testbed.accel: {accel!r} is not one of auto, kvm, tcg; use auto (KVM when it works)")
-    boot_timeout = _number(tb.get("boot_timeout", 120), "testbed.boot_timeout", low=5)
+        raise SpecError(f"testbed.accel: {show(accel)} is not one of auto, kvm, tcg; use auto (KVM when it works)")
+    boot_timeout = _number(tb.get("boot_timeout", 120), "testbed.boot_timeout", BOOT_TIMEOUT, "120")
     mtu = tb.get("mtu", 1500)
     if not isinstance(mtu, int) or isinstance(mtu, bool) or not 1280 <= mtu <= 9000:
-        raise SpecError(f"testbed.mtu: {mtu!r} is not a whole number of bytes from 1280 to 9000; "
+        raise SpecError(f"testbed.mtu: {show(mtu)} is not a whole number of bytes from 1280 to 9000; "
                         "use 1500 (Ethernet) or 9000 (jumbo frames)")
     data_fs = tb.get("data_fs", "minix")
     if data_fs not in DATA_FILESYSTEMS:
-        raise SpecError(f"testbed.data_fs: {data_fs!r} is not one of {', '.join(DATA_FILESYSTEMS)}; use minix "
+        raise SpecError(f"testbed.data_fs: {show(data_fs)} is not one of {', '.join(DATA_FILESYSTEMS)}; use minix "
                         "(nothing is durable that was not fsynced) or ext4 (its journal commits more than asked)")
     raw_sites = data.get("sites")
-    if not isinstance(raw_sites, list) or not raw_sites:
+    if not isinstance(raw_sites, list | tuple) or not raw_sites:
         raise SpecError("sites: missing; add at least one [[sites]] table with name, subnet and [[sites.vms]]")
+    if len(raw_sites) > SITES[1]:
+        raise SpecError(f"sites: {len(raw_sites)} sites, more than {SITES[1]}; use at most {SITES[1]} [[sites]]")
     sites = tuple(_site(s, i) for i, s in enumerate(raw_sites))
     _unique([s.name for s in sites], "sites[].name")
     _unique([v.name for s in sites for v in s.vms], "sites[].vms[].name")
@@ -200,15 +261,17 @@ def from_mapping(data: Mapping[str, Any], path: str = "<memory>", default_name: 
             if a.subnet.overlaps(b.subnet):
                 raise SpecError(f"sites: subnets of {a.name!r} ({a.subnet}) and {b.name!r} ({b.subnet}) overlap; "
                                 "give each site its own subnet")
-    wan = _wan(data.get("wan", {}))
-    wan_enforcement = _wan_enforcement(data.get("wan", {}))
+    raw_wan = data.get("wan", {})
+    wan = _wan(raw_wan)
+    wan_enforcement = _wan_enforcement(raw_wan)
     router = None
     if wan_enforcement == "router":
-        router = router_spec(sites, "wan.mode" if "enforcement" not in data.get("wan", {}) else "wan.enforcement")
-    known = {"name", "testbed", "sites", "wan"}
-    sections = {k: _freeze(v) for k, v in data.items() if k not in known}
-    return Spec(name, path, accel, boot_timeout, sites, wan, MappingProxyType(sections), _freeze(data), mtu,
+        router = router_spec(sites, "wan.mode" if "enforcement" not in raw_wan else "wan.enforcement")
+    sections = {k: _freeze(v) for k, v in data.items() if k not in {"name", "testbed", "sites", "wan"}}
+    spec = Spec(name, path, accel, boot_timeout, sites, wan, MappingProxyType(sections), _freeze(data), mtu,
                 wan_enforcement=wan_enforcement, router=router, data_fs=data_fs)
+    _drill_tables(data, spec)
+    return spec
 
 
 def _site(raw: Any, i: int) -> SiteSpec:
@@ -217,12 +280,15 @@ def _site(raw: Any, i: int) -> SiteSpec:
     name = _name(t.get("name"), f"{where}.name")
     where = f"sites[{i}] ({name})"
     uri = t.get("uri", DEFAULT_URI)
-    if not isinstance(uri, str) or "://" not in uri:
-        raise SpecError(f"{where}.uri: {uri!r} is not a libvirt URI; use e.g. qemu:///system or qemu+ssh://host/system")
+    if not isinstance(uri, str) or len(uri) > 200 or not _URI.fullmatch(uri):
+        raise SpecError(f"{where}.uri: {show(uri)} is not a libvirt URI; use e.g. qemu:///system or qemu+ssh://host/system")
+    text = t.get("subnet", "")
     try:
-        subnet = ipaddress.ip_network(t.get("subnet", ""), strict=True)
+        if not isinstance(text, str):
+            raise ValueError(text)
+        subnet = ipaddress.ip_network(text, strict=True)
     except ValueError:
-        raise SpecError(f"{where}.subnet: {t.get('subnet')!r} is not an IPv4 network; use e.g. 198.18.1.0/24") from None
+        raise SpecError(f"{where}.subnet: {show(text)} is not an IPv4 network; use e.g. 198.18.1.0/24") from None
     if subnet.version != 4 or subnet.prefixlen > 29:
         raise SpecError(f"{where}.subnet: {subnet} must be IPv4 with a prefix of /29 or shorter; use e.g. 198.18.1.0/24")
     if not subnet.subnet_of(BENCH_NET):  # type: ignore[arg-type]
@@ -230,8 +296,11 @@ def _site(raw: Any, i: int) -> SiteSpec:
     gw_text = t.get("gateway", str(subnet.broadcast_address - 1))
     gateway = _address(gw_text, subnet, f"{where}.gateway")
     raw_vms = t.get("vms")
-    if not isinstance(raw_vms, list) or not raw_vms:
+    if not isinstance(raw_vms, list | tuple) or not raw_vms:
         raise SpecError(f"{where}.vms: missing; add a [[sites.vms]] table with at least a name")
+    if len(raw_vms) > VMS_PER_SITE[1]:
+        raise SpecError(f"{where}.vms: {len(raw_vms)} VMs, more than {VMS_PER_SITE[1]}; "
+                        f"use at most {VMS_PER_SITE[1]} [[sites.vms]] per site")
     vms = []
     taken = {gateway.ip}
     for j, rv in enumerate(raw_vms):
@@ -248,14 +317,14 @@ def _vm(raw: Any, site: str, subnet: ipaddress.IPv4Network, where: str, default_
     t = _table(raw, where, _VM_KEYS)
     name = _name(t.get("name"), f"{where}.name")
     vcpus = t.get("vcpus", 1)
-    if not isinstance(vcpus, int) or isinstance(vcpus, bool) or not 1 <= vcpus <= 64:
-        raise SpecError(f"{where}.vcpus: {vcpus!r} must be an integer 1-64; use 1 under TCG")
-    memory = _size(t.get("memory", "384MiB"), f"{where}.memory", low=128 * MIB)
-    max_memory = _size(t.get("max_memory", memory), f"{where}.max_memory", low=128 * MIB)
+    if not isinstance(vcpus, int) or isinstance(vcpus, bool) or not VCPUS[0] <= vcpus <= VCPUS[1]:
+        raise SpecError(f"{where}.vcpus: {show(vcpus)} must be an integer {VCPUS[0]}-{VCPUS[1]}; use 1 under TCG")
+    memory = _size(t.get("memory", "384MiB"), f"{where}.memory", MEMORY, "512MiB, 1GiB", unit=MIB)
+    max_memory = _size(t.get("max_memory", memory), f"{where}.max_memory", MEMORY, "768MiB, 1GiB", unit=MIB)
     if max_memory < memory:
         raise SpecError(f"{where}.max_memory: {max_memory // MIB} MiB is below memory ({memory // MIB} MiB); "
                         "raise max_memory or lower memory")
-    data_disk = _size(t.get("data_disk", "1GiB"), f"{where}.data_disk", low=64 * MIB)
+    data_disk = _size(t.get("data_disk", "1GiB"), f"{where}.data_disk", DATA_DISK, "1GiB, 2GiB", unit=MIB)
     address = _address(t.get("address", str(default_ip)), subnet, f"{where}.address")
     return VmSpec(name, site, vcpus, memory, max_memory, data_disk, address)
 
@@ -270,10 +339,12 @@ _WAN_OWN_KEYS = ("enforcement", "mode")
 def _wan(raw: Any) -> Any:
     if not isinstance(raw, Mapping):
         raise SpecError("wan: must be a table, e.g. [wan] delay = \"25ms\"")
-    try:
-        from netem.profile import LinkProfile, ProfileError
-    except ImportError:  # netem.profile not written yet: keep the raw table
-        return _freeze(raw)
+    from netem.profile import PROFILE_KEYS, SUBTABLES, LinkProfile, ProfileError
+
+    _known(raw, "wan", {*PROFILE_KEYS, *SUBTABLES, *_WAN_OWN_KEYS})
+    for sub in SUBTABLES:
+        if isinstance(raw.get(sub), Mapping):
+            _known(raw[sub], f"wan.{sub}", set(PROFILE_KEYS))
     try:
         return LinkProfile.from_mapping(dict(raw), "wan", ignore=_WAN_OWN_KEYS)
     except ProfileError as err:
@@ -296,50 +367,152 @@ def _wan_enforcement(raw: Any) -> str:
 def check_wan_enforcement(value: Any, where: str) -> str:
     """Validate an enforcement choice (spec field or environment variable ``where``); one-line errors."""
     if value not in WAN_ENFORCEMENT:
-        raise SpecError(f"{where}: {value!r} is not one of {', '.join(WAN_ENFORCEMENT)}; use auto "
+        raise SpecError(f"{where}: {show(value)} is not one of {', '.join(WAN_ENFORCEMENT)}; use auto "
                         "(netem on the host when its kernel has sch_netem, else in the guests)")
     return value
 
 
+# --- [workload], [fec], [faults]: checked here, read by the drill (testbed.drill.DrillConfig) ----------
+
+
+def _drill_tables(data: Mapping[str, Any], spec: Spec) -> None:
+    """Type and bound every field of the drill's tables, so that a bad one is refused when the spec is
+    loaded, before any VM boots (the drill reads them again, already valid)."""
+    from netem.profile import ProfileError, parse_percent, parse_time_us
+    from smfs.fec import MAX_R
+    from testbed.faults import SCHEDULES, ScheduleError, during
+
+    wl = _table(data.get("workload", {}), "workload", DRILL_KEYS["workload"])
+    fec = _table(data.get("fec", {}), "fec", DRILL_KEYS["fec"])
+    faults = _table(data.get("faults", {}), "faults", DRILL_KEYS["faults"])
+    try:
+        _whole(wl.get("testers", 64), "workload.testers", TESTERS, "64")
+        _whole(wl.get("server_pairs", 8), "workload.server_pairs", SERVER_PAIRS, "8")
+        _size(wl.get("append_size", "512KiB"), "workload.append_size", APPEND_SIZE, "64KiB, 512KiB, 1MiB")
+        duration = _seconds(wl.get("duration", "60s"), "workload.duration", DURATION, '"60s"', parse_time_us)
+        _whole(fec.get("r", 8), "fec.r", (1, MAX_R), "8")
+        if "c" in fec and (isinstance(fec["c"], bool) or fec["c"] != 3):
+            raise SpecError("fec.c: the gateways run c = 3 layers (interleaves 1, 11, 19); leave c = 3 or remove it")
+        flush = parse_time_us(fec.get("flush", "5ms"), "fec.flush") / 1e6
+        if not FLUSH[0] < flush <= FLUSH[1]:
+            raise SpecError(f'fec.flush: must be within (0, 1000] ms, e.g. "5ms"; got {show(fec["flush"])}')
+        if fec.get("engine", "c") not in FEC_ENGINES:
+            raise SpecError('fec.engine: use "c" (the compiled data path) or "python" (the specification); '
+                            f"got {show(fec['engine'])}")
+        name = faults.get("schedule", "rolling-disaster")
+        if name not in SCHEDULES:
+            raise SpecError(f"faults.schedule: unknown schedule {show(name)}; use one of {', '.join(SCHEDULES)}")
+        fail_at = parse_time_us(faults.get("fail_at", f"{duration * 0.6:g}s"), "faults.fail_at") / 1e6
+        if not 0 < fail_at <= duration:
+            raise SpecError(f"faults.fail_at: {show(faults.get('fail_at'))} must be within workload.duration "
+                            f"({duration:g} s) and after 0 s; e.g. \"{duration * 0.6:g}s\"")
+        if not 0 < parse_percent(faults.get("burst_loss", "1%"), "faults.burst_loss") <= 100:
+            raise SpecError(f"faults.burst_loss: {show(faults['burst_loss'])} must be above 0% and at most 100%; "
+                            "use e.g. \"1%\"")
+        _seconds(faults.get("burst", "500ms"), "faults.burst", BURST, '"500ms"', parse_time_us)
+        _seconds(faults.get("drain_timeout", "60s"), "faults.drain_timeout", DRAIN_TIMEOUT, '"60s"', parse_time_us,
+                 low_open=False)
+        entries = faults.get("during")
+        if isinstance(entries, list | tuple):
+            for i, entry in enumerate(entries):
+                if isinstance(entry, Mapping):
+                    _known(entry, f"faults.during[{i}]", {"fault", "at", "for", "vm", "site", "to", "loss"})
+                    for key in ("vm", "site", "loss", "to"):
+                        if key in entry and not isinstance(entry[key], str):
+                            raise SpecError(f"faults.during[{i}].{key}: {show(entry[key])} is not a string; "
+                                            "write it in quotes, e.g. \"mirror\", \"5%\", \"256MiB\"")
+        during(entries, spec, fail_at)
+    except (ProfileError, ScheduleError) as err:
+        raise SpecError(str(err)) from None
+
+
+# --- typed fields ---------------------------------------------------------------------------------
+
+
 def _address(text: Any, subnet: ipaddress.IPv4Network, where: str) -> ipaddress.IPv4Interface:
     try:
-        ip = ipaddress.ip_address(str(text).split("/")[0])
+        if not isinstance(text, str):
+            raise ValueError(text)
+        ip = ipaddress.ip_address(text.split("/")[0])
     except ValueError:
-        raise SpecError(f"{where}: {text!r} is not an IPv4 address; use e.g. {subnet.network_address + 10}") from None
+        raise SpecError(f"{where}: {show(text)} is not an IPv4 address; use e.g. {subnet.network_address + 10}") from None
     if ip not in subnet or ip in (subnet.network_address, subnet.broadcast_address):
         raise SpecError(f"{where}: {ip} is not a host address of {subnet}; pick one inside the site's subnet")
     return ipaddress.IPv4Interface(f"{ip}/{subnet.prefixlen}")
 
 
+def _key(k: Any) -> str:
+    """A field name for a message: as written when plain, else quoted and escaped."""
+    return k if isinstance(k, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,40}", k) else show(k)
+
+
+def _known(raw: Mapping[str, Any], where: str, keys: set[str], kind: str = "field") -> None:
+    """Refuse the first key of ``raw`` not in ``keys`` (``where.key: unknown field; use one of ...``)."""
+    extra = [k for k in raw if k not in keys]
+    if extra:
+        first = sorted(extra, key=str)[0]
+        prefix = f"{where}." if where else ""
+        raise SpecError(f"{prefix}{_key(first)}: unknown {kind}; use one of {', '.join(sorted(keys))}")
+
+
 def _table(raw: Any, where: str, keys: set[str]) -> Mapping[str, Any]:
     if not isinstance(raw, Mapping):
         raise SpecError(f"{where}: must be a table; see specs/ci.toml for the layout")
-    extra = sorted(set(raw) - keys)
-    if extra:
-        raise SpecError(f"{where}.{extra[0]}: unknown field; known fields are {', '.join(sorted(keys))}")
+    _known(raw, where, keys)
     return raw
 
 
 def _name(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not _NAME.match(value):
-        raise SpecError(f"{where}: {value!r} is not a valid name; {_NAME_FIX}")
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise SpecError(f"{where}: {show(value)} is not a valid name; {_NAME_FIX}")
     return value
 
 
-def _size(value: Any, where: str, low: int) -> int:
+def check_name(value: Any, where: str) -> str:
+    """A testbed name (``name``, also a clone's: it names the VMs, bridges and folders); one-line error."""
+    return _name(value, where)
+
+
+def _size(value: Any, where: str, bounds: tuple[int, int], example: str, unit: int = 1) -> int:
+    """A size in bytes within ``bounds`` and a whole number of ``unit`` bytes."""
+    fix = f"use e.g. {example}"
     try:
-        n = parse_size(value, where)
+        n = parse_size(value, where, high=bounds[1], example=example)
     except ValueError as err:
-        raise SpecError(str(err).replace("64KiB, 512KiB, 1MiB", "512MiB, 1GiB")) from None
-    if n < low:
-        raise SpecError(f"{where}: {value!r} is below the minimum {low // MIB} MiB; raise it")
+        raise SpecError(str(err)) from None
+    if n < bounds[0]:
+        raise SpecError(f"{where}: {show(value)} is below the minimum {format_size(bounds[0])}; {fix}")
+    if n > bounds[1]:
+        raise SpecError(f"{where}: {show(value)} is above the maximum {format_size(bounds[1])}; {fix}")
+    if n % unit:
+        raise SpecError(f"{where}: {show(value)} is not a whole number of {format_size(unit)}; {fix}")
     return n
 
 
-def _number(value: Any, where: str, low: float) -> float:
-    if not isinstance(value, int | float) or isinstance(value, bool) or value < low:
-        raise SpecError(f"{where}: {value!r} must be a number ≥ {low}")
+def _whole(value: Any, where: str, bounds: tuple[int, int], example: str) -> int:
+    """An integer (not a bool, not 3.9) within ``bounds``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not bounds[0] <= value <= bounds[1]:
+        raise SpecError(f"{where}: {show(value)} is not a whole number from {bounds[0]} to {bounds[1]}; "
+                        f"use e.g. {example}")
+    return value
+
+
+def _number(value: Any, where: str, bounds: tuple[float, float], example: str) -> float:
+    """A finite number (int or float, not a bool) within ``bounds``; NaN and infinities fail the comparison."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not bounds[0] <= value <= bounds[1]:
+        raise SpecError(f"{where}: {show(value)} is not a number from {bounds[0]:g} to {bounds[1]:g}; use e.g. {example}")
     return float(value)
+
+
+def _seconds(value: Any, where: str, bounds: tuple[float, float], example: str, parse: Any,
+             low_open: bool = True) -> float:
+    """A duration with its unit ("20s", "500ms") within ``bounds`` (s; the low end excluded when ``low_open``)."""
+    s = parse(value, where) / 1e6
+    low_ok = s > bounds[0] if low_open else s >= bounds[0]
+    if not (low_ok and s <= bounds[1]):
+        span = f"{'(' if low_open else '['}{bounds[0]:g} s, {bounds[1]:g} s]"
+        raise SpecError(f"{where}: {show(value)} is outside {span}; use e.g. {example}")
+    return s
 
 
 def _unique(names: list[str], where: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json as _json
-import math
+import re
 import shlex
 import time
 from pathlib import Path
@@ -13,7 +13,8 @@ from typing import Any
 from invoke import task
 from invoke.exceptions import Exit
 
-from testbed.cli.common import user_error
+from smfs.units import show
+from testbed.cli.common import flag_int, flag_number, user_error
 from testbed.cli.vm import _user_errors, console
 
 GUEST_PROJECT = "/opt/smfs-testbed"
@@ -38,15 +39,13 @@ def capture(c, site="primary", seconds="5", out="", json=False, iface="eth0", sn
     from netem import capture as cap
     from testbed.vmbed import VmTestbed
 
-    seconds = _number("--seconds", seconds, float, "a duration in seconds, e.g. --seconds 5")
-    snaplen = int(_number("--snaplen", snaplen, int, "bytes per packet, e.g. --snaplen 128"))
-    max_packets = int(_number("--max-packets", max_packets, int, "a count, e.g. --max-packets 10000"))
-    if not 0 < seconds < math.inf:
-        raise user_error(f"--seconds {seconds:g}: give a positive duration, e.g. --seconds 5")
-    if snaplen < 0:
-        raise user_error(f"--snaplen {snaplen}: give bytes per packet (0 keeps whole packets)")
-    if max_packets < 0:
-        raise user_error(f"--max-packets {max_packets}: give a count (0: no limit)")
+    seconds = flag_number("--seconds", seconds, (0, 3600), "5", low_open=True, what="duration in seconds")
+    snaplen = flag_int("--snaplen", snaplen, (0, 65535), "128", what="number of bytes per packet (0: whole packets)")
+    max_packets = flag_int("--max-packets", max_packets, (0, 10**9), "10000", what="count (0: no limit)")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", iface) or iface in (".", ".."):
+        raise user_error(f"--iface {show(iface)}: give a network interface name, e.g. eth0 or ifb-eth0")
+    if out and Path(out).is_dir():
+        raise user_error(f"--out {show(out)}: is a folder; give a file name, e.g. --out results/captures/x.pcap")
     with _user_errors():
         tb = VmTestbed.active()
         sites = sorted({v.site for v in tb.vms.values()})
@@ -67,14 +66,6 @@ def capture(c, site="primary", seconds="5", out="", json=False, iface="eth0", sn
     print(f"{site} ({vm}, {iface}): {figures['packets']} packets in {figures['seconds']:g} s, "
           f"kernel drops {figures['kernel_drops']}, stopped by {figures['stopped_by']} → {dest}")
     print(format_summary(summary))
-
-
-def _number(flag: str, value: Any, kind: type[int] | type[float], fix: str) -> float:
-    """``value`` (a flag's text) as ``kind``, or a one-line error naming the flag."""
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise user_error(f"{flag} {value!r}: give {fix}") from None
 
 
 def _take(g: Any, args: list[str], seconds: float, dest: Path) -> dict[str, Any]:

@@ -9,7 +9,9 @@ from pathlib import Path
 from invoke import task
 from invoke.exceptions import Exit
 
-from testbed.cli.common import parse_size, user_error
+from smfs.units import show
+from testbed.cli.common import flag_choice, flag_int, flag_number, flag_out, flag_size, user_error
+from testbed.spec import APPEND_SIZE, DRAIN_TIMEOUT, DURATION, FEC_ENGINES, SERVER_PAIRS, TESTERS
 
 
 def _stamp(start: float) -> callable:
@@ -37,20 +39,26 @@ def _stamp(start: float) -> callable:
     "drain_timeout": "seconds the mirror gets to go quiet after the disaster (then the verdict is unknown)",
     "engine": "the FEC gateways' data path: c (smfs/native, built by make; default) or python (the specification)",
 })
-def local_drill(c, mode="remote-sync", testers=64, append_size="512KiB", duration=20.0, fail_at=10.0,
-                wan_loss=0.0, servers=8, out="", keep_data=False, schedule="site-power-cut", burst_loss=5.0,
-                drain_timeout=30.0, engine="c"):
+def local_drill(c, mode="remote-sync", testers="64", append_size="512KiB", duration="20", fail_at="10",
+                wan_loss="0", servers="8", out="", keep_data=False, schedule="site-power-cut", burst_loss="5",
+                drain_timeout="30", engine="c"):
     """Run the SMFS stack in network namespaces, power-cut the primary site, check for data loss."""
-    from smfs.modes import parse_modes
-    from testbed.localdrill import LocalDrillConfig, run_local_drill
+    from testbed.localdrill import SCHEDULES, LocalDrillConfig, run_local_drill
     from testbed.runner import EXIT_CODES
 
+    duration_s = flag_number("--duration", duration, DURATION, "20", low_open=True, what="number of seconds")
     try:
         cfg = LocalDrillConfig(
-            modes=tuple(parse_modes(mode)), testers=int(testers), append_size=parse_size(append_size, "--append-size"),
-            duration=float(duration), fail_at=float(fail_at), wan_loss=float(wan_loss), servers=int(servers),
-            out=Path(out) if out else Path("results/local") / time.strftime("%Y%m%d-%H%M%S"), keep_data=keep_data,
-            schedule=schedule, burst_loss=float(burst_loss), drain_timeout=float(drain_timeout), engine=engine,
+            modes=_modes("--mode", mode), testers=flag_int("--testers", testers, TESTERS, "64"),
+            append_size=flag_size("--append-size", append_size, APPEND_SIZE, "64KiB, 512KiB, 1MiB"),
+            duration=duration_s, fail_at=flag_number("--fail-at", fail_at, DURATION, "10", low_open=True, what="number of seconds"),
+            wan_loss=flag_number("--wan-loss", wan_loss, (0, 100), "1", what="percentage", high_open=True),
+            servers=flag_int("--servers", servers, SERVER_PAIRS, "8"),
+            out=flag_out("--out", out) or Path("results/local") / time.strftime("%Y%m%d-%H%M%S"), keep_data=keep_data,
+            schedule=flag_choice("--schedule", schedule, SCHEDULES),
+            burst_loss=flag_number("--burst-loss", burst_loss, (0, 100), "5", what="percentage"),
+            drain_timeout=flag_number("--drain-timeout", drain_timeout, DRAIN_TIMEOUT, "30", what="number of seconds"),
+            engine=flag_choice("--engine", engine, FEC_ENGINES),
         )
     except ValueError as err:
         raise user_error(str(err)) from None
@@ -58,6 +66,23 @@ def local_drill(c, mode="remote-sync", testers=64, append_size="512KiB", duratio
     code = EXIT_CODES[result["verdict"]]
     if code:
         raise Exit(code=code)
+
+
+def _modes(flag: str, text: str) -> tuple:
+    """``all`` or a comma list of distinct modes; a one-line error naming ``flag`` otherwise."""
+    from smfs.modes import parse_modes
+
+    try:
+        modes = tuple(parse_modes(text))
+    except ValueError as err:
+        raise user_error(f"{flag}: {str(err).removeprefix('mode: ')}") from None
+    if not modes:
+        raise user_error(f"{flag} {show(text)}: give at least one mode, or all")
+    names = [m.name for m in modes]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice:
+        raise user_error(f"{flag}: {twice} appears twice; give each mode once")
+    return modes
 
 
 def _guarded(run: callable, what: str) -> dict:
@@ -88,30 +113,27 @@ def _guarded(run: callable, what: str) -> dict:
     "defects": "with --self-test: all, or a comma list of seeded defects",
     "runs": "with --self-test: runs per defect (a timing-dependent catch shows as k of n)",
 })
-def drill(c, spec="specs/default.toml", modes="all", out="", keep=False, self_test=False, defects="all", runs=1):
+def drill(c, spec="specs/default.toml", modes="all", out="", keep=False, self_test=False, defects="all", runs="1"):
     """The disaster drill in VMs: each mode from one snapshot, the spec's faults, data-loss verdicts, report."""
-    from smfs.modes import parse_modes
     from testbed.drill import EXIT_CODES, run_drill
-    from testbed.spec import SpecError
+    from testbed.spec import SpecError, load
 
-    if not Path(spec).is_file():
-        raise user_error(f"--spec {spec}: no such file; see specs/")
+    runs = flag_int("--runs", runs, (1, 1000), "10")
+    out_dir = flag_out("--out", out)
+    chosen = _modes("--modes", modes)
     try:
-        runs = int(runs)
-    except ValueError:
-        raise user_error(f"--runs {runs!r}: give a whole number of runs, e.g. 10") from None
+        load(spec)  # the whole spec is checked before anything is created
+    except SpecError as err:
+        raise user_error(str(err)) from None
     say = _stamp(time.monotonic())
     try:
         if self_test:
             from testbed.selftest import cases, run_self_test
 
             cases(defects)  # a bad name is an error before anything boots
-            result = _guarded(lambda: run_self_test(spec, defects, runs, Path(out) if out else None, keep, say),
-                              "the self-test")
+            result = _guarded(lambda: run_self_test(spec, defects, runs, out_dir, keep, say), "the self-test")
         else:
-            chosen = tuple(parse_modes(modes))
-            result = _guarded(lambda: run_drill(spec, chosen, Path(out) if out else None, keep=keep, say=say),
-                              "the drill")
+            result = _guarded(lambda: run_drill(spec, chosen, out_dir, keep=keep, say=say), "the drill")
     except (ValueError, SpecError) as err:
         raise user_error(str(err)) from None
     code = EXIT_CODES[result["verdict"]]

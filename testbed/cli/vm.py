@@ -12,7 +12,14 @@ from invoke import task
 from invoke.exceptions import Exit
 from rich.console import Console
 
-from testbed.cli.common import user_error
+from testbed.cli.common import (
+    flag_clone_name,
+    flag_int,
+    flag_number,
+    flag_snapshot_name,
+    remainder_argv,
+    user_error,
+)
 
 console = Console(highlight=False)
 
@@ -67,10 +74,15 @@ def up(c, spec="specs/ci.toml", rebuild_image=False, clone=""):
     """Bring up the testbed: image, bridges, overlays, domains; waits until every guest agent answers, then
     shapes the WAN as the spec says (a clone keeps the WAN it was saved with)."""
     from testbed import vmbed, wan
+    from testbed.spec import load
 
+    with _user_errors():  # every flag and the whole spec are checked before anything is created
+        if clone:
+            flag_clone_name("--clone", clone)
+        loaded = None if clone else load(spec)
     with _user_errors(), _progress("up") as say:
         t0 = time.monotonic()
-        tb = vmbed.up(spec, say=say, rebuild_image=rebuild_image, clone=clone or None)
+        tb = vmbed.up(loaded or spec, say=say, rebuild_image=rebuild_image, clone=clone or None)
         if not clone:
             try:
                 profile = tb.spec.wan
@@ -122,15 +134,17 @@ def status(c, json_=False):
 
 
 @task(name="exec", help={"vm": "VM name", "timeout": "seconds before the command is killed"})
-def exec_(c, vm, timeout=60.0):
-    """Run a command in a guest: ./inv exec primary -- uname -r (exit code is the command's)."""
+def exec_(c, vm, timeout="60"):
+    """Run a command in a guest: ./inv exec primary -- uname -r (exit code is the command's). The words after
+    -- reach the guest as the shell split them, with no shell in between: ./inv exec primary -- sh -c 'a | b'."""
     from testbed import vmbed
 
-    cmd = (c.remainder or "").strip()
-    if not cmd:
+    seconds = flag_number("--timeout", timeout, (0, 86400), "60", low_open=True)
+    argv = remainder_argv(c.remainder or "")
+    if not argv:
         raise user_error("no command; use: ./inv exec VM -- CMD ARGS...")
     with _user_errors():
-        res = vmbed.VmTestbed.active().guest(vm).exec(cmd, timeout=float(timeout))
+        res = vmbed.VmTestbed.active().guest(vm).exec(argv, timeout=seconds)
     sys.stdout.buffer.write(res.stdout)
     sys.stderr.buffer.write(res.stderr)
     sys.stdout.flush()
@@ -142,9 +156,11 @@ def exec_(c, vm, timeout=60.0):
 def balloon(c, vm, mib):
     """Set a VM's memory live and wait until the guest sees it; prints dommemstat."""
     from testbed import vmbed
+    from testbed.spec import MEMORY, MIB
 
+    target = flag_int("mib", mib, (64, MEMORY[1] // MIB), "512")
     with _user_errors():
-        r = vmbed.VmTestbed.active().balloon(vm, int(mib))
+        r = vmbed.VmTestbed.active().balloon(vm, target)
     print(f"{vm}: balloon {r['actual_mib']} MiB, guest MemTotal {r['guest_total_mib']} MiB "
           f"(the balloon less the {r['kernel_reserved_mib']} MiB its kernel reserved at boot; {r['seconds']} s)")
     print("dommemstat: " + " ".join(f"{k}={v}" for k, v in r["memstat"].items()))
@@ -155,6 +171,7 @@ def snapshot(c, name):
     """Snapshot every VM of the testbed together (libvirt save files with RAM, plus copies of the disks)."""
     from testbed import vmbed
 
+    flag_snapshot_name("name", name)
     with _user_errors(), _progress(f"snapshot {name}") as say:
         secs = vmbed.VmTestbed.active().snapshot(name, say)
     print(f"snapshot {name} taken in {secs:.1f} s")
@@ -165,6 +182,7 @@ def restore(c, name):
     """Revert every VM to a snapshot and resume them together."""
     from testbed import vmbed
 
+    flag_snapshot_name("name", name)
     with _user_errors(), _progress(f"restore {name}") as say:
         secs = vmbed.VmTestbed.active().restore(name, say)
     print(f"restored {name} in {secs:.1f} s")
@@ -175,6 +193,8 @@ def clone_(c, name, as_):
     """Copy the testbed at a snapshot to a named clone (bring it up later with ./inv up --clone NEW)."""
     from testbed import vmbed
 
+    flag_snapshot_name("name", name)
+    flag_clone_name("--as", as_)  # it becomes the testbed's name at ./inv up --clone
     with _user_errors(), _progress(f"clone {name}") as say:
         t0 = time.monotonic()
         dest = vmbed.VmTestbed.active().clone(name, as_, say)

@@ -7,16 +7,18 @@ import json as _json
 from invoke import task
 from invoke.exceptions import Exit
 
-from testbed.cli.common import user_error
+from testbed.cli.common import flag_int, flag_number, user_error
 from testbed.cli.vm import _progress, _user_errors
 
 
 def shape_changes(delay: str = "", loss: str = "", jitter: str = "", rate: str = "", burst: str = "") -> dict[str, str]:
-    """The profile keys ``./inv shape`` changes (empty flags are left alone); ``burst`` is validated here so a
-    bad value is one line before any testbed is touched."""
-    from netem.profile import parse_burst
+    """The profile keys ``./inv shape`` changes (empty flags are left alone); each is validated here (type,
+    unit and the profile's bounds) so that a bad value is one line before any testbed is touched."""
+    from netem.profile import parse_burst, parse_direction
 
     changes = {k: v for k, v in {"delay": delay, "loss": loss, "jitter": jitter, "rate": rate}.items() if v}
+    for key, value in changes.items():
+        parse_direction({key: value}, "shape")  # shape.delay: ... on a bad value
     if burst:
         parse_burst(burst, "shape.burst")
         changes["burst"] = burst
@@ -65,12 +67,14 @@ def shape(c, delay="", loss="", jitter="", rate="", burst="", direction="both", 
             "probes": "UDP probes (default: enough for ±20 % on each direction's loss at 95 % confidence)",
             "bulk": "seconds of bulk TCP throughput (0: skip)",
             "bare": "measure the bare path's RTT again (clears the WAN for about a second)"})
-def calibrate(c, json=False, probes=0, bulk=0.0, bare=False):
+def calibrate(c, json=False, probes="0", bulk="0", bare=False):
     """Measure RTT and loss between the sites and print them next to the configured WAN (RTT: 2·delay + bare path)."""
     from netem.calibrate import format_table
     from testbed import wan
     from testbed.vmbed import VmTestbed
 
+    probes = flag_int("--probes", probes, (0, 1_000_000), "2000")
+    bulk = flag_number("--bulk", bulk, (0, 600), "5")
     with _user_errors():
         tb = VmTestbed.active()
         profile = wan.current_profile(tb)

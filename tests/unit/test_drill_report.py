@@ -33,10 +33,10 @@ def test_every_shipped_spec_makes_a_drill(name: str) -> None:
 
 
 def test_fail_at_beyond_the_run_is_refused() -> None:
-    spec = from_mapping({"sites": [{"name": "primary", "subnet": "198.18.1.0/24", "vms": [{"name": "primary"}]},
-                                   {"name": "mirror", "subnet": "198.18.2.0/24", "vms": [{"name": "mirror"}]}],
-                         "workload": {"duration": "10s"}, "faults": {"fail_at": "20s"}})
-    with pytest.raises(ValueError, match="faults.fail_at"):
+    with pytest.raises(ValueError, match="faults.fail_at"):  # by the spec loader, before any VM boots
+        spec = from_mapping({"sites": [{"name": "primary", "subnet": "198.18.1.0/24", "vms": [{"name": "primary"}]},
+                                       {"name": "mirror", "subnet": "198.18.2.0/24", "vms": [{"name": "mirror"}]}],
+                             "workload": {"duration": "10s"}, "faults": {"fail_at": "20s"}})
         DrillConfig.from_spec(spec, tuple(parse_modes("local-sync")), Path("/tmp/x"))
 
 
