@@ -51,7 +51,15 @@ SNAPLEN = 192
 """Bytes of each frame the capture keeps: Ethernet, IPv4, UDP, the tunnel header and the inner IPv4
 and TCP headers of a DATA datagram (14 + 20 + 8 + 12 + 60 + 60), or a REPAIR's header and table."""
 SLACK_S = 0.001
-"""Seconds an ack's receipt may precede the wire's evidence: the capture's timestamp granularity."""
+"""Seconds an ack's receipt may precede the wire's evidence where the capture sees the gateway's own
+interface (the namespace testbed): the capture's timestamp granularity."""
+SLACK_VM_S = 0.010
+"""Seconds an ack's receipt on the host may precede the wire's evidence in the VM testbed. A correct stack's gateway
+counts a datagram sent once the guest kernel took it; under a TCG guest the frame can still wait in
+the guest's NIC queue while the ack travels to the host: measured up to 1.4 ms beyond the ack's
+receipt (once in about 500 correct-stack acks), against 7-48 acks per run of 35-89 at 10-270 ms for
+the seeded defect (100 ms flush). Acks inside the slack but after the receipt are counted apart
+(``within_slack``): the emulation's window, not hidden."""
 HORIZON_S = 1.0
 """An ack whose offset the wire never made safe is unsafe only when the capture ran this long after it."""
 MAX_EXAMPLES = 10
@@ -247,7 +255,8 @@ def check(acks: list[Ack], wire: WireTimeline, clock: dict[str, Any], capture: d
     own ack time. ``capture``: the capture's figures (``kernel_drops`` above 0: inconclusive)."""
     offset = float(clock.get("offset_s", 0.0))
     received = received or {}
-    out: dict[str, Any] = {"acks": len(acks), "checked": 0, "unsafe": 0, "beyond_capture": 0, "not_in_ledger": 0,
+    out: dict[str, Any] = {"acks": len(acks), "checked": 0, "unsafe": 0, "within_slack": 0, "beyond_capture": 0,
+                           "not_in_ledger": 0,
                            "slack_ms": round(slack * 1000, 2), "data": wire.data, "repairs": wire.repairs,
                            "flows": len(wire.offsets), "examples": []}
     reasons = []
@@ -273,6 +282,8 @@ def check(acks: list[Ack], wire: WireTimeline, clock: dict[str, Any], capture: d
         if w is not None:
             lags.append(w - (a.t - offset))
             margins.append(got - w)
+        if w is not None and got < w <= got + slack:
+            out["within_slack"] += 1
         if w is None or w > got + slack:
             out["unsafe"] += 1
             if len(out["examples"]) < MAX_EXAMPLES:
@@ -352,7 +363,7 @@ class Capture:
 
 
 def evaluate(pcap: Path, traces: dict[str, str | None], clock: dict[str, Any], figures: dict[str, Any],
-             received: dict[tuple[int, int], float], site: int = 1, c: int = 3) -> dict[str, Any]:
+             received: dict[tuple[int, int], float], site: int = 1, c: int = 3, slack: float = SLACK_S) -> dict[str, Any]:
     """The wire check of one mode: the capture ``pcap`` (with its ``figures``), the primary servers'
     ack traces by name (None: unreadable, which makes the check inconclusive), the guest clock."""
     if figures.get("error"):
@@ -361,7 +372,7 @@ def evaluate(pcap: Path, traces: dict[str, str | None], clock: dict[str, Any], f
     for name, text in sorted(traces.items()):
         if text is not None:
             acks.extend(read_ack_trace(text, name))
-    res = check(acks, replay(read_pcap(pcap), site=site, c=c), clock, figures, received)
+    res = check(acks, replay(read_pcap(pcap), site=site, c=c), clock, figures, received, slack=slack)
     res["capture"] = figures
     missing = sorted(name for name, text in traces.items() if text is None)
     if missing:

@@ -130,6 +130,9 @@ def test_the_verdict_needs_no_guest_clock(tmp_path):
     # Received before the wire made them safe: unsafe, whatever the guest clock says.
     early = wirecheck.check(acks, wire, {"offset_s": 0.0}, received=got(acks, -0.05))
     assert early["unsafe"] > 0
+    # Received up to SLACK_S before the wire (a frame still in a TCG guest's NIC queue): counted, not judged.
+    near = wirecheck.check(acks, wire, {"offset_s": 0.0}, received=got(acks, -0.005), slack=wirecheck.SLACK_VM_S)
+    assert near["unsafe"] == 0 and near["within_slack"] > 0
     # An ack the ledger never confirmed is not judged.
     assert wirecheck.check(acks, wire, {}, received={})["not_in_ledger"] == len(acks)
 
