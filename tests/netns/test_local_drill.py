@@ -79,7 +79,7 @@ def test_wire_defect(tmp_path: Path) -> None:  # short: unix socket paths
     assert mode["verdict"] == "data-loss" and "wire check" in mode["broken_promises"][0]
 
 
-def test_rolling_disaster_and_seeded_defect(tmp_path: Path) -> None:  # short: unix socket paths
+def test_rolling_and_defect(tmp_path: Path) -> None:  # short name: unix socket paths under tmp_path
     """The namespace testbed runs the shared recipe's schedules; a stack that acks before its local
     write is caught by the check of the primary's own disk after a site power cut."""
     result = _drill(tmp_path / "r", "remote-sync", schedule="rolling-disaster", burst_loss=5.0)
