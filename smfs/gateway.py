@@ -152,7 +152,8 @@ class Gateway:
         self._retry_at: float | None = None
         self._retry_delay = RETRY_MIN_S
         self._peer_window = self.decoder.window  # the peer's decoder window (same params): older repairs are useless
-        self.seq = time.time_ns()  # above any seq a previous run of this gateway used (replay window)
+        # Above any seq a previous run of this gateway used (replay window); tests may pin it.
+        self.seq = int(os.environ.get(FIRST_SEQ_ENV) or time.time_ns())
         self.stats = collections.Counter()
         self.reasons: collections.Counter[str] = collections.Counter()
         self._timer: asyncio.TimerHandle | None = None
@@ -544,6 +545,7 @@ class Gateway:
 NATIVE_BUILD = Path(__file__).resolve().parent / "native" / "build"
 C_BINARIES = ("smfs-gateway-static", "smfs-gateway")  # the static one first: it runs in any Debian guest
 C_BINARY_ENV = "SMFS_GATEWAY_BINARY"  # a path overriding the choice (e.g. the ASan build, for tests)
+FIRST_SEQ_ENV = "SMFS_GATEWAY_FIRST_SEQ"  # tests only: the first tunnel seq (differential tests pin it)
 
 
 def c_binary() -> Path:

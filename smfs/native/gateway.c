@@ -82,19 +82,26 @@ static void logmsg(const char *level, const char *fmt, ...)
     fputc('\n', stderr);
 }
 
-/* A float as Python's repr prints it (shortest round-trip, ".0" when integral). */
+/* A float as Python's repr prints it: the shortest digits that round-trip, in fixed notation
+ * (".0" when integral) for a decimal exponent in [-4, 16), else in scientific (1e+16, 1.5e-05). */
 static void pyfloat(char *out, size_t cap, double v)
 {
     if (!isfinite(v)) {
         snprintf(out, cap, "null");
         return;
     }
-    for (int prec = 1; prec <= 17; prec++) {
-        snprintf(out, cap, "%.*g", prec, v);
+    int prec = 1;
+    for (; prec < 17; prec++) {
+        snprintf(out, cap, "%.*e", prec - 1, v);
         if (strtod(out, NULL) == v)
             break;
     }
-    if (!strpbrk(out, ".en"))
+    snprintf(out, cap, "%.*e", prec - 1, v);
+    int exp = atoi(strchr(out, 'e') + 1);
+    if (exp < -4 || exp >= 16)
+        return;
+    snprintf(out, cap, "%.*f", prec - 1 - exp > 0 ? prec - 1 - exp : 0, v);
+    if (!strchr(out, '.'))
         strncat(out, ".0", cap - strlen(out) - 1);
 }
 
@@ -1277,6 +1284,9 @@ static void setup(struct gw *g)
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     g->seq = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec; /* time.time_ns(), as gateway.py */
+    const char *first = getenv("SMFS_GATEWAY_FIRST_SEQ"); /* tests only: pinned, as gateway.py */
+    if (first && *first)
+        g->seq = (uint64_t)num_arg("SMFS_GATEWAY_FIRST_SEQ", first, 0, INT64_MAX);
     g->retry_delay = RETRY_MIN_S;
     if (c->wan_rate_bps) {
         g->paced = 1;
