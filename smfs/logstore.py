@@ -40,7 +40,7 @@ import errno
 import fcntl
 import hashlib
 import mmap
-import os
+import os  # every call that changes or syncs a file goes through this name (a seam: the crash test swaps it)
 import re
 import struct
 import threading
@@ -328,7 +328,7 @@ class LogStore:
         marker = self.root / MARKER
         if create:
             made = [d for d in (self.root, *self.root.parents) if not d.exists()]
-            self.root.mkdir(parents=True, exist_ok=True)
+            os.makedirs(self.root, exist_ok=True)
             for d in made:  # each new folder's name must be durable in its parent, or a crash loses the store
                 self._sync_dir(d.parent)
             if not marker.exists():
@@ -467,8 +467,9 @@ class LogStore:
 
         Every seq is checked first: if any is not the next one of its log (counting earlier records of
         the same batch), :class:`SequenceError` is raised and nothing is written. A failed write is
-        undone (the segment is truncated back); a failed fdatasync leaves the store unusable, since the
-        durable state is then unknown and retrying fsync cannot tell.
+        undone durably (the segment is truncated back, segments it made are unlinked, both synced); a
+        failed fdatasync leaves the store unusable, since the durable state is then unknown and
+        retrying fsync cannot tell.
         """
         batch = list(records)
         with self._lock:
@@ -562,9 +563,17 @@ class LogStore:
             raise LogStoreError(f"{self.root}: {self._broken}") from err
 
     def _rollback(self, start: tuple[int, int]) -> None:
-        """Undo a failed write: truncate back to ``start`` (segment, end) and drop newer segments."""
+        """Undo a failed write: truncate back to ``start`` (segment, end) and drop newer segments, durably.
+
+        The undo must reach the disk before a later append is acked: the failed batch's first chunk
+        may already be fdatasynced, and if the next batch rolls straight to a new segment nothing
+        else syncs this one (a crash would bring that chunk back in front of the acked records, same
+        seqs, and recovery would drop those as a gap); an unlinked segment whose name came back would
+        put the failed batch's later records after the acked ones.
+        """
         seg, end = start
         try:
+            unlinked = self._seg > seg
             while self._seg > seg:
                 os.close(self._fd)
                 os.unlink(self._seg_path(self._seg))
@@ -572,6 +581,10 @@ class LogStore:
                 self._fd = os.open(self._seg_path(self._seg), os.O_RDWR)
             os.ftruncate(self._fd, end)
             self._end = end
+            if self.sync:
+                os.fsync(self._fd)
+                if unlinked:
+                    self._sync_dir()
         except OSError as err:
             self._broken = f"rollback of a failed append failed: {err}"
 
