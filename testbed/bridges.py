@@ -6,7 +6,9 @@ creates and removes their taps. The WAN between sites is shaped elsewhere (``net
 bridges where the host kernel has sch_netem, otherwise inside the guests (IFB on ingress).
 
 Registry kinds: ``bridge`` (ident = bridge name) and ``sysctl`` (ident = the /proc/sys path,
-meta ``previous`` = the value to restore on teardown).
+meta ``previous`` = the value to restore on teardown). A bridge carries the testbed's mark as its
+``ifalias`` (``Registry.mark``); teardown deletes only a link with the testbed's prefix and that mark,
+and restores only the one sysctl it changes (IPv4 forwarding) to a value it could have had.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from pyroute2 import IPRoute, NetlinkError
 
-from testbed.registry import Registry, Resource, register_teardown
+from testbed.registry import Registry, Resource, Scope, register_teardown
 from testbed.spec import SiteSpec
 
 log = logging.getLogger(__name__)
@@ -37,10 +39,14 @@ def ensure_bridge(site: SiteSpec, owner: str, registry: Registry, mtu: int = 150
         if idx and not mine:
             raise BridgeError(f"bridge {name} exists but was not created by smfs-testbed; "
                               f"remove it (ip link del {name}) or rename site {site.name!r}")
+        if idx and _alias(ipr, idx[0]) != registry.mark:
+            raise BridgeError(f"bridge {name} is recorded but does not carry this testbed's mark; "
+                              f"./inv down, then remove it if it is left (ip link del {name})")
         if not idx:
             registry.add("bridge", name, owner, site=site.name, address=str(site.gateway))
             ipr.link("add", ifname=name, kind="bridge", br_stp_state=0, br_forward_delay=0)
             idx = ipr.link_lookup(ifname=name)
+            ipr.link("set", index=idx[0], ifalias=registry.mark)  # what teardown checks before deleting it
         index = idx[0]
         try:
             ipr.addr("add", index=index, address=str(site.gateway.ip), prefixlen=site.gateway.network.prefixlen)
@@ -71,6 +77,35 @@ def bridge_state(name: str) -> dict[str, object] | None:
         return {"name": name, "state": link.get_attr("IFLA_OPERSTATE"), "addresses": addrs}
 
 
+def _alias(ipr: IPRoute, index: int) -> str:
+    links = ipr.get_links(index)
+    return str(links[0].get_attr("IFLA_IFALIAS") or "") if links else ""
+
+
+def _bridge_is_ours(res: Resource, scope: Scope) -> str | None:
+    """Our prefix in the name and our mark as its ``ifalias`` (a link of the same name made by anyone
+    else since, or a bridge of an older testbed without the mark, is left alone)."""
+    if not res.ident.startswith(scope.prefix):
+        return f"its name lacks the prefix {scope.prefix}"
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=res.ident)
+        if not idx:
+            return None
+        alias = _alias(ipr, idx[0])
+    if alias == scope.mark:
+        return None
+    return f"its alias is {alias!r}, not this testbed's mark {scope.mark!r}" if alias else "it carries no smfs-testbed mark"
+
+
+def _sysctl_is_ours(res: Resource, scope: Scope) -> str | None:
+    """Only IPv4 forwarding, and only back to 0 or 1."""
+    if res.ident != IP_FORWARD:
+        return f"the testbed only ever changes {IP_FORWARD}"
+    if str(res.meta.get("previous")) not in ("0", "1"):
+        return f"the value to restore, {str(res.meta.get('previous'))[:20]!r}, is not 0 or 1"
+    return None
+
+
 def _teardown_bridge(res: Resource) -> None:
     with IPRoute() as ipr:
         idx = ipr.link_lookup(ifname=res.ident)
@@ -89,8 +124,8 @@ def _teardown_sysctl(res: Resource) -> None:
         Path(res.ident).write_text(f"{previous}\n")
 
 
-register_teardown("bridge", _teardown_bridge)
-register_teardown("sysctl", _teardown_sysctl)
+register_teardown("bridge", _teardown_bridge, check=_bridge_is_ours)
+register_teardown("sysctl", _teardown_sysctl, check=_sysctl_is_ours)
 
 
 def link_down(ifname: str) -> bool:

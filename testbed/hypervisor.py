@@ -2,6 +2,10 @@
 (KVM when it works, TCG otherwise, detected by trying), and the domain XML of a testbed VM.
 
 libvirt-python only; no virsh subprocesses.
+
+Every domain the testbed defines carries its mark: ``<metadata><smfs:testbed id='...'/></metadata>``
+(namespace :data:`METADATA_NS`, the id of the testbed's folder). Teardown reads the *live* domain XML
+and destroys or undefines only a domain with that element and that id (:func:`domain_mark`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +29,7 @@ from xml.sax.saxutils import escape
 import libvirt
 
 from testbed.paths import cache_dir
-from testbed.registry import Registry, Resource, register_teardown
+from testbed.registry import Registry, Resource, Scope, register_teardown
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +129,18 @@ def ensure_kvm_access(owner: str, registry: Registry, say: Callable[[str], None]
         "(restored by ./inv down)")
     os.chown(dev, st.st_uid, kvm_gid)
     dev.chmod(0o660)
+
+
+def _devperm_is_ours(res: Resource, scope: Scope) -> str | None:
+    """Only /dev/kvm's owner and mode are ever changed, and only back to a plain owner and mode."""
+    if res.ident != "/dev/kvm":
+        return "the testbed only ever changes the owner and mode of /dev/kvm"
+    m = res.meta
+    if not all(isinstance(m.get(k), int) and not isinstance(m.get(k), bool) and m[k] >= 0 for k in ("uid", "gid", "mode")):
+        return "its recorded owner and mode are not numbers"
+    if m["mode"] & ~0o777:
+        return f"the mode to restore, {m['mode']:o}, has set-id or sticky bits"
+    return None
 
 
 def _teardown_devperm(res: Resource) -> None:
@@ -271,6 +288,39 @@ class DomainConfig:
     extra_nics: tuple[tuple[str, str], ...] = ()  # (bridge, mac) of further NICs (the WAN router's eth1...)
     data_socket: Path | None = None  # nbdkit's unix socket serving the data disk (vdb); none: no data disk
     uuid: str | None = None  # the domain's UUID (a clone restored from a save image names its own domain's)
+    testbed_id: str = ""  # the testbed's id, in <metadata> (teardown touches only domains that carry it)
+
+
+METADATA_NS = "https://smfs-testbed.invalid/xmlns/testbed/1"
+"""The namespace of the testbed's element in a domain's ``<metadata>`` (libvirt keeps any namespaced element)."""
+
+
+def metadata_xml(testbed_id: str) -> str:
+    """The domain's ``<metadata>``: the testbed's id, checked again before teardown touches the domain."""
+    return f"<metadata><smfs:testbed xmlns:smfs='{METADATA_NS}' id='{escape(testbed_id)}'/></metadata>"
+
+
+def domain_mark(dom: libvirt.virDomain) -> str | None:
+    """The testbed id in the live XML of ``dom`` (libvirt's, read now), or None when it carries none."""
+    try:
+        root = ET.fromstring(dom.XMLDesc(0))
+    except ET.ParseError:
+        return None
+    el = root.find(f"metadata/{{{METADATA_NS}}}testbed")
+    return el.get("id") if el is not None else None
+
+
+def foreign_domain(dom: libvirt.virDomain, scope: Scope) -> str | None:
+    """Why ``dom`` is not this testbed's (its name, its live metadata), or None when it is."""
+    name = dom.name()
+    if not name.startswith(scope.prefix):
+        return f"its name lacks the prefix {scope.prefix}"
+    mark = domain_mark(dom)
+    if mark is None:
+        return "its live XML has no smfs-testbed <metadata>"
+    if mark != scope.id:
+        return f"its metadata names testbed {mark!r}, not this one ({scope.id})"
+    return None
 
 
 LEDGER_PORT = "smfs.ledger"
@@ -310,6 +360,7 @@ def domain_xml(c: DomainConfig) -> str:
   <name>{e(c.name)}</name>
   {f"<uuid>{e(c.uuid)}</uuid>" if c.uuid else ""}
   <description>smfs-testbed VM (created by smfs-testbed; ./inv down removes it)</description>
+  {metadata_xml(c.testbed_id) if c.testbed_id else ""}
   <memory unit='MiB'>{c.max_memory_mib}</memory>
   <currentMemory unit='MiB'>{c.memory_mib}</currentMemory>
   <vcpu>{c.vcpus}</vcpu>
@@ -356,4 +407,4 @@ def domain_xml(c: DomainConfig) -> str:
 """
 
 
-register_teardown("devperm", _teardown_devperm)
+register_teardown("devperm", _teardown_devperm, check=_devperm_is_ours)

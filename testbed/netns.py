@@ -9,12 +9,15 @@ Topology of one run (``ID`` is the run id; every name is unique so runs never co
 Storage servers use the storage addresses on ``lo``; the sites route to each other through the ``wan``
 namespace, which forwards and is where WAN loss is applied. Addresses are from 198.18.0.0/15, the
 range reserved for benchmarking (RFC 2544). Every namespace and process is recorded in the registry
-before it is created; ``teardown()`` (and ``./inv down`` after a crash) removes exactly those.
+before it is created; ``teardown()`` (and ``./inv down`` after a crash) removes exactly those. Each
+namespace's ``lo`` carries the testbed's mark as its ``ifalias`` (``Registry.mark``): teardown kills the
+processes of, and removes, only a namespace whose name has the testbed's prefix and whose ``lo`` has that mark.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -29,7 +32,7 @@ from typing import Any
 from pyroute2 import IPRoute, NetlinkError, NetNS, netns
 
 from testbed import procs
-from testbed.registry import Registry, Resource, register_teardown
+from testbed.registry import Registry, Resource, Scope, register_teardown
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +91,8 @@ class NamespaceTestbed:
         for site in (*SITES, "wan"):
             self.registry.add("netns", self.ns(site), self.owner)
             netns.create(self.ns(site))
-            with NetNS(self.ns(site)) as ns:
-                ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+            with NetNS(self.ns(site)) as ns:  # the mark: what teardown checks before touching it
+                ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up", ifalias=self.registry.mark)
         for site in SITES:
             self._link_site(site)
         self.sh("wan", "sysctl", "-qw", "net.ipv4.ip_forward=1")
@@ -255,11 +258,36 @@ class NamespaceTestbed:
         self.registry.teardown(owner=self.owner)
 
 
+def mark_of(name: str) -> str | None:
+    """The ``ifalias`` of namespace ``name``'s ``lo`` ("" when it has none), None when the namespace is gone.
+    (``ip -n`` only opens the namespace; pyroute2's NetNS would create a missing one.)"""
+    res = subprocess.run(["ip", "-n", name, "-j", "link", "show", "dev", "lo"], capture_output=True, text=True)
+    if res.returncode != 0:
+        if name not in netns.listnetns():
+            return None
+        raise RuntimeError(f"ip -n {name} link show lo: {res.stderr.strip()[:200]}")
+    links = json.loads(res.stdout or "[]")
+    return str(links[0].get("ifalias", "")) if links else ""
+
+
+def _is_ours(res: Resource, scope: Scope) -> str | None:
+    """Our prefix in the name and our mark on its ``lo``: only then are its processes ours to kill."""
+    if not res.ident.startswith(scope.prefix):
+        return f"its name lacks the prefix {scope.prefix}"
+    if res.ident not in netns.listnetns():
+        return None
+    mark = mark_of(res.ident)
+    if mark is None or mark == scope.mark:
+        return None
+    return f"its lo carries {mark!r}, not this testbed's mark {scope.mark!r}" if mark else "its lo carries no smfs-testbed mark"
+
+
 def _teardown_netns(res: Resource) -> None:
     name = res.ident
     if name not in netns.listnetns():
         return
-    # Everything inside a namespace we created is ours: stop it before removing the namespace.
+    # A namespace that passed the check (our prefix, our mark) is ours, and so is everything inside:
+    # stop it before removing the namespace.
     pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, ValueError):
@@ -270,4 +298,4 @@ def _teardown_netns(res: Resource) -> None:
         time.sleep(0.05)
 
 
-register_teardown("netns", _teardown_netns)
+register_teardown("netns", _teardown_netns, check=_is_ours)

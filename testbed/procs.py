@@ -1,16 +1,18 @@
-"""Processes the testbed starts, recorded in the registry by pid *and* start time, so teardown
-kills exactly them and never a later process that reused the pid."""
+"""Processes the testbed starts, recorded in the registry by pid *and* start time *and* command line,
+so teardown kills exactly them: never a later process that reused the pid, and never a process a
+stale or foreign registry entry names (its command line is not the one recorded)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import subprocess
 import time
 from pathlib import Path
 
-from testbed.registry import Registry, Resource, register_teardown
+from testbed.registry import Registry, Resource, Scope, register_teardown
 
 
 def start_time(pid: int) -> int | None:
@@ -52,7 +54,8 @@ def kill(pid: int, started: int | None, sig: int = signal.SIGKILL, wait: float =
     if not alive(pid, started):
         return
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
+        if os.getpgid(pid) == pid:  # its own group (spawn's sessions): take its children with it
+            os.killpg(pid, sig)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
     deadline = time.monotonic() + wait
@@ -64,8 +67,37 @@ def kill(pid: int, started: int | None, sig: int = signal.SIGKILL, wait: float =
     # A zombie's stat still exists; reaped or not, it no longer runs.
 
 
+def cmdline(pid: int) -> list[str] | None:
+    """The process's command line (/proc/PID/cmdline), or None when it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [a.decode(errors="surrogateescape") for a in raw.split(b"\0")[:-1]] if raw else []
+
+
+def _is_ours(res: Resource, scope: Scope) -> str | None:
+    """The recorded process, if it still runs, must run the recorded command line (``ip netns exec NS``
+    execs its command, so that prefix may be gone); a recorded pid that no longer runs the recorded
+    start time is gone, and :func:`kill` leaves it alone anyway."""
+    if not res.ident.isdigit():
+        return "not a pid"
+    pid, started = int(res.ident), res.meta.get("started")
+    if not alive(pid, started):
+        return None
+    argv = res.meta.get("argv")
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        return "no command line was recorded for it"
+    live = cmdline(pid)
+    if live is None:
+        return None
+    if live == argv or (argv[:3] == ["ip", "netns", "exec"] and live == argv[4:]):
+        return None
+    return f"pid {pid} runs {shlex.join(live)[:80]!r}, not the recorded {shlex.join(argv)[:80]!r}"
+
+
 def _teardown_process(res: Resource) -> None:
     kill(int(res.ident), res.meta.get("started"))
 
 
-register_teardown("process", _teardown_process)
+register_teardown("process", _teardown_process, check=_is_ours)

@@ -42,7 +42,7 @@ from testbed import bridges, disks, hypervisor
 from testbed.guest import Guest
 from testbed.hypervisor import DomainConfig, HypervisorError
 from testbed.paths import cache_dir
-from testbed.registry import Registry, Resource, register_teardown
+from testbed.registry import Registry, Resource, Scope, register_teardown
 from testbed.spec import ROUTER_SITE, RouterSpec, Spec, SpecError, VmSpec, thaw
 from testbed.spec import load as load_spec
 
@@ -760,7 +760,7 @@ def up(spec: Spec | str | Path, say: Say = print, rebuild_image: bool = False, c
         for vm, info in zip(all_vms, vms, strict=True):
             conn = conns[info.uri]
             nics = _router_nics(state["router"]) if info.site == ROUTER_SITE else None
-            config = _config(vm, info, accel.domain_type, image, run_as_root, spec.mtu, nics)
+            config = _config(vm, info, accel.domain_type, image, run_as_root, spec.mtu, nics, registry.scope.id)
             if meta.get("uuids", {}).get(vm.name):  # a memory image restores only into its own domain's UUID
                 config = replace(config, uuid=meta["uuids"][vm.name])
                 _check_uuid_free(conn, config.uuid, clone or "")
@@ -809,8 +809,9 @@ def _renamed(spec: Spec, name: str) -> Spec:
 
 
 def _config(vm: VmSpec, info: VmInfo, domain_type: str, image: Any, run_as_root: bool,
-            mtu: int = 1500, nics: tuple[tuple[str, str], ...] | None = None) -> DomainConfig:
-    """``nics``: (bridge, mac) of every NIC (the router's); default one on the VM's site bridge."""
+            mtu: int = 1500, nics: tuple[tuple[str, str], ...] | None = None, testbed_id: str = "") -> DomainConfig:
+    """``nics``: (bridge, mac) of every NIC (the router's); default one on the VM's site bridge.
+    ``testbed_id`` goes into the domain's <metadata>: teardown touches only domains that carry it."""
     (bridge, mac), *extra = nics or ((f"smfs-{info.site}", info.mac),)
     gw = f"smfs_gw={info.gateway} " if info.gateway else ""
     cmdline = f"console=ttyS0 root=/dev/vda rw quiet mitigations=off smfs_ip={info.address} {gw}smfs_host={vm.name}"
@@ -821,6 +822,7 @@ def _config(vm: VmSpec, info: VmInfo, domain_type: str, image: Any, run_as_root:
         bridge=bridge, mac=mac,
         qmp_socket=Path(info.qmp), console_log=Path(info.console), run_as_root=run_as_root,
         ledger_socket=Path(info.ledger) if info.ledger else None, mtu=mtu, extra_nics=tuple(extra),
+        testbed_id=testbed_id,
     )
 
 
@@ -927,9 +929,10 @@ def _clone_snapshot(tb: VmTestbed, clone_dir: Path, snap: str, vm: str, config: 
 
 
 def down(say: Say = print) -> list[Resource]:
-    """Tear down every recorded resource of every kind (VM testbeds, namespaces, processes...)."""
+    """Tear down every recorded resource of every kind (VM testbeds, namespaces, processes...) that
+    this testbed made; each one that fails its check is said ("refusing to remove ...") and forgotten."""
     load_teardown_handlers()
-    return Registry().teardown()
+    return Registry().teardown(say=say)
 
 
 def load_teardown_handlers() -> None:
@@ -946,17 +949,41 @@ def load_teardown_handlers() -> None:
 # --- teardown handlers -------------------------------------------------------------------------
 
 
-def _teardown_domain(res: Resource) -> None:
-    uri = res.meta.get("uri", "qemu:///system")
+def _live_domain(uri: str, name: str) -> libvirt.virDomain | None:
+    """Domain ``name`` at ``uri`` as libvirt has it now; None when it is gone or no libvirtd runs at all."""
     try:
         conn = hypervisor.connect(uri, say=lambda m: log.info("%s", m))
     except HypervisorError:
         if uri in hypervisor.LOCAL_URIS and subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True).returncode:
-            return  # no libvirtd at all: nothing can be running
+            return None  # no libvirtd at all: nothing can be running
         raise
-    dom = hypervisor.lookup(conn, res.ident)
+    return hypervisor.lookup(conn, name)
+
+
+def _domain_is_ours(name: str, uri: str, scope: Scope) -> str | None:
+    """A local URI, our prefix, and the testbed's id in the domain's live <metadata>."""
+    if uri not in hypervisor.LOCAL_URIS:
+        return f"{uri} is not a URI this testbed uses"
+    if not name.startswith(scope.prefix):
+        return f"its name lacks the prefix {scope.prefix}"
+    dom = _live_domain(uri, name)
+    return None if dom is None else hypervisor.foreign_domain(dom, scope)
+
+
+def _check_domain(res: Resource, scope: Scope) -> str | None:
+    return _domain_is_ours(res.ident, res.meta.get("uri", "qemu:///system"), scope)
+
+
+def _check_snapshot(res: Resource, scope: Scope) -> str | None:
+    return _domain_is_ours(str(res.meta.get("domain", "")), res.meta.get("uri", "qemu:///system"), scope)
+
+
+def _teardown_domain(res: Resource) -> None:
+    dom = _live_domain(res.meta.get("uri", "qemu:///system"), res.ident)
     if dom is None:
         return
+    if hypervisor.domain_mark(dom) is None:  # the registry checked the id; never touch an unmarked domain
+        raise TestbedError(f"{res.ident} carries no smfs-testbed metadata; not destroying it")
     if dom.isActive():
         try:
             dom.destroy()
@@ -996,8 +1023,8 @@ def _teardown_dir(res: Resource) -> None:
     shutil.rmtree(res.ident, ignore_errors=True)
 
 
-register_teardown("domain", _teardown_domain)
-register_teardown("snapshot", _teardown_snapshot)
+register_teardown("domain", _teardown_domain, check=_check_domain)
+register_teardown("snapshot", _teardown_snapshot, check=_check_snapshot)
 register_teardown("overlay", _teardown_file)
 register_teardown("qmp", _teardown_file)
 register_teardown("marker", _teardown_file)

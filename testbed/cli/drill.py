@@ -1,9 +1,16 @@
-"""Tasks: drill (the VM drill), local-drill (the namespace drill), check."""
+"""Tasks: drill (the VM drill), local-drill (the namespace drill), check.
+
+``drill`` and ``local-drill`` hold the testbed's lock (:mod:`testbed.lock`) from the end of their flag
+checks to their end, teardown included. Their output folder is always a new one: by default one named
+by the time (``-2``, ``-3``... when that name is taken); an ``--out`` that exists must be empty. So no
+earlier run's folder is ever reused, and no file in one is deleted (the runner clears a mode's folder
+before the mode runs)."""
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from invoke import task
@@ -11,7 +18,36 @@ from invoke.exceptions import Exit
 
 from smfs.units import show
 from testbed.cli.common import flag_choice, flag_int, flag_number, flag_out, flag_size, user_error
+from testbed.lock import for_command
+from testbed.paths import fresh_folder
 from testbed.spec import APPEND_SIZE, DRAIN_TIMEOUT, DURATION, FEC_ENGINES, SERVER_PAIRS, TESTERS
+
+WAIT_HELP = "when another command holds the testbed, wait for it (default: fail at once, naming it)"
+
+
+def _new_out(flag: str, value: str) -> Path | None:
+    """``--out``: a folder that does not exist yet, or an empty one (a run never mixes its files with an
+    earlier run's, and never deletes them); None when not given."""
+    out = flag_out(flag, value)
+    try:
+        used = out is not None and out.is_dir() and any(out.iterdir())
+    except OSError as err:
+        raise user_error(f"{flag} {out}: {err.strerror}; give a new folder") from None
+    if used:
+        raise user_error(f"{flag} {out}: exists and is not empty; give a new folder (results are never "
+                         "overwritten)")
+    return out
+
+
+def _claim(out: Path | None, parent: Path, stamp: str = "") -> Path:
+    """The run's output folder: ``out`` (created), or a new folder under ``parent`` named by the time."""
+    try:
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            return out
+        return fresh_folder(parent, f"{stamp}{time.strftime('%Y%m%d-%H%M%S')}")
+    except OSError as err:
+        raise user_error(f"output folder {out or parent}: {err.strerror or err}; give --out a folder you can write") from None
 
 
 def _stamp(start: float) -> callable:
@@ -38,10 +74,11 @@ def _stamp(start: float) -> callable:
     "burst_loss": "WAN loss, percent each way, during the rolling disaster's burst",
     "drain_timeout": "seconds the mirror gets to go quiet after the disaster (then the verdict is unknown)",
     "engine": "the FEC gateways' data path: c (smfs/native, built by make; default) or python (the specification)",
+    "wait": WAIT_HELP,
 })
 def local_drill(c, mode="remote-sync", testers="64", append_size="512KiB", duration="20", fail_at="10",
                 wan_loss="0", servers="8", out="", keep_data=False, schedule="site-power-cut", burst_loss="5",
-                drain_timeout="30", engine="c"):
+                drain_timeout="30", engine="c", wait=False):
     """Run the SMFS stack in network namespaces, power-cut the primary site, check for data loss."""
     from testbed.localdrill import SCHEDULES, LocalDrillConfig, run_local_drill
     from testbed.runner import EXIT_CODES
@@ -54,7 +91,7 @@ def local_drill(c, mode="remote-sync", testers="64", append_size="512KiB", durat
             duration=duration_s, fail_at=flag_number("--fail-at", fail_at, DURATION, "10", low_open=True, what="number of seconds"),
             wan_loss=flag_number("--wan-loss", wan_loss, (0, 100), "1", what="percentage", high_open=True),
             servers=flag_int("--servers", servers, SERVER_PAIRS, "8"),
-            out=flag_out("--out", out) or Path("results/local") / time.strftime("%Y%m%d-%H%M%S"), keep_data=keep_data,
+            out=_new_out("--out", out) or Path("results/local"), keep_data=keep_data,
             schedule=flag_choice("--schedule", schedule, SCHEDULES),
             burst_loss=flag_number("--burst-loss", burst_loss, (0, 100), "5", what="percentage"),
             drain_timeout=flag_number("--drain-timeout", drain_timeout, DRAIN_TIMEOUT, "30", what="number of seconds"),
@@ -62,7 +99,9 @@ def local_drill(c, mode="remote-sync", testers="64", append_size="512KiB", durat
         )
     except ValueError as err:
         raise user_error(str(err)) from None
-    result = _guarded(lambda: run_local_drill(cfg, _stamp(time.monotonic())), "the namespace drill")
+    with for_command("./inv local-drill", wait):
+        cfg = replace(cfg, out=_claim(_new_out("--out", out), Path("results/local")))
+        result = _guarded(lambda: run_local_drill(cfg, _stamp(time.monotonic())), "the namespace drill")
     code = EXIT_CODES[result["verdict"]]
     if code:
         raise Exit(code=code)
@@ -112,17 +151,19 @@ def _guarded(run: callable, what: str) -> dict:
                  "testbed failed (exit 1)",
     "defects": "with --self-test: all, or a comma list of seeded defects",
     "runs": "with --self-test: runs per defect (a timing-dependent catch shows as k of n)",
+    "wait": WAIT_HELP,
 })
-def drill(c, spec="specs/default.toml", modes="all", out="", keep=False, self_test=False, defects="all", runs="1"):
+def drill(c, spec="specs/default.toml", modes="all", out="", keep=False, self_test=False, defects="all", runs="1",
+          wait=False):
     """The disaster drill in VMs: each mode from one snapshot, the spec's faults, data-loss verdicts, report."""
     from testbed.drill import EXIT_CODES, run_drill
     from testbed.spec import SpecError, load
 
     runs = flag_int("--runs", runs, (1, 1000), "10")
-    out_dir = flag_out("--out", out)
+    _new_out("--out", out)
     chosen = _modes("--modes", modes)
     try:
-        load(spec)  # the whole spec is checked before anything is created
+        name = load(spec).name  # the whole spec is checked before anything is created
     except SpecError as err:
         raise user_error(str(err)) from None
     say = _stamp(time.monotonic())
@@ -131,9 +172,13 @@ def drill(c, spec="specs/default.toml", modes="all", out="", keep=False, self_te
             from testbed.selftest import cases, run_self_test
 
             cases(defects)  # a bad name is an error before anything boots
-            result = _guarded(lambda: run_self_test(spec, defects, runs, out_dir, keep, say), "the self-test")
+            with for_command("./inv drill --self-test", wait):
+                folder = _claim(_new_out("--out", out), Path("results") / name, "self-test-")
+                result = _guarded(lambda: run_self_test(spec, defects, runs, folder, keep, say), "the self-test")
         else:
-            result = _guarded(lambda: run_drill(spec, chosen, out_dir, keep=keep, say=say), "the drill")
+            with for_command("./inv drill", wait):
+                folder = _claim(_new_out("--out", out), Path("results") / name)
+                result = _guarded(lambda: run_drill(spec, chosen, folder, keep=keep, say=say), "the drill")
     except (ValueError, SpecError) as err:
         raise user_error(str(err)) from None
     code = EXIT_CODES[result["verdict"]]

@@ -1,4 +1,8 @@
-"""Tasks of the VM testbed: image, up, status, exec, balloon, snapshot, restore, clone, down."""
+"""Tasks of the VM testbed: image, up, status, exec, balloon, snapshot, restore, clone, down.
+
+``up``, ``snapshot``, ``restore``, ``clone`` and ``down`` hold the testbed's lock (:mod:`testbed.lock`)
+from the end of their flag checks to their end: a second one fails at once naming the holder, or with
+``--wait`` waits for it."""
 
 from __future__ import annotations
 
@@ -20,8 +24,10 @@ from testbed.cli.common import (
     remainder_argv,
     user_error,
 )
+from testbed.lock import for_command
 
 console = Console(highlight=False)
+WAIT_HELP = "when another command holds the testbed, wait for it (default: fail at once, naming it)"
 
 
 @contextmanager
@@ -41,14 +47,17 @@ def _user_errors() -> Iterator[None]:
     from testbed.bridges import BridgeError
     from testbed.guest import GuestError
     from testbed.hypervisor import HypervisorError
+    from testbed.lock import LockError
     from testbed.qmp import QmpError
+    from testbed.registry import RegistryError
     from testbed.spec import SpecError
     from testbed.vmbed import TestbedError
     from vmimages.build import ImageError
 
     try:
         yield
-    except (SpecError, TestbedError, HypervisorError, GuestError, ImageError, BridgeError, QmpError) as err:
+    except (SpecError, TestbedError, HypervisorError, GuestError, ImageError, BridgeError, QmpError,
+            RegistryError, LockError) as err:
         raise user_error(str(err)) from None
     except KeyboardInterrupt:
         raise Exit("interrupted", code=130) from None
@@ -69,8 +78,9 @@ def image(c, rebuild=False, rebuild_rootfs=False):
 
 
 @task(help={"spec": "testbed spec (TOML)", "rebuild_image": "rebuild the guest image first",
-            "clone": "bring up a saved clone (./inv clone SNAP --as NAME) instead of a fresh testbed"})
-def up(c, spec="specs/ci.toml", rebuild_image=False, clone=""):
+            "clone": "bring up a saved clone (./inv clone SNAP --as NAME) instead of a fresh testbed",
+            "wait": WAIT_HELP})
+def up(c, spec="specs/ci.toml", rebuild_image=False, clone="", wait=False):
     """Bring up the testbed: image, bridges, overlays, domains; waits until every guest agent answers, then
     shapes the WAN as the spec says (a clone keeps the WAN it was saved with)."""
     from testbed import vmbed, wan
@@ -80,7 +90,7 @@ def up(c, spec="specs/ci.toml", rebuild_image=False, clone=""):
         if clone:
             flag_clone_name("--clone", clone)
         loaded = None if clone else load(spec)
-    with _user_errors(), _progress("up") as say:
+    with for_command("./inv up", wait), _user_errors(), _progress("up") as say:
         t0 = time.monotonic()
         tb = vmbed.up(loaded or spec, say=say, rebuild_image=rebuild_image, clone=clone or None)
         if not clone:
@@ -166,52 +176,61 @@ def balloon(c, vm, mib):
     print("dommemstat: " + " ".join(f"{k}={v}" for k, v in r["memstat"].items()))
 
 
-@task(help={"name": "snapshot name"})
-def snapshot(c, name):
+@task(help={"name": "snapshot name", "wait": WAIT_HELP})
+def snapshot(c, name, wait=False):
     """Snapshot every VM of the testbed together (libvirt save files with RAM, plus copies of the disks)."""
     from testbed import vmbed
 
     flag_snapshot_name("name", name)
-    with _user_errors(), _progress(f"snapshot {name}") as say:
+    with for_command("./inv snapshot", wait), _user_errors(), _progress(f"snapshot {name}") as say:
         secs = vmbed.VmTestbed.active().snapshot(name, say)
     print(f"snapshot {name} taken in {secs:.1f} s")
 
 
-@task(help={"name": "snapshot name"})
-def restore(c, name):
+@task(help={"name": "snapshot name", "wait": WAIT_HELP})
+def restore(c, name, wait=False):
     """Revert every VM to a snapshot and resume them together."""
     from testbed import vmbed
 
     flag_snapshot_name("name", name)
-    with _user_errors(), _progress(f"restore {name}") as say:
+    with for_command("./inv restore", wait), _user_errors(), _progress(f"restore {name}") as say:
         secs = vmbed.VmTestbed.active().restore(name, say)
     print(f"restored {name} in {secs:.1f} s")
 
 
-@task(name="clone", help={"name": "snapshot to clone from", "as_": "name of the clone"})
-def clone_(c, name, as_):
+@task(name="clone", help={"name": "snapshot to clone from", "as_": "name of the clone", "wait": WAIT_HELP})
+def clone_(c, name, as_, wait=False):
     """Copy the testbed at a snapshot to a named clone (bring it up later with ./inv up --clone NEW)."""
     from testbed import vmbed
 
     flag_snapshot_name("name", name)
     flag_clone_name("--as", as_)  # it becomes the testbed's name at ./inv up --clone
-    with _user_errors(), _progress(f"clone {name}") as say:
+    with for_command("./inv clone", wait), _user_errors(), _progress(f"clone {name}") as say:
         t0 = time.monotonic()
         dest = vmbed.VmTestbed.active().clone(name, as_, say)
     print(f"clone {as_} saved in {time.monotonic() - t0:.1f} s: {dest}")
 
 
-@task
-def down(c):
-    """Remove every recorded resource: domains, snapshots, overlays, bridges, namespaces, processes."""
+@task(help={"wait": WAIT_HELP})
+def down(c, wait=False):
+    """Remove every recorded resource: domains, snapshots, overlays, bridges, namespaces, processes.
+
+    Each is checked again first (the testbed's prefix and id, its folder): one this testbed did not
+    make is never touched; it is said ("refusing to remove ...") and forgotten. An unreadable registry
+    is kept aside and named, and nothing is removed (exit 2)."""
     from testbed import vmbed
     from testbed.registry import TeardownError
 
-    with _user_errors(), _progress("down"):
-        try:
-            removed = vmbed.down()
-        except TeardownError as err:
-            raise Exit(f"error: some resources could not be removed (still recorded): {err}", code=1) from None
+    refused: list[str] = []  # printed whole after the spinner (one line each, never wrapped)
+    try:
+        with for_command("./inv down", wait), _user_errors(), _progress("down"):
+            try:
+                removed = vmbed.down(say=refused.append)
+            except TeardownError as err:
+                raise Exit(f"error: some resources could not be removed (still recorded): {err}", code=1) from None
+    finally:
+        for line in refused:
+            print(line, flush=True)
     if not removed:
         print("nothing to remove")
         return

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from smfs.units import parse_size
-from testbed.registry import Registry, TeardownError, register_teardown
+from testbed.registry import Registry, RegistryError, TeardownError, register_teardown
 
 
 @pytest.mark.parametrize("text, value", [("64KiB", 65536), ("512KiB", 524288), ("1MiB", 1 << 20), ("100MB", 10**8), ("4096", 4096)])
@@ -30,8 +30,11 @@ def test_teardown_removes_only_recorded_and_keeps_failures(tmp_path: Path) -> No
     def broken(res):  # noqa: ANN001
         raise OSError("busy")
 
-    register_teardown("test-ok", ok)
-    register_teardown("test-broken", broken)
+    def ours(res, scope):  # noqa: ANN001 - these made-up kinds are always this testbed's
+        return None
+
+    register_teardown("test-ok", ok, check=ours)
+    register_teardown("test-broken", broken, check=ours)
     reg = Registry(tmp_path / "registry.json")
     reg.add("test-ok", "a", "run1")
     reg.add("test-broken", "b", "run1")
@@ -47,5 +50,6 @@ def test_teardown_removes_only_recorded_and_keeps_failures(tmp_path: Path) -> No
 def test_unreadable_registry_is_kept_aside(tmp_path: Path) -> None:
     path = tmp_path / "registry.json"
     path.write_text("{not json")
-    assert Registry(path).items() == []
+    with pytest.raises(RegistryError, match="could not be parsed"):  # never an empty registry: nothing is guessed
+        Registry(path).items()
     assert list(tmp_path.glob("registry.broken-*"))
