@@ -8,9 +8,9 @@ is repaired by the ingress gateway and a primary-site disaster cannot lose those
 tunnelled IP packet (with its tunnel seq) and :meth:`FlowTracker.on_repairs_sent` for each batch
 of repairs sent (those of ``Encoder.add`` and ``Encoder.handle_timer``). Report a packet before
 the repairs that cover it, as the encoder returns them after ``add``. A tunnel packet is
-*safe* once one repair of each of the ``c`` layers covering it was sent; a flow's bytes are
-safe once the packets carrying them are. :meth:`FlowTracker.safe_offsets` returns the flows
-whose contiguous safe offset advanced.
+*safe* once one repair of each of the ``c`` layers covering it was sent (with ``c = 0``, no FEC,
+as soon as it is sent itself); a flow's bytes are safe once the packets carrying them are.
+:meth:`FlowTracker.safe_offsets` returns the flows whose contiguous safe offset advanced.
 
 Offsets count stream bytes from the first byte after the SYN (``(seq - isn - 1) mod 2**32``,
 unwrapped to 64 bits), exclusive end: offset ``n`` means bytes ``0 .. n-1`` are safe, so a server
@@ -184,7 +184,8 @@ def _insert(ivs: list[tuple[int, int]], start: int, end: int) -> None:
 class FlowTracker:
     """Per-flow contiguous safe offsets for network-level callbacks (see the module docstring).
 
-    ``c``: the number of FEC layers (repairs needed per packet). Memory is bounded: at most
+    ``c``: the number of FEC layers (repairs needed per packet); 0: none, a packet's bytes are
+    safe once :meth:`on_packet_sent` reports it (latency 0). Memory is bounded: at most
     ``max_flows`` flows (least recently active dropped first) and ``max_pending`` tunnel
     packets waiting for their repairs (oldest dropped first, their bytes never reported).
     ``latencies`` keeps the last ``max_latencies`` delays (s) from a segment's packet being
@@ -199,8 +200,8 @@ class FlowTracker:
         self, c: int = 3, max_flows: int = 4096, max_pending: int = 65536, max_latencies: int = 10000,
         safe_at_send: bool = False,
     ):
-        if not 1 <= c <= 8:
-            raise ValueError(f"c must be 1..8, got {c!r}")
+        if not 0 <= c <= 8:
+            raise ValueError(f"c must be 0..8, got {c!r}")
         self.c = c
         self._full = (1 << c) - 1
         self.max_flows = max_flows
@@ -263,6 +264,12 @@ class FlowTracker:
             return
         if end > st.ref:
             st.ref = end
+        if not self.c:  # no FEC: no repair to wait for, safe once on the wire
+            if now is not None:
+                self.latencies.append(0.0)
+            if st.mark_safe(start, end):
+                self._advanced.add(flow)
+            return
         if self._safe_at_send:  # seeded defect: safe before a single repair covering it is out
             if st.mark_safe(start, end):
                 self._advanced.add(flow)

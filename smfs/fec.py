@@ -42,6 +42,8 @@ class FecParams:
 
     - ``r``: data packets per repair (8, as Maelstrom and SMFS).
     - ``c``: layers, one repair per layer covers each packet (3); must equal ``len(interleaves)``.
+      ``c = 0`` (``interleaves=()``) is no FEC at all: data is numbered and sent, no repair ever
+      is, a lost packet stays lost, and a packet is safe (network-sync) once it is on the wire.
     - ``interleaves``: the interleave of each layer, strictly increasing. Default ``(1, 11, 19)``:
 
       * ``1``: bins of ``r`` consecutive packets; recovers one loss per 8 consecutive packets,
@@ -74,8 +76,8 @@ class FecParams:
     def __post_init__(self) -> None:
         if not _is_int(self.r) or not 1 <= self.r <= MAX_R:
             raise ValueError(f"r must be an integer in 1..{MAX_R}, got {self.r!r}")
-        if not _is_int(self.c) or not 1 <= self.c <= MAX_LAYERS:
-            raise ValueError(f"c must be an integer in 1..{MAX_LAYERS}, got {self.c!r}")
+        if not _is_int(self.c) or not 0 <= self.c <= MAX_LAYERS:
+            raise ValueError(f"c must be an integer in 0..{MAX_LAYERS}, got {self.c!r}")
         ivs = self.interleaves
         if not isinstance(ivs, tuple) or not all(_is_int(i) and i >= 1 for i in ivs):
             raise ValueError(f"interleaves must be a tuple of integers >= 1, got {ivs!r}")
@@ -94,8 +96,9 @@ class FecParams:
 
     @property
     def span(self) -> int:
-        """Sequence-number span of a full bin of the widest layer: ``r * max(interleaves)``."""
-        return self.r * self.interleaves[-1]
+        """Sequence-number span of a full bin of the widest layer: ``r * max(interleaves)``
+        (0 when ``c = 0``: there are no bins)."""
+        return self.r * self.interleaves[-1] if self.interleaves else 0
 
 
 def _is_int(v: object) -> bool:
@@ -379,13 +382,15 @@ class Decoder:
     misses exactly one packet rebuilds it at once; the rebuilt packet may complete other
     pending repairs (cascade). Everything below the window is forgotten: a repair covering it
     is ignored, so a packet is never rebuilt twice nor reported after it was received.
-    Duplicate and reordered packets and repairs are harmless.
+    Duplicate and reordered packets and repairs are harmless. With ``c = 0`` no repair is kept
+    pending (``c * window`` = 0): a peer sends none, and one that arrives anyway only rebuilds
+    the packet it misses when it misses exactly one.
     """
 
     def __init__(self, params: FecParams | None = None, window: int = 2048) -> None:
         self.params = params or FecParams()
-        if not _is_int(window) or window < 2 * self.params.span:
-            raise ValueError(f"window must be an integer >= 2 * r * max(interleaves), got {window!r}")
+        if not _is_int(window) or window < max(1, 2 * self.params.span):
+            raise ValueError(f"window must be an integer >= 2 * r * max(interleaves) and >= 1, got {window!r}")
         self.window = window
         self.max_repairs = self.params.c * window
         self.stats = DecoderStats()

@@ -573,6 +573,7 @@ def exec_c_gateway(args: argparse.Namespace, binary: Path, tun: int) -> None:
             "--local", ipv4(args.local), "--peer", ipv4(args.peer), "--control", ipv4(args.control),
             "--key-file", str(Path(args.key_file).resolve()), "--stats", args.stats, "--ready", args.ready,
             "--r", str(args.r), "--wan-mtu", str(args.wan_mtu), "--wan-rate-bps", str(args.wan_rate_bps),
+            # comma-separated; c = 0 is the empty string
             "--interleaves", ",".join(map(str, args.interleaves)), "--flush-ms", repr(float(args.flush_ms))]
     if defects.active("network-sync-callback-before-repairs"):
         argv.append("--safe-at-send")
@@ -627,7 +628,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--edge-queue", type=int, default=0,
                    help="packets that may wait in the TUN for the gateway (its txqueuelen; 0: the kernel's "
                         "default): the site edge's buffer when paced, e.g. one bandwidth-delay product")
-    p.add_argument("--interleaves", type=int, nargs="+", default=list(FecParams().interleaves))
+    p.add_argument("--interleaves", type=int, nargs="*", default=list(FecParams().interleaves),
+                   help="the interleave of each FEC layer, c = their count (default 1 11 19); the bare "
+                        "flag is c = 0: no repairs, a lost packet stays lost, safe once sent")
     p.add_argument("--flush-ms", type=float, default=FecParams().flush_ms)
     p.add_argument("--engine", choices=("python", "c"), default="python",
                    help="the data path: this module (python) or smfs/native's smfs-gateway (c), "

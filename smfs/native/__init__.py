@@ -426,8 +426,8 @@ class Decoder(_Handle):
 
     def __init__(self, params: FecParams | None = None, window: int = 2048, variant: str | None = None) -> None:
         self.params = params or FecParams()
-        if not isinstance(window, int) or isinstance(window, bool) or window < 2 * self.params.span:
-            raise ValueError(f"window must be an integer >= 2 * r * max(interleaves), got {window!r}")
+        if not isinstance(window, int) or isinstance(window, bool) or window < max(1, 2 * self.params.span):
+            raise ValueError(f"window must be an integer >= 2 * r * max(interleaves) and >= 1, got {window!r}")
         self.window = window
         self.max_repairs = self.params.c * window
         lib = load(variant)
@@ -641,8 +641,8 @@ class FlowTracker(_Handle):
 
     def __init__(self, c: int = 3, max_flows: int = 4096, max_pending: int = 65536, max_latencies: int = 10000,
                  safe_at_send: bool = False, variant: str | None = None) -> None:
-        if not 1 <= c <= 8:
-            raise ValueError(f"c must be 1..8, got {c!r}")
+        if not 0 <= c <= 8:
+            raise ValueError(f"c must be 0..8, got {c!r}")
         self.c = c
         self.max_flows = max_flows
         self.max_pending = max_pending

@@ -71,7 +71,7 @@ int smfs_bench_codec(const struct smfs_fec_params *p, const uint8_t *pkts, size_
     struct stored st = {0};
     uint8_t *keep = NULL;
     uint64_t *shifted = NULL;
-    uint64_t window = 2048, span = 2ull * p->r * p->interleaves[p->c - 1];
+    uint64_t window = 2048, span = 2 * smfs_fec_span(p); /* 0 when c = 0 */
     if (window < span)
         window = span;
 
@@ -93,7 +93,7 @@ int smfs_bench_codec(const struct smfs_fec_params *p, const uint8_t *pkts, size_
     enc = smfs_encoder_new(p);
     st.r = p->r;
     st.size = size;
-    st.cap = n * p->c + 64 * (size_t)p->c * p->interleaves[p->c - 1];
+    st.cap = n * p->c + 64 * (size_t)p->c * (p->c ? p->interleaves[p->c - 1] : 0) + 1; /* >= 1: malloc(0) */
     st.seqs = malloc(st.cap * p->r * sizeof(uint64_t));
     st.lengths = malloc(st.cap * p->r * sizeof(uint16_t));
     st.xor = malloc(st.cap * size);

@@ -61,9 +61,10 @@ struct smfs_encoder *smfs_encoder_new(const struct smfs_fec_params *p)
         enc->base[k] = enc->nbins;
         enc->nbins += p->interleaves[k];
     }
-    enc->bins = calloc(enc->nbins, sizeof(*enc->bins));
-    enc->seqs = calloc((size_t)enc->nbins * p->r, sizeof(*enc->seqs));
-    enc->lengths = calloc((size_t)enc->nbins * p->r, sizeof(*enc->lengths));
+    size_t nb = enc->nbins ? enc->nbins : 1; /* c = 0: no bins (calloc(0) may answer NULL) */
+    enc->bins = calloc(nb, sizeof(*enc->bins));
+    enc->seqs = calloc(nb * p->r, sizeof(*enc->seqs));
+    enc->lengths = calloc(nb * p->r, sizeof(*enc->lengths));
     if (!enc->bins || !enc->seqs || !enc->lengths) {
         smfs_encoder_free(enc);
         errno = ENOMEM;
@@ -315,8 +316,8 @@ static inline bool has(const struct smfs_decoder *d, uint64_t seq)
 
 struct smfs_decoder *smfs_decoder_new(const struct smfs_fec_params *p, uint64_t window)
 {
-    if (smfs_fec_params_check(p) != 0 || window > SMFS_MAX_WINDOW ||
-        window < 2ull * p->r * p->interleaves[p->c - 1]) {
+    if (smfs_fec_params_check(p) != 0 || window > SMFS_MAX_WINDOW || window < 1 ||
+        window < 2 * smfs_fec_span(p)) {
         errno = EINVAL;
         return NULL;
     }

@@ -92,7 +92,7 @@ void smfs_ft_free(struct smfs_flow_tracker *ft)
 struct smfs_flow_tracker *smfs_ft_new(uint32_t c, uint32_t max_flows, uint32_t max_pending,
                                       uint32_t max_latencies, int safe_at_send)
 {
-    if (c < 1 || c > SMFS_MAX_LAYERS || max_flows < 1 || max_flows > (1u << 20) ||
+    if (c > SMFS_MAX_LAYERS || max_flows < 1 || max_flows > (1u << 20) ||
         max_pending > (1u << 22) || max_latencies > (1u << 24)) {
         errno = EINVAL;
         return NULL;
@@ -100,7 +100,7 @@ struct smfs_flow_tracker *smfs_ft_new(uint32_t c, uint32_t max_flows, uint32_t m
     struct smfs_flow_tracker *ft = calloc(1, sizeof(*ft));
     if (!ft)
         return NULL;
-    ft->full = (1ull << c) - 1;
+    ft->full = (1ull << c) - 1; /* 0 when c = 0: no FEC */
     ft->max_flows = max_flows;
     ft->max_pending = max_pending;
     ft->safe_at_send = safe_at_send != 0;
@@ -443,6 +443,18 @@ static void carry(struct smfs_flow_tracker *ft, uint64_t tseq, uint32_t slot, in
     }
 }
 
+static void latency(struct smfs_flow_tracker *ft, double v)
+{
+    if (!ft->lat_cap)
+        return;
+    if (ft->lat_count < ft->lat_cap) {
+        ft->lat[(ft->lat_head + ft->lat_count++) % ft->lat_cap] = v;
+    } else {
+        ft->lat[ft->lat_head] = v;
+        ft->lat_head = (ft->lat_head + 1) % ft->lat_cap;
+    }
+}
+
 /* ---- API ------------------------------------------------------------------------------------ */
 
 void smfs_ft_on_packet_sent(struct smfs_flow_tracker *ft, uint64_t tunnel_seq, const uint8_t *ip,
@@ -497,24 +509,19 @@ void smfs_ft_on_packet_sent(struct smfs_flow_tracker *ft, uint64_t tunnel_seq, c
         return;
     if (end > st->ref)
         st->ref = end;
+    if (!ft->full) { /* c = 0, no FEC: no repair to wait for, safe once on the wire */
+        if (!isnan(now))
+            latency(ft, 0.0);
+        if (mark_safe(ft, st, start, end))
+            advanced_add(ft, i);
+        return;
+    }
     if (ft->safe_at_send) { /* seeded defect: safe before a single repair covering it is out */
         if (mark_safe(ft, st, start, end))
             advanced_add(ft, i);
         return;
     }
     carry(ft, tunnel_seq, i, start, end, now);
-}
-
-static void latency(struct smfs_flow_tracker *ft, double v)
-{
-    if (!ft->lat_cap)
-        return;
-    if (ft->lat_count < ft->lat_cap) {
-        ft->lat[(ft->lat_head + ft->lat_count++) % ft->lat_cap] = v;
-    } else {
-        ft->lat[ft->lat_head] = v;
-        ft->lat_head = (ft->lat_head + 1) % ft->lat_cap;
-    }
 }
 
 void smfs_ft_on_repair_sent(struct smfs_flow_tracker *ft, const struct smfs_repair *rep, double now)

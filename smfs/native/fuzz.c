@@ -170,9 +170,13 @@ int main(int argc, char **argv)
             smfs_decoder_free(dec);
             smfs_replay_free(in.rw);
             smfs_ft_free(in.ft);
-            dec = smfs_decoder_new(&p, 2 * 8 * 19);
+            /* the ingress's code: c = 3 as the stream's, or fewer layers (c = 0: no FEC), which
+             * still gets the stream's repairs (a peer configured otherwise, or hostile) */
+            struct smfs_fec_params q = p;
+            q.c = (uint32_t)below(4);
+            dec = smfs_decoder_new(&q, 2 * 8 * 19);
             in.rw = smfs_replay_new(2 * 8 * 19);
-            in.ft = smfs_ft_new(3, 64, 256, 64, 0);
+            in.ft = smfs_ft_new(q.c, 64, 256, 64, 0);
             if (!dec || !in.rw || !in.ft)
                 return 2;
             cursor = 0;

@@ -1183,15 +1183,18 @@ static void parse_args(int argc, char **argv, struct config *c)
             c->params.flush_ms = strtod(v, &end);
             if (*end || !*v)
                 die("--flush-ms: %s is not a number", v);
-        } else if (!strcmp(a, "--interleaves")) {
+        } else if (!strcmp(a, "--interleaves")) { /* comma-separated; "" is c = 0 (no FEC) */
             char buf[256];
             snprintf(buf, sizeof buf, "%s", v);
             c->params.c = 0;
+            memset(c->params.interleaves, 0, sizeof c->params.interleaves);
             for (char *save = NULL, *tok = strtok_r(buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
                 if (c->params.c == SMFS_MAX_LAYERS)
                     die("--interleaves: more than %d layers", SMFS_MAX_LAYERS);
                 c->params.interleaves[c->params.c++] = (uint32_t)num_arg(a, tok, 1, SMFS_MAX_INTERLEAVE);
             }
+            if (*v && !c->params.c)
+                die("--interleaves: %s names no layer (c = 0 is the empty string)", v);
         } else
             die("unknown argument %s", a);
     }
@@ -1270,7 +1273,7 @@ static void setup(struct gw *g)
     memset(key, 0, sizeof key);
     if (!g->tunnel)
         die("tunnel key: %s", errno == EINVAL ? "shorter than 16 bytes" : strerror(errno));
-    uint64_t span = (uint64_t)c->params.r * c->params.interleaves[c->params.c - 1];
+    uint64_t span = smfs_fec_span(&c->params); /* 0 when c = 0 (no FEC) */
     uint64_t window = 2 * span > 4096 ? 2 * span : 4096;
     g->enc = smfs_encoder_new(&c->params);
     g->dec = smfs_decoder_new(&c->params, window);

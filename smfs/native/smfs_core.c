@@ -40,7 +40,7 @@ void smfs_xor_into(uint8_t *dst, const uint8_t *src, size_t n)
 
 int smfs_fec_params_check(const struct smfs_fec_params *p)
 {
-    if (!p || p->r < 1 || p->r > SMFS_MAX_R || p->c < 1 || p->c > SMFS_MAX_LAYERS)
+    if (!p || p->r < 1 || p->r > SMFS_MAX_R || p->c > SMFS_MAX_LAYERS) /* c = 0: no FEC */
         return -EINVAL;
     for (uint32_t k = 0; k < p->c; k++) {
         uint32_t iv = p->interleaves[k];

@@ -38,7 +38,7 @@ extern "C" {
 
 struct smfs_fec_params {
     uint32_t r;                                 /* data packets per repair, 1..64 */
-    uint32_t c;                                 /* layers, 1..8 */
+    uint32_t c;                                 /* layers, 0..8 (0: no FEC, no repair ever) */
     uint32_t interleaves[SMFS_MAX_LAYERS];      /* the first c: strictly increasing, >= 1 */
     double flush_ms;                            /* (0, 1000] ms */
 };
@@ -70,6 +70,12 @@ struct smfs_decoder_stats {
 
 /* 0 when valid, else -EINVAL. */
 int smfs_fec_params_check(const struct smfs_fec_params *p);
+/* FecParams.span: r * max(interleaves), the seq span of a full bin of the widest layer; 0 when
+ * c = 0 (no bins). */
+static inline uint64_t smfs_fec_span(const struct smfs_fec_params *p)
+{
+    return p->c ? (uint64_t)p->r * p->interleaves[p->c - 1] : 0;
+}
 /* 0 when `rep` is well formed (as Repair.__post_init__ checks), else -EINVAL. */
 int smfs_repair_check(const struct smfs_repair *rep);
 
@@ -96,7 +102,8 @@ size_t smfs_encoder_open_bins(const struct smfs_encoder *enc);
 void smfs_encoder_stats(const struct smfs_encoder *enc, struct smfs_encoder_stats *out);
 
 struct smfs_decoder;
-/* window: packets, 2 * r * max(interleaves) .. SMFS_MAX_WINDOW. NULL with errno. */
+/* window: packets, max(1, 2 * smfs_fec_span(p)) .. SMFS_MAX_WINDOW. NULL with errno. With c = 0
+ * no repair is kept pending: one that arrives anyway rebuilds only a packet it alone misses. */
 struct smfs_decoder *smfs_decoder_new(const struct smfs_fec_params *p, uint64_t window);
 void smfs_decoder_free(struct smfs_decoder *dec);
 /* Decoder.on_data / Decoder.on_repair: emit each packet rebuilt (with cascades), in order.
@@ -199,7 +206,8 @@ struct smfs_flow {
 typedef void (*smfs_safe_fn)(void *ctx, const struct smfs_flow *flow, int64_t offset);
 
 struct smfs_flow_tracker;
-/* FlowTracker(c, max_flows, max_pending, max_latencies, safe_at_send). NULL with errno. */
+/* FlowTracker(c, max_flows, max_pending, max_latencies, safe_at_send), c 0..8 (0: a packet's
+ * bytes are safe once it is sent, latency 0). NULL with errno. */
 struct smfs_flow_tracker *smfs_ft_new(uint32_t c, uint32_t max_flows, uint32_t max_pending,
                                       uint32_t max_latencies, int safe_at_send);
 void smfs_ft_free(struct smfs_flow_tracker *ft);

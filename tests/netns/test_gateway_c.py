@@ -90,6 +90,29 @@ def test_a_c_pair_carries_tcp_over_a_lossy_wan_and_rebuilds_the_losses(testbed_n
     assert mirr["received"] + mirr["lost_on_wan"] >= prim["packets_out"] * 0.99, (prim, mirr)
 
 
+def test_c0_pair(testbed_ns, tmp_path: Path, c_gateway) -> None:
+    """c = 0 (``--interleaves`` bare: no FEC) between C gateways, the mirror's the ASan build: TCP
+    crosses a WAN with 2 % loss, no repair is ever sent, what the WAN drops is lost for good (TCP
+    retransmits it), and network-sync callbacks come as soon as the data is sent."""
+    tb = testbed_ns
+    tb.set_loss(2.0)
+    pair = start_pair(tb, tmp_path, {"primary": "c", "mirror": "c"}, {"mirror": c_gateway["asan"]},
+                      extra=["--interleaves"])
+    got = _transfer(tb, tmp_path, 9115, 1.5)
+    prim, mirr = _stats(pair, "primary"), _stats(pair, "mirror")
+    assert _stop(pair, "mirror") == 0 and _stop(pair, "primary") == 0
+    log = pair.logs["mirror"].read_text() + pair.logs["primary"].read_text()
+    assert log.count("(C engine)") == 2 and log.count("interleaves=()") == 2, log[-3000:]
+    assert not any(m in log for m in SANITIZER_MARKS), log[-3000:]
+    assert got["bytes"] > 500_000, got
+    for st in (prim, mirr):
+        assert st["params"] == {"r": 8, "c": 0, "interleaves": [], "flush_ms": 5.0}, st["params"]
+        assert st["repairs_sent"] == 0 and st["rebuilt"] == 0 and st["rejected"] == 0, st
+    assert prim["packets_in"] > 500 and prim["callback_latency_ms"]["p99"] == 0.0, prim
+    assert tb.wan_drops() and mirr["lost_on_wan"] > 0 and mirr["lost_for_good"] == mirr["lost_on_wan"], mirr
+    assert mirr["rebuilt_fraction"] == 0.0, mirr
+
+
 @pytest.mark.parametrize("engines", [{"primary": "c", "mirror": "python"}, {"primary": "python", "mirror": "c"}],
                          ids=["c-to-python", "python-to-c"])
 def test_a_c_gateway_interoperates_with_a_python_one(testbed_ns, tmp_path: Path, c_gateway,

@@ -38,8 +38,12 @@ trace takes) and nothing is paced, so the wire output is a function of the trace
 - the statistics JSON, in the middle of the ingress trace and on exit: equal but for CPU time,
   the clock, the callback latencies and re-announcements (timed), every number written alike.
 
+Every comparison is made for each FEC code the gateways run: c = 3 (the default, interleaves
+1, 11, 19), c = 0 (``--interleaves`` bare: no FEC, no repair sent, callbacks at send, losses for
+good), c = 1 (1) and c = 2 (1, 11); the ingress trace's repairs come from the same code.
+
 The egress trace takes ~0.1 s; a run where it took over 0.6 s (a loaded machine: a timer flush
-could have split a bin) is started again, up to 3 times. The whole file takes about 10 s.
+could have split a bin) is started again, up to 3 times. The whole file takes about 15 s.
 """
 
 from __future__ import annotations
@@ -91,7 +95,10 @@ CONTROL = ("127.0.0.1", 7790)
 SITE, PEER_SITE = 1, 2  # the gateway under test is the primary's; the test plays the mirror's
 FIRST_SEQ = 10**15 + 12345  # the gateway's first tunnel seq (SMFS_GATEWAY_FIRST_SEQ)
 PARAMS = FecParams(flush_ms=1000.0)  # the gateway's defaults (r = 8, interleaves 1, 11, 19), longest flush
-WINDOW = 4096  # the gateway's decoder and replay window for these params
+CODES = {"c3": PARAMS, "c0": FecParams(c=0, interleaves=(), flush_ms=1000.0),
+         "c1": FecParams(c=1, interleaves=(1,), flush_ms=1000.0),
+         "c2": FecParams(c=2, interleaves=(1, 11), flush_ms=1000.0)}  # each code the trace runs through
+WINDOW = 4096  # the gateway's decoder and replay window for these params (max(4096, 2 * span))
 CHUNK = 48  # packets (or datagrams) in flight at once: far below every queue on the way
 TIMEOUT = 15.0  # s: the longest wait for a condition
 CLONE_NEWNET = 0x40000000
@@ -248,8 +255,8 @@ class IngressTrace:
     inner: set[bytes]  # every inner packet some valid data datagram or repair carries
 
 
-def ingress_trace(key: bytes) -> IngressTrace:
-    """What the peer gateway sends (~1400 datagrams)."""
+def ingress_trace(key: bytes, params: FecParams = PARAMS) -> IngressTrace:
+    """What the peer gateway sends (~1400 datagrams with c = 3), its repairs of the code ``params``."""
     rng = random.Random(22)
     out: list[bytes] = []
     packets: dict[int, bytes] = {}
@@ -263,7 +270,7 @@ def ingress_trace(key: bytes) -> IngressTrace:
 
     def groups(first: int, n: int) -> list[list[tuple[str, int | Repair, bytes]]]:
         """Per packet: its data datagram, then the repairs it completes; the final flush last."""
-        enc = Encoder(PARAMS)
+        enc = Encoder(params)
         gs = []
         for seq in range(first, first + n):
             p = inner(rng, seq)
@@ -358,7 +365,10 @@ def ingress_trace(key: bytes) -> IngressTrace:
     # 7. Old and odd: stream A again (below the window), one of its repairs (stale), a repair
     #    whose lengths disagree with a packet held, one spanning more than the window, a lone
     #    repair of a packet not seen yet (n = 1: it is the packet), then that packet's original.
-    out += [seal_d(s + 5, packets[s + 5]), seal_r(next(ev[1] for g in ga[40:60] for ev in g if ev[0] == "r"))]
+    old = next((ev[1] for g in ga[40:60] for ev in g if ev[0] == "r"), None)
+    if old is None:  # c = 0: the stream has none; one its peer could have sent
+        old = Encoder(FecParams(r=2, c=1, interleaves=(1,))).add_many(s + 40, [packets[s + 40], packets[s + 41]], 0.0)[0]
+    out += [seal_d(s + 5, packets[s + 5]), seal_r(old)]
     held, ahead = max(q for q in range(t + 200, t + 250) if q not in dropped), t + 260
     bad = inner(rng, ahead, 50)
     lengths = (len(packets[held]) + 1, 50)
@@ -395,10 +405,10 @@ class Model:
     final: dict[Flow, int]
 
 
-def model(trace: EgressTrace, key: bytes) -> Model:
+def model(trace: EgressTrace, key: bytes, params: FecParams = PARAMS) -> Model:
     """The specification's classes fed the trace as the gateway feeds them (per packet: data,
     tracker, its repairs, tracker, callbacks), then the final flush."""
-    sealer, enc, tracker, ann = Sealer(key, SITE), Encoder(PARAMS), FlowTracker(PARAMS.c), Announcer()
+    sealer, enc, tracker, ann = Sealer(key, SITE), Encoder(params), FlowTracker(params.c), Announcer()
     told: dict[Flow, list[int]] = {f: [] for f in trace.subscribed}
 
     def push() -> None:
@@ -483,7 +493,8 @@ class Run:
 class Gateway:
     """One gateway program in its own namespace, and the test's sockets around it."""
 
-    def __init__(self, engine: str, workdir: Path, key_file: Path, env: dict[str, str]) -> None:
+    def __init__(self, engine: str, workdir: Path, key_file: Path, env: dict[str, str],
+                 params: FecParams = PARAMS) -> None:
         self.engine = engine
         self.tb = NamespaceTestbed()
         try:
@@ -506,6 +517,8 @@ class Gateway:
                     "--control", f"{CONTROL[0]}:{CONTROL[1]}", "--key-file", str(key_file),
                     "--stats", str(self.stats_file), "--ready", str(self.ready), "--flush-ms", "1000",
                     "--wan-rate-bps", "0", "--engine", "python" if engine == "python" else "c"]
+            if params.interleaves != PARAMS.interleaves:  # as the drill passes them (c = 0: the bare flag)
+                argv[-2:-2] = ["--interleaves", *map(str, params.interleaves)]
             self.proc = self.tb.spawn("primary", "gateway", argv, self.log_file,
                                       env={FIRST_SEQ_ENV: str(FIRST_SEQ), "SMFS_DEFECT": "", **env})
             _wait(lambda: self.ready.exists() or self.proc.poll() is not None, "the gateway to start", 30, 0.01)
@@ -661,11 +674,11 @@ class Gateway:
 
 
 def run_gateway(engine: str, workdir: Path, key_file: Path, env: dict[str, str], eg: EgressTrace, m: Model,
-                ing: IngressTrace) -> Run:
+                ing: IngressTrace, params: FecParams = PARAMS) -> Run:
     for attempt in range(3):
         d = workdir / f"{engine}-{attempt}"
         d.mkdir(parents=True)
-        gw = Gateway(engine, d, key_file, env)
+        gw = Gateway(engine, d, key_file, env, params)
         try:
             gw.subscribe(eg.subscribed)
             try:
@@ -686,6 +699,7 @@ def run_gateway(engine: str, workdir: Path, key_file: Path, env: dict[str, str],
 
 @dataclass
 class Runs:
+    params: FecParams
     egress: EgressTrace
     ingress: IngressTrace
     model: Model
@@ -695,23 +709,26 @@ class Runs:
         return self.by_engine[engine]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
-    """The trace through the Python engine, the C engine and the C engine's ASan build."""
+@pytest.fixture(scope="module", params=list(CODES))
+def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    """The trace through the Python engine, the C engine and the C engine's ASan build, all
+    running the FEC code of the parameter (c3, c0, c1, c2)."""
     res = subprocess.run(["make", "-f", "smfs/native/gateway.mk", "static", "asan"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    work = tmp_path_factory.mktemp("gwdiff")
+    params = CODES[request.param]
+    assert max(4096, 2 * params.span) == WINDOW
+    work = tmp_path_factory.mktemp(f"gwdiff-{request.param}")
     key = secrets.token_bytes(32)
     key_file = work / "tunnel.key"
     key_file.write_text(key.hex())
     eg = egress_trace()
-    m = model(eg, key)
-    ing = ingress_trace(key)
+    m = model(eg, key, params)
+    ing = ingress_trace(key, params)
     engines = {"python": {}, "c": {C_BINARY_ENV: str(BUILD / "smfs-gateway-static")},
                "c-asan": {C_BINARY_ENV: str(BUILD / "smfs-gateway-asan")}}
-    return Runs(eg, ing, m, {name: run_gateway(name, work, key_file, env, eg, m, ing)
-                             for name, env in engines.items()})
+    return Runs(params, eg, ing, m, {name: run_gateway(name, work, key_file, env, eg, m, ing, params)
+                                     for name, env in engines.items()})
 
 
 C_ENGINES = ("c", "c-asan")
@@ -729,6 +746,11 @@ def _first_difference(a: list[bytes], b: list[bytes]) -> str:
 
 def test_engines_ran(runs: Runs) -> None:
     assert "C engine" not in runs["python"].log
+    up = f"r=8 interleaves={runs.params.interleaves}"  # e.g. "()" for c = 0, "(1,)" for c = 1
+    for name in ("python", *C_ENGINES):
+        assert up in runs[name].log, runs[name].log[-2000:]
+        assert runs[name].stats["params"] == {"r": 8, "c": runs.params.c, "interleaves": list(runs.params.interleaves),
+                                              "flush_ms": 1000.0}
     for name in C_ENGINES:
         assert "C engine" in runs[name].log, runs[name].log[-2000:]
         assert not any(mark in runs[name].log for mark in SANITIZER_MARKS), runs[name].log[-3000:]
@@ -748,7 +770,10 @@ def test_wire_model(runs: Runs, engine: str) -> None:
     got = runs[engine].wire
     assert got == m.wire, _first_difference(m.wire, got)
     repairs = sum(1 for d in m.wire if d[2] == KIND_REPAIR)
-    assert repairs > 100 and m.flushed > 10, (repairs, m.flushed)
+    c, r, n = runs.params.c, runs.params.r, len(runs.egress.packets)
+    assert repairs >= c * (n // r), (repairs, m.flushed)  # every layer covers every packet
+    assert (repairs > 100 and m.flushed > 10) if c == 3 else (repairs > 0) == (c > 0), (repairs, m.flushed)
+    assert runs[engine].stats["repairs_sent"] == repairs
 
 
 def _told(run: Run) -> dict[Flow, list[int]]:
@@ -778,6 +803,8 @@ def test_callbacks(runs: Runs, engine: str) -> None:
     f4 = m.before_flush[eg.flows["f4"]] + [m.final[eg.flows["f4"]]]
     assert any(b < a for a, b in zip(f4, f4[1:], strict=False)), f4
     assert eg.flows["f5"] not in told and Flow(SITE_ADDR, 40099, PEER_HOST, 9000) not in told
+    if runs.params.c == 0:  # no FEC: every byte is safe once sent, nothing waits for the final flush
+        assert all(m.before_flush[f][-1:] == [o] for f, o in m.final.items()), (m.before_flush, m.final)
     assert sum(map(len, m.before_flush.values())) > 10, m.before_flush
 
 
@@ -832,7 +859,11 @@ def test_trace_coverage(runs: Runs) -> None:
     assert st["rejected"] == ing.hostile, (st["rejected"], ing.hostile, reasons)
     for r in ("short", "bad magic", "bad version", "bad mac", "foreign site", "bad kind", "malformed lengths"):
         assert reasons.get(f"rejected: {r}", 0) > 0, (r, reasons)
-    assert st["rebuilt"] > 30 and st["replayed"] >= 10, st
+    if runs.params.c:
+        assert st["rebuilt"] > (30 if runs.params.c == 3 else 20) and st["replayed"] >= 10, st
+    else:  # no FEC: what the stream lost stays lost; only the trace's hand-made repairs rebuild
+        lost = runs["python"].checkpoint["lost_for_good"]  # (before the jump forgets the restarted stream's)
+        assert st["rebuilt"] <= 3 and lost > 30 and st["replayed"] >= 10, (lost, st)
     assert runs["python"].checkpoint["lost_for_good"] > 0, runs["python"].checkpoint
     assert st["late_after_rebuild"] > 0 and reasons.get("tun: Invalid argument", 0) > 0 and st["edge_drops"] == 0, st
     assert any(r.startswith("control: ") for r in reasons), reasons

@@ -312,6 +312,39 @@ def test_stream_through_the_encoder_is_reported_in_full() -> None:
     assert t.pending == 0 and max(t.latencies) <= 0.006
 
 
+def test_c0_a_segment_is_safe_once_sent() -> None:
+    """No FEC (c = 0): no repair to wait for, the bytes are safe as soon as their packet is sent
+    (latency 0), in order or not; nothing is left pending, and no timer is needed."""
+    enc, t = Encoder(FecParams(c=0, interleaves=())), FlowTracker(c=0)
+    assert t.c == 0
+    t.on_packet_sent(0, tcp(ISN, flags=TCP_SYN), now=1.0)
+    t.on_packet_sent(1, tcp(ISN + 1, 1000), now=1.0)
+    assert t.safe_offsets() == [(FLOW, 1000)] and t.pending == 0
+    t.on_packet_sent(2, tcp(ISN + 2001, 500), now=1.1)  # beyond a hole: not contiguous yet
+    assert t.safe_offsets() == [] and t.safe_offset(FLOW) == 1000
+    t.on_packet_sent(3, tcp(ISN + 1001, 1000))  # fills it (no time given: no latency kept)
+    assert t.safe_offsets() == [(FLOW, 2500)]
+    assert list(t.latencies) == [0.0, 0.0] and t.pending == 0
+    assert enc.add(4, b"x", 1.2) == [] and enc.get_timer() is None
+    t.on_repairs_sent([Repair(0, (1,), (1,), b"\0")])  # a stray repair changes nothing
+    t.on_packet_sent(5, tcp(ISN + 2501, 10, flags=TCP_ACK | TCP_FIN), now=1.3)
+    assert t.safe_offsets() == [(FLOW, 2510)] and t.flows == 0  # FIN: all safe, flow done
+    with pytest.raises(ValueError, match="c must be"):
+        FlowTracker(c=-1)
+    with pytest.raises(ValueError, match="c must be"):
+        FlowTracker(c=9)
+
+
+@pytest.mark.parametrize("c", [1, 2, 3])
+def test_c_layers_are_all_needed(c: int) -> None:
+    t = started(c=c)
+    t.on_packet_sent(1, tcp(ISN + 1, 100))
+    t.on_repairs_sent(all_layers(1, c=c)[:-1])
+    assert t.safe_offsets() == []
+    t.on_repairs_sent(all_layers(1, c=c)[-1:])
+    assert t.safe_offsets() == [(FLOW, 100)]
+
+
 # -- announcer: callbacks are re-announced over a lossy channel ---------------------------------
 
 SUB = ("127.0.0.1", 45000)

@@ -90,7 +90,11 @@ def deliver(
         ({"r": 0}, "r"),
         ({"r": 65}, "r"),
         ({"r": 2.0}, "r"),
-        ({"c": 0, "interleaves": ()}, "c"),
+        ({"c": -1, "interleaves": ()}, "c"),
+        ({"c": 9, "interleaves": tuple(range(1, 10))}, "c"),
+        ({"c": 0}, "interleaves"),
+        ({"c": 0, "interleaves": (1,)}, "interleaves"),
+        ({"c": 1, "interleaves": ()}, "interleaves"),
         ({"c": 2}, "interleaves"),
         ({"interleaves": (1, 11, 11)}, "interleaves"),
         ({"interleaves": (0, 11, 19)}, "interleaves"),
@@ -111,6 +115,53 @@ def test_default_params() -> None:
     assert (p.r, p.c, p.interleaves) == (8, 3, (1, 11, 19))
     assert p.flush_s == pytest.approx(0.005)
     assert p.span == 152
+
+
+@pytest.mark.parametrize(("c", "interleaves", "span"), [(0, (), 0), (1, (1,), 8), (2, (1, 11), 88), (3, (1, 11, 19), 152)])
+def test_c_zero_to_three(c: int, interleaves: tuple[int, ...], span: int) -> None:
+    p = FecParams(c=c, interleaves=interleaves)
+    assert p.span == span
+    Decoder(p, window=max(1, 2 * span))
+    with pytest.raises(ValueError, match="window"):
+        Decoder(p, window=max(1, 2 * span) - 1)
+
+
+# -- c = 0: no FEC --------------------------------------------------------------------------------
+
+NO_FEC = FecParams(c=0, interleaves=())
+
+
+def test_c0_encoder_never_emits_a_repair() -> None:
+    enc = Encoder(NO_FEC)
+    rng = random.Random(1)
+    now = 0.0
+    for seq, pkt in make_packets(3000, seed=1):
+        now += rng.expovariate(2000)
+        assert enc.add(seq, pkt, now) == [] and enc.get_timer() is None and enc.open_bins == 0
+        assert enc.handle_timer(now + 1.0) == []
+    assert enc.add_many(3000, [b"x"] * 200, now) == [] and enc.flush() == []
+    assert (enc.stats.packets, enc.stats.repairs, enc.stats.flushed) == (3200, 0, 0)
+    with pytest.raises(ValueError):
+        enc.add(3000, b"x", now)  # still numbered: seqs must increase
+    assert encode_all(NO_FEC, make_packets(50, seed=2))[1] == []
+
+
+def test_c0_a_lost_packet_is_lost_for_good() -> None:
+    window = 64
+    pkts = make_packets(1000, seed=3, lo=10, hi=60)
+    lost = {100, 101, 500, 998}
+    dec = Decoder(NO_FEC, window=window)
+    for s, p in pkts:
+        if s not in lost:
+            assert dec.on_data(s, p, 0.0) == []
+    assert not any(dec.has(s) for s in lost)
+    st_ = dec.stats
+    assert (st_.received, st_.rebuilt, st_.lost, dec.missing_in_window()) == (996, 0, 3, 1)
+    # Repairs a c = 0 decoder gets anyway (a peer with FEC) are never kept pending.
+    _, repairs = encode_all(PARAMS, [(s, p) for s, p in pkts[-10:]])
+    for rep in repairs:
+        dec.on_repair(rep, 0.0)
+    assert not dec._pending and dec.max_repairs == 0
 
 
 def test_repair_validation() -> None:

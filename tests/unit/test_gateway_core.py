@@ -191,13 +191,14 @@ class Harness:
         return self.gw.tracker.safe_offset(FLOW)
 
 
-def _args(site: str, wan_rate_bps: int = 0) -> argparse.Namespace:
-    return argparse.Namespace(site=site, r=PARAMS.r, interleaves=list(PARAMS.interleaves), flush_ms=PARAMS.flush_ms,
+def _args(site: str, wan_rate_bps: int = 0, interleaves: tuple[int, ...] = PARAMS.interleaves) -> argparse.Namespace:
+    return argparse.Namespace(site=site, r=PARAMS.r, interleaves=list(interleaves), flush_ms=PARAMS.flush_ms,
                               local="127.0.0.1:0", peer="127.0.0.1:9", control="127.0.0.1:0", tun="smfs-test",
                               wan_mtu=1500, wan_rate_bps=wan_rate_bps)
 
 
-def _make(monkeypatch: pytest.MonkeyPatch, site: str, wan_rate_bps: int = 0, real_wan: bool = False) -> Iterator[Harness]:
+def _make(monkeypatch: pytest.MonkeyPatch, site: str, wan_rate_bps: int = 0, real_wan: bool = False,
+          interleaves: tuple[int, ...] = PARAMS.interleaves) -> Iterator[Harness]:
     """A gateway on a fake loop and fake sockets; ``real_wan`` keeps its real WAN socket (on loopback)."""
     loop = FakeLoop()
     monkeypatch.setattr(gw_mod.asyncio, "get_running_loop", lambda: loop)
@@ -205,7 +206,7 @@ def _make(monkeypatch: pytest.MonkeyPatch, site: str, wan_rate_bps: int = 0, rea
     mine.setblocking(False)
     theirs.setblocking(False)
     theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
-    gw = Gateway(_args(site, wan_rate_bps), KEY, mine.fileno())
+    gw = Gateway(_args(site, wan_rate_bps, interleaves), KEY, mine.fileno())
     gw.control.close()
     gw.control = FakeControl()  # type: ignore[assignment]
     if not real_wan:
@@ -644,3 +645,91 @@ def test_an_unpaced_egress_sends_every_packet_it_can_read(egress: Harness) -> No
     egress.send(*[tcp(ISN + 1000 * i, 1000) for i in range(100)])
     assert len(egress.wan.sent) - len(egress.wan.repairs()) == 100 and egress.loop.reading_tun
     assert egress.gw.snapshot()["paced"] is None
+
+
+# -- c = 0: no FEC (the data-loss-vs-c experiment's baseline) -------------------------------------
+
+
+@pytest.fixture()
+def no_fec(monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
+    yield from _make(monkeypatch, "primary", interleaves=())
+
+
+def test_c0_sends_no_repairs_and_calls_back_once_the_data_is_sent(no_fec: Harness) -> None:
+    h = no_fec
+    h.subscribe()
+    h.send(tcp(ISN, flags=TCP_SYN), tcp(ISN + 1, 100))
+    assert h.safe() == 100 and h.control.offsets() == [100]  # at once: no repair to wait for
+    assert h.gw.encoder.get_timer() is None  # no flush timer armed (only the announcer's)
+    h.send(*[tcp(ISN + 101 + 1000 * i, 1000) for i in range(50)])
+    assert h.safe() == 50_100 and h.control.offsets()[-1] == 50_100
+    h.loop.advance(3.0)
+    assert h.loop.next_timer() is None and not h.wan.repairs() and len(h.wan.sent) == 52
+    snap = h.gw.snapshot()
+    assert snap["params"]["c"] == 0 and snap["params"]["interleaves"] == []
+    assert snap["repairs_sent"] == 0 and snap["packets_out"] == 52
+    assert snap["callback_latency_ms"] == {"p50": 0.0, "p99": 0.0, "n": 51}  # the SYN carries no byte
+
+
+def test_c0_a_failed_data_send_is_never_safe(no_fec: Harness) -> None:
+    h = no_fec
+    h.send(tcp(ISN, flags=TCP_SYN))
+    h.wan.fail = lambda _d: OSError(errno.ENOBUFS, "No buffer space available")
+    h.send(tcp(ISN + 1, 100))
+    assert h.safe() == 0
+    h.wan.fail = lambda _d: None
+    h.send(tcp(ISN + 1, 100))  # TCP's retransmission
+    assert h.safe() == 100 and h.gw.snapshot()["data_send_errors"] == 1
+
+
+def test_c0_a_lost_packet_is_lost_for_good(monkeypatch: pytest.MonkeyPatch) -> None:
+    for h in _make(monkeypatch, "mirror", interleaves=()):
+        seal = Sealer(KEY, gw_mod.SITE_IDS["primary"])
+        n = h.gw.decoder.window + 600
+        lost = {1003, 1000 + n - 50}  # the first leaves the window (the decoder's lost), the second not
+        for first in range(1000, 1000 + n, 200):
+            h.receive(*[seal.data(s, bytes([s % 256]) * 60) for s in range(first, min(first + 200, 1000 + n))
+                        if s not in lost])
+            got = h.delivered()
+            assert len(got) == len([s for s in range(first, min(first + 200, 1000 + n)) if s not in lost])
+        snap = h.gw.snapshot()
+        assert snap["params"]["c"] == 0 and snap["rebuilt"] == 0 and snap["repairs_sent"] == 0
+        assert snap["received"] == n - 2 and snap["lost_on_wan"] == 2 and snap["lost_for_good"] == 2
+        assert h.gw.decoder.stats.lost == 1 and h.gw.decoder.missing_in_window() == 1
+        assert snap["rebuilt_fraction"] == 0.0
+
+
+class _Execd(Exception):
+    """Raised by a fake ``os.execv``: the argv the gateway would have replaced itself with."""
+
+    def __init__(self, argv: list[str]) -> None:
+        super().__init__(argv)
+        self.argv = argv
+
+
+def test_the_cli_takes_a_bare_interleaves_flag_as_c0(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """``--interleaves`` with no value is c = 0; the C program gets it as an empty string."""
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY.hex())
+
+    def execv(_path: str, argv: list[str]) -> None:
+        raise _Execd(argv)
+
+    monkeypatch.setattr(gw_mod, "c_binary", lambda: "/nonexistent/smfs-gateway")
+    monkeypatch.setattr(gw_mod, "open_tun", lambda _name: 99)
+    monkeypatch.setattr(gw_mod, "configure_tun", lambda *_a: None)
+    monkeypatch.setattr(gw_mod.os, "set_inheritable", lambda *_a: None)
+    monkeypatch.setattr(gw_mod.os, "execv", execv)
+    base = ["--site", "primary", "--address", "198.18.11.1", "--local", "127.0.0.1:7800", "--peer", "127.0.0.1:7801",
+            "--key-file", str(key_file), "--stats", str(tmp_path / "s.json"), "--ready", str(tmp_path / "ready"),
+            "--engine", "c"]
+    for flag, text in ((["--interleaves"], ""), (["--interleaves", "1"], "1"), (["--interleaves", "1", "11"], "1,11"),
+                       ([], "1,11,19")):
+        with pytest.raises(_Execd) as run:
+            gw_mod.main(base[:2] + flag + base[2:])  # the bare flag before another option
+        argv = run.value.argv
+        assert argv[argv.index("--interleaves") + 1] == text
+        with pytest.raises(_Execd) as run:
+            gw_mod.main(base + flag)  # ... or last
+        assert run.value.argv == argv
+    assert gw_mod.main([*base, "--interleaves", "1", "1"]) == 2  # still validated: strictly increasing

@@ -31,6 +31,9 @@ ROOT = Path(__file__).resolve().parents[2]
 KEY = b"differential-key-0123456789abcdef"
 DEFAULT = FecParams()
 SMALL = FecParams(r=4, c=2, interleaves=(1, 5), flush_ms=2.0)
+C0 = FecParams(c=0, interleaves=())  # no FEC
+C1 = FecParams(c=1, interleaves=(1,))
+C2 = FecParams(c=2, interleaves=(1, 11))
 Event = tuple  # ("d", seq, packet) | ("r", Repair)
 
 
@@ -71,8 +74,8 @@ def encoder_trace(params: FecParams, n: int, seed: int, rate: float, sizes: Call
 @pytest.mark.parametrize(
     "params",
     [DEFAULT, SMALL, FecParams(r=1, c=1, interleaves=(1,)), FecParams(r=64, c=3, interleaves=(1, 2, 5), flush_ms=0.5),
-     FecParams(r=8, c=8, interleaves=(1, 2, 3, 5, 8, 13, 21, 34), flush_ms=1000.0)],
-    ids=["default", "r4c2", "r1c1", "r64", "c8"],
+     FecParams(r=8, c=8, interleaves=(1, 2, 3, 5, 8, 13, 21, 34), flush_ms=1000.0), C0, C1, C2],
+    ids=["default", "r4c2", "r1c1", "r64", "c8", "c0", "c1", "c2"],
 )
 @pytest.mark.parametrize("rate", [500.0, 20000.0, 1e6])
 def test_encoder_same_repairs(params: FecParams, rate: float) -> None:
@@ -101,6 +104,29 @@ def test_encoder_rejects_as_python() -> None:
     assert c.stats == py.stats and c.flush() == py.flush()
     with pytest.raises(ValueError):
         native.Encoder(FecParams(r=8, c=1, interleaves=(4096,)))  # C bound: interleaves <= 2048
+
+
+def test_c0_encoder_and_windows_as_python() -> None:
+    """c = 0: packets numbered (the same refusals), never a repair, no timer; the decoder's
+    window only needs to be >= 1."""
+    py, c = fec.Encoder(C0), native.Encoder(C0)
+    for seq in (5, 6, 100):
+        assert c.add(seq, b"x" * seq, 0.0) == py.add(seq, b"x" * seq, 0.0) == []
+    with pytest.raises(ValueError):
+        c.add(100, b"x", 0.0)
+    assert c.add_many(200, [b"y"] * 300, 1.0) == [] and c.get_timer() is None and c.handle_timer(9.0) == []
+    assert c.flush() == [] and c.stats == fec.EncoderStats(packets=303, bytes=111 + 300, repairs=0, flushed=0)
+    for window, ok in ((0, False), (1, True), (64, True)):
+        for cls in (fec.Decoder, native.Decoder):
+            if ok:
+                assert cls(C0, window).window == window
+            else:
+                with pytest.raises(ValueError):
+                    cls(C0, window)
+    for params in (C1, C2):  # the other bounds are unchanged
+        with pytest.raises(ValueError):
+            native.Decoder(params, 2 * params.span - 1)
+        native.Decoder(params, 2 * params.span)
 
 
 # -- FEC: decoder ---------------------------------------------------------------------------
@@ -194,7 +220,8 @@ CHANNELS: dict[str, Callable[[list[Event], random.Random], list[Event]]] = {
 
 
 @pytest.mark.parametrize("channel", sorted(CHANNELS))
-@pytest.mark.parametrize("params,window", [(DEFAULT, 2048), (DEFAULT, 304), (SMALL, 40)], ids=["w2048", "w304", "small"])
+@pytest.mark.parametrize("params,window", [(DEFAULT, 2048), (DEFAULT, 304), (SMALL, 40), (C0, 64), (C1, 16), (C2, 176)],
+                         ids=["w2048", "w304", "small", "c0", "c1", "c2"])
 def test_decoder_same_output(channel: str, params: FecParams, window: int) -> None:
     seed = sum(map(ord, channel)) + window
     rng = random.Random(seed)
@@ -202,6 +229,10 @@ def test_decoder_same_output(channel: str, params: FecParams, window: int) -> No
     py = run_decoders(params, window, events, seed)
     if channel == "in-order":
         assert py.stats.rebuilt == 0 and py.stats.lost == 0
+    if params.c == 0:  # nothing to rebuild from: every loss is for good
+        assert py.stats.rebuilt == py.stats.repairs == 0
+        if channel.startswith("iid"):
+            assert py.stats.lost > 0
 
 
 def test_decoder_jumps_restarts_and_late_streams() -> None:
@@ -250,6 +281,8 @@ def test_decoder_hostile_repairs(seed: int) -> None:
         center += rng.random() < 0.3
     run_decoders(DEFAULT, 304, events, seed)
     run_decoders(SMALL, 40, events, seed)
+    py = run_decoders(C0, 304, events, seed)  # repairs reach a c = 0 decoder: never kept pending
+    assert py.stats.repairs_expired > 0 and not py._pending
 
 
 def test_decoder_pending_bound() -> None:
@@ -542,6 +575,15 @@ def test_flow_tracker_other_codes_and_defect() -> None:
     run_trackers(12, SMALL, 4000, nflows=4)
     run_trackers(13, FecParams(r=1, c=1, interleaves=(1,)), 3000, nflows=4)
     run_trackers(14, DEFAULT, 3000, nflows=4, safe_at_send=True)
+    run_trackers(15, C2, 3000, nflows=4)
+
+
+@pytest.mark.parametrize("safe_at_send", [False, True])
+def test_flow_tracker_c0(safe_at_send: bool) -> None:
+    """No FEC: safe once sent, with the same callbacks and latencies (0) as Python."""
+    py = run_trackers(16 + safe_at_send, C0, 4000, nflows=5, safe_at_send=safe_at_send)
+    assert py.pending == 0 and py.latencies and set(py.latencies) == {0.0}
+    run_trackers(18, C0, 2000, nflows=3, max_flows=2, max_pending=0, max_latencies=7)
 
 
 # -- the build --------------------------------------------------------------------------------------
