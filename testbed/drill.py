@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ STATS_FILE = "/run/smfs/fec.json"
 LEDGER_PORT_DEV = "/dev/virtio-ports/smfs.ledger"
 READY_TIMEOUT = 90.0  # s for a site or gateway to answer under TCG
 DRILL_PROBES = 2000  # calibration probes at most per drill (about 4 s)
+INTERLEAVES = (1, 11, 19)  # the FEC layers' interleaves; fec.c = k runs the first k
 STORAGE = {"primary": ("198.18.11.1", "198.18.11.0/24"), "mirror": ("198.18.12.1", "198.18.12.0/24")}
 """Per site: the storage servers' address (on lo) and subnet, routed into the gateway's TUN in the
 FEC modes; the bare modes use the VMs' own addresses."""
@@ -75,6 +76,8 @@ class DrillConfig:
     segment_bytes: int = 100 << 20  # log store segment size (the self-test makes it small)
     restart_stack: bool = False  # restart the mirror site and gateways after the restore (the self-test's variants)
     engine: str = "c"  # [fec] engine: the gateways' data path, c (smfs/native) or python (the specification)
+    c: int = 3  # [fec] c: repair layers (interleaves 1, 11, 19 cut to c)
+    wan: Any = None  # the WAN profile the modes run under (None: the testbed spec's); an experiment's point
 
     def run_config(self) -> RunConfig:
         """What the shared recipe needs of this drill."""
@@ -90,6 +93,7 @@ class DrillConfig:
             (0 < self.fail_at <= self.duration, "faults.fail_at", "must be within workload.duration"),
             (len(self.modes) > 0, "modes", "give at least one mode"),
             (0 < self.flush_ms <= 1000, "fec.flush", "must be within (0, 1000] ms, e.g. \"5ms\""),
+            (0 <= self.c <= len(INTERLEAVES), "fec.c", f"must be within 0 and {len(INTERLEAVES)} repair layers"),
             (self.engine in ("c", "python"), "fec.engine", "use \"c\" (the compiled data path) or \"python\" (the specification)"),
             (1 <= self.drain_timeout <= 3600, "faults.drain_timeout", "must be within 1 s and 1 h, e.g. \"60s\""),
         ]
@@ -108,8 +112,6 @@ class DrillConfig:
             if unknown:
                 known = ", ".join(sorted(DRILL_KEYS[section]))
                 raise ValueError(f"{section}.{unknown[0]}: unknown field; use one of {known}")
-        if int(fec.get("c", 3)) != 3:
-            raise ValueError("fec.c: the gateways run c = 3 layers (interleaves 1, 11, 19); leave c = 3 or remove it")
         duration = parse_time_us(wl.get("duration", "60s"), "workload.duration") / 1e6
         fail_at = parse_time_us(faults.get("fail_at", f"{duration * 0.6:g}s"), "faults.fail_at") / 1e6
         name = str(faults.get("schedule", "rolling-disaster"))
@@ -119,6 +121,7 @@ class DrillConfig:
             append_size=parse_size(str(wl.get("append_size", "512KiB")), "workload.append_size"),
             duration=duration, fail_at=fail_at, servers=int(wl.get("server_pairs", 8)), r=int(fec.get("r", 8)),
             flush_ms=parse_time_us(fec.get("flush", "5ms"), "fec.flush") / 1000, engine=str(fec.get("engine", "c")),
+            c=int(fec.get("c", 3)), wan=spec.wan,
             schedule=str(faults.get("schedule", "rolling-disaster")), burst_loss=str(faults.get("burst_loss", "1%")),
             burst_seconds=parse_time_us(faults.get("burst", "500ms"), "faults.burst") / 1e6,
             during=during(faults.get("during"), spec, fail_at),
@@ -206,7 +209,7 @@ def prepare(tb: Any, cfg: DrillConfig, tl: Timeline) -> dict[str, Any]:
 
     from testbed import wan
 
-    profile = tb.spec.wan
+    profile = wan_of(tb, cfg)
     wan.start_resident(tb)
     shaped = wan.shape(tb, profile)
     wan.remember(tb, profile)
@@ -237,7 +240,7 @@ def prepare(tb: Any, cfg: DrillConfig, tl: Timeline) -> dict[str, Any]:
     tl.mark(f"mirror site ({cfg.servers} servers) and both FEC gateways (r = {cfg.r}) answer")
     secs = tb.snapshot(SNAPSHOT, say=lambda _m: None, resume=False)  # each mode restores it at once
     tl.mark(f"snapshot {SNAPSHOT!r} taken ({secs:.1f} s paused)")
-    return {"shaped": shaped.to_dict(), "calibration": cal}
+    return {"shaped": shaped.to_dict(), "calibration": cal, "stack": stack_of(tb, cfg)}
 
 
 def mirror_argv(cfg: DrillConfig) -> list[str]:
@@ -254,9 +257,21 @@ def gateway_argv(tb: Any, cfg: DrillConfig, site: str) -> list[str]:
             "--route", STORAGE[peer][1], "--local", f"{_ip(tb, vm)}:{TUNNEL_PORT}",
             "--peer", f"{_ip(tb, peer_vm)}:{TUNNEL_PORT}", "--control", CONTROL, "--key-file", KEY_FILE,
             "--stats", STATS_FILE, "--ready", f"{RUN}/gateway.ready", "--r", str(cfg.r),
-            "--wan-mtu", str(tb.spec.mtu), "--wan-rate-bps", str(egress_rate_bps(tb.spec.wan, site)),
-            "--edge-queue", str(edge_queue_packets(tb.spec.wan, site, tb.spec.mtu)), "--flush-ms", f"{cfg.flush_ms:g}",
-            "--engine", cfg.engine]
+            "--wan-mtu", str(tb.spec.mtu), "--wan-rate-bps", str(egress_rate_bps(wan_of(tb, cfg), site)),
+            "--edge-queue", str(edge_queue_packets(wan_of(tb, cfg), site, tb.spec.mtu)), "--flush-ms", f"{cfg.flush_ms:g}",
+            "--interleaves", *map(str, INTERLEAVES[:cfg.c]), "--engine", cfg.engine]
+
+
+def wan_of(tb: Any, cfg: DrillConfig) -> Any:
+    """The WAN profile the drill runs under: an experiment point's, else the testbed spec's."""
+    return cfg.wan if cfg.wan is not None else tb.spec.wan
+
+
+def stack_of(tb: Any, cfg: DrillConfig) -> dict[str, Any]:
+    """What snapshot "ready" holds running for ``cfg``: the WAN's shape and the mirror site's and gateways'
+    command lines. A mode whose stack differs from the snapshot's reshapes or restarts what differs."""
+    return {"wan": wan_of(tb, cfg).to_dict(), "mirror": mirror_argv(cfg),
+            "gateways": {site: gateway_argv(tb, cfg, site) for site in ("primary", "mirror")}}
 
 
 def egress_rate_bps(profile: Any, site: str) -> int:
@@ -350,9 +365,17 @@ class VmBed:
         self.pg, self.mg = self.tb.guest(self.prim), self.tb.guest(self.mirr)
         from smfs.logstore import DEFAULT_SEGMENT_BYTES
 
-        # The mirror site and the gateways in the snapshot run the correct stack with the default segment size
-        # and the spec's flush delay.
-        if self.env or self.cfg.segment_bytes != DEFAULT_SEGMENT_BYTES or self.cfg.restart_stack:
+        # The mirror site and the gateways in the snapshot run the correct stack with the default segment size,
+        # the WAN and the gateway parameters the snapshot was prepared with (``stack``): what differs is redone.
+        snap = self.tb.state.get("drill_wan", {}).get("stack") or stack_of(self.tb, replace(self.cfg, wan=None))
+        want = stack_of(self.tb, self.cfg)
+        if want["wan"] != snap["wan"]:
+            from testbed import wan
+
+            shaped = wan.shape(self.tb, wan_of(self.tb, self.cfg))
+            tl.mark(f"WAN reshaped live: {shaped.profile.describe()} ({shaped.seconds:.1f} s)")
+        differs = want["mirror"] != snap["mirror"] or want["gateways"] != snap["gateways"]
+        if self.env or self.cfg.segment_bytes != DEFAULT_SEGMENT_BYTES or self.cfg.restart_stack or differs:
             for g, name, argv in ((self.mg, "mirror-site", mirror_argv(self.cfg)),
                                   *((self.tb.guest(vm), "gateway", gateway_argv(self.tb, self.cfg, site))
                                     for site, vm in (("mirror", self.mirr), ("primary", self.prim)))):
@@ -360,7 +383,7 @@ class VmBed:
                 g.stop(name, wait=5)
                 g.sh(f"rm -f {ready}")
                 g.spawn(name, argv, env=self.env)
-                _wait_file(g, ready, name, f"{g.name} {name} (seeded defect)")
+                _wait_file(g, ready, name, f"{g.name} {name} (restarted)")
             tl.mark(f"mirror site and gateways restarted ({'SEEDED DEFECT ' + ', '.join(self.cfg.defects) if self.env else 'correct stack'}, "
                     f"{self.cfg.segment_bytes // 1024} KiB segments, flush {self.cfg.flush_ms:g} ms)")
         if mode.ack_on == "network":
@@ -463,7 +486,7 @@ class VmBed:
         return res
 
     def disaster(self, tl: Timeline) -> float:
-        for fault in schedule(self.cfg.schedule, self.tb.spec.wan, self.cfg.burst_loss, self.cfg.burst_seconds):
+        for fault in schedule(self.cfg.schedule, wan_of(self.tb, self.cfg), self.cfg.burst_loss, self.cfg.burst_seconds):
             fault.inject(self.tb, tl)
         return next(e["instant"] for e in reversed(tl.events) if e.get("site") == "primary" and "instant" in e)
 

@@ -79,7 +79,7 @@ def start_gateways(tb: NamespaceTestbed, out: Path, logs: Path, r: int = 8,
             "--control", CONTROL, "--key-file", str(key_file), "--stats", str(stats[site]), "--ready", str(ready),
             "--r", str(r),
         ]
-        if interleaves:
+        if interleaves is not None:
             argv += ["--interleaves", *map(str, interleaves)]
         if wan_rate_bps:
             argv += ["--wan-rate-bps", str(wan_rate_bps)]

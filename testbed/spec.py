@@ -61,6 +61,7 @@ FLUSH = (0, 1)  # s, low exclusive: a partial FEC bin's repair delay
 BURST = (0, 60)  # s, low exclusive: the rolling disaster's loss burst
 DRAIN_TIMEOUT = (1, 3600)  # s
 FEC_ENGINES = ("c", "python")
+FEC_LAYERS = (0, 3)  # fec.c: the gateways' repair layers (interleaves 1, 11, 19 cut to c; 0: no repairs)
 
 
 class SpecError(ValueError):
@@ -391,8 +392,8 @@ def _drill_tables(data: Mapping[str, Any], spec: Spec) -> None:
         _size(wl.get("append_size", "512KiB"), "workload.append_size", APPEND_SIZE, "64KiB, 512KiB, 1MiB")
         duration = _seconds(wl.get("duration", "60s"), "workload.duration", DURATION, '"60s"', parse_time_us)
         _whole(fec.get("r", 8), "fec.r", (1, MAX_R), "8")
-        if "c" in fec and (isinstance(fec["c"], bool) or fec["c"] != 3):
-            raise SpecError("fec.c: the gateways run c = 3 layers (interleaves 1, 11, 19); leave c = 3 or remove it")
+        _whole(fec.get("c", 3), "fec.c", FEC_LAYERS, "3 (repair layers with interleaves 1, 11, 19; c = k runs the "
+               "first k)")
         flush = parse_time_us(fec.get("flush", "5ms"), "fec.flush") / 1e6
         if not FLUSH[0] < flush <= FLUSH[1]:
             raise SpecError(f'fec.flush: must be within (0, 1000] ms, e.g. "5ms"; got {show(fec["flush"])}')

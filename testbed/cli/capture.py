@@ -16,6 +16,7 @@ from invoke.exceptions import Exit
 from smfs.units import show
 from testbed.cli.common import flag_int, flag_number, user_error
 from testbed.cli.vm import _user_errors, console
+from testbed.lock import for_command
 
 GUEST_PROJECT = "/opt/smfs-testbed"
 """Where the image installs the project's packages (vmimages.build)."""
@@ -46,7 +47,7 @@ def capture(c, site="primary", seconds="5", out="", json=False, iface="eth0", sn
         raise user_error(f"--iface {show(iface)}: give a network interface name, e.g. eth0 or ifb-eth0")
     if out and Path(out).is_dir():
         raise user_error(f"--out {show(out)}: is a folder; give a file name, e.g. --out results/captures/x.pcap")
-    with _user_errors():
+    with for_command("./inv capture"), _user_errors():
         tb = VmTestbed.active()
         sites = sorted({v.site for v in tb.vms.values()})
         if site not in sites:

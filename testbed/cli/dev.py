@@ -13,6 +13,7 @@ from invoke import task
 from invoke.exceptions import Exit
 
 from testbed.cli.common import user_error
+from testbed.lock import for_command
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,12 +60,13 @@ def bench(c, which=None, cold=False):
         if w not in BENCHES:
             raise user_error(f"bench: unknown benchmark {w!r}; use all or some of {', '.join(BENCHES)}")
     results: dict[str, object] = {}
-    for name in chosen:
-        print(f"bench: {name} ...", file=sys.stderr, flush=True)
-        try:
-            results[name] = _run_bench(name, cold)
-        except ImportError as err:
-            results[name] = {"skipped": f"not available yet: {err}"}
+    with for_command("./inv bench"):  # the vm and drill benchmarks bring testbeds up and down
+        for name in chosen:
+            print(f"bench: {name} ...", file=sys.stderr, flush=True)
+            try:
+                results[name] = _run_bench(name, cold)
+            except ImportError as err:
+                results[name] = {"skipped": f"not available yet: {err}"}
     print(json.dumps(results, indent=1))
 
 

@@ -9,6 +9,7 @@ from invoke.exceptions import Exit
 
 from testbed.cli.common import flag_int, flag_number, user_error
 from testbed.cli.vm import _progress, _user_errors
+from testbed.lock import for_command
 
 
 def shape_changes(delay: str = "", loss: str = "", jitter: str = "", rate: str = "", burst: str = "") -> dict[str, str]:
@@ -38,13 +39,16 @@ def shape(c, delay="", loss="", jitter="", rate="", burst="", direction="both", 
     from testbed import wan
     from testbed.vmbed import VmTestbed
 
-    with _user_errors():
+    try:  # the flags first: a bad one creates nothing, not even the lock file
+        changes = shape_changes(delay, loss, jitter, rate, burst)
+    except ProfileError as err:
+        raise user_error(str(err)) from None
+    if direction not in ("both", "a_to_b", "b_to_a"):
+        raise user_error(f"--direction {direction!r}: use a_to_b, b_to_a or both")
+    if not changes and not clear:
+        raise user_error("shape: give --delay, --loss, --burst, --jitter or --rate (or --clear)")
+    with for_command("./inv shape"), _user_errors():
         try:
-            changes = shape_changes(delay, loss, jitter, rate, burst)
-            if direction not in ("both", "a_to_b", "b_to_a"):
-                raise user_error(f"--direction {direction!r}: use a_to_b, b_to_a or both")
-            if not changes and not clear:
-                raise user_error("shape: give --delay, --loss, --burst, --jitter or --rate (or --clear)")
             tb = VmTestbed.active()
             if clear:
                 wan.clear(tb)
@@ -75,7 +79,7 @@ def calibrate(c, json=False, probes="0", bulk="0", bare=False):
 
     probes = flag_int("--probes", probes, (0, 1_000_000), "2000")
     bulk = flag_number("--bulk", bulk, (0, 600), "5")
-    with _user_errors():
+    with for_command("./inv calibrate"), _user_errors():
         tb = VmTestbed.active()
         profile = wan.current_profile(tb)
         try:

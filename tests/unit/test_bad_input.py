@@ -121,7 +121,8 @@ def test_testers_must_be_a_whole_number_in_range(value: Any) -> None:
 @pytest.mark.parametrize(("path", "value", "expect"), [
     (("fec", "r"), 0, "fec.r: 0 is not a whole number from 1 to 64"),
     (("fec", "r"), 1000, "fec.r: 1000 is not a whole number from 1 to 64"),
-    (("fec", "c"), True, "fec.c: the gateways run c = 3 layers"),
+    (("fec", "c"), True, "fec.c: True is not a whole number from 0 to 3"),
+    (("fec", "c"), 4, "fec.c: 4 is not a whole number from 0 to 3"),
     (("workload", "server_pairs"), 100000, "workload.server_pairs: 100000 is not a whole number from 1 to 64"),
     (("workload", "append_size"), "1GiB", "workload.append_size: '1GiB' is above the maximum 64MiB"),
     (("workload", "append_size"), 64 * 2**20 + 1, "workload.append_size: 67108865 is above the maximum 64MiB"),

@@ -1,0 +1,109 @@
+"""Tasks: experiment (a parameter sweep from one snapshot), compare (two result folders), replay."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from invoke import task
+from invoke.exceptions import Exit
+
+from testbed.cli.common import flag_out, user_error
+from testbed.cli.drill import WAIT_HELP, _guarded, _stamp
+from testbed.lock import for_command
+
+
+@task(help={
+    "file": "experiment file, e.g. experiments/latency.toml",
+    "quick": "the file's [quick] variant: fewer points, shorter runs (minutes)",
+    "out": "result folder (default results/experiments/<name>/<timestamp>); must be new or empty",
+    "resume": "a folder of an interrupted run of the same file: finished runs are kept and skipped",
+    "keep": "keep the testbed up afterwards",
+    "wait": WAIT_HELP,
+})
+def experiment(c, file, quick=False, out="", resume="", keep=False, wait=False):
+    """A parameter sweep over the drill from one snapshot: tidy table, plots, the paper's claims judged."""
+    from testbed.experiment import ExperimentError, load, run_experiment
+
+    try:
+        exp = load(file, quick=quick)
+    except ExperimentError as err:
+        raise user_error(str(err)) from None
+    if out and resume:
+        raise user_error("--out and --resume: give one; --resume DIR continues in DIR")
+    folder = flag_out("--resume", resume) if resume else flag_out("--out", out)
+    if resume and (folder is None or not folder.is_dir()):
+        raise user_error(f"--resume {resume}: not a folder of an earlier run; pass the folder it wrote")
+    folder = folder or Path("results/experiments") / (exp.name + ("-quick" if quick else "")) / time.strftime("%Y%m%d-%H%M%S")
+    say = _stamp(time.monotonic())
+    say(f"experiment {exp.name}{' (quick)' if quick else ''}: {len(exp.points())} point(s) × {len(exp.modes)} mode(s) × "
+        f"{exp.repetitions} repetition(s) into {folder}")
+    try:
+        with for_command("./inv experiment", wait):
+            result = _guarded(lambda: run_experiment(exp, folder, keep=keep, resume=bool(resume), say=say),
+                              "the experiment")
+    except ExperimentError as err:
+        raise user_error(str(err)) from None
+    if any(j["verdict"] == "DISAGREES" for j in result["claims"]):
+        say("some claims DISAGREE with the paper (see report.md); the experiment itself ran (exit 0)")
+
+
+@task(help={"a": "first result folder (a drill's or an experiment's)", "b": "second result folder",
+            "json_out": "print the comparison as JSON"})
+def compare(c, a, b, json_out=False):
+    """Two result folders side by side: what differs in the spec, the figures, and what is beyond the spread."""
+    from testbed.compare import CompareError, render
+    from testbed.compare import compare as run
+
+    try:
+        res = run(Path(a), Path(b))
+    except (CompareError, OSError, json.JSONDecodeError) as err:
+        raise user_error(f"compare: {err}") from None
+    print(json.dumps(res, indent=1, default=str) if json_out else render(res))
+
+
+@task(help={"folder": "a result folder to run again", "out": "where the new run goes (default: beside the old one)",
+            "wait": WAIT_HELP})
+def replay(c, folder, out="", wait=False):
+    """Run again exactly what a result folder recorded (its spec or experiment file, its modes) into a new folder."""
+    from testbed.compare import CompareError, load_result
+
+    src = Path(folder)
+    try:
+        kind, res = load_result(src)
+    except CompareError as err:
+        raise user_error(str(err)) from None
+    target = flag_out("--out", out) or src.parent / (time.strftime("%Y%m%d-%H%M%S") + "-replay")
+    if kind == "experiment":
+        file = src / "experiment-file.toml"
+        if not file.is_file():
+            raise user_error(f"{src}: experiment-file.toml is missing; it cannot be replayed")
+        from testbed.experiment import ExperimentError, load, run_experiment
+
+        try:
+            exp = load(file, quick=bool(res.get("quick")))
+        except ExperimentError as err:
+            raise user_error(str(err)) from None
+        say = _stamp(time.monotonic())
+        say(f"replaying experiment {exp.name} from {src} into {target}")
+        with for_command("./inv replay", wait):
+            _guarded(lambda: run_experiment(exp, target, say=say), "the replay")
+        return
+    spec = src / "spec.toml"
+    if not spec.is_file():
+        raise user_error(f"{src}: spec.toml is missing; it cannot be replayed")
+    from smfs.modes import parse_modes
+    from testbed.drill import EXIT_CODES, run_drill
+
+    modes = tuple(parse_modes(",".join((res.get("config") or {}).get("modes") or ["all"])))
+    say = _stamp(time.monotonic())
+    say(f"replaying the drill of {src} ({', '.join(m.name for m in modes)}) into {target}")
+    with for_command("./inv replay", wait):
+        result = _guarded(lambda: run_drill(spec, modes, target, say=say), "the replay")
+    code = EXIT_CODES[result["verdict"]]
+    if code:
+        raise Exit(code=code)
+
+
+TASKS = [experiment, compare, replay]
