@@ -481,7 +481,7 @@ class VmBed:
         stream = self.out / "ledger-raw" / "stream.jsonl"
         received = wirecheck.ledger_receipts(stream, stream.with_suffix(".recv"))
         res = wirecheck.evaluate(cap.out, self.ack_traces, clock, cap.stop(), received, site=SITE_IDS["primary"],
-                                 slack=wirecheck.SLACK_VM_S)
+                                 c=self.cfg.c, slack=wirecheck.SLACK_VM_S)
         (self.out / "wire.json").write_text(json.dumps(res, indent=1))
         return res
 

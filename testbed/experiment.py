@@ -54,6 +54,15 @@ QUICK_KEYS = {"modes", "repetitions", "set", "matrix"}
 CLAIM_KEYS = {"claim", "kind", "mode", "than", "metric", "tolerance", "factor", "margin", "where"}
 
 
+SEEDS = {
+    "testers": None, "faults": None, "wan_loss": None,
+    "why": "nothing the testbed controls is random: the testers' payloads and the fault schedules are "
+           "deterministic; the WAN's loss is drawn by netem in the guest kernel (6.1), which takes no seed, "
+           "so a replay repeats the spec and the schedule, not the individual losses",
+}
+"""The random seeds an experiment could record (``./inv replay`` reuses them): none to record today."""
+
+
 class ExperimentError(ValueError):
     """The experiment file is wrong (the message names the field and the fix)."""
 
@@ -543,7 +552,7 @@ def run_experiment(exp: Experiment, out: Path, keep: bool = False, resume: bool 
         "set": dict(exp.set), "matrix": {k: list(v) for k, v in exp.matrix.items()}, "swept": exp.swept,
         "points": [{"id": point_id(i, p), **p, "calibration": calibrations.get(point_id(i, p))}
                    for i, p in enumerate(points)],
-        "snapshot_wan": wan_facts.get("shaped"), "claims": judgments, "rows": rows,
+        "snapshot_wan": wan_facts.get("shaped"), "claims": judgments, "rows": rows, "seeds": SEEDS,
         "setup_timeline": tl.events,
     }
     write_csv(rows, out / "points.csv")
