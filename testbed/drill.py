@@ -612,6 +612,7 @@ def with_testbed(spec: Any, cfg: DrillConfig, out: Path, keep: bool, say: Say,
 
     tl = tl or Timeline(say=say)
     ok = False
+    tb = None
     try:
         tb = _reuse(spec.name, say)
         if tb is None:
@@ -631,8 +632,8 @@ def with_testbed(spec: Any, cfg: DrillConfig, out: Path, keep: bool, say: Say,
     finally:
         if not keep:
             say("tearing down the testbed (--keep keeps it)")
-            try:
-                vmbed.down(say=say)
+            try:  # only its own testbed's resources (vmbed.up records them under this owner)
+                vmbed.down(say=say, owner=tb.owner if tb is not None else f"testbed-{spec.name}")
             except Exception as err:  # noqa: BLE001 - reported; the verdict (or the first error) stands
                 say(f"TEARDOWN FAILED: {err}; run ./inv down")
                 if ok:

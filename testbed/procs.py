@@ -93,7 +93,18 @@ def _is_ours(res: Resource, scope: Scope) -> str | None:
         return None
     if live == argv or (argv[:3] == ["ip", "netns", "exec"] and live == argv[4:]):
         return None
+    if _exec_of_gateway(argv, live):
+        return None
     return f"pid {pid} runs {shlex.join(live)[:80]!r}, not the recorded {shlex.join(argv)[:80]!r}"
+
+
+def _exec_of_gateway(argv: list[str], live: list[str]) -> bool:
+    """``python -m smfs.gateway --engine c`` execs the C program in its place (same pid, same start
+    time, another command line): the recorded gateway is still ours."""
+    if "smfs.gateway" not in argv or "--engine" not in argv or not live:
+        return False
+    i = argv.index("--engine")
+    return argv[i + 1:i + 2] == ["c"] and Path(live[0]).name.startswith("smfs-gateway")
 
 
 def _teardown_process(res: Resource) -> None:

@@ -928,11 +928,12 @@ def _clone_snapshot(tb: VmTestbed, clone_dir: Path, snap: str, vm: str, config: 
     (folder / f"{vm}.xml").write_text(hypervisor.domain_xml(config))
 
 
-def down(say: Say = print) -> list[Resource]:
+def down(say: Say = print, owner: str | None = None) -> list[Resource]:
     """Tear down every recorded resource of every kind (VM testbeds, namespaces, processes...) that
-    this testbed made; each one that fails its check is said ("refusing to remove ...") and forgotten."""
+    this testbed made, or only ``owner``'s (a drill removes its own VM testbed, never a concurrent
+    namespace test's); each one that fails its check is said ("refusing to remove ...") and forgotten."""
     load_teardown_handlers()
-    return Registry().teardown(say=say)
+    return Registry().teardown(owner=owner, say=say)
 
 
 def load_teardown_handlers() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -330,6 +331,32 @@ def test_foreign_process(cache: Path) -> None:
         assert foreign.poll() is None and len(said) == 1 and f"pid {foreign.pid} runs 'sleep 60'" in said[0]
     finally:
         for p in (foreign, ours):
+            p.kill()
+            p.wait()
+
+
+def test_gateway_exec_is_ours(cache: Path, tmp_path: Path) -> None:
+    """``python -m smfs.gateway --engine c`` execs the C program under the same pid and start time: the
+    recorded gateway is still ours and is killed (it was refused and forgotten before); a recorded
+    Python-engine gateway that now runs that program is not."""
+    fake = tmp_path / "smfs-gateway-static"  # argv[0] of the exec'd C program (bash's exec -a sets it)
+    reg = Registry()
+    procs_ = [subprocess.Popen(["bash", "-c", f"exec -a {fake} sleep 60"], start_new_session=True) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 5
+        while any(procs.cmdline(p.pid) in (None, ["bash", "-c", f"exec -a {fake} sleep 60"]) for p in procs_):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        base = ["ip", "netns", "exec", "smfs-1-primary", sys.executable, "-m", "smfs.gateway", "--site", "primary"]
+        c, py = procs_
+        reg.add("process", str(c.pid), "o", name="gateway", started=procs.start_time(c.pid), argv=[*base, "--engine", "c"])
+        reg.add("process", str(py.pid), "o", name="gateway", started=procs.start_time(py.pid), argv=base)
+        said: list[str] = []
+        removed = reg.teardown(say=said.append)
+        assert [r.ident for r in removed] == [str(c.pid)] and c.wait(5) == -signal.SIGKILL
+        assert py.poll() is None and len(said) == 1 and f"pid {py.pid} runs" in said[0]
+    finally:
+        for p in procs_:
             p.kill()
             p.wait()
 
