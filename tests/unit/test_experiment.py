@@ -220,7 +220,7 @@ def test_the_report_and_plots_are_written_from_a_table(tmp_path: Path) -> None:
 def drill_folder(path: Path, loss: str, per_tester: list[int], lost_on_wan: int = 0) -> Path:
     path.mkdir(parents=True)
     (path / "spec.toml").write_text(f'name = "d"\n[wan]\nloss = "{loss}"\n')
-    logs = [{"log": i, "acked": a} for i, a in enumerate(per_tester)]
+    logs = {str(i): {"log": i, "acked": a} for i, a in enumerate(per_tester)}  # keyed by log, as result.json
     mode = {"mode": "remote-sync", "throughput_MBps": sum(per_tester) * 0.5 / 10, "window_s": 10.0, "logs": logs,
             "latency_ms": {"p50": 100}, "lost": 0, "verdict": "ok", "fec": {"lost_on_wan": lost_on_wan}}
     (path / "result.json").write_text(json.dumps({"config": {"append_size": 500_000}, "modes": [mode],
@@ -252,3 +252,12 @@ def test_compare_refuses_a_folder_without_a_result(tmp_path: Path) -> None:
     (tmp_path / "x").mkdir()
     with pytest.raises(CompareError, match="no result.json"):
         compare(tmp_path / "x", tmp_path / "x")
+
+
+def test_compare_a_small_change_within_run_to_run_repeatability_is_not_a_difference(tmp_path: Path) -> None:
+    """Testers of one run agree closely, so a 5 % change is many standard errors; it is still within what
+    two runs of one spec differ by here (REPEATABILITY), so it is not called a difference."""
+    a = drill_folder(tmp_path / "a", "0.5%", [20, 20, 20, 20, 21, 20, 20, 20])
+    b = drill_folder(tmp_path / "b", "0.5%", [19, 19, 19, 19, 20, 19, 19, 19])
+    res = compare(a, b)
+    assert res["differ"] == [] and "standard errors, -5 %" in render(res)
