@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 import sys
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
