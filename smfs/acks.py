@@ -9,7 +9,8 @@ acknowledged once it is written locally and the mode's remote condition covers i
   (network-sync).
 
 All three advance monotonically; a report below the current value is ignored. Offsets are bytes
-from the start of the stream (the first byte after the SYN).
+from the start of the stream (the first byte after the SYN): the frames start after the connection's
+handshake (:meth:`AckTracker.start_at`).
 
 Two seeded defects (:mod:`smfs.defects`) break this policy on purpose: ``remote-sync-acks-at-handoff``
 (``mirror`` waits for ``handoff`` instead) and ``primary-acks-before-local-write`` (every append
@@ -53,6 +54,14 @@ class AckTracker:
         if mode.ack_on == "mirror" and defects.active("remote-sync-acks-at-handoff"):
             self._limit = "handoff"
         self._local_at_submit = defects.active("primary-acks-before-local-write")
+
+    def start_at(self, offset: int) -> None:
+        """The stream's frames begin at ``offset`` (the bytes of the connection's handshake before them,
+        :mod:`smfs.auth`): offsets stay those of the TCP stream, as the gateway's callbacks count them."""
+        if self.assigned or self._pending:
+            raise ValueError("the stream's start is set before the first append")
+        self.assigned = offset
+        self.offsets = {kind: offset for kind in self.offsets}
 
     def expected_seq(self, log: int) -> int:
         return self._expected.get(log, 0)

@@ -20,16 +20,24 @@ the connection) is ignored, its server gets no callback and must fall back on it
 A SYN with a new ISN on a known 4-tuple starts the flow afresh; FIN ends it once all its bytes
 are safe and reported, RST after the next report.
 
-Messages on the local control channel (UDP, integers big-endian, addresses IPv4):
+Messages on the local control channel (UDP, integers big-endian, addresses IPv4), both
+authenticated under the testbed's (tunnel) key: ``mac`` is HMAC-SHA-256 truncated to 16 bytes,
+as the tunnel's (:func:`smfs.tunnel._mac`):
 
-- callback, gateway -> server: ``b"SMCB" src_ip sport dst_ip dport offset`` (``!4s4sH4sHQ``,
-  24 bytes), the flow as the server sends it (src = the server);
-- subscribe, server -> gateway control port: ``b"SMSB" src_ip sport dst_ip dport``
-  (``!4s4sH4sH``, 16 bytes): send this flow's callbacks to the datagram's source address.
+- subscribe, server -> gateway control port: ``b"SMSB" src_ip sport dst_ip dport nonce mac``
+  (``!4s4sH4sH8s16s``, 40 bytes): send this flow's callbacks to the datagram's source address,
+  tagged with ``nonce`` (8 random bytes the server chose for this subscription); ``mac`` covers
+  the first 24 bytes *and the datagram's source address* (``4s H``), so a subscribe replayed from
+  anywhere else is refused and cannot steal a flow's callbacks;
+- callback, gateway -> server: ``b"SMCB" src_ip sport dst_ip dport offset nonce mac``
+  (``!4s4sH4sHQ8s16s``, 48 bytes), the flow as the server sends it (src = the server), the
+  subscription's nonce; ``mac`` covers the first 32 bytes. A server takes only callbacks with a
+  good MAC and its own subscription's nonce: a forged callback, or one recorded under an earlier
+  subscription (an earlier connection on the same 4-tuple, a restarted server), is dropped.
 
 The channel is a datagram channel and may lose messages, so both are idempotent: a callback
-carries the absolute safe offset (a server keeps the highest it was told; a repeated or stale
-one changes nothing), and a repeated subscribe only (re)sets the destination. The
+carries the absolute safe offset (a server keeps the highest it was told; a repeated, replayed
+or stale one changes nothing), and a repeated subscribe only (re)sets the destination. The
 :class:`Announcer` decides who gets which callback, when: at once when a flow's offset
 advances or a server subscribes (late subscribers learn the current offset), and again every
 ``interval`` for ``linger`` after the last of those, so that one lost datagram costs a server
@@ -39,6 +47,7 @@ advances or a server subscribes (late subscribers learn the current offset), and
 from __future__ import annotations
 
 import bisect
+import hmac
 import socket
 import struct
 from collections import OrderedDict, deque
@@ -47,6 +56,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from smfs.fec import Repair
+from smfs.tunnel import MAC_LEN, _mac, _mac_states
 
 TCP_FIN = 0x01
 TCP_SYN = 0x02
@@ -56,8 +66,13 @@ TCP_ACK = 0x10
 _IP = struct.Struct("!BBHHHBBH4s4s")
 _TCP = struct.Struct("!HHIIH")
 _IP_FAST = struct.Struct("!BxHxxHxB")  # version/ihl, total length, flags/fragment offset, protocol
-_CALLBACK = struct.Struct("!4s4sH4sHQ")
-_SUBSCRIBE = struct.Struct("!4s4sH4sH")
+_CALLBACK = struct.Struct("!4s4sH4sHQ8s")  # then the MAC
+_SUBSCRIBE = struct.Struct("!4s4sH4sH8s")  # then the MAC (over these and the sender's address)
+_SENDER = struct.Struct("!4sH")
+NONCE_LEN = 8
+"""Bytes of a subscription's nonce."""
+CALLBACK_LEN = _CALLBACK.size + MAC_LEN
+SUBSCRIBE_LEN = _SUBSCRIBE.size + MAC_LEN
 CALLBACK_MAGIC = b"SMCB"
 SUBSCRIBE_MAGIC = b"SMSB"
 _MOD32 = 1 << 32
@@ -359,11 +374,12 @@ LINGER_S = 1.0
 
 
 class _Subscription:
-    __slots__ = ("offset", "dest", "changed")
+    __slots__ = ("offset", "dest", "nonce", "changed")
 
     def __init__(self) -> None:
         self.offset = 0  # highest safe offset known (bytes)
         self.dest: Hashable | None = None  # the subscriber's address
+        self.nonce = bytes(NONCE_LEN)  # the subscription's nonce, echoed in each callback
         self.changed = 0.0  # time (s) of the last advance or subscribe
 
 
@@ -377,12 +393,15 @@ class Announcer:
     a subscriber and an offset whose offset advanced, or which subscribed, at most ``linger``
     s ago is re-announced every ``interval`` s. The last offset of a flow is kept after the
     tracker forgets it (FIN, RST), for at most ``max_flows`` flows (least recently changed
-    dropped first).
+    dropped first). Callbacks are authenticated under ``key`` (see the module docstring).
     """
 
-    def __init__(self, interval: float = REANNOUNCE_S, linger: float = LINGER_S, max_flows: int = 4096) -> None:
+    def __init__(self, key: bytes, interval: float = REANNOUNCE_S, linger: float = LINGER_S,
+                 max_flows: int = 4096) -> None:
         if not 0 < interval <= linger:
             raise ValueError(f"need 0 < interval <= linger (s), got {interval!r} and {linger!r}")
+        _mac_states(key)  # checks the key
+        self.key = key
         self.interval = interval
         self.linger = linger
         self.max_flows = max_flows
@@ -402,11 +421,14 @@ class Announcer:
         sub.offset = offset
         return self._announce(flow, sub, now)
 
-    def on_subscribe(self, flow: Flow, dest: Hashable, now: float) -> list[tuple[Hashable, bytes]]:
-        """Send ``flow``'s callbacks to ``dest`` from ``now`` (s) on: the callback with its
-        current offset, when one is known."""
+    def on_subscribe(self, flow: Flow, dest: Hashable, now: float, nonce: bytes) -> list[tuple[Hashable, bytes]]:
+        """Send ``flow``'s callbacks to ``dest`` from ``now`` (s) on, tagged with the subscription's
+        ``nonce`` (of a checked subscribe message): the callback with its current offset, when one is known."""
+        if len(nonce) != NONCE_LEN:
+            raise ValueError(f"a subscription's nonce is {NONCE_LEN} bytes, got {len(nonce)}")
         sub = self._touch(flow, now)
         sub.dest = dest
+        sub.nonce = bytes(nonce)
         return self._announce(flow, sub, now)
 
     def get_timer(self) -> float | None:
@@ -423,7 +445,7 @@ class Announcer:
             if now - sub.changed > self.linger:
                 expired.append(flow)
             else:
-                out.append((sub.dest, encode_callback(flow, sub.offset)))
+                out.append((sub.dest, encode_callback(flow, sub.offset, sub.nonce, self.key)))
         for flow in expired:
             del self._active[flow]
         self._next = now + self.interval if self._active else None
@@ -459,11 +481,12 @@ class Announcer:
         self._active[flow] = sub
         if self._next is None:
             self._next = now + self.interval
-        return [(sub.dest, encode_callback(flow, sub.offset))]
+        return [(sub.dest, encode_callback(flow, sub.offset, sub.nonce, self.key))]
 
 
 class CallbackError(ValueError):
-    """A control-channel message that is not a callback or subscribe message."""
+    """A control-channel message that is not a valid callback or subscribe message (the reason:
+    its length, its magic, or ``bad mac``)."""
 
 
 def _pack_flow(flow: Flow) -> tuple[bytes, int, bytes, int]:
@@ -473,33 +496,58 @@ def _pack_flow(flow: Flow) -> tuple[bytes, int, bytes, int]:
         raise ValueError(f"flow addresses must be dotted IPv4: {flow!r}") from err
 
 
-def encode_callback(flow: Flow, offset: int) -> bytes:
-    """Callback datagram: ``flow`` is safe up to ``offset`` bytes (exclusive end)."""
+def _sender(addr: tuple[str, int]) -> bytes:
+    try:
+        return _SENDER.pack(socket.inet_aton(addr[0]), addr[1])
+    except (OSError, struct.error, TypeError, IndexError) as err:
+        raise ValueError(f"the sender must be an IPv4 (host, port): {addr!r}") from err
+
+
+def _check_nonce(nonce: bytes) -> None:
+    if len(nonce) != NONCE_LEN:
+        raise ValueError(f"a subscription's nonce is {NONCE_LEN} bytes, got {len(nonce)}")
+
+
+def encode_callback(flow: Flow, offset: int, nonce: bytes, key: bytes) -> bytes:
+    """Callback datagram: ``flow`` is safe up to ``offset`` bytes (exclusive end), for the
+    subscription ``nonce``, authenticated under ``key``."""
+    _check_nonce(nonce)
     src, sport, dst, dport = _pack_flow(flow)
-    return _CALLBACK.pack(CALLBACK_MAGIC, src, sport, dst, dport, offset)
+    body = _CALLBACK.pack(CALLBACK_MAGIC, src, sport, dst, dport, offset, nonce)
+    return body + _mac(key, body)
 
 
-def decode_callback(data: bytes) -> tuple[Flow, int]:
-    """(flow, offset) of a callback datagram; CallbackError otherwise."""
-    if len(data) != _CALLBACK.size:
-        raise CallbackError(f"callback must be {_CALLBACK.size} bytes, got {len(data)}")
-    magic, src, sport, dst, dport, offset = _CALLBACK.unpack(data)
+def decode_callback(data: bytes, key: bytes) -> tuple[Flow, int, bytes]:
+    """(flow, offset, nonce) of a callback datagram with a good MAC under ``key``; CallbackError otherwise."""
+    if len(data) != CALLBACK_LEN:
+        raise CallbackError(f"callback must be {CALLBACK_LEN} bytes, got {len(data)}")
+    body = bytes(data[: _CALLBACK.size])
+    magic, src, sport, dst, dport, offset, nonce = _CALLBACK.unpack(body)
     if magic != CALLBACK_MAGIC:
         raise CallbackError("not a callback message")
-    return Flow(socket.inet_ntoa(src), sport, socket.inet_ntoa(dst), dport), offset
+    if not hmac.compare_digest(data[_CALLBACK.size :], _mac(key, body)):
+        raise CallbackError("bad mac")
+    return Flow(socket.inet_ntoa(src), sport, socket.inet_ntoa(dst), dport), offset, nonce
 
 
-def encode_subscribe(flow: Flow) -> bytes:
-    """Subscribe datagram: send ``flow``'s callbacks to the sender of this datagram."""
+def encode_subscribe(flow: Flow, nonce: bytes, key: bytes, sender: tuple[str, int]) -> bytes:
+    """Subscribe datagram: send ``flow``'s callbacks, tagged ``nonce``, to the sender of this
+    datagram, which must be sent from ``sender`` (the subscriber's bound IPv4 (host, port))."""
+    _check_nonce(nonce)
     src, sport, dst, dport = _pack_flow(flow)
-    return _SUBSCRIBE.pack(SUBSCRIBE_MAGIC, src, sport, dst, dport)
+    body = _SUBSCRIBE.pack(SUBSCRIBE_MAGIC, src, sport, dst, dport, nonce)
+    return body + _mac(key, body, _sender(sender))
 
 
-def decode_subscribe(data: bytes) -> Flow:
-    """The flow of a subscribe datagram; CallbackError otherwise."""
-    if len(data) != _SUBSCRIBE.size:
-        raise CallbackError(f"subscribe must be {_SUBSCRIBE.size} bytes, got {len(data)}")
-    magic, src, sport, dst, dport = _SUBSCRIBE.unpack(data)
+def decode_subscribe(data: bytes, key: bytes, sender: tuple[str, int]) -> tuple[Flow, bytes]:
+    """(flow, nonce) of a subscribe datagram received from ``sender`` with a good MAC under ``key``;
+    CallbackError otherwise."""
+    if len(data) != SUBSCRIBE_LEN:
+        raise CallbackError(f"subscribe must be {SUBSCRIBE_LEN} bytes, got {len(data)}")
+    body = bytes(data[: _SUBSCRIBE.size])
+    magic, src, sport, dst, dport, nonce = _SUBSCRIBE.unpack(body)
     if magic != SUBSCRIBE_MAGIC:
         raise CallbackError("not a subscribe message")
-    return Flow(socket.inet_ntoa(src), sport, socket.inet_ntoa(dst), dport)
+    if not hmac.compare_digest(data[_SUBSCRIBE.size :], _mac(key, body, _sender(sender))):
+        raise CallbackError("bad mac")
+    return Flow(socket.inet_ntoa(src), sport, socket.inet_ntoa(dst), dport), nonce

@@ -10,7 +10,9 @@ link down) waits in a bounded backlog and is resent on the next send opportunity
 timer tick, with backoff. The flow tracker turns "sent, with every covering repair" into
 per-TCP-flow safe stream offsets, pushed as callbacks to the local storage servers that
 subscribed (network-sync), and re-announced for a while (the :class:`Announcer`), since the
-control channel may lose datagrams.
+control channel may lose datagrams. Subscriptions and callbacks are authenticated under the
+testbed key (:mod:`smfs.callbacks`): a subscribe without a good MAC for its sender is counted
+(``reasons``) and ignored.
 
 Ingress: datagrams from the peer are authenticated (HMAC, per-testbed key) and checked against a
 replay window; data is written to the TUN at once, repairs rebuild lost packets, which are written
@@ -144,7 +146,7 @@ class Gateway:
         self.decoder = Decoder(self.params, window=max(4096, 2 * self.params.span))
         self.tracker = FlowTracker(self.params.c,
                                    safe_at_send=defects.active("network-sync-callback-before-repairs"))
-        self.announcer = Announcer()
+        self.announcer = Announcer(key)
         self.replay = ReplayWindow(self.decoder.window)  # as deep as the decoder: it remembers what it rebuilt
         self.sealer = Sealer(key, self.site)  # checks the key once, at start
         # Failed repair sends, oldest first: (repair, datagram); resent at _retry_at (loop time, s).
@@ -399,13 +401,13 @@ class Gateway:
             except BlockingIOError:
                 break
             try:
-                flow = decode_subscribe(data)
+                flow, nonce = decode_subscribe(data, self.key, addr)  # authenticated, from this very sender
             except ValueError as err:
                 self.reasons[f"control: {err}"] += 1
                 continue
             if self.announcer.subscriber(flow) != addr:
                 log.info("callbacks for %s -> %s", flow, addr)
-            self._send_callbacks(self.announcer.on_subscribe(flow, addr, self.loop.time()))
+            self._send_callbacks(self.announcer.on_subscribe(flow, addr, self.loop.time(), nonce))
         self._arm_timer()
 
     # -- ingress -----------------------------------------------------------------------------

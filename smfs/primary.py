@@ -9,6 +9,16 @@ With ``ack_trace`` (a file path), every ack is also written there as it is given
 append ``LOG SEQ END T``: the stream offset just after its frame and the wall-clock time of the ack.
 The drill's wire check (``testbed.wirecheck``) holds these against a capture of what left the site:
 a network-sync ack promises that every byte below ``END`` was on the WAN with its repairs at ``T``.
+
+Authenticated under the testbed's key (``key``): the mirror connection opens with the mutual
+handshake of :mod:`smfs.auth` (stream offsets, and so ``END``, count its :data:`smfs.auth.ANSWER_LEN`
+bytes), every MACK's tag is checked (a forged one fails the stream: nothing is acked by it), and the
+gateway's callbacks are taken only with a good MAC and this connection's subscription nonce
+(:mod:`smfs.callbacks`). Bounded: at most ``max_clients`` client connections (more are closed at
+once), each read ahead by at most :data:`CLIENT_BUFFER` bytes beyond the frame it is decoding; a client
+with no append outstanding that sends nothing for ``idle_timeout`` s is disconnected; appends wait for
+the mirror stream in a queue of at most ``queue_bytes`` payload bytes and :data:`QUEUE_ITEMS` appends,
+and a client whose append does not fit waits, unread (backpressure), instead of growing the queue.
 """
 
 from __future__ import annotations
@@ -21,14 +31,22 @@ import socket
 import time
 from typing import Any
 
-from smfs import defects
+from smfs import auth, defects
 from smfs.acks import AckTracker, Pending, SequenceRejected
 from smfs.logstore import LogStore
 from smfs.modes import Mode
 from smfs.wire import FrameDecoder, FrameType, ProtocolError, encode, encode_header
 
-CONNECT_TIMEOUT = 30.0  # s to reach the mirror at start-up
+CONNECT_TIMEOUT = 30.0  # s to reach the mirror (and finish its handshake) at start-up
+HANDSHAKE_TIMEOUT = 10.0  # s for each step of the mirror's handshake
 LAZY_WRITE_S = 1.0  # s the seeded defect primary-acks-before-local-write holds back each local write
+CLIENT_CHUNK = 1 << 20  # bytes per read from a client
+CLIENT_BUFFER = 256 << 10  # bytes a client's connection reads ahead (its reading pauses at twice this)
+MAX_CLIENTS = 2048  # client connections per server (a tester holds one; the spec allows 1024 testers)
+IDLE_TIMEOUT = 120.0  # s a client with no append outstanding may send nothing before it is disconnected
+QUEUE_BYTES = 64 << 20  # payload bytes waiting for the mirror stream; clients wait beyond (an append of
+# up to smfs.wire.MAX_PAYLOAD always fits an empty queue)
+QUEUE_ITEMS = 4096  # appends waiting for the mirror stream
 
 
 class PrimaryServer:
@@ -42,7 +60,14 @@ class PrimaryServer:
         source: str | None = None,
         gateway_control: tuple[str, int] | None = None,
         ack_trace: str | None = None,
+        *,
+        key: bytes,
+        idle_timeout: float = IDLE_TIMEOUT,
+        max_clients: int = MAX_CLIENTS,
+        queue_bytes: int = QUEUE_BYTES,
     ) -> None:
+        if len(key) < auth.MIN_KEY:
+            raise ValueError(f"the storage key must be at least {auth.MIN_KEY} bytes")
         self.index = index
         self.store = store
         self.mode = mode
@@ -53,14 +78,23 @@ class PrimaryServer:
         self.ack_trace = ack_trace
         self._trace: Any = None
         self.log = logging.getLogger(f"smfs.primary.{index}")
+        self.key = key
+        self.idle_timeout, self.max_clients, self.queue_bytes = idle_timeout, max_clients, queue_bytes
         self.tracker = AckTracker(mode, {lg: store.next_seq(lg) for lg in store.logs()})
-        self._queue: asyncio.Queue[tuple[Pending, bytes]] = asyncio.Queue()
+        # Bounded: a client waits for room (_room) before its append is queued, so a burst of appends
+        # becomes backpressure on the clients' sockets instead of this process's memory.
+        self._queue: asyncio.Queue[tuple[Pending, bytes]] = asyncio.Queue(QUEUE_ITEMS)
+        self._queued = 0  # payload bytes in _queue
+        self._drained = asyncio.Event()
+        self._clients: dict[asyncio.StreamWriter, int] = {}  # connected clients: appends outstanding
+        self._session = b""  # the mirror connection's MACK key (smfs.auth)
         self._tasks: list[asyncio.Task[None]] = []
         self._server: asyncio.base_events.Server | None = None
         self._mreader: asyncio.StreamReader | None = None
         self._mwriter: asyncio.StreamWriter | None = None
         self.flow: tuple[str, int, str, int] | None = None
-        self.stats = {"acked": 0, "failed": 0, "callbacks": 0}
+        self.stats = {"acked": 0, "failed": 0, "callbacks": 0, "callbacks_rejected": 0, "clients_refused": 0,
+                      "clients_idle": 0}
         # Seeded defect: acks do not wait for the local write (AckTracker), which a write-behind
         # writer makes LAZY_WRITE_S late, so a power cut finds acked appends missing on this disk.
         self._lazy: asyncio.Queue[tuple[float, list[tuple[int, int, bytes]]]] | None = (
@@ -80,7 +114,7 @@ class PrimaryServer:
             task.add_done_callback(self._task_done)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.sock_path)
-        self._server = await asyncio.start_unix_server(self._serve_client, self.sock_path, limit=8 << 20)
+        self._server = await asyncio.start_unix_server(self._serve_client, self.sock_path, limit=CLIENT_BUFFER)
         self.log.info("serving %s, mirroring to %s:%d in %s", self.sock_path, *self.mirror, self.mode)
 
     async def close(self) -> None:
@@ -108,22 +142,31 @@ class PrimaryServer:
     async def _connect_mirror(self) -> None:
         deadline = time.monotonic() + CONNECT_TIMEOUT
         while True:
+            writer = None
             try:
                 local = (self.source, 0) if self.source else None
                 reader, writer = await asyncio.open_connection(*self.mirror, local_addr=local)
+                sock = writer.get_extra_info("socket")
+                lhost, lport = sock.getsockname()[:2]
+                rhost, rport = sock.getpeername()[:2]
+                self._session = await self._handshake(reader, writer, auth.flow_id(lhost, lport, rhost, rport))
                 break
-            except OSError as err:
+            except auth.AuthError as err:  # the mirror does not hold our key: no retry helps
+                if writer is not None:
+                    writer.close()
+                raise ConnectionError(f"mirror {self.mirror[0]}:{self.mirror[1]}: {err}") from None
+            except (OSError, EOFError, TimeoutError) as err:  # not reachable yet, or closed during the handshake
+                if writer is not None:
+                    writer.close()
                 if time.monotonic() > deadline:
-                    raise ConnectionError(f"mirror {self.mirror[0]}:{self.mirror[1]} unreachable: {err}") from err
+                    raise ConnectionError(f"mirror {self.mirror[0]}:{self.mirror[1]} unreachable: {err!r}") from err
                 await asyncio.sleep(0.2)
-        sock = writer.get_extra_info("socket")
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # High-water mark 0: drain() returns only when every byte is in the kernel socket buffer,
         # which is what "handed to the socket" means for local-sync.
         writer.transport.set_write_buffer_limits(high=0)
-        lhost, lport = sock.getsockname()[:2]
-        rhost, rport = sock.getpeername()[:2]
         self.flow = (lhost, lport, rhost, rport)
+        self.tracker.start_at(auth.ANSWER_LEN)  # stream offsets count the handshake's bytes, as the wire does
         self._mreader, self._mwriter = reader, writer
         self.log.info("mirror stream %s:%d -> %s:%d", *self.flow)
         if self.ack_trace:
@@ -131,12 +174,51 @@ class PrimaryServer:
             self._trace.write("flow {} {} {} {}\n".format(*self.flow))
             self._trace.flush()
 
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flow: bytes) -> bytes:
+        """The mutual handshake of :mod:`smfs.auth` on a fresh mirror connection; its MACK session key."""
+        nonce_m = auth.read_hello(await asyncio.wait_for(reader.readexactly(auth.HELLO_LEN), HANDSHAKE_TIMEOUT))
+        nonce_p = auth.new_nonce()
+        writer.write(auth.answer(self.key, nonce_m, nonce_p, flow))
+        await writer.drain()
+        try:
+            got = await asyncio.wait_for(reader.readexactly(auth.CONFIRM_LEN), HANDSHAKE_TIMEOUT)
+        except asyncio.IncompleteReadError as err:
+            if err.partial.startswith(auth.REFUSED):
+                raise auth.AuthError("the mirror refused our proof: not the testbed's key") from None
+            raise
+        auth.check_confirm(self.key, nonce_m, nonce_p, flow, got)
+        return auth.session_key(self.key, nonce_m, nonce_p, flow)
+
+    async def _room(self, n: int) -> None:
+        """Wait until an append of ``n`` payload bytes fits the queue (one always fits an empty queue)."""
+        while not self.tracker.failed and ((self._queued and self._queued + n > self.queue_bytes) or self._queue.full()):
+            self._drained.clear()
+            await self._drained.wait()
+
     async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._clients) >= self.max_clients:
+            self.stats["clients_refused"] += 1
+            if self.stats["clients_refused"] <= 10 or self.stats["clients_refused"] % 1000 == 0:
+                self.log.warning("refusing a client: %d connected already", len(self._clients))
+            writer.close()
+            return
+        self._clients[writer] = 0
         decoder = FrameDecoder(allowed=frozenset({FrameType.APPEND}))
         reason = "client closed"
         try:
-            while data := await reader.read(1 << 20):
+            while True:
+                try:
+                    data = await asyncio.wait_for(reader.read(CLIENT_CHUNK), self.idle_timeout)
+                except TimeoutError:
+                    if self._clients.get(writer):
+                        continue  # not idle: it waits for our answer
+                    self.stats["clients_idle"] += 1
+                    reason = f"idle for {self.idle_timeout:g} s"
+                    break
+                if not data:
+                    break
                 for frame in decoder.feed(data):
+                    await self._room(len(frame.payload))  # backpressure: this client waits, unread
                     if self.tracker.failed:
                         self._answer(writer, FrameType.FAIL, frame.log, frame.seq, "mirror connection lost")
                         continue
@@ -145,12 +227,15 @@ class PrimaryServer:
                     except SequenceRejected as err:
                         self._answer(writer, FrameType.FAIL, frame.log, frame.seq, str(err))
                         continue
+                    self._clients[writer] = self._clients.get(writer, 0) + 1
                     self._queue.put_nowait((item, frame.payload))
+                    self._queued += len(frame.payload)
         except ProtocolError as err:
             reason = f"protocol error: {err}"
         except (ConnectionError, OSError) as err:
             reason = f"connection lost: {err}"
         finally:
+            self._clients.pop(writer, None)
             self.log.info("client connection closed: %s", reason)
             writer.close()
 
@@ -167,13 +252,21 @@ class PrimaryServer:
             self._trace.write("".join(f"{i.log} {i.seq} {i.end} {t:.6f}\n" for i in items))
             self._trace.flush()
         for item in items:
+            self._settled(item)
             self._answer(item.client, FrameType.ACK, item.log, item.seq)  # type: ignore[arg-type]
+
+    def _settled(self, item: Pending) -> None:
+        """One append of ``item.client`` less outstanding."""
+        if self._clients.get(item.client):  # type: ignore[call-overload]
+            self._clients[item.client] -= 1  # type: ignore[index]
 
     def _fail_all(self, reason: str) -> None:
         if not self.tracker.failed:
             self.log.error("failing every pending append: %s", reason)
         for item in self.tracker.fail_all():
+            self._settled(item)
             self._answer(item.client, FrameType.FAIL, item.log, item.seq, reason)  # type: ignore[arg-type]
+        self._drained.set()  # clients waiting for room learn that the stream is gone
 
     async def _pipeline(self) -> None:
         """Send to the mirror and write locally, batch by batch, in submission order."""
@@ -183,6 +276,8 @@ class PrimaryServer:
             batch = [await self._queue.get()]
             while not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            self._queued -= sum(len(p) for _, p in batch)
+            self._drained.set()
             if self.tracker.failed:
                 self._fail_all("mirror connection lost")
                 continue
@@ -218,13 +313,14 @@ class PrimaryServer:
 
     async def _mirror_acks(self) -> None:
         assert self._mreader is not None
-        decoder = FrameDecoder(allowed=frozenset({FrameType.MACK}))
+        decoder = FrameDecoder(allowed=frozenset({FrameType.MACK}), max_payload=auth.TAG_LEN)
         reason = "mirror closed the connection"
         try:
             while data := await self._mreader.read(65536):
                 for frame in decoder.feed(data):
+                    auth.check_mack(self._session, frame.seq, frame.payload)  # a forged ack acks nothing
                     self._ack(self.tracker.advance("mirror", frame.seq))
-        except (ProtocolError, ValueError) as err:
+        except (ProtocolError, ValueError) as err:  # auth.AuthError is a ValueError
             reason = f"bad mirror ack: {err}"
         except (ConnectionError, OSError) as err:
             reason = f"connection lost: {err}"
@@ -232,14 +328,16 @@ class PrimaryServer:
 
     async def _callbacks(self) -> None:
         """Subscribe to the gateway's network-level callbacks for our flow and apply them."""
-        from smfs.callbacks import Flow, decode_callback, encode_subscribe
+        from smfs.callbacks import NONCE_LEN, Flow, decode_callback, encode_subscribe
 
         assert self.flow is not None and self.gateway_control is not None
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.bind(("127.0.0.1", 0))
         sock.setblocking(False)
-        subscribe = encode_subscribe(Flow(*self.flow))
+        # One subscription for this connection: only callbacks with its nonce and a good MAC count.
+        nonce = os.urandom(NONCE_LEN)
+        subscribe = encode_subscribe(Flow(*self.flow), nonce, self.key, sock.getsockname())
         last_sub = last_cb = 0.0
         with sock:
             while True:
@@ -254,9 +352,14 @@ class PrimaryServer:
                 except TimeoutError:
                     continue
                 try:
-                    flow, offset = decode_callback(data)
+                    flow, offset, got = decode_callback(data, self.key)
+                    if got != nonce:
+                        raise ValueError("not this subscription's (replayed, or an earlier connection's)")
                 except ValueError as err:
-                    self.log.warning("dropping malformed callback: %s", err)
+                    self.stats["callbacks_rejected"] += 1
+                    n = self.stats["callbacks_rejected"]
+                    if n <= 10 or n % 1000 == 0:
+                        self.log.warning("dropping a callback (%d so far): %s", n, err)
                     continue
                 if tuple(flow) != self.flow:
                     continue

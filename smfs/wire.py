@@ -28,7 +28,7 @@ class FrameType(enum.IntEnum):
     ACK = 2  # primary -> client: log, seq
     FAIL = 3  # primary -> client: log, seq, payload = reason (utf-8)
     MIRROR = 4  # primary -> mirror: log, seq, payload
-    MACK = 5  # mirror -> primary: seq = mirror stream offset made durable (bytes)
+    MACK = 5  # mirror -> primary: seq = mirror stream offset made durable (bytes), payload = its tag (smfs.auth)
 
 
 class ProtocolError(Exception):
@@ -58,12 +58,14 @@ def frame_size(payload_len: int) -> int:
 
 
 class FrameDecoder:
-    """Incremental decoder; ``allowed`` restricts the frame types this endpoint accepts."""
+    """Incremental decoder; ``allowed`` restricts the frame types this endpoint accepts, ``max_payload``
+    the payload length (bytes) it accepts (a longer one is refused from its header, never buffered)."""
 
-    def __init__(self, allowed: frozenset[FrameType] | None = None) -> None:
+    def __init__(self, allowed: frozenset[FrameType] | None = None, max_payload: int = MAX_PAYLOAD) -> None:
         self._buf = bytearray()
         self._consumed = 0  # stream offset of self._buf[0]
         self._allowed = allowed
+        self._max_payload = min(max_payload, MAX_PAYLOAD)  # a connection's frames may be bounded tighter
 
     @property
     def offset(self) -> int:
@@ -89,8 +91,8 @@ class FrameDecoder:
                 raise ProtocolError(f"unknown frame type {ftype}") from None
             if self._allowed is not None and kind not in self._allowed:
                 raise ProtocolError(f"frame type {kind.name} not allowed on this connection")
-            if length > MAX_PAYLOAD:
-                raise ProtocolError(f"frame length {length} exceeds {MAX_PAYLOAD}")
+            if length > self._max_payload:
+                raise ProtocolError(f"frame length {length} exceeds {self._max_payload}")
             if len(self._buf) < HEADER_SIZE + length:
                 break
             payload = bytes(self._buf[HEADER_SIZE : HEADER_SIZE + length])

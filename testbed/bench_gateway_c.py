@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from smfs.auth import create_key_file
 from smfs.gateway import C_BINARY_ENV, tun_mtu
 from testbed.bench_gateway import _transfer
 from testbed.gateways import CONTROL, TUNNEL_PORT
@@ -45,8 +45,7 @@ def start_pair(tb: NamespaceTestbed, out: Path, engines: dict[str, str],
     """:func:`testbed.gateways.start_gateways` with an engine per site (``python`` or ``c``);
     ``binaries`` overrides the C program of a site (e.g. the ASan build)."""
     key = out / "tunnel.key"
-    key.write_text(secrets.token_hex(32))
-    os.chmod(key, 0o600)
+    create_key_file(key)  # 0600 from its creation
     procs, stats, logs = {}, {}, {}
     for site in ("mirror", "primary"):
         me, peer = ADDRS[site], ADDRS[other(site)]

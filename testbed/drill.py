@@ -245,8 +245,13 @@ def prepare(tb: Any, cfg: DrillConfig, tl: Timeline) -> dict[str, Any]:
 
 def mirror_argv(cfg: DrillConfig) -> list[str]:
     """The mirror site's command line in its guest."""
+    from smfs.site import idle_argv
+
+    # The site's storage address (the FEC modes) and the NIC's (eth0: the bare modes), never a wildcard.
     return ["python3", "-m", "smfs.site", "mirror", "--servers", str(cfg.servers), "--data", "/data/mirror",
-            "--run", f"{RUN}/mirror", "--listen", f"0.0.0.0:{MIRROR_PORT}", "--segment-bytes", str(cfg.segment_bytes)]
+            "--run", f"{RUN}/mirror", "--listen", f"{STORAGE['mirror'][0]}:{MIRROR_PORT}", "--listen",
+            f"@eth0:{MIRROR_PORT}", "--key-file", KEY_FILE, "--segment-bytes", str(cfg.segment_bytes),
+            *idle_argv([t.seconds for t in cfg.during])]  # a partition or freeze is silence, not idleness
 
 
 def gateway_argv(tb: Any, cfg: DrillConfig, site: str) -> list[str]:
@@ -412,7 +417,7 @@ class VmBed:
             target, source = _ip(self.tb, self.mirr), _ip(self.tb, self.prim)
         args = ["python3", "-m", "smfs.site", "primary", "--servers", str(self.cfg.servers), "--data",
                 "/data/primary", "--run", f"{RUN}/primary", "--mirror", f"{target}:{MIRROR_PORT}", "--source", source,
-                "--mode", mode.name, "--segment-bytes", str(self.cfg.segment_bytes)]
+                "--mode", mode.name, "--segment-bytes", str(self.cfg.segment_bytes), "--key-file", KEY_FILE]
         if mode.ack_on == "network":
             args += ["--gateway-control", CONTROL, "--ack-trace", f"{RUN}/acks"]
         self.pg.spawn("primary-site", args, env=self.env)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from smfs.auth import create_key_file
 from testbed.netns import ADDRS, NamespaceTestbed, other
 from testbed.runner import InfrastructureError
 
@@ -58,15 +57,16 @@ def ensure_c_gateway() -> None:
 def start_gateways(tb: NamespaceTestbed, out: Path, logs: Path, r: int = 8,
                    interleaves: tuple[int, ...] | None = None, wan_rate_bps: int = 0,
                    edge_queue: int = 0, env: dict[str, str] | None = None, flush_ms: float | None = None,
-                   engine: str = "python") -> GatewayPair:
+                   engine: str = "python", key_file: Path | None = None) -> GatewayPair:
     """One gateway per site namespace; storage traffic between the sites is routed through them
-    (each paced to ``wan_rate_bps`` when given)."""
+    (each paced to ``wan_rate_bps`` when given). ``key_file``: the testbed's key (the storage servers'
+    too); without one, a fresh key in ``out/work/tunnel.key`` (mode 0600 from its creation)."""
     if engine == "c":
         ensure_c_gateway()
-    key_file = out / "work" / "tunnel.key"
-    key_file.parent.mkdir(parents=True, exist_ok=True)
-    key_file.write_text(secrets.token_hex(32))
-    os.chmod(key_file, 0o600)
+    (out / "work").mkdir(parents=True, exist_ok=True)
+    if key_file is None:
+        key_file = out / "work" / "tunnel.key"
+        create_key_file(key_file)
     stats = {}
     waiting = []
     for site in ("mirror", "primary"):

@@ -9,7 +9,9 @@ long-running process detached (new session, output to a log, pid in ``/run/smfs/
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import secrets
 import shlex
 import time
 from collections.abc import Mapping, Sequence
@@ -141,15 +143,33 @@ class Guest:
     # --- files --------------------------------------------------------------------------------
 
     def write_file(self, path: str, data: bytes, mode: int | None = None) -> None:
-        handle = self.agent("guest-file-open", {"path": path, "mode": "w"})
-        try:
-            for off in range(0, len(data), CHUNK) or [0]:
-                chunk = data[off:off + CHUNK]
-                self.agent("guest-file-write", {"handle": handle, "buf-b64": base64.b64encode(chunk).decode()})
-        finally:
-            self.agent("guest-file-close", {"handle": handle})
+        """Write ``data`` to ``path`` in the guest. With ``mode``, the file has that mode from its creation,
+        before a byte is written (a key is never readable by others, not even for an instant): it is
+        created empty and exclusively (``set -C``) under a temporary name with the matching umask, filled
+        (the agent opens an existing file without changing its mode), then renamed over ``path``."""
+        target = path
         if mode is not None:
-            self.exec(["chmod", f"{mode:o}", path], check=True)
+            if not 0 <= mode <= 0o7777:
+                raise ValueError(f"write_file {path}: mode {mode:o} is not a file mode")
+            path = f"{target}.tmp-{secrets.token_hex(4)}"
+            self.exec(["/bin/sh", "-c", 'umask "$1" && set -C && : > "$2"', "sh", f"{~mode & 0o777:03o}", path],
+                      check=True)
+        try:
+            handle = self.agent("guest-file-open", {"path": path, "mode": "w"})
+            try:
+                for off in range(0, len(data), CHUNK) or [0]:
+                    chunk = data[off:off + CHUNK]
+                    self.agent("guest-file-write", {"handle": handle, "buf-b64": base64.b64encode(chunk).decode()})
+            finally:
+                self.agent("guest-file-close", {"handle": handle})
+            if mode is not None:  # the bits a umask cannot give (setuid, sticky, x on a new file), then in place
+                self.exec(["/bin/sh", "-c", 'chmod "$1" "$2" && mv -f "$2" "$3"', "sh", f"{mode:o}", path, target],
+                          check=True)
+        except BaseException:
+            if mode is not None:
+                with contextlib.suppress(GuestError):
+                    self.exec(["rm", "-f", path])
+            raise
 
     def read_file(self, path: str) -> bytes:
         handle = self.agent("guest-file-open", {"path": path, "mode": "r"})

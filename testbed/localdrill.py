@@ -9,6 +9,7 @@ mirror, recover its logs read-only, and check. Everything created is torn down, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -22,8 +23,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from smfs.modes import Mode
+from smfs.modes import Mode, promises
 from testbed import procs
+from testbed.faults import Fault, Runner, Timed
 from testbed.netns import ADDRS, NamespaceTestbed, host_has_netem
 from testbed.report import table
 from testbed.runner import InfrastructureError, overall_verdict
@@ -35,6 +37,14 @@ READY_TIMEOUT = 60.0  # s for a site to report ready
 SCHEDULES = ("site-power-cut", "rolling-disaster")
 """What the namespace drill can do at ``fail_at``. A mirror power outage needs VMs: a killed process
 leaves its writes in the host's page cache, which no power cut of a namespace can take away."""
+FAULTS = ("partition", "freeze", "loss-burst", "mirror-restart")
+"""What the namespace drill can do *during* the run (``LocalDrillConfig.during``), each healed after its
+time. A failing disk is not among them: the mirror writes through the host's page cache to the host's
+filesystem, with no block device beneath its store to fail (the VM drill's nbdkit error filter is that)."""
+FREEZE_TARGETS = {"mirror": ("mirror", ("servers", "gateway")), "primary": ("primary", ("servers", "gateway")),
+                  "mirror-gateway": ("mirror", ("gateway",)), "primary-gateway": ("primary", ("gateway",))}
+"""A freeze's target -> (site, the site's processes it stops). The testers are never frozen: they are the
+application, and the disaster's instant is about the stack."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,7 @@ class LocalDrillConfig:
     defects: tuple[str, ...] = ()  # seeded stack defects (the self-test only)
     flush_ms: float = 5.0  # the gateways' FEC flush delay (a partial bin's repair follows its first packet by this)
     engine: str = "c"  # the gateways' data path: c (smfs/native, built by make) or python (the specification)
+    during: tuple[Timed, ...] = ()  # faults injected during the run (NsPartition, NsFreeze, ...), healed before fail_at
 
     def __post_init__(self) -> None:
         checks = [
@@ -72,9 +83,143 @@ class LocalDrillConfig:
             (0 < self.flush_ms <= 1000, "flush_ms", "must be within (0, 1000] ms"),
             (self.engine in ("python", "c"), "engine", "use python or c"),
         ]
+        for i, t in enumerate(self.during):
+            checks += [
+                (isinstance(t, Timed) and isinstance(t.fault, NsFault), f"during[{i}]",
+                 f"must be a Timed namespace fault ({', '.join(FAULTS)})"),
+                (isinstance(t, Timed) and 0 <= t.at and 0 < t.seconds and t.heal_at < self.fail_at, f"during[{i}]",
+                 "must start at 0 s or later, last a positive time and heal before fail_at"),
+            ]
         for ok, name, fix in checks:
             if not ok:
                 raise ValueError(f"{name}: {fix}")
+
+
+# --- faults during the run ---------------------------------------------------------------------
+# Each acts on the NsBed (``bed.tb`` is the NamespaceTestbed) and marks its injection and its heal, with
+# what it did, in the mode's timeline. ``skip(mode, schedule)`` says why it must not run in a mode (None: it runs).
+
+
+class NsFault(Fault):
+    def skip(self, mode: Mode, schedule: str) -> str | None:
+        return None
+
+    def params(self) -> dict[str, Any]:
+        return {}
+
+
+@dataclass(frozen=True)
+class NsPartition(NsFault):
+    """The WAN drops everything in ``direction`` (both, to-mirror, to-primary); heal restores it."""
+
+    direction: str = "both"
+    name = "partition"
+
+    def __post_init__(self) -> None:
+        if self.direction not in NamespaceTestbed.PARTITIONS:
+            raise ValueError(f"partition: direction {self.direction!r}; use one of {', '.join(NamespaceTestbed.PARTITIONS)}")
+
+    def params(self) -> dict[str, Any]:
+        return {"direction": self.direction}
+
+    def inject(self, bed: Any, tl: Any) -> None:
+        bed.tb.partition(self.direction)
+        tl.mark(f"WAN partitioned ({self.direction})", fault=self.name, direction=self.direction)
+
+    def heal(self, bed: Any, tl: Any) -> None:
+        dropped = bed.tb.heal_partition()
+        tl.mark(f"WAN partition healed ({dropped} packets dropped)", fault=self.name, healed=True, dropped=dropped)
+
+
+@dataclass(frozen=True)
+class NsFreeze(NsFault):
+    """SIGSTOP the ``target``'s processes (mirror, primary: the site's servers and gateway; mirror-gateway,
+    primary-gateway); heal sends SIGCONT."""
+
+    target: str = "mirror"
+    name = "freeze"
+
+    def __post_init__(self) -> None:
+        if self.target not in FREEZE_TARGETS:
+            raise ValueError(f"freeze: target {self.target!r}; use one of {', '.join(FREEZE_TARGETS)}")
+
+    def params(self) -> dict[str, Any]:
+        return {"target": self.target}
+
+    def skip(self, mode: Mode, schedule: str) -> str | None:
+        if self.target.endswith("-gateway") and not mode.fec:
+            return f"{mode.name} runs no gateway"
+        return None
+
+    def inject(self, bed: Any, tl: Any) -> None:
+        site, names = FREEZE_TARGETS[self.target]
+        bed.frozen[self.target] = frozen = bed.tb.freeze(site, names)
+        tl.mark(f"{self.target} frozen (SIGSTOP: {', '.join(n for _, _, n in frozen) or 'nothing running'})",
+                fault=self.name, target=self.target, frozen=[n for _, _, n in frozen])
+
+    def heal(self, bed: Any, tl: Any) -> None:
+        thawed = bed.tb.thaw(bed.frozen.pop(self.target, []))
+        tl.mark(f"{self.target} resumed (SIGCONT: {', '.join(thawed) or 'nothing left'})", fault=self.name,
+                healed=True, target=self.target)
+
+
+@dataclass(frozen=True)
+class NsLossBurst(NsFault):
+    """The WAN's random loss raised to ``loss`` % each way; heal restores the drill's ``wan_loss``."""
+
+    loss: float = 10.0
+    name = "loss-burst"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.loss <= 100:
+            raise ValueError(f"loss-burst: loss {self.loss!r}; give a percentage above 0 and at most 100")
+
+    def params(self) -> dict[str, Any]:
+        return {"loss": self.loss}
+
+    def inject(self, bed: Any, tl: Any) -> None:
+        bed.burst_drops = bed.tb.wan_drops() or 0
+        method = bed.tb.set_loss(self.loss)
+        tl.mark(f"WAN loss raised to {self.loss:g}% ({method})", fault=self.name, loss=self.loss)
+
+    def heal(self, bed: Any, tl: Any) -> None:
+        dropped = (bed.tb.wan_drops() or 0) - bed.burst_drops
+        bed.tb.shape(bed.profile)
+        tl.mark(f"WAN loss back to {bed.profile.describe()} ({dropped} packets dropped by the burst)", fault=self.name,
+                healed=True, dropped=dropped)
+
+
+@dataclass(frozen=True)
+class NsMirrorRestart(NsFault):
+    """The mirror site's storage servers crash (SIGKILL) and are started again after the fault's time: the
+    same command line, recovering their logs. The primary does not reconnect: it fails what is pending
+    and every later append (its testers stop), which is the stack's behaviour, not the drill's."""
+
+    name = "mirror-restart"
+
+    def skip(self, mode: Mode, schedule: str) -> str | None:
+        if promises(mode, schedule) and not promises(mode, "mirror-power-outage"):
+            return (f"{mode.name} promises nothing when the mirror loses what it received (its ack means on the "
+                    "WAN, not on the mirror's disk)")
+        return None
+
+    def inject(self, bed: Any, tl: Any) -> None:
+        bed.crash_mirror(tl)
+
+    def heal(self, bed: Any, tl: Any) -> None:
+        bed.restart_mirror(tl)
+
+
+def during_entry(t: Timed) -> dict[str, Any]:
+    """A during-run fault as result.json shows it."""
+    fault: Any = t.fault
+    return {"fault": fault.name, "at": t.at, "for": t.seconds, **fault.params()}
+
+
+def describe(t: Timed) -> str:
+    """``freeze(mirror) at 1.2 s for 0.5 s``."""
+    params = ", ".join(f"{v:g}%" if k == "loss" else str(v) for k, v in t.fault.params().items())  # type: ignore[attr-defined]
+    return f"{t.fault.name}{f'({params})' if params else ''} at {t.at:g} s for {t.seconds:g} s"
 
 
 Say = Callable[[str], None]
@@ -127,9 +272,17 @@ class NsBed:
         self.method = "none"
         self.drops: int | None = None
         self.capture: Any = None  # testbed.wirecheck.Capture in network-sync modes
+        self.runner: Runner | None = None  # the during-run faults of this mode
+        self.frozen: dict[str, list[tuple[int, int | None, str]]] = {}
+        self.burst_drops = 0
+        self.appends_may_fail = False  # a fault ended the primary's mirror stream: testers may stop early
+        self.mirror_argv: list[str] | None = None
+        self.during: list[Timed] = []
+        self.tl: Any = None
 
     def begin(self, mode: Mode, out: Path, tl: Any) -> None:
         self.out, self.work, self.logs = out, out / "work", out / "logs"
+        self.tl, self.runner, self.frozen, self.appends_may_fail = tl, None, {}, False
         self.work.mkdir(parents=True, exist_ok=True)
         self.tb = tb = NamespaceTestbed()
         tb.build()
@@ -140,18 +293,31 @@ class NsBed:
         self.method = method = tb.shape(self.profile)
         tl.mark(f"WAN shaped: {self.profile.describe()} via {method}", method=method)
         self.gw = None
+        from smfs.auth import create_key_file
+        from smfs.site import idle_argv
+
+        create_key_file(self.work / "tunnel.key")  # the testbed's key (0600): gateways and storage servers
         if mode.fec:
             from testbed.gateways import start_gateways
 
-            self.gw = start_gateways(tb, out, self.logs, env=self.env, flush_ms=self.cfg.flush_ms, engine=self.cfg.engine)
+            self.gw = start_gateways(tb, out, self.logs, env=self.env, flush_ms=self.cfg.flush_ms, engine=self.cfg.engine,
+                                     key_file=self.work / "tunnel.key")
             tl.mark("FEC gateways up")
         mlog = self.logs / "mirror-site.log"
         self.mproc = tb.spawn("mirror", "servers", [
             sys.executable, "-m", "smfs.site", "mirror", "--servers", str(self.cfg.servers), "--data",
             str(self.work / "mirror"), "--run", str(self.work / "run-mirror"),
             "--listen", f"{ADDRS['mirror'].storage}:{MIRROR_PORT}", "--segment-bytes", str(self.cfg.segment_bytes),
+            "--key-file", str(self.work / "tunnel.key"), *idle_argv([t.seconds for t in getattr(self.cfg, "during", ())]),
         ], mlog, env=self.env)
         _wait_ready(self.work / "run-mirror" / "mirror.ready", self.mproc, "mirror site", mlog)
+        self.during = []
+        for t in self.cfg.during:
+            why = t.fault.skip(mode, self.cfg.schedule)  # type: ignore[attr-defined]
+            if why is None:
+                self.during.append(t)
+            else:
+                tl.mark(f"fault not run in this mode: {describe(t)} ({why})", fault=t.fault.name, skipped=why)
 
     def start_primary(self, mode: Mode, tl: Any) -> None:
         assert self.tb is not None
@@ -160,7 +326,7 @@ class NsBed:
             sys.executable, "-m", "smfs.site", "primary", "--servers", str(self.cfg.servers), "--data",
             str(self.work / "primary"), "--run", str(self.work / "run-primary"),
             "--mirror", f"{ADDRS['mirror'].storage}:{MIRROR_PORT}", "--source", ADDRS["primary"].storage,
-            "--mode", mode.name, "--segment-bytes", str(self.cfg.segment_bytes),
+            "--mode", mode.name, "--segment-bytes", str(self.cfg.segment_bytes), "--key-file", str(self.work / "tunnel.key"),
         ]
         if mode.ack_on == "network":
             pargs += ["--gateway-control", f"127.0.0.1:{GATEWAY_CONTROL_PORT}", "--ack-trace", str(self.work / "acks")]
@@ -215,14 +381,51 @@ class NsBed:
         return {"offset_s": 0.0, "uncertainty_s": 0.0}  # the testers write the host's clock
 
     def tick(self, elapsed: float) -> None:
+        if self.runner is None:  # the faults' clock: seconds since the testers started
+            t_start = time.time() - elapsed
+            self.runner = Runner(tuple(self.during), self, self.tl, clock=lambda: time.time() - t_start)
+        self.runner.tick(elapsed)
         for proc, what in ((self.pproc, "primary site"), (self.mproc, "mirror site")):
-            if proc.poll() is not None:
+            if proc is not None and proc.poll() is not None:  # None: the mirror is down for a restart
                 raise InfrastructureError(f"{what} died during the run (exit {proc.returncode})")
-        if self.tproc.poll() is not None and elapsed < self.cfg.duration - 1:
+        if self.tproc.poll() is not None and elapsed < self.cfg.duration - 1 and not self.appends_may_fail:
             raise InfrastructureError(f"testers exited early (exit {self.tproc.returncode}); see {self.logs / 'testers.log'}")
 
     def heal_all(self) -> None:
-        return None
+        if self.runner is not None:
+            self.runner.heal_all()
+
+    def crash_mirror(self, tl: Any) -> None:
+        """The mirror site's storage servers crash: SIGKILL (their page cache survives, as after a process
+        crash); the primary's mirror streams end, so from here the testers may stop early."""
+        assert self.tb is not None
+        killed = []
+        for res in self.tb.site_processes("mirror"):
+            if res.meta.get("name") == "mirror:servers":
+                self.mirror_argv = res.meta.get("argv")
+                procs.kill(int(res.ident), res.meta.get("started"))
+                self.tb.registry.remove("process", res.ident)
+                killed.append(int(res.ident))
+        if self.mproc is not None:
+            with contextlib.suppress(Exception):
+                self.mproc.wait(5)
+        self.mproc, self.appends_may_fail = None, True
+        (self.work / "run-mirror" / "mirror.ready").unlink(missing_ok=True)
+        tl.mark(f"mirror site crashed (SIGKILL of its storage servers, pid {', '.join(map(str, killed)) or 'none'})",
+                fault="mirror-restart", killed=killed)
+
+    def restart_mirror(self, tl: Any) -> None:
+        """Start the mirror site again with the command line it had; it recovers its logs before it is ready."""
+        assert self.tb is not None
+        if self.mirror_argv is None:
+            raise InfrastructureError("mirror restart: the mirror site's command line was not recorded")
+        mlog = self.logs / "mirror-site.log"
+        t0 = time.monotonic()
+        self.mproc = procs.spawn(self.mirror_argv, owner=self.tb.owner, name="mirror:servers", log_path=mlog,
+                                 registry=self.tb.registry, env=self.env)
+        _wait_ready(self.work / "run-mirror" / "mirror.ready", self.mproc, "mirror site (restarted)", mlog)
+        tl.mark(f"mirror site restarted: logs recovered, listening again after {time.monotonic() - t0:.2f} s",
+                fault="mirror-restart", healed=True, pid=self.mproc.pid)
 
     def before_disaster(self, mode: Mode) -> None:
         return None
@@ -333,8 +536,8 @@ def run_local_drill(cfg: LocalDrillConfig, say: Say = print) -> dict[str, Any]:
     result = {
         "verdict": overall_verdict(modes),
         "environment": environment("netem" if netem else ("nftables-random-drop" if cfg.wan_loss > 0 else "none")),
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "modes"}
-        | {"modes": [m.name for m in cfg.modes]},
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k not in ("modes", "during")}
+        | {"modes": [m.name for m in cfg.modes], "during": [during_entry(t) for t in cfg.during]},
         "modes": modes,
     }
     (cfg.out / "result.json").write_text(json.dumps(result, indent=1, default=str))

@@ -214,6 +214,56 @@ class NamespaceTestbed:
             killed.append(res.meta.get("name", res.ident))
         return killed
 
+    PARTITIONS = {"both": ("to-mirror", "to-primary"), "to-mirror": ("to-mirror",), "to-primary": ("to-primary",)}
+    """A partition's direction -> the wan namespace's links whose outgoing packets it drops."""
+
+    def partition(self, direction: str = "both") -> None:
+        """Drop every packet crossing the WAN (``both``), or only those towards one site (``to-mirror``,
+        ``to-primary``): an nftables table of its own in the wan namespace, beside the loss rules (which
+        keep counting); :meth:`heal_partition` removes it. The sites' links stay up (their routes too), so
+        TCP sees only silence and retransmits after the heal."""
+        if direction not in self.PARTITIONS:
+            raise ValueError(f"partition: direction {direction!r}; use one of {', '.join(self.PARTITIONS)}")
+        rules = "table inet smfs_partition {\n chain cut {\n  type filter hook forward priority -10; policy accept;\n"
+        rules += "".join(f'  oifname "{ifname}" counter drop\n' for ifname in self.PARTITIONS[direction])
+        rules += " }\n}\n"
+        self.sh("wan", "nft", "delete", "table", "inet", "smfs_partition", check=False)
+        self.sh("wan", "nft", "-f", "-", input=rules.encode())
+
+    def heal_partition(self) -> int:
+        """Remove the partition; returns the packets it dropped (0 when there was none)."""
+        out = self.sh("wan", "nft", "list", "table", "inet", "smfs_partition", check=False)
+        dropped = sum(int(line.split("counter packets")[1].split()[0]) for line in out.splitlines()
+                      if "counter packets" in line)
+        self.sh("wan", "nft", "delete", "table", "inet", "smfs_partition", check=False)
+        return dropped
+
+    def freeze(self, site: str, names: tuple[str, ...] | None = None) -> list[tuple[int, int | None, str]]:
+        """SIGSTOP the site's processes (each one's process group), or only those called ``site:NAME`` for a
+        NAME in ``names``; returns what was stopped as (pid, start time, name) for :meth:`thaw`. Their sockets
+        stay open: the kernel keeps receiving into their buffers until those are full."""
+        frozen = []
+        for res in self.site_processes(site):
+            name = res.meta.get("name", "")
+            if names is not None and name.split(":", 1)[-1] not in names:
+                continue
+            pid, started = int(res.ident), res.meta.get("started")
+            if procs.alive(pid, started):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGSTOP)
+                    frozen.append((pid, started, name))
+        return frozen
+
+    def thaw(self, frozen: list[tuple[int, int | None, str]]) -> list[str]:
+        """SIGCONT what :meth:`freeze` stopped and still runs (never a later process that reused a pid)."""
+        thawed = []
+        for pid, started, name in frozen:
+            if procs.alive(pid, started):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGCONT)
+                    thawed.append(name)
+        return thawed
+
     def power_cut(self, site: str) -> list[str]:
         self.cut_link(site)
         return self.kill_site(site)

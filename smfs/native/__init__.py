@@ -221,6 +221,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "smfs_xor_into": (None, [c_void_p, c_char_p, c_size_t]),
         "smfs_tunnel_new": (P, [c_char_p, c_size_t]),
         "smfs_tunnel_free": (None, [P]),
+        "smfs_tunnel_mac": (c_int, [P, c_char_p, c_size_t, c_void_p]),
         "smfs_seal_data": (c_long, [P, c_int, c_uint64, c_char_p, c_size_t, c_void_p, c_size_t]),
         "smfs_seal_repair": (c_long, [P, c_int, POINTER(_Repair), c_void_p, c_size_t]),
         "smfs_unseal": (c_int, [P, c_char_p, c_size_t, c_int, POINTER(_Msg)]),
@@ -515,6 +516,12 @@ class Tunnel(_Handle):
         n = _check(self._lib.smfs_seal_repair(self._ptr, site, byref(crep.struct), self._buf, len(self._buf)),
                    "repair does not fit the wire format")
         return self._buf.raw[:n]
+
+    def mac(self, data: bytes) -> bytes:
+        """:func:`smfs.tunnel._mac` in C (the control channel's MAC, smfs.callbacks)."""
+        data = _as_bytes(data)
+        _check(self._lib.smfs_tunnel_mac(self._ptr, data, len(data), self._buf), "mac")
+        return self._buf.raw[:16]
 
     def unseal(self, datagram: bytes, expect_site: int | None = None) -> tuple[int, int | None, bytes | Repair]:
         data = _as_bytes(datagram)

@@ -32,6 +32,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <openssl/crypto.h>
+
 #include "smfs_core.h"
 
 #define TUN_BATCH 64               /* packets read from the TUN before they are sent */
@@ -148,9 +150,16 @@ static double pacer_wait(struct pacer *p, double now)
 
 /* ---- announcer (smfs/callbacks.py Announcer) ---------------------------------------------- */
 
+#define SUB_NONCE 8                             /* callbacks.py NONCE_LEN */
+#define SUBSCRIBE_BODY (4 + 12 + SUB_NONCE)     /* _SUBSCRIBE.size */
+#define SUBSCRIBE_LEN (SUBSCRIBE_BODY + SMFS_MAC_LEN)
+#define CALLBACK_BODY (4 + 12 + 8 + SUB_NONCE)  /* _CALLBACK.size */
+#define CALLBACK_LEN (CALLBACK_BODY + SMFS_MAC_LEN)
+
 struct sub {
     struct smfs_flow flow;
     uint64_t offset;
+    uint8_t nonce[SUB_NONCE]; /* the subscription's, echoed in each callback */
     struct sockaddr_in dest;
     int has_dest;
     double changed;
@@ -441,10 +450,11 @@ static void flow_str(const struct smfs_flow *f, char *out, size_t cap)
     snprintf(out, cap, "Flow(src='%s', sport=%u, dst='%s', dport=%u)", s, f->sport, d, f->dport);
 }
 
-/* Send one callback; 1 when sent. */
+/* Send one callback (callbacks.py encode_callback: the flow, its offset, the subscription's nonce,
+ * the MAC under the tunnel key); 1 when sent. */
 static int send_callback(struct gw *g, const struct sub *s)
 {
-    uint8_t m[24];
+    uint8_t m[CALLBACK_LEN];
     memcpy(m, "SMCB", 4);
     memcpy(m + 4, s->flow.src, 4);
     m[8] = (uint8_t)(s->flow.sport >> 8);
@@ -454,6 +464,12 @@ static int send_callback(struct gw *g, const struct sub *s)
     m[15] = (uint8_t)s->flow.dport;
     for (int i = 0; i < 8; i++)
         m[16 + i] = (uint8_t)(s->offset >> (56 - 8 * i));
+    memcpy(m + 24, s->nonce, SUB_NONCE);
+    if (smfs_tunnel_mac(g->tunnel, m, CALLBACK_BODY, m + CALLBACK_BODY) != 0) {
+        g->stats[S_CB_SEND_ERR]++;
+        reason_add(g, "callback: %s", "mac failed");
+        return 0;
+    }
     if (sendto(g->ctl, m, sizeof m, 0, (const struct sockaddr *)&s->dest, sizeof s->dest) < 0) {
         g->stats[S_CB_SEND_ERR]++;
         reason_add(g, "callback: %s", strerror(errno));
@@ -524,12 +540,23 @@ static void on_control(struct gw *g)
                 continue;
             break;
         }
-        if (n != 16) {
-            reason_add(g, "control: subscribe must be 16 bytes, got %zd", n);
+        if (n != SUBSCRIBE_LEN) {
+            reason_add(g, "control: subscribe must be %d bytes, got %zd", SUBSCRIBE_LEN, n);
             continue;
         }
         if (memcmp(m, "SMSB", 4)) {
             reason_add(g, "control: not a subscribe message");
+            continue;
+        }
+        /* callbacks.py decode_subscribe: the MAC covers the message and its sender's address */
+        uint8_t signed_[SUBSCRIBE_BODY + 6], want[SMFS_MAC_LEN];
+        memcpy(signed_, m, SUBSCRIBE_BODY);
+        memcpy(signed_ + SUBSCRIBE_BODY, &from.sin_addr.s_addr, 4);
+        memcpy(signed_ + SUBSCRIBE_BODY + 4, &from.sin_port, 2);
+        if (fl != sizeof from || from.sin_family != AF_INET ||
+            smfs_tunnel_mac(g->tunnel, signed_, sizeof signed_, want) != 0 ||
+            CRYPTO_memcmp(want, m + SUBSCRIBE_BODY, SMFS_MAC_LEN) != 0) {
+            reason_add(g, "control: bad mac");
             continue;
         }
         struct smfs_flow f;
@@ -547,6 +574,7 @@ static void on_control(struct gw *g)
         }
         s->dest = from;
         s->has_dest = 1;
+        memcpy(s->nonce, m + 16, SUB_NONCE);
         ann_announce(g, s, now);
     }
 }

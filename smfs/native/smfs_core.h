@@ -167,6 +167,9 @@ struct smfs_tunnel;
  * (key shorter than 16 bytes) or ENOMEM. */
 struct smfs_tunnel *smfs_tunnel_new(const uint8_t *key, size_t key_len);
 void smfs_tunnel_free(struct smfs_tunnel *t);
+/* HMAC-SHA-256 of data[0..len) under t's key, truncated to SMFS_MAC_LEN bytes (tunnel.py's _mac):
+ * 0, -EINVAL or -EIO (libcrypto failed). The control channel's messages use it (callbacks.py). */
+int smfs_tunnel_mac(struct smfs_tunnel *t, const uint8_t *data, size_t len, uint8_t out[SMFS_MAC_LEN]);
 /* encode_data / encode_repair into out[0..cap): bytes written, or -EINVAL (as the Python
  * ValueError), -ENOSPC, -EIO (libcrypto failed). */
 long smfs_seal_data(struct smfs_tunnel *t, int site, uint64_t seq, const uint8_t *packet,

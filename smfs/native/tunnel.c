@@ -88,6 +88,13 @@ static int mac(struct smfs_tunnel *t, const uint8_t *data, size_t len, uint8_t o
     return 0;
 }
 
+int smfs_tunnel_mac(struct smfs_tunnel *t, const uint8_t *data, size_t len, uint8_t out[SMFS_MAC_LEN])
+{
+    if (!t || (!data && len) || !out)
+        return -EINVAL;
+    return mac(t, data, len, out) == 0 ? 0 : -EIO;
+}
+
 static void put_head(uint8_t *out, int kind, int site)
 {
     out[0] = SMFS_MAGIC;

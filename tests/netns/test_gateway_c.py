@@ -140,15 +140,24 @@ def test_a_c_gateway_interoperates_with_a_python_one(testbed_ns, tmp_path: Path,
 
 _CALLBACK_CLIENT = """
 import json, socket, sys, time
+from smfs.auth import read_key_file
 from smfs.callbacks import Flow, decode_callback, encode_subscribe
 dst, port, src, n, control = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
+key = read_key_file(sys.argv[6])
 chost, cport = control.rsplit(":", 1)
 s = socket.create_connection((dst, port), source_address=(src, 0), timeout=10)
 flow = Flow(src, s.getsockname()[1], dst, port)
 ctl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 ctl.bind(("127.0.0.1", 0))
 ctl.settimeout(0.2)
-ctl.sendto(encode_subscribe(flow), (chost, int(cport)))
+nonce = b"c-nonce!"
+ctl.sendto(encode_subscribe(flow, nonce, b"not-the-key-" * 3, ctl.getsockname()), (chost, int(cport)))  # refused
+thief = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+thief.bind(("127.0.0.1", 0))
+thief.setblocking(False)
+thief.sendto(encode_subscribe(flow, nonce, key, ctl.getsockname()), (chost, int(cport)))  # replayed elsewhere: refused
+time.sleep(0.2)
+ctl.sendto(encode_subscribe(flow, nonce, key, ctl.getsockname()), (chost, int(cport)))
 t0 = time.monotonic()
 s.sendall(b"x" * n)
 best, count, foreign = 0, 0, 0
@@ -157,20 +166,30 @@ while best < n and time.monotonic() < t0 + 10:
         data, _ = ctl.recvfrom(64)
     except socket.timeout:
         continue
-    got, offset = decode_callback(data)
-    if got != flow:
+    got, offset, tag = decode_callback(data, key)  # the C gateway's MAC checks out
+    if got != flow or tag != nonce:
         foreign += 1
         continue
     best, count = max(best, offset), count + 1
 wait = time.monotonic() - t0
+stolen = 0
+while True:
+    try:
+        thief.recvfrom(64)
+        stolen += 1
+    except BlockingIOError:
+        break
 s.close()
-print(json.dumps({"offset": best, "callbacks": count, "foreign": foreign, "n": n, "s": round(wait, 3)}))
+print(json.dumps({"offset": best, "callbacks": count, "foreign": foreign, "stolen": stolen, "n": n,
+                  "s": round(wait, 3)}))
 """
 
 
 def test_network_sync_callbacks_arrive_from_the_c_gateway(testbed_ns, tmp_path: Path, c_gateway) -> None:
-    """A server subscribes its flow on the primary's control port; the C gateway's callbacks
-    reach the whole stream's length once every byte and its repairs are on the WAN."""
+    """A server subscribes its flow on the primary's control port; the C gateway's callbacks (with
+    a MAC under the testbed key and the subscription's nonce) reach the whole stream's length once
+    every byte and its repairs are on the WAN. A subscribe under another key, and one replayed from
+    another address, are refused: no callback goes anywhere else."""
     tb = testbed_ns
     pair = start_pair(tb, tmp_path, {"primary": "c", "mirror": "c"})
     ready = tmp_path / "sink.ready"
@@ -181,11 +200,12 @@ def test_network_sync_callbacks_arrive_from_the_c_gateway(testbed_ns, tmp_path: 
         time.sleep(0.02)
     n = 2_000_000
     out = tb.sh("primary", sys.executable, "-c", _CALLBACK_CLIENT, ADDRS["mirror"].storage, "9112",
-                ADDRS["primary"].storage, str(n), CONTROL)
+                ADDRS["primary"].storage, str(n), CONTROL, str(tmp_path / "tunnel.key"))
     sink.wait(timeout=10)
     res = json.loads(out.strip().splitlines()[-1])
     st = _stats(pair, "primary")
-    assert res["offset"] >= n and res["foreign"] == 0, res
+    assert res["offset"] >= n and res["foreign"] == 0 and res["stolen"] == 0, res
+    assert st["reasons"].get("control: bad mac") == 2, st["reasons"]  # the forged and the replayed subscribe
     assert st["callbacks_sent"] >= res["callbacks"] > 0, (res, st)
     assert st["callback_latency_ms"]["n"] > 0 and st["callback_latency_ms"]["p50"] < 100, st
 

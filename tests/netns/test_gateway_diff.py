@@ -25,9 +25,10 @@ trace takes) and nothing is paced, so the wire output is a function of the trace
   IP options), and non-TCP packets (UDP, ICMP, a fragment, malformed TCP headers, bare headers);
   compared: every data and repair datagram, byte for byte and in order (also against the model:
   smfs.tunnel's Sealer and smfs.fec's Encoder over the same packets, the timer's final flush
-  last); the network-sync callbacks per flow (the offsets reported before the final flush are
-  fixed by the trace; the final flush may come in one timer tick or several, so after it only
-  the final offset is compared).
+  last); the network-sync callbacks per flow, byte for byte (authenticated: the MAC under the
+  key and the subscription's nonce; the offsets reported before the final flush are fixed by the
+  trace; the final flush may come in one timer tick or several, so after it only the final
+  offset is compared), and none to a thief whose forged or replayed subscribes must be refused.
 - ingress: a stream starting mid-stream, in order, with random and burst losses rebuilt (or not)
   from smfs.fec's repairs, reordered, duplicated and replayed, late originals of rebuilt packets,
   a restarted egress (a jump beyond the window), inconsistent, stale and lone repairs, inner
@@ -50,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import json
 import os
 import random
@@ -68,6 +70,7 @@ from typing import Any
 import pytest
 
 from smfs.callbacks import (
+    NONCE_LEN,
     TCP_ACK,
     TCP_FIN,
     TCP_RST,
@@ -403,22 +406,32 @@ class Model:
     flushed: int  # how many of them the final flush sends
     before_flush: dict[Flow, list[int]]  # the offsets each subscribed flow is told before it
     final: dict[Flow, int]
+    datagrams: dict[Flow, list[bytes]]  # the callback datagrams behind before_flush and final, byte for byte
+
+
+def nonce_of(flow: Flow) -> bytes:
+    """The subscription nonce the test's server uses for ``flow`` (any 8 bytes; fixed, so the
+    callbacks are a function of the trace and the key)."""
+    return hashlib.sha256(repr(flow).encode()).digest()[:NONCE_LEN]
 
 
 def model(trace: EgressTrace, key: bytes, params: FecParams = PARAMS) -> Model:
     """The specification's classes fed the trace as the gateway feeds them (per packet: data,
     tracker, its repairs, tracker, callbacks), then the final flush."""
-    sealer, enc, tracker, ann = Sealer(key, SITE), Encoder(params), FlowTracker(params.c), Announcer()
+    sealer, enc, tracker, ann = Sealer(key, SITE), Encoder(params), FlowTracker(params.c), Announcer(key)
     told: dict[Flow, list[int]] = {f: [] for f in trace.subscribed}
+    datagrams: dict[Flow, list[bytes]] = {f: [] for f in trace.subscribed}
 
     def push() -> None:
         for flow, offset in tracker.safe_offsets():
             for _dest, datagram in ann.on_safe(flow, offset, 0.0):
-                f, off = decode_callback(datagram)
+                f, off, nonce = decode_callback(datagram, key)
+                assert nonce == nonce_of(f)
                 told[f].append(off)
+                datagrams[f].append(datagram)
 
     for f in trace.subscribed:
-        ann.on_subscribe(f, "server", 0.0)
+        ann.on_subscribe(f, "server", 0.0, nonce_of(f))
     wire = []
     for i, p in enumerate(trace.packets):
         seq = FIRST_SEQ + i
@@ -433,7 +446,7 @@ def model(trace: EgressTrace, key: bytes, params: FecParams = PARAMS) -> Model:
     wire += [sealer.repair(r) for r in tail]
     tracker.on_repairs_sent(tail, 0.0)
     push()
-    return Model(wire, len(tail), before, {f: v[-1] for f, v in told.items() if v})
+    return Model(wire, len(tail), before, {f: v[-1] for f, v in told.items() if v}, datagrams)
 
 
 # -- running one gateway -----------------------------------------------------------------------
@@ -483,6 +496,8 @@ class Run:
     wire: list[bytes]
     callbacks: list[tuple[Flow, int]]
     tun: list[bytes]
+    callback_datagrams: list[bytes]  # as received, byte for byte (callbacks: the same, decoded)
+    stolen: int  # callbacks that reached the thief's socket (a forged or replayed subscribe honoured)
     stats: dict[str, Any]
     stats_text: str
     checkpoint: dict[str, Any]  # the statistics at the ingress trace's checkpoint
@@ -496,6 +511,7 @@ class Gateway:
     def __init__(self, engine: str, workdir: Path, key_file: Path, env: dict[str, str],
                  params: FecParams = PARAMS) -> None:
         self.engine = engine
+        self.key = bytes.fromhex(key_file.read_text())
         self.tb = NamespaceTestbed()
         try:
             self.tb.build()
@@ -507,6 +523,7 @@ class Gateway:
                 self.peer = self._udp((PEER_WAN, PORT))
             with inside(self.tb.ns("primary")):
                 self.server = self._udp(("127.0.0.1", 0))
+                self.thief = self._udp(("127.0.0.1", 0))  # sends forged and replayed subscribes
                 self.raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
                 self.cap = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # bound once the TUN exists
                 self.cap.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 32 << 20)
@@ -529,6 +546,8 @@ class Gateway:
             raise
         self.wire: list[bytes] = []
         self.callbacks: list[tuple[Flow, int]] = []
+        self.callback_datagrams: list[bytes] = []
+        self.stolen: list[bytes] = []
         self.tun: list[bytes] = []
         self.egress_s = 0.0
         self.wan_sent = 0
@@ -546,7 +565,7 @@ class Gateway:
         return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
 
     def close(self) -> None:
-        for name in ("peer", "server", "raw", "cap"):
+        for name in ("peer", "server", "thief", "raw", "cap"):
             sock = getattr(self, name, None)
             if sock is not None:
                 sock.close()
@@ -554,7 +573,8 @@ class Gateway:
 
     # -- what the gateway sends --
     def drain(self) -> None:
-        for sock, sink in ((self.peer, self.wire), (self.server, self.callbacks), (self.cap, self.tun)):
+        for sock, sink in ((self.peer, self.wire), (self.server, self.callbacks), (self.thief, self.stolen),
+                           (self.cap, self.tun)):
             while True:
                 try:
                     data, addr = sock.recvfrom(65535)
@@ -565,7 +585,10 @@ class Gateway:
                         break
                     raise
                 if sock is self.server:
-                    sink.append(decode_callback(data))
+                    flow, offset, nonce = decode_callback(data, self.key)  # a good MAC, or this raises
+                    assert nonce == nonce_of(flow), (flow, nonce)
+                    sink.append((flow, offset))
+                    self.callback_datagrams.append(data)
                 elif sock is self.cap:
                     if addr[0] == TUN and addr[2] != PACKET_OUTGOING:
                         sink.append(data)
@@ -601,12 +624,20 @@ class Gateway:
 
     # -- driving it --
     def subscribe(self, flows: list[Flow]) -> None:
+        me = self.server.getsockname()
         for f in flows:
-            self.server.sendto(encode_subscribe(f), CONTROL)
+            self.server.sendto(encode_subscribe(f, nonce_of(f), self.key, me), CONTROL)
         # Before any egress packet: each subscription is logged once handled, by both engines.
         _wait(lambda: self.log().count("callbacks for ") >= len(flows), "the subscriptions")
-        for junk in (b"SMSB", b"SMSX" + bytes(12), b"x" * 600):  # counted in reasons
+        for junk in (b"SMSB", b"SMSX" + bytes(36), b"x" * 600):  # counted in reasons
             self.server.sendto(junk, CONTROL)
+        # Forged (another key, or no MAC) and replayed (a good one, from another address) subscribes:
+        # refused and counted ("control: bad mac"); were one honoured, the thief would get callbacks.
+        f = flows[0]
+        good = encode_subscribe(f, nonce_of(f), self.key, me)
+        for forged in (encode_subscribe(f, nonce_of(f), b"another key!" * 3, self.thief.getsockname()), good,
+                       good[:-16] + bytes(16)):
+            self.thief.sendto(forged, CONTROL)
 
     def egress(self, packets: list[bytes], m: Model) -> None:
         """Write the packets in chunks (each read before the next: no queue on the way can
@@ -669,8 +700,8 @@ class Gateway:
         assert rc == 0, log[-3000:]
         self.drain()
         text = self.stats_file.read_text()
-        return Run(self.engine, self.wire, self.callbacks, self.tun, json.loads(text), text, self.checkpoints[0], log,
-                   self.egress_s)
+        return Run(self.engine, self.wire, self.callbacks, self.tun, self.callback_datagrams, len(self.stolen),
+                   json.loads(text), text, self.checkpoints[0], log, self.egress_s)
 
 
 def run_gateway(engine: str, workdir: Path, key_file: Path, env: dict[str, str], eg: EgressTrace, m: Model,
@@ -806,6 +837,23 @@ def test_callbacks(runs: Runs, engine: str) -> None:
     if runs.params.c == 0:  # no FEC: every byte is safe once sent, nothing waits for the final flush
         assert all(m.before_flush[f][-1:] == [o] for f, o in m.final.items()), (m.before_flush, m.final)
     assert sum(map(len, m.before_flush.values())) > 10, m.before_flush
+    # Byte for byte: each engine's callback datagrams (MAC under the key, the subscription's nonce) are the
+    # model's, repeats collapsed, up to the final flush; and the final one is the model's last.
+    got = _told_datagrams(runs[engine])
+    for flow in m.final:
+        want = m.datagrams[flow]
+        pre = want[:len(m.before_flush[flow])]
+        assert got[flow][:len(pre)] == pre and got[flow][-1] == want[-1], flow
+    assert runs[engine].stolen == 0
+
+
+def _told_datagrams(run: Run) -> dict[Flow, list[bytes]]:
+    out: dict[Flow, list[bytes]] = {}
+    for (flow, _offset), datagram in zip(run.callbacks, run.callback_datagrams, strict=True):
+        seq = out.setdefault(flow, [])
+        if not seq or seq[-1] != datagram:
+            seq.append(datagram)
+    return out
 
 
 @pytest.mark.parametrize("engine", C_ENGINES)
@@ -867,4 +915,5 @@ def test_trace_coverage(runs: Runs) -> None:
     assert runs["python"].checkpoint["lost_for_good"] > 0, runs["python"].checkpoint
     assert st["late_after_rebuild"] > 0 and reasons.get("tun: Invalid argument", 0) > 0 and st["edge_drops"] == 0, st
     assert any(r.startswith("control: ") for r in reasons), reasons
+    assert reasons.get("control: bad mac") == 3, reasons  # the forged and replayed subscribes
     assert st["packets_in"] == len(runs.egress.packets) and st["send_errors"] == 0, st

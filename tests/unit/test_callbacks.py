@@ -30,6 +30,8 @@ from smfs.fec import Encoder, FecParams, Repair
 SRC, DST = "10.0.1.2", "10.0.2.2"
 FLOW = Flow(SRC, 40000, DST, 7000)
 ISN = 1000
+KEY = bytes(range(32))
+NONCE = b"nonce-01"
 
 
 def tcp(
@@ -351,13 +353,18 @@ SUB = ("127.0.0.1", 45000)
 
 
 def _offsets(out: list[tuple[object, bytes]]) -> list[tuple[object, Flow, int]]:
-    return [(dest, *decode_callback(d)) for dest, d in out]
+    res = []
+    for dest, d in out:
+        flow, offset, nonce = decode_callback(d, KEY)
+        assert nonce == NONCE
+        res.append((dest, flow, offset))
+    return res
 
 
 def test_announcer_sends_at_once_then_re_announces_until_quiet() -> None:
-    a = Announcer(interval=0.05, linger=1.0)
+    a = Announcer(KEY, interval=0.05, linger=1.0)
     assert a.get_timer() is None
-    assert a.on_subscribe(FLOW, SUB, now=0.0) == []  # nothing safe yet: nothing to say
+    assert a.on_subscribe(FLOW, SUB, now=0.0, nonce=NONCE) == []  # nothing safe yet: nothing to say
     assert a.get_timer() is None
     assert _offsets(a.on_safe(FLOW, 100, now=0.01)) == [(SUB, FLOW, 100)]
     assert a.get_timer() == pytest.approx(0.06)
@@ -376,35 +383,35 @@ def test_announcer_sends_at_once_then_re_announces_until_quiet() -> None:
 
 
 def test_announcer_answers_a_late_or_repeated_subscribe_with_the_current_offset() -> None:
-    a = Announcer()
+    a = Announcer(KEY)
     assert a.on_safe(FLOW, 500, now=0.0) == []  # no subscriber yet, but the offset is kept
     assert a.get_timer() is None and a.offset(FLOW) == 500
-    assert _offsets(a.on_subscribe(FLOW, SUB, now=5.0)) == [(SUB, FLOW, 500)]
-    assert _offsets(a.on_subscribe(FLOW, SUB, now=5.1)) == [(SUB, FLOW, 500)]
+    assert _offsets(a.on_subscribe(FLOW, SUB, now=5.0, nonce=NONCE)) == [(SUB, FLOW, 500)]
+    assert _offsets(a.on_subscribe(FLOW, SUB, now=5.1, nonce=NONCE)) == [(SUB, FLOW, 500)]
     other = ("127.0.0.1", 45001)  # the server restarted on another port
-    assert _offsets(a.on_subscribe(FLOW, other, now=5.2)) == [(other, FLOW, 500)]
+    assert _offsets(a.on_subscribe(FLOW, other, now=5.2, nonce=NONCE)) == [(other, FLOW, 500)]
     assert a.subscriber(FLOW) == other
     assert _offsets(a.handle_timer(a.get_timer())) == [(other, FLOW, 500)]
 
 
 def test_announcer_follows_a_new_connection_on_the_same_4_tuple() -> None:
-    a = Announcer()
-    a.on_subscribe(FLOW, SUB, now=0.0)
+    a = Announcer(KEY)
+    a.on_subscribe(FLOW, SUB, now=0.0, nonce=NONCE)
     a.on_safe(FLOW, 10_000, now=0.0)
     # The tracker restarted the flow (new SYN): its offsets start over, lower.
     assert _offsets(a.on_safe(FLOW, 64, now=1.0)) == [(SUB, FLOW, 64)]
 
 
 def test_announcer_is_bounded() -> None:
-    a = Announcer(max_flows=3)
+    a = Announcer(KEY, max_flows=3)
     for port in range(10):
         flow = Flow(SRC, port, DST, 7000)
-        a.on_subscribe(flow, SUB, now=0.0)
+        a.on_subscribe(flow, SUB, now=0.0, nonce=NONCE)
         a.on_safe(flow, 1, now=0.0)
     assert len(a.handle_timer(a.get_timer())) == 3
     assert a.offset(Flow(SRC, 0, DST, 7000)) is None and a.offset(Flow(SRC, 9, DST, 7000)) == 1
     with pytest.raises(ValueError):
-        Announcer(interval=2.0, linger=1.0)
+        Announcer(KEY, interval=2.0, linger=1.0)
 
 
 @given(st.lists(st.tuples(st.integers(0, 4), st.floats(0, 0.3)), max_size=40))
@@ -412,10 +419,10 @@ def test_announcer_is_bounded() -> None:
 def test_announcer_ticks_repeat_the_latest_offset_of_every_recent_flow(events: list[tuple[int, float]]) -> None:
     """Model check: each tick re-announces exactly the subscribed flows whose offset advanced
     within ``linger``, each with its latest offset; no tick is more than ``interval`` late."""
-    a = Announcer(interval=0.05, linger=1.0)
+    a = Announcer(KEY, interval=0.05, linger=1.0)
     flows = [Flow(SRC, p, DST, 7000) for p in range(4)]
     for f in flows[:3]:  # flows[3] never subscribes
-        a.on_subscribe(f, SUB, now=0.0)
+        a.on_subscribe(f, SUB, now=0.0, nonce=NONCE)
     now, latest, changed = 0.0, {}, {}
 
     def run_until(t: float) -> None:
@@ -430,7 +437,7 @@ def test_announcer_ticks_repeat_the_latest_offset_of_every_recent_flow(events: l
         if k == 4:  # a re-subscribe of flows[0]
             run_until(now + dt)
             now += dt
-            out = a.on_subscribe(flows[0], SUB, now)
+            out = a.on_subscribe(flows[0], SUB, now, NONCE)
             if flows[0] in latest:
                 changed[flows[0]] = now
                 assert _offsets(out) == [(SUB, flows[0], latest[flows[0]])]
@@ -449,22 +456,75 @@ def test_announcer_ticks_repeat_the_latest_offset_of_every_recent_flow(events: l
 
 
 def test_callback_and_subscribe_messages() -> None:
-    data = encode_callback(FLOW, 2**40 + 3)
-    assert len(data) == 24 and data[:4] == b"SMCB"
-    assert data == struct.pack(
-        "!4s4sH4sHQ", b"SMCB", socket.inet_aton(SRC), 40000, socket.inet_aton(DST), 7000, 2**40 + 3
-    )
-    assert decode_callback(data) == (FLOW, 2**40 + 3)
-    sub = encode_subscribe(FLOW)
-    assert len(sub) == 16 and sub[:4] == b"SMSB" and decode_subscribe(sub) == FLOW
+    from smfs.tunnel import _mac
+
+    data = encode_callback(FLOW, 2**40 + 3, NONCE, KEY)
+    body = struct.pack("!4s4sH4sHQ8s", b"SMCB", socket.inet_aton(SRC), 40000, socket.inet_aton(DST), 7000, 2**40 + 3,
+                       NONCE)
+    assert len(data) == 48 and data == body + _mac(KEY, body)  # HMAC-SHA-256 under the tunnel key, 16 bytes
+    assert decode_callback(data, KEY) == (FLOW, 2**40 + 3, NONCE)
+    sub = encode_subscribe(FLOW, NONCE, KEY, SUB)
+    sbody = struct.pack("!4s4sH4sH8s", b"SMSB", socket.inet_aton(SRC), 40000, socket.inet_aton(DST), 7000, NONCE)
+    assert len(sub) == 40 and sub == sbody + _mac(KEY, sbody, socket.inet_aton(SUB[0]), struct.pack("!H", SUB[1]))
+    assert decode_subscribe(sub, KEY, SUB) == (FLOW, NONCE)
     for bad in (b"", data[:-1], b"XXXX" + data[4:]):
         with pytest.raises(CallbackError):
-            decode_callback(bad)
+            decode_callback(bad, KEY)
     for bad in (data, b"SMCB" + sub[4:]):
         with pytest.raises(CallbackError):
-            decode_subscribe(bad)
+            decode_subscribe(bad, KEY, SUB)
     with pytest.raises(ValueError):
-        encode_callback(Flow("not-an-ip", 1, DST, 2), 0)
+        encode_callback(Flow("not-an-ip", 1, DST, 2), 0, NONCE, KEY)
+    with pytest.raises(ValueError):
+        encode_callback(FLOW, 0, b"short", KEY)
+
+
+def test_a_forged_or_altered_callback_is_refused() -> None:
+    """Before: a callback was 24 bytes with no MAC, and any local process could ack network-sync
+    appends early by sending one. Now it must carry a MAC under the testbed key."""
+    good = encode_callback(FLOW, 5000, NONCE, KEY)
+    forged_other_key = encode_callback(FLOW, 2**40, NONCE, b"x" * 32)
+    altered = good[:16] + struct.pack("!Q", 2**40) + good[24:]  # a bigger offset, the old MAC
+    unsigned = good[:32] + bytes(16)
+    for bad in (forged_other_key, altered, unsigned):
+        with pytest.raises(CallbackError, match="bad mac"):
+            decode_callback(bad, KEY)
+    assert decode_callback(good, KEY)[1] == 5000
+
+
+def test_a_forged_or_replayed_subscribe_is_refused() -> None:
+    """A subscribe must carry a MAC under the key over its content and its sender's address: one
+    without, or one replayed from another address (to steal a flow's callbacks), is refused."""
+    good = encode_subscribe(FLOW, NONCE, KEY, SUB)
+    other = ("127.0.0.1", SUB[1] + 1)
+    with pytest.raises(CallbackError, match="bad mac"):
+        decode_subscribe(good, KEY, other)  # replayed from elsewhere
+    with pytest.raises(CallbackError, match="bad mac"):
+        decode_subscribe(encode_subscribe(FLOW, NONCE, b"y" * 32, SUB), KEY, SUB)
+    with pytest.raises(CallbackError, match="bad mac"):
+        decode_subscribe(good[:-16] + bytes(16), KEY, SUB)
+    assert decode_subscribe(good, KEY, SUB) == (FLOW, NONCE)
+
+
+def test_callbacks_echo_the_subscription_nonce() -> None:
+    """A new subscription (another nonce: a new connection on the 4-tuple, a restarted server) gets
+    callbacks under its own nonce, so those recorded under the old one are told apart and dropped."""
+    a = Announcer(KEY)
+    a.on_safe(FLOW, 700, now=0.0)
+    [(_, first)] = a.on_subscribe(FLOW, SUB, now=1.0, nonce=NONCE)
+    [(_, second)] = a.on_subscribe(FLOW, SUB, now=2.0, nonce=b"nonce-02")
+    assert decode_callback(first, KEY)[2] == NONCE and decode_callback(second, KEY)[2] == b"nonce-02"
+    assert [decode_callback(d, KEY)[2] for _, d in a.handle_timer(a.get_timer())] == [b"nonce-02"]
+    with pytest.raises(ValueError):
+        a.on_subscribe(FLOW, SUB, now=3.0, nonce=b"")
+
+
+@given(st.binary(max_size=64))
+@settings(max_examples=300, deadline=None)
+def test_control_messages_from_random_bytes_are_refused_cleanly(data: bytes) -> None:
+    for decode in (lambda d: decode_callback(d, KEY), lambda d: decode_subscribe(d, KEY, SUB)):
+        with pytest.raises(CallbackError):
+            decode(data)
 
 
 def test_flags_constants() -> None:

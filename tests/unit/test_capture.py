@@ -201,9 +201,12 @@ def test_capture_rejects_bad_arguments(tmp_path: Path, kwargs: dict[str, object]
     ({"max_packets": "many"}, "--max-packets 'many'"),
     ({"site": "moon"}, "--site 'moon': testbed tb1 has sites mirror, primary; use one of them"),
 ])  # fmt: skip
-def test_task_flag_errors_are_one_line(monkeypatch: pytest.MonkeyPatch, flags: dict[str, str], message: str) -> None:
+def test_task_flag_errors_are_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, flags: dict[str, str],
+                                       message: str) -> None:
     from testbed.cli.capture import capture as task
     from testbed.vmbed import VmTestbed
+
+    monkeypatch.setenv("SMFS_TESTBED_CACHE", str(tmp_path / "cache"))  # its own lock: a running testbed holds the real one
 
     vms = {"p": SimpleNamespace(site="primary"), "m": SimpleNamespace(site="mirror")}
     monkeypatch.setattr(VmTestbed, "active", classmethod(lambda cls: SimpleNamespace(name="tb1", vms=vms)))

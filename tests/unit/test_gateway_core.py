@@ -24,6 +24,7 @@ KEY = b"k" * 32
 FLOW = Flow("198.18.1.10", 40000, "198.18.2.10", 7000)
 ISN = 5000
 SUBSCRIBER = ("127.0.0.1", 45000)
+NONCE = b"\x01" * 8  # the subscription's nonce
 PARAMS = FecParams()  # r=8, interleaves (1, 11, 19), flush 5 ms
 
 
@@ -151,7 +152,9 @@ class FakeControl:
             raise err
         assert addr == SUBSCRIBER
         if not self.lose(self.attempts):
-            self.delivered.append(decode_callback(data))
+            flow, offset, nonce = decode_callback(data, KEY)  # authenticated under the testbed key
+            assert nonce == NONCE
+            self.delivered.append((flow, offset))
         return len(data)
 
     def offsets(self) -> list[int]:
@@ -171,7 +174,7 @@ class Harness:
         self.gw._on_tun()
 
     def subscribe(self) -> None:
-        self.control.inbox.append((encode_subscribe(FLOW), SUBSCRIBER))
+        self.control.inbox.append((encode_subscribe(FLOW, NONCE, KEY, SUBSCRIBER), SUBSCRIBER))
         self.gw._on_control()
 
     def receive(self, *datagrams: bytes | OSError) -> None:
@@ -532,6 +535,22 @@ def test_a_lost_callback_is_re_announced(egress: Harness) -> None:
     egress.loop.advance(0.05)  # within one re-announcement period
     assert egress.control.offsets() == [100]
     assert egress.gw.snapshot()["callbacks_resent"] >= 1
+
+
+def test_forged_and_replayed_subscribes_steal_no_callbacks(egress: Harness) -> None:
+    """The control channel takes a subscribe only with a good MAC for its sender: one under another
+    key, one replayed from another address, one with garbage where the MAC goes are counted and
+    ignored (FakeControl.sendto asserts every callback goes to the real subscriber)."""
+    egress.subscribe()
+    thief = ("127.0.0.1", 46000)
+    good = encode_subscribe(FLOW, NONCE, KEY, SUBSCRIBER)
+    for data in (encode_subscribe(FLOW, NONCE, b"z" * 32, thief), good, good[:-16] + bytes(16)):
+        egress.control.inbox.append((data, thief))
+    egress.gw._on_control()
+    egress.send(tcp(ISN, flags=TCP_SYN), tcp(ISN + 1, 100))
+    egress.loop.advance(0.3)
+    assert egress.gw.announcer.subscriber(FLOW) == SUBSCRIBER and egress.control.offsets()[-1] == 100
+    assert egress.gw.reasons["control: bad mac"] == 3, egress.gw.reasons
 
 
 def test_a_failed_callback_send_is_re_announced(egress: Harness) -> None:

@@ -354,6 +354,19 @@ def test_seal_same_bytes(key: bytes) -> None:
     assert native.Sealer(key, 255).repair(rep) == tunnel.Sealer(key, 255).repair(rep)
 
 
+@pytest.mark.parametrize("key", KEYS, ids=[f"key{len(k)}" for k in KEYS])
+def test_control_mac_same_bytes(key: bytes) -> None:
+    """smfs_tunnel_mac, which the C gateway's subscribe check and callbacks use, is tunnel._mac."""
+    rng = random.Random(len(key) + 1)
+    t = native.Tunnel(key)
+    for size in (0, 1, 24, 30, 32, 55, 56, 64, 65, 1000):
+        data = rng.randbytes(size)
+        assert t.mac(data) == tunnel._mac(key, data)
+    flow = Flow("198.18.11.1", 40000, "198.18.12.1", 7700)
+    cb = callbacks.encode_callback(flow, 12345, b"n" * 8, key)
+    assert t.mac(cb[:32]) == cb[32:]
+
+
 def test_seal_rejects_as_python() -> None:
     big = Repair(0, tuple(range(64)), (65535,) * 64, bytes(65535))
     wide = Repair(1, (0, 2**32), (1, 1), b"\0")

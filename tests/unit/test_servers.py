@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from smfs import auth
 from smfs.client import AppendFailed, Client, ConnectionLost
 from smfs.logstore import LogStore
 from smfs.mirror import MirrorServer
@@ -16,14 +17,21 @@ from smfs.modes import MODES
 from smfs.primary import PrimaryServer
 from smfs.wire import FrameType, encode
 
+KEY = bytes(range(100, 132))  # the testbed's key in these tests
 
-async def _pair(tmp: Path, mode: str) -> tuple[PrimaryServer, MirrorServer, LogStore, LogStore]:
+
+async def _mirror(tmp: Path, **kw: object) -> tuple[MirrorServer, LogStore, int]:
     mstore = LogStore.open(tmp / "m", sync=False)
-    pstore = LogStore.open(tmp / "p", sync=False)
-    mirror = MirrorServer(0, mstore, "127.0.0.1", 0)
+    mirror = MirrorServer(0, mstore, [("127.0.0.1", 0)], key=KEY, **kw)  # type: ignore[arg-type]
     await mirror.start()
-    port = mirror._server.sockets[0].getsockname()[1]  # noqa: SLF001 - ephemeral port for the test
-    primary = PrimaryServer(0, pstore, MODES[mode], str(tmp / "p.sock"), ("127.0.0.1", port))
+    return mirror, mstore, mirror.addresses[0][1]
+
+
+async def _pair(tmp: Path, mode: str, **kw: object) -> tuple[PrimaryServer, MirrorServer, LogStore, LogStore]:
+    mirror, mstore, port = await _mirror(tmp)
+    pstore = LogStore.open(tmp / "p", sync=False)
+    primary = PrimaryServer(0, pstore, MODES[mode], str(tmp / "p.sock"), ("127.0.0.1", port), key=KEY,
+                            **kw)  # type: ignore[arg-type]
     await primary.start()
     return primary, mirror, pstore, mstore
 
@@ -55,13 +63,14 @@ def test_appends_reach_both_stores(tmp_path: Path, mode: str) -> None:
 def test_garbage_closes_only_that_connection(tmp_path: Path) -> None:
     async def go() -> None:
         primary, mirror, pstore, mstore = await _pair(tmp_path, "remote-sync")
-        port = mirror._server.sockets[0].getsockname()[1]  # noqa: SLF001
+        port = mirror.addresses[0][1]
         # Garbage and a truncated frame to the mirror's TCP port.
         for junk in (b"GET / HTTP/1.0\r\n\r\n" * 3, encode(FrameType.MIRROR, 9, 0, b"x" * 100)[:-5]):
             r, w = await asyncio.open_connection("127.0.0.1", port)
             w.write(junk)
             w.write_eof()
-            assert await asyncio.wait_for(r.read(), 5) == b""
+            got = await asyncio.wait_for(r.read(), 5)
+            assert got[:4] == b"SMH1" and got[auth.HELLO_LEN:] == auth.REFUSED  # its hello, a refusal, nothing more
             w.close()
         # A frame type a client may not send, then a bad checksum, to the primary's socket.
         for junk in (encode(FrameType.MACK, 0, 1), encode(FrameType.APPEND, 1, 0, b"abc")[:-1] + b"X"):
@@ -101,12 +110,10 @@ def test_testers_write_one_folded_ledger_to_a_shared_stream(tmp_path: Path) -> N
     from workloads.tester import TesterConfig, run_all
 
     async def go() -> dict:
-        mstore = LogStore.open(tmp_path / "m", sync=False)
+        mirror, _mstore, port = await _mirror(tmp_path)
         pstore = LogStore.open(tmp_path / "p", sync=False)
-        mirror = MirrorServer(0, mstore, "127.0.0.1", 0)
-        await mirror.start()
-        port = mirror._server.sockets[0].getsockname()[1]  # noqa: SLF001
-        primary = PrimaryServer(0, pstore, MODES["remote-sync"], socket_path(tmp_path, 0), ("127.0.0.1", port))
+        primary = PrimaryServer(0, pstore, MODES["remote-sync"], socket_path(tmp_path, 0), ("127.0.0.1", port),
+                                key=KEY)
         await primary.start()
         cfg = TesterConfig(testers=3, append_size=4096, count=5, servers=1, run_dir=str(tmp_path),
                            ledger_stream=str(tmp_path / "stream.jsonl"))
@@ -134,27 +141,24 @@ def test_network_sync_resubscribes_when_callbacks_stop(tmp_path: Path) -> None:
         gw.bind(("127.0.0.1", 0))
         gw.setblocking(False)
         loop = asyncio.get_running_loop()
-        mstore = LogStore.open(tmp_path / "m", sync=False)
+        mirror, _mstore, port = await _mirror(tmp_path)
         pstore = LogStore.open(tmp_path / "p", sync=False)
-        mirror = MirrorServer(0, mstore, "127.0.0.1", 0)
-        await mirror.start()
-        port = mirror._server.sockets[0].getsockname()[1]  # noqa: SLF001
         primary = PrimaryServer(0, pstore, MODES["network-sync"], str(tmp_path / "p.sock"), ("127.0.0.1", port),
-                                gateway_control=gw.getsockname())
+                                gateway_control=gw.getsockname(), key=KEY)
         await primary.start()
 
-        async def subscription() -> tuple[object, tuple[str, int]]:
+        async def subscription() -> tuple[object, bytes, tuple[str, int]]:
             data, addr = await asyncio.wait_for(loop.sock_recvfrom(gw, 256), 5)
-            return decode_subscribe(data), addr
+            return (*decode_subscribe(data, KEY, addr), addr)
 
         client = await Client.connect(str(tmp_path / "p.sock"))
         append = asyncio.ensure_future(client.append(1, 0, b"x" * 5000))
         await subscription()  # lost: not answered
-        flow, addr = await subscription()  # the retry, about a second later
+        flow, nonce, addr = await subscription()  # the retry, about a second later
         assert not append.done()  # no callback yet: network-sync must not ack
-        gw.sendto(encode_callback(flow, 1 << 40), addr)
+        gw.sendto(encode_callback(flow, 1 << 40, nonce, KEY), addr)
         await asyncio.wait_for(append, 5)
-        again, _ = await subscription()  # callbacks stopped (a gateway restart): it subscribes again
+        again, _, _ = await subscription()  # callbacks stopped (a gateway restart): it subscribes again
         assert again == flow
         await client.close()
         await primary.close()
