@@ -1,0 +1,618 @@
+"""A randomized fault campaign, in the spirit of Jepsen's nemesis loops: ``./inv campaign``.
+
+Each run draws a **schedule** from its own seed (``run_seed(campaign_seed, i)``): the workload's shape
+(testers, append size, server pairs, the WAN's base loss), the faults during the run (which, when, how
+long: partitions, freezes, loss bursts, mirror restarts) and the disaster that ends it (site power cut
+or rolling disaster) at a random instant. It then runs the namespace drill of the chosen modes with that
+schedule (:func:`testbed.localdrill.run_local_drill`, faults through the drill's ``during``), and records
+the seed and the schedule in the run's folder (``schedule.json``): ``./inv campaign --replay SEED``
+draws the same schedule again (or ``--replay FOLDER/schedule.json`` reads it back), so a finding is
+one command away from being repeated.
+
+The draw is a pure function of the seed (``random.Random`` seeded with a string: SHA-512, no hash
+randomisation) and of ``DRAW_VERSION``; a change to the drawing raises ``DRAW_VERSION``, and a
+schedule file replays exactly whatever the version.
+
+Every fault heals at least ``settle`` + its own length before the disaster: network-sync's promise is
+about random WAN loss its repairs cover, and a partition's (or a frozen gateway's) dropped packets
+come back only when TCP retransmits them, after a backed-off timeout of up to about the fault's length.
+A disaster before that retransmission would lose what no mode's ack condition claims to have delivered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from smfs.modes import Mode
+
+Say = Callable[[str], None]
+
+DRAW_VERSION = 1
+FAULT_KINDS = ("partition", "freeze", "loss-burst", "mirror-restart")
+"""The faults a namespace run draws during the run (:data:`testbed.localdrill.FAULTS`)."""
+FAULT_WEIGHTS = (3, 3, 3, 2)
+"""A mirror restart is drawn less often: the primary does not reconnect, so the rest of that run is quiet."""
+DISASTERS = ("site-power-cut", "rolling-disaster")
+"""The disasters a namespace run draws (:data:`testbed.localdrill.SCHEDULES`)."""
+PARTITIONS = ("both", "to-mirror", "to-primary")
+FREEZE_TARGETS = ("mirror", "primary", "mirror-gateway", "primary-gateway")
+MAX_SEED = (1 << 63) - 1
+GIVE_UP_AFTER = 3  # consecutive runs whose drill crashed: the campaign stops (the harness is broken)
+MODE_OVERHEAD_S = 3.5  # s per mode beside the run to the disaster (setup, drain, check, teardown): the first ETA
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What a draw may pick (namespace testbed). Times in seconds after the testers start."""
+
+    fail_at: tuple[float, float] = (2.5, 4.5)  # the disaster's instant
+    tail: tuple[float, float] = (1.0, 4.0)  # the testers' duration beyond the disaster (they are still running)
+    testers: tuple[int, int] = (8, 16)
+    append_sizes: tuple[int, ...] = (32 << 10, 64 << 10, 128 << 10)
+    servers: tuple[int, ...] = (2, 4)
+    wan_loss: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)  # the WAN's base random loss, % each way
+    faults: tuple[int, int] = (1, 3)  # how many during-run faults are drawn (some may not fit and are dropped)
+    fault_seconds: tuple[float, float] = (0.2, 1.2)
+    first_at: float = 0.5  # the earliest injection: the testers have acked appends by then
+    settle: float = 0.8  # s between a fault's heal and the disaster, beyond the fault's own length
+    loss: tuple[float, float] = (5.0, 40.0)  # a loss burst's loss, %
+    burst_loss: tuple[float, float] = (1.0, 5.0)  # the rolling disaster's loss, % (within what FEC repairs)
+    burst_seconds: tuple[float, float] = (0.2, 0.8)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+DEFAULT_BOUNDS = Bounds()
+
+
+@dataclass(frozen=True)
+class FaultDraw:
+    """One during-run fault: ``kind`` at ``at`` s for ``seconds`` s; ``target`` (freeze), ``direction``
+    (partition), ``loss`` (loss-burst, %)."""
+
+    kind: str
+    at: float
+    seconds: float
+    target: str = ""
+    direction: str = ""
+    loss: float = 0.0
+
+    def describe(self) -> str:
+        arg = {"freeze": self.target, "partition": self.direction, "loss-burst": f"{self.loss:g}%"}.get(self.kind, "")
+        return f"{self.kind}{f'({arg})' if arg else ''}@{self.at:g}+{self.seconds:g}s"
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"kind": self.kind, "at": self.at, "seconds": self.seconds}
+        if self.kind == "freeze":
+            d["target"] = self.target
+        elif self.kind == "partition":
+            d["direction"] = self.direction
+        elif self.kind == "loss-burst":
+            d["loss"] = self.loss
+        return d
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Everything a run draws; with the modes, it decides the run."""
+
+    seed: int
+    testers: int
+    append_size: int  # bytes
+    servers: int
+    wan_loss: float  # %
+    duration: float  # s the testers run at most
+    fail_at: float  # s: the disaster's instant
+    disaster: str
+    burst_loss: float  # % (rolling-disaster)
+    burst_seconds: float  # s (rolling-disaster)
+    faults: tuple[FaultDraw, ...] = ()
+    testbed: str = "netns"
+    draw_version: int = DRAW_VERSION
+
+    def describe(self) -> str:
+        faults = ", ".join(f.describe() for f in self.faults) or "no faults"
+        disaster = self.disaster + (f"({self.burst_loss:g}% {self.burst_seconds:g}s)" if self.disaster == "rolling-disaster" else "")
+        return (f"{self.testers} testers × {self.append_size // 1024}KiB, {self.servers} servers, loss {self.wan_loss:g}%; "
+                f"{faults}; {disaster}@{self.fail_at:g}s")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "faults"}
+        return d | {"faults": [f.to_dict() for f in self.faults]}
+
+    @classmethod
+    def from_dict(cls, raw: Any, where: str = "schedule") -> Schedule:
+        """A schedule as ``to_dict`` wrote it; a one-line ValueError naming the field otherwise."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"{where}: not a JSON object")
+        want = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - want)
+        if unknown:
+            raise ValueError(f"{where}.{unknown[0]}: unknown field")
+        missing = sorted(want - set(raw) - {"testbed", "draw_version", "faults"})
+        if missing:
+            raise ValueError(f"{where}.{missing[0]}: missing")
+        s = cls(
+            seed=_int(raw["seed"], f"{where}.seed", 0, MAX_SEED),
+            testers=_int(raw["testers"], f"{where}.testers", 1, 256),
+            append_size=_int(raw["append_size"], f"{where}.append_size", 1, 8 << 20),
+            servers=_int(raw["servers"], f"{where}.servers", 1, 64),
+            wan_loss=_num(raw["wan_loss"], f"{where}.wan_loss", 0, 99),
+            duration=_num(raw["duration"], f"{where}.duration", 0.1, 600),
+            fail_at=_num(raw["fail_at"], f"{where}.fail_at", 0.1, 600),
+            disaster=_choice(raw["disaster"], f"{where}.disaster", DISASTERS),
+            burst_loss=_num(raw["burst_loss"], f"{where}.burst_loss", 0, 100),
+            burst_seconds=_num(raw["burst_seconds"], f"{where}.burst_seconds", 0, 60),
+            faults=tuple(_fault(f, f"{where}.faults[{i}]") for i, f in enumerate(_list(raw.get("faults", []), f"{where}.faults"))),
+            testbed=_choice(raw.get("testbed", "netns"), f"{where}.testbed", ("netns",)),
+            draw_version=_int(raw.get("draw_version", DRAW_VERSION), f"{where}.draw_version", 1, 1000),
+        )
+        for i, f in enumerate(s.faults):
+            if f.at + f.seconds >= s.fail_at:
+                raise ValueError(f"{where}.faults[{i}]: heals at {f.at + f.seconds:g} s, not before fail_at ({s.fail_at:g} s)")
+        return s
+
+
+def _int(v: Any, name: str, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ValueError(f"{name}: {v!r}; give a whole number from {lo} to {hi}")
+    return v
+
+
+def _num(v: Any, name: str, lo: float, hi: float) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+        raise ValueError(f"{name}: {v!r}; give a number from {lo:g} to {hi:g}")
+    return float(v)
+
+
+def _choice(v: Any, name: str, choices: tuple[str, ...]) -> str:
+    if v not in choices:
+        raise ValueError(f"{name}: {v!r}; use one of {', '.join(choices)}")
+    return str(v)
+
+
+def _list(v: Any, name: str) -> list[Any]:
+    if not isinstance(v, list):
+        raise ValueError(f"{name}: must be a list")
+    return v
+
+
+def _fault(raw: Any, where: str) -> FaultDraw:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: not a JSON object")
+    kind = _choice(raw.get("kind"), f"{where}.kind", FAULT_KINDS)
+    extra = {"freeze": {"target"}, "partition": {"direction"}, "loss-burst": {"loss"}}.get(kind, set())
+    unknown = sorted(set(raw) - {"kind", "at", "seconds"} - extra)
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]}: unknown field for {kind}")
+    at = _num(raw.get("at"), f"{where}.at", 0, 600)
+    seconds = _num(raw.get("seconds"), f"{where}.seconds", 0.01, 600)
+    if kind == "freeze":
+        return FaultDraw(kind, at, seconds, target=_choice(raw.get("target"), f"{where}.target", FREEZE_TARGETS))
+    if kind == "partition":
+        return FaultDraw(kind, at, seconds, direction=_choice(raw.get("direction"), f"{where}.direction", PARTITIONS))
+    if kind == "loss-burst":
+        return FaultDraw(kind, at, seconds, loss=_num(raw.get("loss"), f"{where}.loss", 0.01, 100))
+    return FaultDraw(kind, at, seconds)
+
+
+# --- the draw ----------------------------------------------------------------------------------
+
+
+def run_seed(campaign_seed: int, run: int) -> int:
+    """Run ``run``'s seed (1-based) in the campaign of ``campaign_seed``: 48 bits of SHA-256, so it is
+    short to type and independent of every other run's."""
+    digest = hashlib.sha256(f"smfs-campaign:{campaign_seed}:{run}".encode()).digest()
+    return int.from_bytes(digest[:6], "big")
+
+
+def _floor2(x: float) -> float:
+    return math.floor(x * 100) / 100
+
+
+def draw(seed: int, bounds: Bounds = DEFAULT_BOUNDS) -> Schedule:
+    """The schedule of ``seed``: the same seed, the same schedule, on any machine."""
+    rng = random.Random(f"smfs-campaign/v{DRAW_VERSION}/{seed}")
+    b = bounds
+    fail_at = round(rng.uniform(*b.fail_at), 1)
+    duration = round(fail_at + rng.uniform(*b.tail), 1)
+    testers = rng.randint(*b.testers)
+    append_size = rng.choice(b.append_sizes)
+    servers = rng.choice(b.servers)
+    wan_loss = rng.choice(b.wan_loss)
+    disaster = rng.choice(DISASTERS)
+    burst_loss = round(rng.uniform(*b.burst_loss), 1)
+    burst_seconds = round(rng.uniform(*b.burst_seconds), 2)
+    faults: list[FaultDraw] = []
+    for _ in range(rng.randint(*b.faults)):
+        kind = rng.choices(FAULT_KINDS, FAULT_WEIGHTS)[0]
+        seconds = round(rng.uniform(*b.fault_seconds), 2)
+        u = rng.random()  # where in its window (drawn whether or not it fits: one draw per slot)
+        target, direction, loss = rng.choice(FREEZE_TARGETS), rng.choice(PARTITIONS), round(rng.uniform(*b.loss), 1)
+        latest = fail_at - b.settle - 2 * seconds  # heal + settle + its own length before the disaster
+        if latest < b.first_at:
+            continue
+        at = max(b.first_at, _floor2(b.first_at + u * (latest - b.first_at)))
+        f = FaultDraw(kind, at, seconds, target=target if kind == "freeze" else "",
+                      direction=direction if kind == "partition" else "", loss=loss if kind == "loss-burst" else 0.0)
+        # Two faults of one kind never overlap (one partition table, one loss setting, one mirror process).
+        if any(g.kind == kind and g.at < f.at + f.seconds and f.at < g.at + g.seconds for g in faults):
+            continue
+        faults.append(f)
+    faults.sort(key=lambda f: (f.at, f.kind))
+    return Schedule(seed=seed, testers=testers, append_size=append_size, servers=servers, wan_loss=wan_loss,
+                    duration=duration, fail_at=fail_at, disaster=disaster, burst_loss=burst_loss,
+                    burst_seconds=burst_seconds, faults=tuple(faults))
+
+
+def violations(s: Schedule, bounds: Bounds = DEFAULT_BOUNDS) -> list[str]:
+    """What in ``s`` lies outside ``bounds`` (empty: every drawn value is within them)."""
+    b, out = bounds, []
+
+    def within(name: str, v: float, lo: float, hi: float) -> None:
+        if not lo - 1e-9 <= v <= hi + 1e-9:
+            out.append(f"{name} {v} outside [{lo}, {hi}]")
+
+    within("fail_at", s.fail_at, *b.fail_at)
+    within("duration - fail_at", s.duration - s.fail_at, b.tail[0] - 0.1, b.tail[1] + 0.1)
+    within("testers", s.testers, *b.testers)
+    for name, v, choices in (("append_size", s.append_size, b.append_sizes), ("servers", s.servers, b.servers),
+                             ("wan_loss", s.wan_loss, b.wan_loss), ("disaster", s.disaster, DISASTERS)):
+        if v not in choices:
+            out.append(f"{name} {v} not one of {choices}")
+    within("burst_loss", s.burst_loss, *b.burst_loss)
+    within("burst_seconds", s.burst_seconds, *b.burst_seconds)
+    if len(s.faults) > b.faults[1]:
+        out.append(f"{len(s.faults)} faults, more than {b.faults[1]}")
+    for i, f in enumerate(s.faults):
+        within(f"faults[{i}].seconds", f.seconds, *b.fault_seconds)
+        if f.at < b.first_at - 1e-9:
+            out.append(f"faults[{i}] at {f.at} before {b.first_at}")
+        if f.at + 2 * f.seconds + b.settle > s.fail_at + 1e-9:
+            out.append(f"faults[{i}] heals at {f.at + f.seconds}: less than {b.settle} + {f.seconds} s before "
+                       f"the disaster at {s.fail_at}")
+        if f.kind == "loss-burst":
+            within(f"faults[{i}].loss", f.loss, *b.loss)
+        for g in s.faults[i + 1:]:
+            if g.kind == f.kind and g.at < f.at + f.seconds and f.at < g.at + g.seconds:
+                out.append(f"two {f.kind} faults overlap")
+    return out
+
+
+def timed_faults(s: Schedule) -> tuple[Any, ...]:
+    """The schedule's faults as the namespace drill runs them (``LocalDrillConfig.during``)."""
+    from testbed.faults import Timed
+    from testbed.localdrill import NsFreeze, NsLossBurst, NsMirrorRestart, NsPartition
+
+    make = {"partition": lambda f: NsPartition(f.direction), "freeze": lambda f: NsFreeze(f.target),
+            "loss-burst": lambda f: NsLossBurst(f.loss), "mirror-restart": lambda f: NsMirrorRestart()}
+    return tuple(Timed(f.at, f.seconds, make[f.kind](f)) for f in s.faults)
+
+
+def drill_config(s: Schedule, modes: tuple[Mode, ...], out: Path, defects: tuple[str, ...] = (), engine: str = "c",
+                 drain_timeout: float = 30.0) -> Any:
+    """The namespace drill's configuration for one run of ``s``."""
+    from testbed.localdrill import LocalDrillConfig
+
+    return LocalDrillConfig(modes=modes, testers=s.testers, append_size=s.append_size, duration=s.duration,
+                            fail_at=s.fail_at, wan_loss=s.wan_loss, servers=s.servers, out=out, schedule=s.disaster,
+                            burst_loss=s.burst_loss, burst_seconds=s.burst_seconds, drain_timeout=drain_timeout,
+                            defects=defects, engine=engine, during=timed_faults(s))
+
+
+def load_replay(text: str) -> Schedule:
+    """``--replay``: a run's seed (a whole number: drawn again) or a schedule.json (read back as it ran)."""
+    if text.strip().isdigit():
+        seed = int(text.strip())
+        if seed > MAX_SEED:
+            raise ValueError(f"--replay {text}: a seed is at most {MAX_SEED}")
+        return draw(seed)
+    path = Path(text)
+    if path.is_dir():
+        path = path / "schedule.json"
+    try:
+        raw = json.loads(path.read_text()[:1 << 20])
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        why = err.strerror if isinstance(err, OSError) else "not a JSON schedule"
+        raise ValueError(f"--replay {text}: {why}; give a run's seed or its schedule.json") from None
+    return Schedule.from_dict(raw, f"--replay {path}")
+
+
+# --- the campaign ------------------------------------------------------------------------------
+
+SUN_PATH_MAX = 107  # bytes of a unix socket's path (108 with its NUL)
+
+
+def run_folder(run: int) -> str:
+    """A run's folder in the campaign's (short: the primary's unix sockets live below it)."""
+    return f"run-{run:03d}"
+
+
+def socket_room(out: Path, runs: int, servers: int) -> str | None:
+    """Why the stack's unix sockets would not fit below ``out`` (None: they fit). The longest is the primary's
+    last server socket in a +fec mode's work folder."""
+    longest = Path(str(out)) / run_folder(runs) / "remote-sync+fec" / "work" / "run-primary" / f"primary-{servers - 1}.sock"
+    if len(str(longest).encode()) > SUN_PATH_MAX:
+        return (f"{out}: too long a path for the stack's unix sockets ({len(str(longest).encode())} bytes below it, at "
+                f"most {SUN_PATH_MAX}); give a shorter --out")
+    return None
+
+
+@dataclass(frozen=True)
+class CampaignConfig:
+    modes: tuple[Mode, ...]
+    out: Path
+    runs: int = 10
+    seed: int = 0  # the campaign's seed (run i's seed is run_seed(seed, i))
+    replay: Schedule | None = None  # every run replays this schedule
+    defects: tuple[str, ...] = ()  # seeded stack defects (testing the campaign itself)
+    engine: str = "c"
+    drain_timeout: float = 30.0
+    bounds: Bounds = field(default_factory=Bounds)
+    verbose: bool = False  # every drill line on the terminal (always in each run's drill.log)
+
+    def schedule(self, run: int) -> Schedule:
+        return self.replay if self.replay is not None else draw(run_seed(self.seed, run), self.bounds)
+
+
+DURABLE_KEYS = ("acked", "lost", "corrupt", "unexpected", "prefix_violations", "recovered")
+
+
+def _mode_row(entry: dict[str, Any]) -> dict[str, Any]:
+    from testbed.selftest import evidence
+
+    row = {"verdict": entry.get("verdict", "unknown"), "durable": entry.get("durable"), "evidence": evidence(entry)}
+    row.update({k: entry.get(k) for k in DURABLE_KEYS})
+    for key in ("error", "broken_promises", "unsafe_acks", "primary_disk", "drill_faults"):
+        if entry.get(key):
+            row[key] = entry[key]
+    skipped = [e["event"] for e in entry.get("timeline", []) if e.get("skipped")]
+    if skipped:
+        row["faults_not_run"] = skipped
+    return row
+
+
+def _verdict(runs: list[dict[str, Any]]) -> str:
+    verdicts = [m["verdict"] for r in runs for m in r["modes"].values()] + [r["verdict"] for r in runs if not r["modes"]]
+    if "data-loss" in verdicts:
+        return "data-loss"
+    if "unknown" in verdicts or not verdicts:
+        return "unknown"
+    return "ok"
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class _RunLog:
+    """A run's drill lines: all into its drill.log, and on the terminal only each mode's outcome (or all with
+    ``verbose``)."""
+
+    KEEP = (": checked:", "INFRASTRUCTURE FAILURE", "DRILL ERROR", "cleanup failed", "DRILL FAULT")
+
+    def __init__(self, path: Path, say: Say, verbose: bool) -> None:
+        self.f = open(path, "a", buffering=1)  # noqa: SIM115 - closed in close()
+        self.say, self.verbose, self.t0 = say, verbose, time.monotonic()
+
+    def __call__(self, line: str) -> None:
+        self.f.write(f"[{time.monotonic() - self.t0:6.1f}s] {line}\n" if not line.startswith("\n") else line + "\n")
+        if self.verbose or any(k in line for k in self.KEEP):
+            self.say(f"    {line.strip()}")
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def run_campaign(cfg: CampaignConfig, say: Say = print) -> dict[str, Any]:
+    """Run the campaign into ``cfg.out`` (which exists); returns campaign.json's content. campaign.json and
+    summary.md are written after every run, so an interrupted campaign leaves its summary so far."""
+    from testbed.localdrill import run_local_drill
+
+    why = socket_room(cfg.out, cfg.runs, cfg.replay.servers if cfg.replay else max(cfg.bounds.servers))
+    if why:
+        raise ValueError(why)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    result: dict[str, Any] = {
+        "verdict": "unknown", "testbed": "netns", "seed": cfg.seed if cfg.replay is None else None,
+        "replay": cfg.replay.seed if cfg.replay is not None else None, "runs_planned": cfg.runs, "runs_done": 0,
+        "modes": [m.name for m in cfg.modes], "defects": list(cfg.defects), "engine": cfg.engine,
+        "draw_version": DRAW_VERSION, "bounds": cfg.bounds.to_dict(), "interrupted": False, "runs": [],
+    }
+    what = (f"replaying seed {cfg.replay.seed}" if cfg.replay is not None else f"seed {cfg.seed}")
+    say(f"campaign: {cfg.runs} run(s) of {', '.join(m.name for m in cfg.modes)} in network namespaces, {what} -> {cfg.out}")
+    if cfg.defects:
+        say(f"campaign: SEEDED DEFECTS in the stack: {', '.join(cfg.defects)} (the campaign must report data loss)")
+    crashed = 0
+    est = [len(cfg.modes) * (cfg.schedule(i).fail_at + MODE_OVERHEAD_S) for i in range(1, cfg.runs + 1)]
+    say(f"campaign: about {_hms(sum(est))} by the schedules' lengths (the ETA after each run is measured)")
+    try:
+        for i in range(1, cfg.runs + 1):
+            sched = cfg.schedule(i)
+            folder = cfg.out / run_folder(i)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "schedule.json").write_text(json.dumps(sched.to_dict(), indent=1) + "\n")
+            say(f"run {i}/{cfg.runs}  seed {sched.seed}: {sched.describe()}")
+            log = _RunLog(folder / "drill.log", say, cfg.verbose)
+            t_run = time.monotonic()
+            row: dict[str, Any] = {"run": i, "seed": sched.seed, "folder": folder.name, "schedule": sched.to_dict(),
+                                   "describe": sched.describe(), "modes": {}}
+            try:
+                drilled = run_local_drill(drill_config(sched, cfg.modes, folder, cfg.defects, cfg.engine,
+                                                       cfg.drain_timeout), say=log)
+                row["modes"] = {e["mode"]: _mode_row(e) for e in drilled["modes"]}
+                row["verdict"] = drilled["verdict"]
+                crashed = 0
+            except KeyboardInterrupt:
+                row["verdict"], row["error"], row["interrupted"] = "unknown", "interrupted (Ctrl-C)", True
+                raise
+            except Exception as err:  # noqa: BLE001 - a crashed drill is this run's "unknown", with its reason
+                (folder / "campaign-error.txt").write_text(traceback.format_exc())
+                row["verdict"], row["error"] = "unknown", f"the drill crashed: {type(err).__name__}: {err}"
+                log(f"DRILL ERROR (verdict unknown): {row['error']}")
+                crashed += 1
+            finally:
+                log.close()
+                row["seconds"] = round(time.monotonic() - t_run, 1)
+                result["runs"].append(row)
+                _save(result, cfg, time.monotonic() - t0)
+            done = time.monotonic() - t0
+            eta = done / sum(est[:i]) * sum(est[i:])  # the remaining runs' lengths at the pace measured so far
+            say(f"run {i}/{cfg.runs}  seed {sched.seed}: {_verdicts_line(row)}  ({row['seconds']:.0f} s; "
+                f"{_hms(done)} so far" + (f", ETA {_hms(eta)})" if i < cfg.runs else ")"))
+            if crashed >= GIVE_UP_AFTER:
+                say(f"campaign: the drill crashed in {crashed} runs in a row; stopping (see campaign-error.txt)")
+                result["gave_up"] = f"the drill crashed in {crashed} runs in a row"
+                break
+    except KeyboardInterrupt:
+        result["interrupted"] = True
+        _save(result, cfg, time.monotonic() - t0)
+        say(f"campaign: interrupted in run {len(result['runs'])} ({result['runs_done']} complete); summary so far in "
+            f"{cfg.out / 'summary.md'}")
+        raise
+    _save(result, cfg, time.monotonic() - t0)
+    say("\n" + summary_text(result))
+    say(f"\ncampaign verdict: {result['verdict']}   ({cfg.out / 'campaign.json'}, {cfg.out / 'summary.md'})")
+    return result
+
+
+def _verdicts_line(row: dict[str, Any]) -> str:
+    if not row["modes"]:
+        return f"unknown ({row.get('error', '')})"
+    parts = []
+    for name, m in row["modes"].items():
+        lost = f", {m['lost']} lost" if m.get("lost") else ""
+        parts.append(f"{name} {m['verdict']}{lost}")
+    return "; ".join(parts)
+
+
+def _save(result: dict[str, Any], cfg: CampaignConfig, seconds: float) -> None:
+    runs = result["runs"]
+    complete = [r for r in runs if not r.get("interrupted")]
+    result["runs_done"] = len(complete)
+    result["verdict"] = _verdict(runs)
+    result["seconds"] = round(seconds, 1)
+    result["seconds_per_run"] = round(sum(r["seconds"] for r in complete) / len(complete), 1) if complete else None
+    per_mode: dict[str, dict[str, int]] = {}
+    for m in result["modes"]:
+        got = [r["modes"][m] for r in runs if m in r["modes"]]
+        per_mode[m] = {"runs": len(got), "ok": sum(g["verdict"] == "ok" for g in got),
+                       "data-loss": sum(g["verdict"] == "data-loss" for g in got),
+                       "unknown": sum(g["verdict"] == "unknown" for g in got) + sum(1 for r in runs if not r["modes"]),
+                       "acked": sum(g.get("acked") or 0 for g in got), "lost": sum(g.get("lost") or 0 for g in got)}
+    result["per_mode"] = per_mode
+    extra = (f" --defects {','.join(cfg.defects)}" if cfg.defects else "") + (f" --engine {cfg.engine}" if cfg.engine != "c" else "")
+    replay = "./inv campaign --replay {seed} --modes {mode}" + extra
+    result["data_loss"] = [
+        {"run": r["run"], "seed": r["seed"], "mode": name, "lost": m.get("lost"), "corrupt": m.get("corrupt"),
+         "unexpected": m.get("unexpected"), "prefix_violations": m.get("prefix_violations"),
+         "broken_promises": m.get("broken_promises", []), "evidence": m.get("evidence", ""), "schedule": r["describe"],
+         "folder": r["folder"],
+         "replay": replay.format(seed=r["seed"], mode=name)}
+        for r in runs for name, m in r["modes"].items() if m["verdict"] == "data-loss"]
+    result["unknown"] = (
+        [{"run": r["run"], "seed": r["seed"], "mode": name, "reason": m.get("error") or "no verdict (see mode.json)",
+          "schedule": r["describe"], "folder": r["folder"]}
+         for r in runs for name, m in r["modes"].items() if m["verdict"] == "unknown"]
+        + [{"run": r["run"], "seed": r["seed"], "mode": None, "reason": r.get("error", "unknown"), "schedule": r["describe"],
+            "folder": r["folder"]} for r in runs if not r["modes"]])
+    (cfg.out / "campaign.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    (cfg.out / "summary.md").write_text(summary_markdown(result))
+
+
+def _cell(m: dict[str, Any] | None) -> str:
+    if m is None:
+        return "-"
+    v = m["verdict"]
+    if v == "ok" and m.get("lost"):
+        return f"ok ({m['lost']} lost)"  # a mode that promised nothing: reported, not a failure
+    if v == "data-loss":
+        local, unsafe = (m.get("primary_disk") or {}).get("lost"), m.get("unsafe_acks")
+        what = (f"{m['lost']} lost" if m.get("lost") else f"{local} missing on the primary" if local
+                else f"{unsafe} acked early" if unsafe else "see findings")
+        return f"DATA-LOSS ({what})"
+    return v.upper() if v == "unknown" else v
+
+
+def _rows(result: dict[str, Any]) -> tuple[list[list[str]], list[list[str]]]:
+    modes = result["modes"]
+    runs = [["run", "seed", "schedule", *modes, "s"]]
+    for r in result["runs"]:
+        runs.append([str(r["run"]), str(r["seed"]), r["describe"], *(_cell(r["modes"].get(m)) if r["modes"] else "UNKNOWN"
+                                                                     for m in modes), f"{r['seconds']:.0f}"])
+    totals = [["mode", "runs", "ok", "data-loss", "unknown", "acked", "lost"]]
+    for m, t in result.get("per_mode", {}).items():
+        totals.append([m, *(str(t[k]) for k in ("runs", "ok", "data-loss", "unknown", "acked", "lost"))])
+    return runs, totals
+
+
+def _plain(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _md(rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    out += ["| " + " | ".join(v.replace("|", "\\|") for v in r) + " |" for r in rows[1:]]
+    return "\n".join(out)
+
+
+def _findings(result: dict[str, Any]) -> list[str]:
+    lines = []
+    for d in result.get("data_loss", []):
+        why = "; ".join(d["broken_promises"]) or d.get("evidence") or "see mode.json"
+        lines.append(f"DATA LOSS  run {d['run']} seed {d['seed']} {d['mode']}: {why}\n"
+                     f"           schedule: {d['schedule']}\n           folder: {d['folder']}   replay: {d['replay']}")
+    for u in result.get("unknown", []):
+        lines.append(f"UNKNOWN    run {u['run']} seed {u['seed']} {u['mode'] or '(whole run)'}: {u['reason']}\n"
+                     f"           schedule: {u['schedule']}")
+    return lines
+
+
+def summary_text(result: dict[str, Any]) -> str:
+    runs, totals = _rows(result)
+    head = (f"campaign: {result['runs_done']} of {result['runs_planned']} run(s)"
+            + (f", seed {result['seed']}" if result.get("seed") is not None else f", replay of seed {result['replay']}")
+            + f", {_hms(result.get('seconds') or 0)} ({result.get('seconds_per_run')} s per run)")
+    parts = [head, "", _plain(runs), "", _plain(totals)]
+    findings = _findings(result)
+    if findings:
+        parts += ["", *findings]
+    return "\n".join(parts)
+
+
+def summary_markdown(result: dict[str, Any]) -> str:
+    runs, totals = _rows(result)
+    lines = [f"# Campaign: {result['verdict']}", "",
+             f"- runs: {result['runs_done']} of {result['runs_planned']} complete"
+             + (f" (interrupted in run {len(result['runs'])})" if result.get("interrupted") else "") + (f" ({result['gave_up']})" if result.get("gave_up") else ""),
+             f"- seed: {result['seed']}" if result.get("seed") is not None else f"- replay of seed {result['replay']}",
+             f"- modes: {', '.join(result['modes'])}; testbed: {result['testbed']}; engine: {result['engine']}",
+             f"- time: {_hms(result.get('seconds') or 0)}, {result.get('seconds_per_run')} s per run",
+             f"- draw version: {result['draw_version']}"]
+    if result.get("defects"):
+        lines.append(f"- SEEDED DEFECTS: {', '.join(result['defects'])}")
+    lines += ["", "## Verdicts per mode", "", _md(totals), "", "## Runs", "", _md(runs)]
+    if result.get("data_loss"):
+        lines += ["", "## Data loss", ""]
+        lines += [f"- run {d['run']}, seed `{d['seed']}`, {d['mode']}: {'; '.join(d['broken_promises']) or d.get('evidence')} — "
+                  f"{d['schedule']} — `{d['replay']}`" for d in result["data_loss"]]
+    if result.get("unknown"):
+        lines += ["", "## Unknown verdicts", ""]
+        lines += [f"- run {u['run']}, seed `{u['seed']}`, {u['mode'] or 'whole run'}: {u['reason']} — {u['schedule']}"
+                  for u in result["unknown"]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,88 @@
+"""Task: campaign (randomized fault schedules over the namespace drill, :mod:`testbed.campaign`).
+
+Like ``local-drill`` it holds the testbed's lock from the end of its flag checks to its end, and writes
+into a new output folder (default ``results/campaign/<timestamp>``; an ``--out`` that exists must be empty).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from pathlib import Path
+
+from invoke import task
+from invoke.exceptions import Exit
+
+from testbed.cli.common import flag_choice, flag_int, flag_number, user_error
+from testbed.cli.drill import WAIT_HELP, _claim, _guarded, _modes, _new_out, _stamp
+from testbed.lock import for_command
+from testbed.spec import DRAIN_TIMEOUT, FEC_ENGINES
+
+TESTBEDS = ("netns", "vm")
+
+
+def _defects(text: str) -> tuple[str, ...]:
+    from smfs.defects import DEFECTS
+
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    for name in names:
+        if name not in DEFECTS:
+            raise user_error(f"--defects: unknown defect {name!r}; use some of {', '.join(DEFECTS)}")
+    return names
+
+
+@task(help={
+    "runs": "runs, each with its own drawn schedule (default 10; with --replay 1: the same schedule N times)",
+    "seed": "the campaign's seed: run i's seed is derived from it (default: a random one, printed)",
+    "testbed": "netns (the namespace drill); vm is not yet supported",
+    "replay": "a run's seed (its schedule drawn again) or its schedule.json: run exactly that schedule",
+    "modes": "all (default), or a comma list of modes",
+    "out": "result directory (default results/campaign/<timestamp>)",
+    "defects": "seeded stack defects, comma list (to show the campaign catches a broken stack; smfs/defects.py)",
+    "engine": "the FEC gateways' data path: c (default) or python",
+    "drain_timeout": "seconds the mirror gets to go quiet after each disaster (then the verdict is unknown)",
+    "verbose": "print every drill line (always in each run's drill.log)",
+    "wait": WAIT_HELP,
+})
+def campaign(c, runs="", seed="", testbed="netns", replay="", modes="all", out="", defects="", engine="c",
+             drain_timeout="30", verbose=False, wait=False):
+    """Randomized fault campaign: per run a drawn schedule of faults and a disaster, every mode checked."""
+    from testbed.campaign import DEFAULT_BOUNDS, MAX_SEED, CampaignConfig, load_replay, socket_room
+    from testbed.runner import EXIT_CODES
+
+    flag_choice("--testbed", testbed, TESTBEDS)
+    if testbed == "vm":
+        raise user_error("--testbed vm: not yet; the campaign runs on the namespace testbed (--testbed netns); "
+                         "a VM drill with faults during the run is ./inv drill with [[faults.during]] in its spec")
+    if replay and seed:
+        raise user_error("--replay and --seed: give one (a replay repeats one run's schedule; a seed draws new ones)")
+    n = flag_int("--runs", runs, (1, 10_000), "100") if runs else (1 if replay else 10)
+    campaign_seed = flag_int("--seed", seed, (0, MAX_SEED), "1") if seed else secrets.randbelow(1_000_000)
+    chosen = _modes("--modes", modes)
+    seeded = _defects(defects)
+    eng = flag_choice("--engine", engine, FEC_ENGINES)
+    drain = flag_number("--drain-timeout", drain_timeout, DRAIN_TIMEOUT, "30", what="number of seconds")
+    schedule = None
+    if replay:
+        try:
+            schedule = load_replay(replay)
+        except ValueError as err:
+            raise user_error(str(err)) from None
+    given = _new_out("--out", out)
+    why = socket_room(given or Path("results/campaign/20260101-000000-99"), n,
+                      schedule.servers if schedule else max(DEFAULT_BOUNDS.servers))
+    if why:
+        raise user_error(f"--out {why}")
+    with for_command("./inv campaign", wait):
+        folder = _claim(_new_out("--out", out), Path("results/campaign"))
+        cfg = CampaignConfig(modes=chosen, out=folder, runs=n, seed=campaign_seed, replay=schedule, defects=seeded,
+                             engine=eng, drain_timeout=drain, verbose=verbose)
+        from testbed.campaign import run_campaign
+
+        result = _guarded(lambda: run_campaign(cfg, _stamp(time.monotonic())), "the campaign")
+    code = EXIT_CODES[result["verdict"]]
+    if code:
+        raise Exit(code=code)
+
+
+TASKS = [campaign]
