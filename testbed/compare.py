@@ -109,12 +109,22 @@ def compare_drills(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]
             continue
         beyond, why = _beyond_drill(tester_rates(ma, size_a), tester_rates(mb, size_b))
         ta, tb = ma.get("throughput_MBps"), mb.get("throughput_MBps")
+        la, lb = (ma.get("fec") or {}).get("lost_on_wan"), (mb.get("fec") or {}).get("lost_on_wan")
         rows.append({"what": ma["mode"], "throughput_MBps": (ta, tb, _pct(ta, tb)),
+                     "lost_on_wan_differs": _counts_differ(la, lb),
                      "p50_ms": ((ma.get("latency_ms") or {}).get("p50"), (mb.get("latency_ms") or {}).get("p50")),
                      "lost": (ma.get("lost"), mb.get("lost")), "verdict": (ma.get("verdict"), mb.get("verdict")),
                      "fec_lost_on_wan": ((ma.get("fec") or {}).get("lost_on_wan"), (mb.get("fec") or {}).get("lost_on_wan")),
                      "beyond_spread": beyond, "spread": why})
     return rows
+
+
+def _counts_differ(a: Any, b: Any) -> bool | None:
+    """Two event counts (packets lost on the WAN) differ beyond chance: more than twice the standard
+    deviation of their difference if each were Poisson (sqrt(a + b))."""
+    if not isinstance(a, int) or not isinstance(b, int) or a + b == 0:
+        return None
+    return abs(b - a) > 2 * math.sqrt(a + b)
 
 
 def compare_experiments(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
@@ -148,8 +158,10 @@ def compare(a_dir: Path, b_dir: Path) -> dict[str, Any]:
     env = differences(_flat(a.get("environment") or {}), _flat(b.get("environment") or {}))
     spec = differences(_spec_fields(a_dir, ka), _spec_fields(b_dir, kb))
     rows = compare_drills(a, b) if ka == "drill" else compare_experiments(a, b)
+    differ = [r["what"] for r in rows if r.get("beyond_spread")]
+    differ += [f"{r['what']} (packets lost on the WAN)" for r in rows if r.get("lost_on_wan_differs")]
     return {"kind": ka, "a": str(a_dir), "b": str(b_dir), "spec_differences": spec, "environment_differences": env,
-            "rows": rows, "differ": [r["what"] for r in rows if r.get("beyond_spread")]}
+            "rows": rows, "differ": differ}
 
 
 def render(res: Mapping[str, Any]) -> str:
@@ -170,7 +182,8 @@ def render(res: Mapping[str, Any]) -> str:
             extra = (f"  p50 {r['p50_ms'][0]} -> {r['p50_ms'][1]} ms  lost {r['lost'][0]} -> {r['lost'][1]}"
                      f"  verdict {r['verdict'][0]} -> {r['verdict'][1]}")
             if any(v is not None for v in r["fec_lost_on_wan"]):
-                extra += f"  lost on WAN {r['fec_lost_on_wan'][0]} -> {r['fec_lost_on_wan'][1]}"
+                extra += (f"  lost on WAN {r['fec_lost_on_wan'][0]} -> {r['fec_lost_on_wan'][1]}"
+                          + (" (DIFFERS)" if r.get("lost_on_wan_differs") else ""))
         lines.append(f"  {mark:<8} {r['what']:<40} MB/s {t[0]} -> {t[1]} ({t[2]}; {r['spread']}){extra}")
     lines.append("")
     lines.append(f"beyond the spread: {', '.join(res['differ'])}" if res["differ"]

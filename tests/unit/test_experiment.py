@@ -241,9 +241,9 @@ def test_compare_shows_a_changed_spec_and_a_change_beyond_the_spread(tmp_path: P
     b = drill_folder(tmp_path / "b", "1%", [5, 6, 4, 5, 6, 5, 4, 5], lost_on_wan=40)
     res = compare(a, b)
     assert res["spec_differences"] == [("wan.loss", "0.5%", "1%")]
-    assert res["differ"] == ["remote-sync"]
+    assert res["differ"] == ["remote-sync", "remote-sync (packets lost on the WAN)"]
     text = render(res)
-    assert "wan.loss: '0.5%' -> '1%'" in text and "DIFFERS" in text and "lost on WAN 0 -> 40" in text
+    assert "wan.loss: '0.5%' -> '1%'" in text and "DIFFERS" in text and "lost on WAN 0 -> 40 (DIFFERS)" in text
 
 
 def test_compare_refuses_a_folder_without_a_result(tmp_path: Path) -> None:
