@@ -56,8 +56,11 @@ def test_faults(tmp_path: Path) -> None:
         (k, h) for k in ("partition", "freeze", "freeze", "loss-burst", "mirror-restart") for h in (False, True)], events
     start, end = events[0::2], events[1::2]
 
-    def acks_in(i: int) -> int:  # acks completed while fault i was on (an ack already on its way may land just after)
-        return sum(1 for t in oks if start[i]["t"] + 0.15 < t < end[i]["t"])
+    def acks_in(i: int) -> int:
+        """Acks completed while fault i was on: an ack already on its way may land just after the start,
+        and the heal's mark is taken after the heal (a partition's counters are read after its rules
+        went: acks 8-11 ms before the mark were seen in a loaded full run)."""
+        return sum(1 for t in oks if start[i]["t"] + 0.15 < t < end[i]["t"] - 0.1)
 
     assert oks[0] < start[0]["t"] and len(oks) > 100
     assert end[0]["dropped"] > 0 and acks_in(0) == 0, "the partition dropped packets and stalled every ack"
