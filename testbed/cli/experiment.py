@@ -13,6 +13,16 @@ from testbed.cli.common import flag_out, user_error
 from testbed.cli.drill import WAIT_HELP, _guarded, _stamp
 from testbed.lock import for_command
 
+HELP = ("-h", "--help")
+
+
+def _usage(task_name: str, usage: str, doc: str | None, given: str) -> None:
+    """invoke hands ``--help`` to a positional argument: print the usage (exit 0); a missing one is exit 2."""
+    if given in HELP:
+        print(f"usage: ./inv {task_name} {usage}\n\n{(doc or '').strip()}")
+        raise Exit(code=0)
+    raise user_error(f"{task_name}: missing {usage.split()[0]}; usage: ./inv {task_name} {usage}")
+
 
 @task(help={
     "file": "experiment file, e.g. experiments/latency.toml",
@@ -25,6 +35,9 @@ from testbed.lock import for_command
 def experiment(c, file, quick=False, out="", resume="", keep=False, wait=False):
     """A parameter sweep over the drill from one snapshot: tidy table, plots, the paper's claims judged."""
     from testbed.experiment import ExperimentError, load, run_experiment
+
+    if not file or file in HELP:
+        _usage("experiment", "FILE [--quick] [--out DIR] [--resume DIR] [--keep] [--wait]", experiment.__doc__, file)
 
     try:
         exp = load(file, quick=quick)
@@ -68,6 +81,9 @@ def compare(c, a, b, json_out=False):
 def replay(c, folder, out="", wait=False):
     """Run again exactly what a result folder recorded (its spec or experiment file, its modes) into a new folder."""
     from testbed.compare import CompareError, load_result
+
+    if not folder or folder in HELP:
+        _usage("replay", "DIR [--out DIR] [--wait]", replay.__doc__, folder)
 
     src = Path(folder)
     try:

@@ -503,6 +503,7 @@ def _refused_in_process(content: bytes) -> None:
     ("up", "--clone", "../../etc"), ("drill", "--spec", "nope.toml", "--runs", "abc"),
     ("calibrate", "--probes", "abc"), ("exec", "primary", "--timeout", "nan", "--", "true"),
     ("balloon", "primary", "lots"), ("snapshot", ".."), ("shape", "--delay", "1e400s"),
+    ("experiment", "nope.toml"), ("experiment", "."), ("compare", "nope", "nope2"), ("replay", "nope"),
 ])  # fmt: skip
 def test_inv_bad_flags_and_paths_exit_2_with_one_line(inv: Any, args: tuple[str, ...]) -> None:
     res = inv(*args)
