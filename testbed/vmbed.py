@@ -719,7 +719,7 @@ def up(spec: Spec | str | Path, say: Say = print, rebuild_image: bool = False, c
         marker.write_text(spec.name)
         for site in spec.sites:
             bridges.ensure_bridge(site, owner, registry, mtu=spec.mtu)
-        bridges.enable_forwarding(owner, registry)
+        bridges.scope_forwarding([s.bridge for s in spec.sites], owner, registry)  # filter, then ip_forward
         say(f"bridges: {', '.join(f'{s.bridge} {s.gateway}' for s in spec.sites)}")
 
         vms: list[VmInfo] = []
