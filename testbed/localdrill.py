@@ -473,8 +473,11 @@ class NsBed:
             cap.kill()
         if self.tb is not None:
             self.drops = self.tb.wan_drops()
-            self.tb.teardown()
-            self.tb = None
+            from testbed.netns import _sigint_deferred
+
+            with _sigint_deferred():  # a Ctrl-C here would leave namespaces recorded but said torn down
+                self.tb.teardown()
+                self.tb = None
         if not self.cfg.keep_data and self.work.exists():
             shutil.rmtree(self.work, ignore_errors=True)
 

@@ -24,12 +24,14 @@ import re
 import secrets
 import signal
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pyroute2 import IPRoute, NetlinkError, NetNS, netns
+from pyroute2 import IPRoute, NetNS, netns
 
 from testbed import procs
 from testbed.registry import Registry, Resource, Scope, register_teardown
@@ -58,18 +60,67 @@ def other(site: str) -> str:
 
 
 def host_has_netem() -> bool:
-    """Try a netem qdisc on a scratch namespace's loopback; this machine's kernel may lack sch_netem."""
-    name = f"smfs-probe-{secrets.token_hex(3)}"
-    netns.create(name)
+    """Try a netem qdisc on a scratch namespace's loopback; this machine's kernel may lack sch_netem.
+
+    The namespace is anonymous (``unshare --net``) and ends with the ``tc`` in it: a named one (the
+    earlier ``smfs-probe-*``, never recorded) was left behind for good when this process was killed in
+    the milliseconds it existed."""
+    res = subprocess.run(["unshare", "--net", "--", "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"],
+                         capture_output=True, check=False)
+    return res.returncode == 0
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) until the block is done, then raise it (KeyboardInterrupt as usual): for
+    the few steps that must not be cut in two. Only in the main thread (the only one Python lets set a
+    handler); elsewhere the block runs as is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: pending.append(signum))
     try:
-        with NetNS(name) as ns:
-            try:
-                ns.tc("add", "netem", index=1, delay=1000)
-                return True
-            except NetlinkError:
-                return False
+        yield
     finally:
-        netns.remove(name)
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        if callable(previous):
+            previous(signal.SIGINT, None)
+        elif previous == signal.SIG_DFL:
+            raise KeyboardInterrupt
+
+
+def create_marked(name: str, mark: str) -> None:
+    """Create namespace ``name`` whose ``lo`` is up and carries ``mark`` from the moment the name exists.
+
+    Teardown removes a namespace only when its ``lo`` carries the testbed's mark. Created first and
+    marked after (a few to 90 ms later: pyroute2 forks for each), a namespace was for that moment one
+    no teardown may remove: ``./inv interrupts`` found it (a Ctrl-C 0.34 s into a namespace drill left
+    an unmarked ``smfs-<run>-primary`` that the drill's own teardown and ``./inv down`` both refused).
+    So the namespace is made anonymous in a helper process (``unshare --net``), marked there, and only
+    then named (bind-mounted to /run/netns/NAME), with a Ctrl-C held until it is. A kill of this
+    process before the naming closes the helper's stdin: it exits and takes the anonymous namespace
+    with it; after it, the namespace is named and marked, and teardown removes it."""
+    helper = subprocess.Popen(
+        ["unshare", "--net", "--", "sh", "-c", 'ip link set dev lo up alias "$1" && echo ready && exec cat >/dev/null',
+         "sh", mark], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        assert helper.stdout is not None
+        if helper.stdout.readline().strip() != b"ready":
+            err = helper.stderr.read().decode(errors="replace").strip() if helper.stderr else ""
+            raise RuntimeError(f"namespace {name}: could not mark its lo in a new namespace: {err[:200]}; "
+                               "is unshare (util-linux) installed?")
+        with _sigint_deferred():
+            netns.attach(name, helper.pid)
+    finally:
+        if helper.stdin is not None:
+            helper.stdin.close()  # the helper ends; the namespace stays, held by its name
+        try:
+            helper.wait(5)
+        except subprocess.TimeoutExpired:
+            helper.kill()
+            helper.wait()
 
 
 @dataclass
@@ -90,9 +141,7 @@ class NamespaceTestbed:
     def build(self) -> None:
         for site in (*SITES, "wan"):
             self.registry.add("netns", self.ns(site), self.owner)
-            netns.create(self.ns(site))
-            with NetNS(self.ns(site)) as ns:  # the mark: what teardown checks before touching it
-                ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up", ifalias=self.registry.mark)
+            create_marked(self.ns(site), self.registry.mark)  # the mark: what teardown checks before touching it
         for site in SITES:
             self._link_site(site)
         self.sh("wan", "sysctl", "-qw", "net.ipv4.ip_forward=1")

@@ -33,7 +33,11 @@ class InvProgram(Program):
 
 
 def main() -> None:
-    InvProgram(name="smfs-testbed", binary="./inv").run()
+    try:
+        InvProgram(name="smfs-testbed", binary="./inv").run()
+    except KeyboardInterrupt:  # a Ctrl-C before a task has its own handling (imports, parsing): no traceback
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

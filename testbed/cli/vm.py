@@ -211,6 +211,18 @@ def clone_(c, name, as_, wait=False):
     print(f"clone {as_} saved in {time.monotonic() - t0:.1f} s: {dest}")
 
 
+NOUNS = {"process": "processes", "netns": "namespaces", "qmp": "QMP sockets", "nft": "nftables tables",
+         "sysctl": "sysctls", "dir": "folders", "devperm": "device permissions"}
+"""Plurals of the registry's kinds for ``./inv down``'s summary (a plain ``s`` gives "processs")."""
+
+
+def _plural(kind: str, n: int) -> str:
+    if n == 1:
+        return {"netns": "namespace", "qmp": "QMP socket", "nft": "nftables table", "dir": "folder",
+                "devperm": "device permission"}.get(kind, kind)
+    return NOUNS.get(kind, kind + "s")
+
+
 @task(help={"wait": WAIT_HELP})
 def down(c, wait=False):
     """Remove every recorded resource: domains, snapshots, overlays, bridges, namespaces, processes.
@@ -237,7 +249,7 @@ def down(c, wait=False):
     kinds: dict[str, int] = {}
     for r in removed:
         kinds[r.kind] = kinds.get(r.kind, 0) + 1
-    print("removed " + ", ".join(f"{n} {k}{'s' if n > 1 else ''}" for k, n in kinds.items()))
+    print("removed " + ", ".join(f"{n} {_plural(k, n)}" for k, n in kinds.items()))
 
 
 TASKS = [image, up, status, exec_, balloon, snapshot, restore, clone_, down]
