@@ -13,8 +13,8 @@ a network-sync ack promises that every byte below ``END`` was on the WAN with it
 Authenticated under the testbed's key (``key``): the mirror connection opens with the mutual
 handshake of :mod:`smfs.auth` (stream offsets, and so ``END``, count its :data:`smfs.auth.ANSWER_LEN`
 bytes), every MACK's tag is checked (a forged one fails the stream: nothing is acked by it), and the
-gateway's callbacks are taken only with a good MAC and this connection's subscription nonce
-(:mod:`smfs.callbacks`). Bounded: at most ``max_clients`` client connections (more are closed at
+gateway's callbacks are taken only with a good MAC (under ``gateway_key``, the tunnel's, when it is
+not the storage key) and this connection's subscription nonce (:mod:`smfs.callbacks`). Bounded: at most ``max_clients`` client connections (more are closed at
 once), each read ahead by at most :data:`CLIENT_BUFFER` bytes beyond the frame it is decoding; a client
 with no append outstanding that sends nothing for ``idle_timeout`` s is disconnected; appends wait for
 the mirror stream in a queue of at most ``queue_bytes`` payload bytes and :data:`QUEUE_ITEMS` appends,
@@ -62,6 +62,7 @@ class PrimaryServer:
         ack_trace: str | None = None,
         *,
         key: bytes,
+        gateway_key: bytes | None = None,
         idle_timeout: float = IDLE_TIMEOUT,
         max_clients: int = MAX_CLIENTS,
         queue_bytes: int = QUEUE_BYTES,
@@ -79,6 +80,9 @@ class PrimaryServer:
         self._trace: Any = None
         self.log = logging.getLogger(f"smfs.primary.{index}")
         self.key = key
+        # The callbacks' key: the tunnel's, which the VM drill renews for every mode (the gateways restart
+        # with it) while the mirror keeps the storage key of the snapshot; the storage key when not given.
+        self.gateway_key = gateway_key if gateway_key is not None else key
         self.idle_timeout, self.max_clients, self.queue_bytes = idle_timeout, max_clients, queue_bytes
         self.tracker = AckTracker(mode, {lg: store.next_seq(lg) for lg in store.logs()})
         # Bounded: a client waits for room (_room) before its append is queued, so a burst of appends
@@ -337,7 +341,7 @@ class PrimaryServer:
         sock.setblocking(False)
         # One subscription for this connection: only callbacks with its nonce and a good MAC count.
         nonce = os.urandom(NONCE_LEN)
-        subscribe = encode_subscribe(Flow(*self.flow), nonce, self.key, sock.getsockname())
+        subscribe = encode_subscribe(Flow(*self.flow), nonce, self.gateway_key, sock.getsockname())
         last_sub = last_cb = 0.0
         with sock:
             while True:
@@ -352,7 +356,7 @@ class PrimaryServer:
                 except TimeoutError:
                     continue
                 try:
-                    flow, offset, got = decode_callback(data, self.key)
+                    flow, offset, got = decode_callback(data, self.gateway_key)
                     if got != nonce:
                         raise ValueError("not this subscription's (replayed, or an earlier connection's)")
                 except ValueError as err:

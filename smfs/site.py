@@ -93,6 +93,7 @@ def open_stores(role: str, data: Path, servers: int, segment_bytes: int) -> list
 async def _run(args: argparse.Namespace) -> None:
     data, run = Path(args.data), Path(args.run)
     key = read_key_file(args.key_file)
+    gateway_key = read_key_file(args.gateway_key_file) if args.gateway_key_file else None
     listen = listen_addresses(args.listen or []) if args.role == "mirror" else []
     if args.role == "mirror" and not listen:
         raise ValueError("--listen is required for the mirror: the site's storage address, HOST:BASEPORT")
@@ -115,7 +116,7 @@ async def _run(args: argparse.Namespace) -> None:
         servers = [
             PrimaryServer(i, stores[i], mode, socket_path(run, i), (host, port + i), args.source, control,
                           ack_trace=str(Path(args.ack_trace) / f"acks-{i}.txt") if args.ack_trace else None,
-                          key=key, idle_timeout=args.idle_timeout)
+                          key=key, gateway_key=gateway_key, idle_timeout=args.idle_timeout)
             for i in range(args.servers)
         ]
     await asyncio.gather(*(s.start() for s in servers))
@@ -144,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
                         "wildcard; @IFACE:BASEPORT for an interface's IPv4 address; repeat to listen on several")
     p.add_argument("--key-file", required=True,
                    help="the testbed's key (hex), as the gateways': authenticates the mirror stream and the callbacks")
+    p.add_argument("--gateway-key-file", default=None,
+                   help="primary: the gateway's key (hex) for the subscription and its callbacks, when it is not "
+                        "--key-file's (the VM drill gives each mode a fresh tunnel key)")
     p.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT,
                    help="s a connection may send nothing (a client: with no append outstanding) before it is closed")
     p.add_argument("--mirror", default="127.0.0.1:7700", help="primary: mirror HOST:BASEPORT")

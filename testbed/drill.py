@@ -16,11 +16,13 @@ import json
 import math
 import platform
 import re
+import secrets
 import shutil
 import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -36,9 +38,23 @@ MIRROR_PORT = 7700
 TUNNEL_PORT = 7800
 CONTROL = "127.0.0.1:7790"
 RUN = "/run/smfs"
-KEY_FILE = "/run/smfs/tunnel.key"
+KEY_FILE = "/run/smfs/storage.key"
+"""The storage servers' key (mirror stream handshake, MACK tags): written once, before snapshot "ready"."""
+TUNNEL_KEY_FILE = "/run/smfs/tunnel.key"
+"""The gateways' key (tunnel datagrams, the primary's subscription and callbacks): a fresh one for every FEC
+mode (:meth:`VmBed.begin`), so nothing recorded in one mode is accepted in the next."""
 STATS_FILE = "/run/smfs/fec.json"
 LEDGER_PORT_DEV = "/dev/virtio-ports/smfs.ledger"
+RESEED = ("import fcntl, os, sys; fd = os.open('/dev/urandom', os.O_WRONLY); os.write(fd, sys.stdin.buffer.read()); "
+          "fcntl.ioctl(fd, 0x5207)")  # RNDRESEEDCRNG = _IO('R', 0x07): reseed the CRNG from the pool now
+RETIRE_GATEWAY = """p=$(cat "$1/gateway.pid" 2>/dev/null)
+if [ -n "$p" ]; then
+  kill -KILL -- "-$p" 2>/dev/null || kill -KILL "$p" 2>/dev/null
+  for i in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.05; done
+fi
+rm -f "$1/gateway.ready" "$2.new" && umask 077 && set -C && cat > "$2.new" && mv -f "$2.new" "$2"
+"""
+"""Guest shell: kill the gateway whose pid is in $1/gateway.pid, then stdin into key file $2 (mode 0600 from the start)."""
 READY_TIMEOUT = 90.0  # s for a site or gateway to answer under TCG
 DRILL_PROBES = 2000  # calibration probes at most per drill (about 4 s)
 INTERLEAVES = (1, 11, 19)  # the FEC layers' interleaves; fec.c = k runs the first k
@@ -205,7 +221,6 @@ def _wait_file(g: Any, path: str, proc: str, what: str, timeout: float = READY_T
 
 def prepare(tb: Any, cfg: DrillConfig, tl: Timeline) -> dict[str, Any]:
     """Shape, calibrate, start the mirror site and both gateways, snapshot "ready"; returns the WAN facts."""
-    import secrets
 
     from testbed import wan
 
@@ -219,9 +234,10 @@ def prepare(tb: Any, cfg: DrillConfig, tl: Timeline) -> dict[str, Any]:
     # A short calibration: low loss rates need ~20k probes for ±20 % (a minute under TCG); the drill
     # caps them and the rows carry the precision reached. `./inv calibrate` measures in full.
     cal = wan.calibrate(tb, profile, probes=min(probes_for_profile(profile), DRILL_PROBES))
-    tl.mark(f"calibrated: RTT median {cal['measured'].get('rtt_median_ms')} ms, "
-            f"loss {cal['measured'].get('loss_pct')} % round trip")
-    key = secrets.token_hex(32).encode()
+    rtt, loss = cal["measured"].get("rtt_median_ms"), cal["measured"].get("loss_pct")
+    tl.mark(f"calibrated: RTT median {rtt if rtt is None else round(rtt, 2)} ms, "
+            f"loss {loss if loss is None else round(loss, 3)} % round trip")
+    key, tunnel_key = secrets.token_hex(32).encode(), secrets.token_hex(32).encode()
     prim, mirr = _vm(tb, "primary"), _vm(tb, "mirror")
     for site, vm in (("primary", prim), ("mirror", mirr)):
         g = tb.guest(vm)
@@ -230,6 +246,7 @@ def prepare(tb: Any, cfg: DrillConfig, tl: Timeline) -> dict[str, Any]:
         g.sh(f"mkdir -p {RUN} /data && ip addr replace {STORAGE[site][0]}/32 dev lo && "
              "echo 8388608 > /proc/sys/net/core/rmem_max && echo 8388608 > /proc/sys/net/core/wmem_max")
         g.write_file(KEY_FILE, key, mode=0o600)
+        g.write_file(TUNNEL_KEY_FILE, tunnel_key, mode=0o600)
     mg = tb.guest(mirr)
     mg.spawn("mirror-site", mirror_argv(cfg))
     for site, vm in (("mirror", mirr), ("primary", prim)):
@@ -260,7 +277,7 @@ def gateway_argv(tb: Any, cfg: DrillConfig, site: str) -> list[str]:
     vm, peer_vm = _vm(tb, site), _vm(tb, peer)
     return ["python3", "-m", "smfs.gateway", "--site", site, "--tun", "smfs0", "--address", STORAGE[site][0],
             "--route", STORAGE[peer][1], "--local", f"{_ip(tb, vm)}:{TUNNEL_PORT}",
-            "--peer", f"{_ip(tb, peer_vm)}:{TUNNEL_PORT}", "--control", CONTROL, "--key-file", KEY_FILE,
+            "--peer", f"{_ip(tb, peer_vm)}:{TUNNEL_PORT}", "--control", CONTROL, "--key-file", TUNNEL_KEY_FILE,
             "--stats", STATS_FILE, "--ready", f"{RUN}/gateway.ready", "--r", str(cfg.r),
             "--wan-mtu", str(tb.spec.mtu), "--wan-rate-bps", str(egress_rate_bps(wan_of(tb, cfg), site)),
             "--edge-queue", str(edge_queue_packets(wan_of(tb, cfg), site, tb.spec.mtu)), "--flush-ms", f"{cfg.flush_ms:g}",
@@ -379,20 +396,58 @@ class VmBed:
 
             shaped = wan.shape(self.tb, wan_of(self.tb, self.cfg))
             tl.mark(f"WAN reshaped live: {shaped.profile.describe()} ({shaped.seconds:.1f} s)")
-        differs = want["mirror"] != snap["mirror"] or want["gateways"] != snap["gateways"]
-        if self.env or self.cfg.segment_bytes != DEFAULT_SEGMENT_BYTES or self.cfg.restart_stack or differs:
-            for g, name, argv in ((self.mg, "mirror-site", mirror_argv(self.cfg)),
-                                  *((self.tb.guest(vm), "gateway", gateway_argv(self.tb, self.cfg, site))
-                                    for site, vm in (("mirror", self.mirr), ("primary", self.prim)))):
-                ready = f"{RUN}/mirror/mirror.ready" if name == "mirror-site" else f"{RUN}/gateway.ready"
-                g.stop(name, wait=5)
-                g.sh(f"rm -f {ready}")
-                g.spawn(name, argv, env=self.env)
-                _wait_file(g, ready, name, f"{g.name} {name} (restarted)")
-            tl.mark(f"mirror site and gateways restarted ({'SEEDED DEFECT ' + ', '.join(self.cfg.defects) if self.env else 'correct stack'}, "
-                    f"{self.cfg.segment_bytes // 1024} KiB segments, flush {self.cfg.flush_ms:g} ms)")
+        self._fresh_randomness(tl)
+        stack = "SEEDED DEFECT " + ", ".join(self.cfg.defects) if self.env else "correct stack"
+        redo = bool(self.env) or self.cfg.segment_bytes != DEFAULT_SEGMENT_BYTES or self.cfg.restart_stack
+        if redo or want["mirror"] != snap["mirror"]:
+            self.mg.stop("mirror-site", wait=5)
+            self.mg.sh(f"rm -f {RUN}/mirror/mirror.ready")
+            self.mg.spawn("mirror-site", mirror_argv(self.cfg), env=self.env)
+            _wait_file(self.mg, f"{RUN}/mirror/mirror.ready", "mirror-site", f"{self.mg.name} mirror-site (restarted)")
+            tl.mark(f"mirror site restarted ({stack}, {self.cfg.segment_bytes // 1024} KiB segments)")
+        if mode.fec:
+            self._fresh_tunnel(tl, stack)
+        elif redo or want["gateways"] != snap["gateways"]:
+            # Nothing crosses the tunnel in a bare mode; its gateways keep the snapshot's key, which no FEC
+            # mode uses (each gets a fresh one), so they are only stopped when they would be the wrong stack.
+            for g in (self.pg, self.mg):
+                g.stop("gateway", wait=5)
         if mode.ack_on == "network":
             self._start_capture(out, tl)
+
+    def _fresh_randomness(self, tl: Timeline) -> None:
+        """Reseed both guests' kernel random generators from the host's. Every mode restores the same memory
+        image, and with it the generators' state: measured, the primary's /dev/urandom gave the same bytes
+        after each restore, so its handshake and subscription nonces (smfs.auth, smfs.callbacks) would
+        repeat from mode to mode and a handshake or a callback recorded in one mode would pass in the next.
+        64 host bytes are written into the pool and RNDRESEEDCRNG makes the generator draw from it at once."""
+        def one(vm: str) -> None:
+            self.tb.guest(vm).exec(["python3", "-c", RESEED], input=secrets.token_bytes(64), check=True)
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            list(pool.map(one, (self.prim, self.mirr)))
+        tl.mark("guest random generators reseeded from the host")
+
+    def _fresh_tunnel(self, tl: Timeline, stack: str) -> None:
+        """A fresh tunnel key for this mode, and both gateways restarted with it (fresh sequence numbers,
+        replay windows and decoders): a datagram, a subscription or a callback recorded in an earlier mode
+        (which ran from the same snapshot, under another key) fails its MAC here."""
+        key = secrets.token_hex(32).encode()
+
+        def one(site: str) -> None:
+            vm = self.prim if site == "primary" else self.mirr
+            g = self.tb.guest(vm)
+            # One guest command (each costs ~0.4 s under TCG): kill the gateway (nothing of it needs a clean
+            # exit; its TUN goes with it), then the key from stdin into a file that is 0600 from its creation.
+            g.exec(["/bin/sh", "-c", RETIRE_GATEWAY, "sh", RUN, TUNNEL_KEY_FILE], input=key, check=True)
+            g.spawn("gateway", gateway_argv(self.tb, self.cfg, site), env=self.env)
+            _wait_file(g, f"{RUN}/gateway.ready", "gateway", f"{vm} gateway (restarted)")
+
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            list(pool.map(one, ("mirror", "primary")))
+        tl.mark(f"gateways restarted with a fresh tunnel key ({stack}, flush {self.cfg.flush_ms:g} ms; "
+                f"{time.monotonic() - t0:.1f} s)")
 
     def _start_capture(self, out: Path, tl: Timeline) -> None:
         """The wire check's capture: what leaves the primary VM, on its host tap, from before its
@@ -419,7 +474,7 @@ class VmBed:
                 "/data/primary", "--run", f"{RUN}/primary", "--mirror", f"{target}:{MIRROR_PORT}", "--source", source,
                 "--mode", mode.name, "--segment-bytes", str(self.cfg.segment_bytes), "--key-file", KEY_FILE]
         if mode.ack_on == "network":
-            args += ["--gateway-control", CONTROL, "--ack-trace", f"{RUN}/acks"]
+            args += ["--gateway-control", CONTROL, "--gateway-key-file", TUNNEL_KEY_FILE, "--ack-trace", f"{RUN}/acks"]
         self.pg.spawn("primary-site", args, env=self.env)
         _wait_file(self.pg, f"{RUN}/primary/primary.ready", "primary-site", "primary site")
         tl.mark(f"primary site up ({self.cfg.servers} servers, {'through the gateways' if mode.fec else 'bare TCP'})")

@@ -168,6 +168,45 @@ def test_network_sync_resubscribes_when_callbacks_stop(tmp_path: Path) -> None:
     asyncio.run(go())
 
 
+def test_network_sync_takes_callbacks_only_under_the_gateway_key_when_it_has_one(tmp_path: Path) -> None:
+    """The VM drill gives each mode a fresh tunnel key (the gateways') while the mirror keeps the snapshot's
+    storage key: the primary subscribes under the gateway key, and a callback under the storage key (or one
+    recorded under an earlier mode's tunnel key) acks nothing."""
+    import socket
+
+    from smfs.callbacks import CallbackError, decode_subscribe, encode_callback
+
+    gateway_key = b"g" * 32
+
+    async def go() -> None:
+        gw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        gw.bind(("127.0.0.1", 0))
+        gw.setblocking(False)
+        loop = asyncio.get_running_loop()
+        mirror, _mstore, port = await _mirror(tmp_path)
+        pstore = LogStore.open(tmp_path / "p", sync=False)
+        primary = PrimaryServer(0, pstore, MODES["network-sync"], str(tmp_path / "p.sock"), ("127.0.0.1", port),
+                                gateway_control=gw.getsockname(), key=KEY, gateway_key=gateway_key)
+        await primary.start()
+        client = await Client.connect(str(tmp_path / "p.sock"))
+        append = asyncio.ensure_future(client.append(1, 0, b"x" * 5000))
+        data, addr = await asyncio.wait_for(loop.sock_recvfrom(gw, 256), 5)
+        with pytest.raises(CallbackError):
+            decode_subscribe(data, KEY, addr)  # not under the storage key
+        flow, nonce = decode_subscribe(data, gateway_key, addr)
+        gw.sendto(encode_callback(flow, 1 << 40, nonce, KEY), addr)
+        await asyncio.sleep(0.5)
+        assert not append.done()  # the storage key's callback was refused
+        gw.sendto(encode_callback(flow, 1 << 40, nonce, gateway_key), addr)
+        await asyncio.wait_for(append, 5)
+        await client.close()
+        await primary.close()
+        await mirror.close()
+        gw.close()
+
+    asyncio.run(go())
+
+
 @pytest.mark.parametrize("seeded", [False, True])
 def test_the_mirror_skips_fsync_only_with_the_seeded_defect(
     tmp_path: Path, seeded: bool, seed_defect: Callable[[str], None]
