@@ -202,6 +202,39 @@ class BalloonSqueeze(Fault):
 
 
 @dataclass(frozen=True)
+class MirrorRestart(Fault):
+    """The mirror site's storage servers crash (SIGKILL of their process session in the mirror guest; the
+    guest's page cache survives, as after a process crash) and start again on heal with ``argv``, the
+    command line the drill starts them with (:func:`testbed.drill.mirror_argv`), recovering their logs
+    before they answer. The primary does not reconnect: it fails what is pending and every later append
+    (its testers stop), the stack's behaviour, as after the namespace campaign's ``mirror-restart``."""
+
+    argv: tuple[str, ...]
+    defects: tuple[str, ...] = ()  # SMFS_DEFECT of the restarted site: a seeded defect stays seeded
+    vm: str = "mirror"
+    name = "mirror-restart"
+
+    def inject(self, tb: Any, tl: Timeline) -> None:
+        from testbed.drill import RUN
+
+        g = tb.guest(self.vm)
+        pid = g.find("mirror-site")
+        g.stop("mirror-site", signal="KILL", wait=2)
+        g.sh(f"rm -f {RUN}/mirror/mirror.ready")
+        tl.mark(f"mirror site crashed in {self.vm} (SIGKILL of pid {pid})", vm=self.vm, killed=pid)
+
+    def heal(self, tb: Any, tl: Timeline) -> None:
+        from testbed.drill import RUN, _wait_file
+
+        g = tb.guest(self.vm)
+        t0 = time.monotonic()
+        g.spawn("mirror-site", list(self.argv), env={"SMFS_DEFECT": ",".join(self.defects)} if self.defects else None)
+        _wait_file(g, f"{RUN}/mirror/mirror.ready", "mirror-site", f"{self.vm} mirror site (restarted)")
+        tl.mark(f"mirror site restarted in {self.vm}: logs recovered, listening again after {time.monotonic() - t0:.1f} s",
+                vm=self.vm)
+
+
+@dataclass(frozen=True)
 class MirrorPowerOutage(Fault):
     """The mirror site loses power (every VM destroyed: no shutdown, no flush), and ``gap`` s later
     the primary site too: what the mirror's disks kept is all that is left. The drill then boots

@@ -1,7 +1,9 @@
-"""Task: campaign (randomized fault schedules over the namespace drill, :mod:`testbed.campaign`).
+"""Task: campaign (randomized fault schedules over the namespace drill or the VM drill, :mod:`testbed.campaign`).
 
-Like ``local-drill`` it holds the testbed's lock from the end of its flag checks to its end, and writes
-into a new output folder (default ``results/campaign/<timestamp>``; an ``--out`` that exists must be empty).
+Like ``local-drill`` and ``drill`` it holds the testbed's lock from the end of its flag checks to its end
+(with ``--testbed vm``: the bring-up, every run and the teardown), and writes into a new output folder
+(default ``results/campaign/<timestamp>``; an ``--out`` that exists must be empty). Every flag, the spec
+and a replayed schedule are checked before anything is created.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ def _defects(text: str) -> tuple[str, ...]:
 @task(help={
     "runs": "runs, each with its own drawn schedule (default 10; with --replay 1: the same schedule N times)",
     "seed": "the campaign's seed: run i's seed is derived from it (default: a random one, printed)",
-    "testbed": "netns (the namespace drill); vm is not yet supported",
+    "testbed": "netns (the namespace drill, default) or vm (the VM drill: the testbed up once, every run from its snapshot)",
+    "spec": "with --testbed vm: the testbed's spec (default specs/ci.toml)",
     "replay": "a run's seed (its schedule drawn again) or its schedule.json: run exactly that schedule",
     "modes": "all (default), or a comma list of modes",
     "out": "result directory (default results/campaign/<timestamp>)",
@@ -44,16 +47,16 @@ def _defects(text: str) -> tuple[str, ...]:
     "verbose": "print every drill line (always in each run's drill.log)",
     "wait": WAIT_HELP,
 })
-def campaign(c, runs="", seed="", testbed="netns", replay="", modes="all", out="", defects="", engine="c",
+def campaign(c, runs="", seed="", testbed="netns", spec="", replay="", modes="all", out="", defects="", engine="c",
              drain_timeout="30", verbose=False, wait=False):
     """Randomized fault campaign: per run a drawn schedule of faults and a disaster, every mode checked."""
     from testbed.campaign import DEFAULT_BOUNDS, MAX_SEED, CampaignConfig, load_replay, socket_room
     from testbed.runner import EXIT_CODES
 
     flag_choice("--testbed", testbed, TESTBEDS)
-    if testbed == "vm":
-        raise user_error("--testbed vm: not yet; the campaign runs on the namespace testbed (--testbed netns); "
-                         "a VM drill with faults during the run is ./inv drill with [[faults.during]] in its spec")
+    if spec and testbed != "vm":
+        raise user_error(f"--spec {spec}: only with --testbed vm (the namespace campaign has no spec); drop --spec "
+                         "or add --testbed vm")
     if replay and seed:
         raise user_error("--replay and --seed: give one (a replay repeats one run's schedule; a seed draws new ones)")
     n = flag_int("--runs", runs, (1, 10_000), "100") if runs else (1 if replay else 10)
@@ -62,27 +65,48 @@ def campaign(c, runs="", seed="", testbed="netns", replay="", modes="all", out="
     seeded = _defects(defects)
     eng = flag_choice("--engine", engine, FEC_ENGINES)
     drain = flag_number("--drain-timeout", drain_timeout, DRAIN_TIMEOUT, "30", what="number of seconds")
+    spec_path, servers = (_vm_spec(spec or "specs/ci.toml", chosen) if testbed == "vm" else (None, 2))
     schedule = None
     if replay:
         try:
-            schedule = load_replay(replay)
+            schedule = load_replay(replay, testbed, servers if testbed == "vm" else None)
         except ValueError as err:
             raise user_error(str(err)) from None
     given = _new_out("--out", out)
-    why = socket_room(given or Path("results/campaign/20260101-000000-99"), n,
-                      schedule.servers if schedule else max(DEFAULT_BOUNDS.servers))
-    if why:
-        raise user_error(f"--out {why}")
+    if testbed == "netns":  # the VM stack's unix sockets live in the guests
+        why = socket_room(given or Path("results/campaign/20260101-000000-99"), n,
+                          schedule.servers if schedule else max(DEFAULT_BOUNDS.servers))
+        if why:
+            raise user_error(f"--out {why}")
     with for_command("./inv campaign", wait):
         folder = _claim(_new_out("--out", out), Path("results/campaign"))
         cfg = CampaignConfig(modes=chosen, out=folder, runs=n, seed=campaign_seed, replay=schedule, defects=seeded,
-                             engine=eng, drain_timeout=drain, verbose=verbose)
+                             engine=eng, drain_timeout=drain, verbose=verbose, testbed=testbed, spec=spec_path,
+                             servers=servers)
         from testbed.campaign import run_campaign
 
         result = _guarded(lambda: run_campaign(cfg, _stamp(time.monotonic())), "the campaign")
     code = EXIT_CODES[result["verdict"]]
     if code:
         raise Exit(code=code)
+
+
+def _vm_spec(path: str, modes: tuple) -> tuple[Path, int]:
+    """``--spec`` of a VM campaign, checked whole before anything boots: the spec file, its drill tables, one
+    VM per site. Returns the path and its server pairs (fixed at bring-up: every VM schedule has them)."""
+    from testbed.campaign import vm_spec_problem
+    from testbed.drill import DrillConfig
+    from testbed.spec import SpecError, load
+
+    try:
+        loaded = load(path)
+        servers = DrillConfig.from_spec(loaded, modes, Path("results/campaign")).servers
+    except (SpecError, ValueError) as err:
+        raise user_error(f"--spec {path}: {err}") from None
+    why = vm_spec_problem(loaded)
+    if why:
+        raise user_error(f"--spec {path}: {why}")
+    return Path(path), servers
 
 
 TASKS = [campaign]

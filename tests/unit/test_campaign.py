@@ -226,7 +226,7 @@ def test_interrupt_leaves_the_summary_so_far(short: Path, monkeypatch: pytest.Mo
 
 
 @pytest.mark.parametrize(("flags", "says"), [
-    ({"testbed": "vm"}, "--testbed vm: not yet"),
+    ({"spec": "specs/ci.toml"}, "--spec specs/ci.toml: only with --testbed vm"),
     ({"testbed": "kvm"}, "--testbed 'kvm'"),
     ({"replay": "12", "seed": "3"}, "--replay and --seed"),
     ({"runs": "0"}, "--runs 0"),
