@@ -5,6 +5,8 @@ Runs anywhere Python does (host, namespace, guest) and prints JSON::
     python3 -m netem.calibrate serve --port 7788              # UDP echo + TCP sink on one port
     python3 -m netem.calibrate probe --host 10.0.0.2 --port 7788 --loss-pct 1
     python3 -m netem.calibrate bulk --host 10.0.0.2 --port 7788 --seconds 3
+    python3 -m netem.calibrate rate-count --port 7789                  # on the mirror: counts a UDP stream
+    python3 -m netem.calibrate rate-send --host 10.0.0.2 --port 7789 --rate 44mbit --size 8972
 
 Each echo reply carries how many probes of this session the server has received, so loss splits
 into forward (client → server: 1 - received_by_server / sent) and reverse (server → client:
@@ -20,6 +22,11 @@ the probes that crossed the forward one (:func:`probes_for_profile`).
 RTT: the configured WAN adds delay a→b + delay b→a to the **bare** path (bridges, host routing,
 guest scheduling), so the measured median is compared with 2·delay + the bare RTT, measured once
 on the unshaped path (:func:`compare`).
+
+Rate: TCP's congestion control never fills a 50 ms path at 1 % loss, which is no fault of the
+emulation, so the rate is measured with a paced UDP stream (:func:`rate_send` → :func:`rate_count`)
+offered at :data:`RATE_OVERDRIVE` × the configured a→b rate: what arrives in the steady window is
+min(rate, what the path sustains) × (1 - loss a→b) (:func:`rate_rows`).
 """
 
 from __future__ import annotations
@@ -36,12 +43,16 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
-from netem.profile import DirectionProfile, LinkProfile
+from netem.profile import DirectionProfile, LinkProfile, parse_rate_bps
 
 MAGIC = b"SMFC"
 PROBE, STATS = 0, 1
+RATE_HELLO, RATE_DATA, RATE_END, RATE_READY, RATE_RESULT = 2, 3, 4, 5, 6
+"""The rate stream's datagram kinds (same header as a probe): the sender's hello, data and end; the
+counter's ready (to a hello) and result (to an end, its JSON after the header)."""
 _REQ = struct.Struct("!4sBQIQ")  # magic, kind, session, seq, t_send (ns)
 _REP = struct.Struct("!4sBQIQI")  # ... + probes of this session received by the server
 DEFAULT_PORT = 7788
@@ -57,6 +68,34 @@ PROBE_SECONDS = 4.0
 FASTEST_INTERVAL = 0.002
 SLOWEST_INTERVAL = 0.01
 """Probe spacing bounds (s): faster probing queues behind a TCG guest's own scheduling."""
+DEFAULT_RATE_PORT = 7789
+"""The rate counter's UDP port: its own, so it runs beside ``serve`` (started together, one Python
+start-up under TCG instead of two in a row)."""
+RATE_SECONDS = 3.0
+"""How long the rate stream is sent (s)."""
+RATE_SKIP = 0.5
+"""Start-up the counter leaves out (s after the first datagram): the sender's and the guest's
+scheduling settle and the shaper's queue fills, so the window sees the steady rate."""
+RATE_OVERDRIVE = 1.1
+"""The stream is offered at 1.1 × the configured rate: a path that holds the rate then runs full
+(its queue grows by 10 % of the rate, far below netem's limit in 3 s) and delivers the rate itself,
+not the sender's pace, while a sender that cannot keep up shows as one."""
+RATE_OK_FACTOR = 0.9
+"""A path is faithful to its rate when it delivers at least 90 % of it (after the loss correction).
+The 10 % absorb what the check does not model: netem charges whole Ethernet frames while the counter
+counts IP bytes (-0.2 % at MTU 9000, -1 % at 1500), the correction uses the configured loss, not the
+realised one (±0.5 points over a few hundred datagrams), and guest scheduling at the window's edges.
+A path short by more than that would bound rate-bound results by a different link than the one
+plotted, an error of the size of the claims' own tolerances."""
+RATE_MIN_DATAGRAMS = 100
+"""Datagrams at least in the steady window: at a low rate they are made smaller than the MTU so the
+count resolves the rate to about 1 %."""
+RATE_MIN_SIZE = 64
+"""Smallest rate datagram payload (bytes): the header with room to spare."""
+UDP_IP_HEADERS = 28
+"""IPv4 (20) + UDP (8) header bytes: a datagram of MTU - 28 bytes fills one IP packet of the MTU."""
+_IP_MTU = 14
+"""``IP_MTU`` of Linux's <netinet/in.h> (the path MTU of a connected socket); Python does not export it."""
 
 
 def probes_for_loss(loss_pct: float, rel: float = REL_ERROR, z: float = Z_95, inflation: float = 1.0,
@@ -291,6 +330,269 @@ def bulk(host: str, port: int = DEFAULT_PORT, seconds: float = 3.0, chunk: int =
     return struct.unpack("!Q", reply)[0] / elapsed / 1e6
 
 
+# --------------------------------------------------------------------------- rate
+
+
+def rate_datagram_size(rate_bps: float, max_size: int, seconds: float = RATE_SECONDS, skip: float = RATE_SKIP,
+                       min_datagrams: int = RATE_MIN_DATAGRAMS) -> int:  # fmt: skip
+    """Payload bytes of one rate datagram: ``max_size`` (the path MTU - 28) unless the rate is so low
+    that fewer than ``min_datagrams`` would arrive in the steady window; never below :data:`RATE_MIN_SIZE`."""
+    window_bytes = rate_bps * max(seconds - skip, 0.0) / 8
+    fit = int(window_bytes / min_datagrams) - UDP_IP_HEADERS
+    return max(RATE_MIN_SIZE, min(max_size, fit))
+
+
+def rate_count(host: str = "0.0.0.0", port: int = DEFAULT_RATE_PORT, seconds: float = 60.0, skip: float = RATE_SKIP,
+               linger: float = 1.0, ready: threading.Event | None = None,
+               stop: threading.Event | None = None) -> dict[str, Any]:  # fmt: skip
+    """Count one rate stream (the first session to say hello) on UDP ``host:port``; returns its figures.
+
+    Bytes are IP bytes (payload + 28). The steady window starts at the first datagram arriving
+    ``skip`` s after the first one and ends at the last: read = bytes after the window's first datagram
+    ÷ the time from it to the last (an inter-arrival estimate, no edge bias). Delivered adds the
+    datagrams of the window that reached this host but overflowed the socket (UDP ``RcvbufErrors``,
+    this namespace's, while the window ran): the path carried them, this Python could not read them
+    as fast (a TCG guest reads ~10⁴ datagrams/s), which is the reader's limit, not the path's.
+    An end from the sender is answered with the figures (again for every retry) and the counter stops
+    ``linger`` s later, or after ``seconds`` in any case."""
+    stop = stop or threading.Event()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    st: dict[str, Any] = {"session": None, "first": None, "w0": None, "last": None, "datagrams": 0, "bytes": 0,
+                          "window_bytes": 0, "window_datagrams": 0, "highest_seq": -1}  # fmt: skip
+    result: dict[str, Any] | None = None
+    ended_at: float | None = None
+    buf = bytearray(65536)  # one buffer for every datagram: a TCG guest's Python allocates slowly
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        sock.bind((host, port))
+        if ready is not None:
+            ready.set()
+        deadline = time.monotonic() + seconds
+        while not stop.is_set() and (now := time.monotonic()) < deadline:
+            if ended_at is not None and now > ended_at + linger:
+                break
+            readable, _, _ = select.select([sock], [], [], 0.2)
+            if not readable:
+                continue
+            while True:
+                try:
+                    n, addr = sock.recvfrom_into(buf, 0, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    break
+                t = time.monotonic()
+                if n < _REQ.size or buf[:4] != MAGIC:
+                    continue
+                _, kind, session, seq, _t = _REQ.unpack_from(buf)
+                if kind == RATE_HELLO and st["first"] is None:
+                    st["session"] = session  # the latest hello before any data: a retried sender wins
+                    sock.sendto(_REQ.pack(MAGIC, RATE_READY, session, seq, 0), addr)
+                elif session != st["session"]:
+                    continue
+                elif kind == RATE_HELLO:
+                    sock.sendto(_REQ.pack(MAGIC, RATE_READY, session, seq, 0), addr)
+                elif kind == RATE_DATA and result is None:
+                    _count(st, t, n + UDP_IP_HEADERS, seq, skip)
+                elif kind == RATE_END:
+                    if result is None:
+                        result = _rate_summary(st, skip)
+                        ended_at = t
+                    reply = json.dumps(result, separators=(",", ":")).encode()
+                    sock.sendto(_REQ.pack(MAGIC, RATE_RESULT, session, seq, 0) + reply, addr)
+    finally:
+        sock.close()
+    return result if result is not None else {**_rate_summary(st, skip), "ended": False}
+
+
+def _count(st: dict[str, Any], t: float, nbytes: int, seq: int, skip: float) -> None:
+    if st["first"] is None:
+        st["first"] = t
+    st["datagrams"] += 1
+    st["bytes"] += nbytes
+    st["highest_seq"] = max(st["highest_seq"], seq)
+    if t >= st["first"] + skip:
+        if st["w0"] is None:
+            st["w0"] = t  # the window's first datagram marks its start; its bytes arrived before
+            st["overflow_w0"] = udp_rcvbuf_errors()
+            st["size"] = nbytes  # every data datagram has the same size
+        else:
+            st["window_bytes"] += nbytes
+            st["window_datagrams"] += 1
+        st["last"] = t
+
+
+def _rate_summary(st: dict[str, Any], skip: float) -> dict[str, Any]:
+    window = (st["last"] - st["w0"]) if st["w0"] is not None and st["last"] is not None else 0.0
+    sent = st["highest_seq"] + 1
+    now, then = udp_rcvbuf_errors(), st.get("overflow_w0")
+    overflowed = max(now - then, 0) if now is not None and then is not None else None
+    arrived = st["window_bytes"] + (overflowed or 0) * st.get("size", 0)
+    return {
+        "ended": True, "datagrams": st["datagrams"], "bytes": st["bytes"], "skip_s": skip,
+        "window_s": round(window, 4), "window_bytes": st["window_bytes"], "window_datagrams": st["window_datagrams"],
+        "window_overflowed": overflowed,
+        "read_mbps": round(st["window_bytes"] * 8 / window / 1e6, 4) if window > 0 else None,
+        "delivered_mbps": round(arrived * 8 / window / 1e6, 4) if window > 0 else None,
+        "loss_pct": round(100 * (1 - st["datagrams"] / sent), 3) if sent > 0 else None,
+    }  # fmt: skip
+
+
+def udp_rcvbuf_errors() -> int | None:
+    """UDP datagrams this network namespace dropped because a socket's receive buffer was full
+    (``RcvbufErrors`` of /proc/net/snmp), None where there is no such file."""
+    try:
+        lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines() if line.startswith("Udp:")]
+        return int(dict(zip(lines[0], lines[1], strict=True))["RcvbufErrors"])
+    except (OSError, IndexError, KeyError, ValueError):
+        return None
+
+
+def rate_send(host: str, port: int = DEFAULT_RATE_PORT, rate_bps: float = 10e6, seconds: float = RATE_SECONDS,
+              size: int = 1472, hello_timeout: float = 20.0, end_timeout: float = 10.0) -> dict[str, Any]:  # fmt: skip
+    """Send one paced UDP stream of ``rate_bps`` (IP bytes) for ``seconds`` to :func:`rate_count` at
+    ``host:port``; returns what was sent and the counter's figures (``counter``, None if it never answered).
+
+    Datagrams carry ``size`` payload bytes (clamped to the route's MTU - 28, and smaller at a low rate:
+    :func:`rate_datagram_size`). Pacing is by the clock: a datagram is due every (size + 28)·8 / rate s
+    and a sender that fell behind sends at once until it is due again, so ``sent_mbps`` is what this
+    host can send when it cannot keep up. A datagram the kernel refuses (ENOBUFS) counts as not sent.
+    """
+    if not rate_bps > 0 or not seconds > 0:
+        raise ValueError(f"rate-send: rate {rate_bps:g} bit/s and {seconds:g} s must both be positive")
+    session = int.from_bytes(os.urandom(8), "big")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        sock.connect((host, port))
+        try:
+            size = min(size, sock.getsockopt(socket.IPPROTO_IP, _IP_MTU) - UDP_IP_HEADERS)
+        except OSError:
+            pass
+        size = rate_datagram_size(rate_bps, size, seconds)
+        hello_s = _rate_handshake(sock, session, RATE_HELLO, RATE_READY, hello_timeout, 0.2)
+        if hello_s is None:
+            raise ConnectionError(f"no rate counter answered at {host}:{port} in {hello_timeout:g} s")
+        buf = bytearray(size)
+        gap = (size + UDP_IP_HEADERS) * 8 / rate_bps
+        sent = errors = 0
+        start = time.monotonic()
+        end = start + seconds
+        due = start
+        while (now := time.monotonic()) < end:
+            if now < due:
+                time.sleep(min(due, end) - now)
+                continue
+            _REQ.pack_into(buf, 0, MAGIC, RATE_DATA, session, sent + errors, 0)
+            try:
+                sock.send(buf)
+                sent += 1
+            except OSError:  # ENOBUFS (the host's own queue is full), ECONNREFUSED (the counter went away)
+                errors += 1
+            due += gap
+        elapsed = time.monotonic() - start
+        reply = _rate_handshake(sock, session, RATE_END, RATE_RESULT, end_timeout, 0.25, payload=True)
+    finally:
+        sock.close()
+    counter = json.loads(reply) if isinstance(reply, bytes) and reply else None
+    return {
+        "host": host, "port": port, "wanted_mbps": round(rate_bps / 1e6, 4), "seconds": round(elapsed, 4),
+        "datagram_bytes": size, "sent": sent, "send_errors": errors,
+        "sent_mbps": round(sent * (size + UDP_IP_HEADERS) * 8 / elapsed / 1e6, 4),
+        "hello_s": round(hello_s, 3), "counter": counter,
+    }  # fmt: skip
+
+
+def _rate_handshake(sock: socket.socket, session: int, kind: int, answer: int, timeout: float, every: float,
+                    payload: bool = False) -> Any:  # fmt: skip
+    """Send ``kind`` every ``every`` s until the counter answers ``answer`` for ``session``: the seconds it
+    took (or, with ``payload``, the answer's bytes after the header); None after ``timeout`` s."""
+    t0 = time.monotonic()
+    attempt = 0
+    while (elapsed := time.monotonic() - t0) < timeout:
+        try:
+            sock.send(_REQ.pack(MAGIC, kind, session, attempt, 0))
+        except OSError:
+            pass  # refused: the counter is not bound yet (it is still starting)
+        attempt += 1
+        end = time.monotonic() + min(every, timeout - elapsed)
+        while (remaining := end - time.monotonic()) > 0:
+            readable, _, _ = select.select([sock], [], [], remaining)
+            if not readable:
+                break
+            try:
+                data = sock.recv(65535)
+            except OSError:
+                continue
+            if len(data) >= _REQ.size and data[:4] == MAGIC:
+                _, k, sess, _seq, _t = _REQ.unpack_from(data)
+                if k == answer and sess == session:
+                    return data[_REQ.size:] if payload else time.monotonic() - t0
+    return None
+
+
+def rate_measured(sent: dict[str, Any] | None, error: str | None = None) -> dict[str, Any]:
+    """The flat ``rate_*`` fields :func:`compare` reads, from :func:`rate_send`'s output (or an error)."""
+    if error is not None or sent is None:
+        return {"rate_error": error or "no output from rate-send"}
+    counter = sent.get("counter") or {}
+    out = {"rate_wanted_mbps": sent.get("wanted_mbps"), "rate_sent_mbps": sent.get("sent_mbps"),
+           "rate_datagram_bytes": sent.get("datagram_bytes"), "rate_sent": sent.get("sent"),
+           "rate_received": counter.get("datagrams"), "rate_window_s": counter.get("window_s"),
+           "rate_delivered_mbps": counter.get("delivered_mbps"), "rate_read_mbps": counter.get("read_mbps"),
+           "rate_overflowed": counter.get("window_overflowed")}  # fmt: skip
+    if not counter:
+        out["rate_error"] = "the rate counter did not report (its answers to the stream's end were lost)"
+    return out
+
+
+def rate_rows(profile: DirectionProfile, measured: dict[str, Any],
+              factor: float = RATE_OK_FACTOR) -> list[dict[str, Any]]:  # fmt: skip
+    """Rows ``rate sent a→b`` and ``rate a→b`` (Mbit/s) for a direction with a rate; none without a rate
+    or without a rate measurement.
+
+    ``rate a→b``: measured = delivered ÷ (1 - configured loss), ok when ≥ ``factor`` × the rate;
+    delivered counts what reached the receiving host, read or overflowed (:func:`rate_count`).
+    (netem drops lost packets before its rate stage, so when the rate is the bottleneck this overstates
+    by 1 / (1 - loss), 1 % at 1 % loss: well inside the factor.) ``rate sent a→b``: what the sending
+    guest put on the wire of the :data:`RATE_OVERDRIVE` × rate wanted, ok when ≥ ``factor`` × the rate:
+    a sender short of that never tested the path, and limits anything the guest sends as much."""
+    if not profile.rate_bps or not any(k.startswith("rate_") for k in measured):
+        return []
+    rate = profile.rate_bps / 1e6
+    floor = factor * rate
+    need = f"needs ≥ {floor:.6g} Mbit/s ({factor:g} × configured)"
+    if measured.get("rate_error") and measured.get("rate_sent_mbps") is None:
+        return [_row("rate a→b", "Mbit/s", _whole(rate), None, None, False, f"not measured: {measured['rate_error']}")]
+    sent = _finite(measured.get("rate_sent_mbps"))
+    wanted = _finite(measured.get("rate_wanted_mbps")) or RATE_OVERDRIVE * rate
+    sender_ok = sent is not None and sent >= floor
+    why = (f"the guest could send only {sent:.4g} Mbit/s, {need}" if sent is not None and not sender_ok
+           else f"offered {wanted / rate:.3g} × the rate" if sender_ok else "the sender reported nothing")
+    rows = [_row("rate sent a→b", "Mbit/s", _whole(wanted), sent, None, sender_ok, why)]
+    delivered = _finite(measured.get("rate_delivered_mbps"))
+    loss = profile.mean_loss_pct / 100
+    got = delivered / (1 - loss) if delivered is not None and loss < 1 else None
+    if got is None:
+        note = measured.get("rate_error") or "nothing arrived in the steady window"
+    else:
+        corr = f" ÷ (1 - {profile.mean_loss_pct:g} % loss)" if loss else ""
+        short = "" if got >= floor else (": the sender was short" if not sender_ok else ": the path is short")
+        overflowed, read = measured.get("rate_overflowed") or 0, _finite(measured.get("rate_read_mbps"))
+        slow = f" ({read:.4g} read, {overflowed} datagrams overflowed the reader's socket)" if overflowed and read else ""
+        note = f"delivered {delivered:.4g} Mbit/s{slow}{corr}; {need}{short}"
+        got = round(got, 3)
+    rows.append(_row("rate a→b", "Mbit/s", _whole(rate), got, None, got is not None and got >= floor, note))
+    return rows
+
+
+def _whole(x: float) -> float | int:
+    """1000.0 → 1000: a configured rate reads as written."""
+    return int(x) if float(x).is_integer() else x
+
+
+def _finite(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
 # --------------------------------------------------------------------------- comparison
 
 
@@ -305,6 +607,7 @@ def compare(configured: LinkProfile, measured: dict[str, Any], base_rtt_ms: floa
     Loss: ok within ``loss_sigmas`` standard errors (plus 0.1 point) for the probes each direction saw,
     widened for bursty loss by the Gilbert-Elliott variance inflation.
     Throughput (``bulk_mbps`` in ``measured``): ok when at least 80 % of the a→b rate.
+    Rate (``rate_*`` in ``measured``, from :func:`rate_send`): :func:`rate_rows`.
     """
     fwd, rev = configured.a_to_b, configured.b_to_a
     rows: list[dict[str, Any]] = []
@@ -343,6 +646,7 @@ def compare(configured: LinkProfile, measured: dict[str, Any], base_rtt_ms: floa
         rows.append(
             _row("throughput a→b", "MB/s", rate, got, None, None if rate is None else got >= 0.8 * rate)
         )
+    rows += rate_rows(fwd, measured)
     return rows
 
 
@@ -393,7 +697,19 @@ def _main(argv: list[str] | None = None) -> int:
     b.add_argument("--host", required=True)
     b.add_argument("--port", type=int, default=DEFAULT_PORT)
     b.add_argument("--seconds", type=float, default=3.0)
+    c = sub.add_parser("rate-count", help="count one paced UDP stream (run it on the receiving side)")
+    c.add_argument("--host", default="0.0.0.0")
+    c.add_argument("--port", type=int, default=DEFAULT_RATE_PORT)
+    c.add_argument("--seconds", type=float, default=60.0, help="stop after this long in any case")
+    c.add_argument("--skip", type=float, default=RATE_SKIP, help="seconds of start-up left out of the window")
+    r = sub.add_parser("rate-send", help="send one paced UDP stream to rate-count")
+    r.add_argument("--host", required=True)
+    r.add_argument("--port", type=int, default=DEFAULT_RATE_PORT)
+    r.add_argument("--rate", required=True, help="IP-level rate to offer, e.g. 44mbit (tc units)")
+    r.add_argument("--seconds", type=float, default=RATE_SECONDS)
+    r.add_argument("--size", type=int, default=1472, help="datagram payload bytes at most (the path MTU - 28)")
     args = parser.parse_args(argv)
+    out: dict[str, Any]
     try:
         if args.command == "serve":
             stop = threading.Event()
@@ -404,14 +720,21 @@ def _main(argv: list[str] | None = None) -> int:
                                                                  flush=True)), daemon=True).start()  # fmt: skip
             serve(args.host, args.port, stop, ready)
             return 0
-        if args.command == "probe":
+        if args.command == "rate-count":
+            ready = threading.Event()
+            threading.Thread(target=lambda: (ready.wait(), print(json.dumps({"counting": f"{args.host}:{args.port}"}),
+                                                                 flush=True)), daemon=True).start()  # fmt: skip
+            out = rate_count(args.host, args.port, args.seconds, args.skip, ready=ready)
+        elif args.command == "rate-send":
+            out = rate_send(args.host, args.port, parse_rate_bps(args.rate, "--rate"), args.seconds, args.size)
+        elif args.command == "probe":
             count = args.count or probes_for_loss(args.loss_pct)
             interval = args.interval if args.interval is not None else probe_interval(count)
-            out: dict[str, Any] = probe(args.host, args.port, count, interval, args.timeout)
+            out = probe(args.host, args.port, count, interval, args.timeout)
         else:
             out = {"host": args.host, "port": args.port, "seconds": args.seconds,
                    "bulk_mbps": bulk(args.host, args.port, args.seconds)}  # fmt: skip
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError) as err:  # a ProfileError is a ValueError
         print(f"calibrate: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -48,6 +48,8 @@ ENFORCEMENT_ENV = "SMFS_WAN_ENFORCEMENT"
 """Overrides ``[wan] enforcement`` (auto, host, guest or router)."""
 IFNAME = "eth0"
 CALIBRATE_PORT = 7788
+RATE_PORT = 7789
+"""The rate counter's port on the mirror (beside the echo server's)."""
 BARE_PROBES = 100
 """Probes of the bare-path RTT measurement (a median, no loss to estimate)."""
 INGRESS_DIRECTION = {"primary": Direction.B_TO_A, "mirror": Direction.A_TO_B}
@@ -488,14 +490,18 @@ def _remember_bare(tb: Any, measured: dict[str, Any], point: str) -> dict[str, A
 
 
 def calibrate(tb: Any, profile: LinkProfile, probes: int | None = None, bulk_seconds: float = 0.0,
-              remeasure_bare: bool = False) -> dict[str, Any]:  # fmt: skip
+              remeasure_bare: bool = False, rate_seconds: float = 0.0) -> dict[str, Any]:  # fmt: skip
     """Probe primary → mirror (UDP echo on the mirror); returns measured figures and the comparison rows.
 
     ``profile`` must be the one applied. ``probes`` defaults to enough for ±20 % on each direction's loss
     at 95 % confidence, sent in about :data:`netem.calibrate.PROBE_SECONDS` (4 s). The measured RTT is
     compared with 2·delay + the bare path's RTT: taken from this run when ``profile`` is bare, else from
     ``tb.state["wan_bare"]``, measured first (WAN cleared for ~1 s, then ``profile`` applied again) when
-    unknown or ``remeasure_bare``."""
+    unknown or ``remeasure_bare``.
+
+    ``rate_seconds`` > 0 and an a→b rate: also a paced UDP stream primary → mirror for that long at
+    :data:`netem.calibrate.RATE_OVERDRIVE` × the rate (rows ``rate sent a→b``, ``rate a→b``): whether
+    the sending guest and the path carry the rate at all, which TCP's bulk figure cannot tell."""
     from netem.calibrate import probe_interval, probes_for_profile
 
     point = enforcement_point(tb)
@@ -518,8 +524,13 @@ def calibrate(tb: Any, profile: LinkProfile, probes: int | None = None, bulk_sec
     bare = None if remeasure_bare else bare_rtt(tb)
     measure_bare = not _is_bare(profile) and bare is None
     budget = count * interval + bulk_seconds + (BARE_PROBES * 0.01 + tail + 30 if measure_bare else 0)
+    check_rate = rate_seconds > 0 and bool(profile.a_to_b.rate_bps)
+    budget += (rate_seconds + 30) if check_rate else 0
     dst.spawn("calibrate", ["python3", "-m", "netem.calibrate", "serve", "--port", str(CALIBRATE_PORT),
                             "--seconds", str(int(budget + tail + 60))])
+    if check_rate:  # started now: its Python start-up under TCG overlaps the server's and the probes
+        dst.spawn("calibrate-rate", ["python3", "-m", "netem.calibrate", "rate-count", "--port", str(RATE_PORT),
+                                     "--seconds", str(int(budget + tail + 60))])
     try:
         time.sleep(1.5)  # the server imports and binds (TCG python start)
         if measure_bare:
@@ -536,9 +547,32 @@ def calibrate(tb: Any, profile: LinkProfile, probes: int | None = None, bulk_sec
                           "--seconds", str(bulk_seconds)], timeout=bulk_seconds + 60)
             if b.rc == 0:
                 measured["bulk_mbps"] = json.loads(b.out)["bulk_mbps"]
+        if check_rate:
+            measured |= _measure_rate(tb, src, host, profile, rate_seconds)
     finally:
         dst.stop("calibrate")
+        if check_rate:
+            dst.stop("calibrate-rate")
     return calibration_result(profile, measured, bare, point)
+
+
+def _measure_rate(tb: Any, src: Any, host: str, profile: LinkProfile, seconds: float) -> dict[str, Any]:
+    """Run ``rate-send`` in the primary against the mirror's ``rate-count``: the flat ``rate_*`` fields of
+    :func:`netem.calibrate.rate_measured` (``rate_error`` when it failed: the point is then unfaithful)."""
+    from netem.calibrate import RATE_OVERDRIVE, UDP_IP_HEADERS, rate_measured
+
+    size = int(getattr(tb.spec, "mtu", 1500)) - UDP_IP_HEADERS  # one IP packet of the sites' MTU (9000: jumbo)
+    offered = int(profile.a_to_b.rate_bps * RATE_OVERDRIVE)
+    res = src.exec(["python3", "-m", "netem.calibrate", "rate-send", "--host", host, "--port", str(RATE_PORT),
+                    "--rate", f"{offered}bit", "--seconds", str(seconds), "--size", str(size)],
+                   timeout=seconds + 60)  # fmt: skip
+    if res.rc != 0:
+        err = res.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exited {res.rc}"]
+        return rate_measured(None, f"rate-send: {err[0][-200:]}")
+    try:
+        return rate_measured(json.loads(res.out))
+    except ValueError:
+        return rate_measured(None, f"rate-send: not JSON: {res.out.strip()[:100]!r}")
 
 
 def calibration_result(profile: LinkProfile, measured: dict[str, Any], bare: dict[str, Any] | None,
