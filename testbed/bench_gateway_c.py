@@ -21,10 +21,8 @@ from typing import Any
 from smfs.auth import create_key_file
 from smfs.gateway import C_BINARY_ENV, tun_mtu
 from testbed.bench_gateway import _transfer
-from testbed.gateways import CONTROL, TUNNEL_PORT
+from testbed.gateways import CONTROL, GATEWAY_READY_TIMEOUT, TUNNEL_PORT
 from testbed.netns import ADDRS, SITES, NamespaceTestbed, other
-
-READY_TIMEOUT = 20.0  # s
 
 
 @dataclass
@@ -57,7 +55,7 @@ def start_pair(tb: NamespaceTestbed, out: Path, engines: dict[str, str],
                 "--stats", str(stats[site]), "--ready", str(ready), *(extra or [])]
         env = {C_BINARY_ENV: str(binaries[site])} if binaries and site in binaries else None
         procs[site] = tb.spawn(site, "gateway", argv, logs[site], env=env)
-        deadline = time.monotonic() + READY_TIMEOUT
+        deadline = time.monotonic() + GATEWAY_READY_TIMEOUT  # the same start as start_gateways': one bound
         while not ready.exists():
             if procs[site].poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{site} gateway did not start: {logs[site].read_text()[-2000:]}")

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from pyroute2 import IPRoute, NetlinkError
 
+from testbed.errors import TestbedError
 from testbed.registry import Registry, Resource, Scope, register_teardown
 from testbed.spec import SiteSpec
 
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
 
 
-class BridgeError(RuntimeError):
+class BridgeError(TestbedError, RuntimeError):
     """A bridge could not be created, or exists and was not created by us."""
 
 

@@ -43,8 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from smfs.modes import Mode
-
-Say = Callable[[str], None]
+from testbed.progress import Say
 
 DRAW_VERSION = 1
 """Raised by any change to :func:`draw` or :func:`draw_vm` (old seeds would replay something else)."""

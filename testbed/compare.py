@@ -22,8 +22,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from testbed.errors import UserError
 
-class CompareError(ValueError):
+
+class CompareError(UserError, ValueError):
     """A folder is not a result (the message says what it needs)."""
 
 

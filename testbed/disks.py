@@ -34,13 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from testbed import procs
+from testbed.errors import TestbedError
+from testbed.paths import cache_dir
 from testbed.registry import Registry, Resource
 
 NBDKIT = "nbdkit"
 PREFIX = "nbdkit:"
 
 
-class DiskError(RuntimeError):
+class DiskError(TestbedError, RuntimeError):
     """A data disk server could not be started or changed (the message says what to do)."""
 
 
@@ -99,7 +101,7 @@ def create_image(path: Path, size: int, fs: str = "ext4") -> None:
     from vmimages.build import ImageError, data_raw
 
     try:
-        _cp(data_raw(size, fs), path)
+        _cp(data_raw(cache_dir(), size, fs), path)
     except ImageError as err:
         raise DiskError(str(err)) from None
 

@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from smfs.modes import Mode
+from testbed.errors import TestbedError
 from testbed.faults import Runner, Timed, Timeline, during, schedule
+from testbed.progress import Say
 from testbed.report import table
 from testbed.runner import EXIT_CODES, InfrastructureError, RunConfig, overall_verdict
 
-Say = Callable[[str], None]
 SNAPSHOT = "ready"
 MIRROR_PORT = 7700
 TUNNEL_PORT = 7800
@@ -55,7 +56,9 @@ fi
 rm -f "$1/gateway.ready" "$2.new" && umask 077 && set -C && cat > "$2.new" && mv -f "$2.new" "$2"
 """
 """Guest shell: kill the gateway whose pid is in $1/gateway.pid, then stdin into key file $2 (mode 0600 from the start)."""
-READY_TIMEOUT = 90.0  # s for a site or gateway to answer under TCG
+GUEST_READY_TIMEOUT = 90.0
+"""Seconds for a site or gateway in a guest to be ready: a TCG guest starts Python processes many times
+slower than the host (compare :data:`testbed.localdrill.SITE_READY_TIMEOUT`)."""
 DRILL_PROBES = 2000  # calibration probes at most per drill (about 4 s)
 INTERLEAVES = (1, 11, 19)  # the FEC layers' interleaves; fec.c = k runs the first k
 STORAGE = {"primary": ("198.18.11.1", "198.18.11.0/24"), "mirror": ("198.18.12.1", "198.18.12.0/24")}
@@ -718,7 +721,7 @@ def with_testbed(spec: Any, cfg: DrillConfig, out: Path, keep: bool, say: Say,
                     raise TeardownFailed(str(err)) from err
 
 
-class TeardownFailed(RuntimeError):
+class TeardownFailed(TestbedError, RuntimeError):
     """The drill reached its end but the testbed could not be torn down (./inv down)."""
 
 
@@ -788,11 +791,11 @@ def run_drill(spec_path: str | Path, modes: tuple[Mode, ...], out: Path | None =
 
 def _reuse(name: str, say: Say) -> Any:
     """The active testbed when it runs this spec; another spec's testbed is an error."""
-    from testbed.vmbed import TestbedError, VmTestbed
+    from testbed.vmbed import VmTestbed, VmTestbedError
 
     try:
         tb = VmTestbed.active()
-    except TestbedError:
+    except VmTestbedError:
         return None
     if tb.name != name:
         raise InfrastructureError(f"testbed {tb.name!r} is up; ./inv down first, or run the drill with its spec")

@@ -30,14 +30,14 @@ import math
 import statistics
 import time
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from smfs.units import show
-
-Say = Callable[[str], None]
+from testbed.errors import UserError
+from testbed.progress import Say
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,7 +64,7 @@ SEEDS = {
 """The random seeds an experiment could record (``./inv replay`` reuses them): none to record today."""
 
 
-class ExperimentError(ValueError):
+class ExperimentError(UserError, ValueError):
     """The experiment file is wrong (the message names the field and the fix)."""
 
 

@@ -13,15 +13,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from netem.profile import LinkProfile
+from testbed.errors import TestbedError, UserError
+from testbed.progress import Say
 
-Say = Callable[[str], None]
 
-
-class FaultError(RuntimeError):
+class FaultError(TestbedError, RuntimeError):
     """A fault could not be injected or healed; the message is one line."""
 
 
-class ScheduleError(ValueError):
+class ScheduleError(UserError, ValueError):
     """A spec's fault schedule is invalid; the message is one line naming the field and the fix."""
 
 

@@ -15,7 +15,8 @@ from testbed.runner import InfrastructureError
 
 TUNNEL_PORT = 7800
 CONTROL = "127.0.0.1:7790"
-READY_TIMEOUT = 30.0  # s
+GATEWAY_READY_TIMEOUT = 30.0
+"""Seconds for a gateway in a namespace to write its ready file (one process, no log store to recover)."""
 
 
 @dataclass
@@ -91,7 +92,7 @@ def start_gateways(tb: NamespaceTestbed, out: Path, logs: Path, r: int = 8,
             argv += ["--engine", engine]
         proc = tb.spawn(site, "gateway", argv, logs / f"gateway-{site}.log", env=env)
         waiting.append((site, proc, ready))
-    deadline = time.monotonic() + READY_TIMEOUT
+    deadline = time.monotonic() + GATEWAY_READY_TIMEOUT
     for site, proc, ready in waiting:
         while not ready.exists():
             if proc.poll() is not None or time.monotonic() > deadline:

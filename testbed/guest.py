@@ -21,12 +21,14 @@ from typing import Any
 import libvirt
 import libvirt_qemu
 
+from testbed.errors import TestbedError
+
 RUN_DIR = "/run/smfs"
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CHUNK = 48 << 10  # bytes per guest-file-read/write: 256 KiB messages stall the agent channel
 
 
-class GuestError(RuntimeError):
+class GuestError(TestbedError, RuntimeError):
     """The agent failed or refused (not connected, paused domain, bad path)."""
 
 

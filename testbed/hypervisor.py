@@ -21,14 +21,15 @@ import subprocess
 import tempfile
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape
 
 import libvirt
 
+from testbed.errors import TestbedError
 from testbed.paths import cache_dir
+from testbed.progress import Say
 from testbed.registry import Registry, Resource, Scope, register_teardown
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 LOCAL_URIS = ("qemu:///system",)
 
 
-class HypervisorError(RuntimeError):
+class HypervisorError(TestbedError, RuntimeError):
     """libvirt is unreachable or refused an operation (the message says what to do)."""
 
 
@@ -48,7 +49,7 @@ def _quiet_libvirt() -> None:
 _quiet_libvirt()
 
 
-def ensure_daemons(uri: str, say: Callable[[str], None] = print) -> None:
+def ensure_daemons(uri: str, say: Say = print) -> None:
     """Start ``virtlogd`` and ``libvirtd`` for a local URI when libvirt is not reachable."""
     if uri not in LOCAL_URIS or _reachable(uri):
         return
@@ -81,7 +82,7 @@ def _reachable(uri: str) -> bool:
 _CONNS: dict[str, libvirt.virConnect] = {}
 
 
-def connect(uri: str, say: Callable[[str], None] = print) -> libvirt.virConnect:
+def connect(uri: str, say: Say = print) -> libvirt.virConnect:
     """A cached libvirt connection to ``uri`` (starting the local daemons if needed)."""
     conn = _CONNS.get(uri)
     if conn is not None and conn.isAlive():
@@ -104,7 +105,7 @@ def lookup(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
         raise
 
 
-def ensure_kvm_access(owner: str, registry: Registry, say: Callable[[str], None] = print) -> None:
+def ensure_kvm_access(owner: str, registry: Registry, say: Say = print) -> None:
     """Let the QEMU user open /dev/kvm (root:kvm 0660, as Debian's udev rules set it).
 
     Without udev (containers) /dev/kvm stays root-only; libvirt then finds its QEMU capabilities

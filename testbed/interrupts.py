@@ -39,11 +39,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from testbed.errors import TestbedError
+from testbed.progress import Say
 from testbed.registry import PREFIX
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +58,6 @@ FOREIGN_MARK = "smfs-testbed:ffffffffffffffff"
 
 Entry = dict[str, str]
 Inventory = dict[str, list[Entry]]
-Say = Callable[[str], None]
 
 NETNS_ARGV = (str(ROOT / "inv"), "local-drill", "--mode", "network-sync,remote-sync", "--testers", "4",
               "--duration", "6", "--fail-at", "3", "--servers", "2", "--append-size", "64KiB", "--wait",
@@ -70,7 +71,7 @@ GRACE = {"netns": 60.0, "vm": 180.0}
 DOWN_TIMEOUT = {"netns": 120.0, "vm": 600.0}
 
 
-class CannotRun(RuntimeError):
+class CannotRun(TestbedError, RuntimeError):
     """The interrupted runs could not be made (exit 2): the message names why and the fix."""
 
 

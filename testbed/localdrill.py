@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,13 +26,16 @@ from smfs.modes import Mode, promises
 from testbed import procs
 from testbed.faults import Fault, Runner, Timed
 from testbed.netns import ADDRS, NamespaceTestbed, host_has_netem
+from testbed.progress import Say
 from testbed.report import table
 from testbed.runner import InfrastructureError, overall_verdict
 
 MIRROR_PORT = 7700
 GATEWAY_CONTROL_PORT = 7790
 TUNNEL_PORT = 7800
-READY_TIMEOUT = 60.0  # s for a site to report ready
+SITE_READY_TIMEOUT = 60.0
+"""Seconds for a site's storage servers in a namespace to report ready (a gateway's bound is
+:data:`testbed.gateways.GATEWAY_READY_TIMEOUT`; in a TCG guest: :data:`testbed.drill.GUEST_READY_TIMEOUT`)."""
 SCHEDULES = ("site-power-cut", "rolling-disaster")
 """What the namespace drill can do at ``fail_at``. A mirror power outage needs VMs: a killed process
 leaves its writes in the host's page cache, which no power cut of a namespace can take away."""
@@ -222,9 +224,6 @@ def describe(t: Timed) -> str:
     return f"{t.fault.name}{f'({params})' if params else ''} at {t.at:g} s for {t.seconds:g} s"
 
 
-Say = Callable[[str], None]
-
-
 def environment(loss_method: str) -> dict[str, Any]:
     from importlib.metadata import version
 
@@ -247,13 +246,13 @@ def environment(loss_method: str) -> dict[str, Any]:
 
 
 def _wait_ready(path: Path, proc: subprocess.Popen[bytes], what: str, log: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT
+    deadline = time.monotonic() + SITE_READY_TIMEOUT
     while not path.exists():
         if proc.poll() is not None:
             tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
             raise InfrastructureError(f"{what} exited with code {proc.returncode} before it was ready: {' | '.join(tail)}")
         if time.monotonic() > deadline:
-            raise InfrastructureError(f"{what} not ready after {READY_TIMEOUT:.0f} s (see {log})")
+            raise InfrastructureError(f"{what} not ready after {SITE_READY_TIMEOUT:.0f} s (see {log})")
         time.sleep(0.05)
 
 

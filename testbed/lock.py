@@ -10,7 +10,8 @@ overwritten by the next holder.
 
 The lock is re-entrant within one process (a drill that brings the testbed up, then tears it down, holds
 it once): a module-level depth counts the nested holds. The file is opened close-on-exec, so the
-processes a command starts (disk servers, captures) never hold it after the command ends.
+processes a command starts (disk servers, captures) never hold it after the command ends. A task of
+``./inv`` takes it with :func:`testbed.cli.common.for_command`.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ import errno
 import fcntl
 import json
 import os
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
+from testbed.errors import TestbedError
 from testbed.paths import cache_dir, untrusted
+from testbed.progress import Say
 
 LOCK_NAME = "testbed.lock"
 
@@ -34,7 +36,7 @@ _guard = threading.Lock()
 _depth = 0  # nested holds in this process (0: not held)
 
 
-class LockError(RuntimeError):
+class LockError(TestbedError, RuntimeError):
     """The testbed's lock cannot be taken (the message names the holder or the file, and what to do)."""
 
 
@@ -77,7 +79,7 @@ def _open(path: Path) -> int:
 
 
 @contextlib.contextmanager
-def hold(command: str, wait: bool = False, say: Callable[[str], None] = print,
+def hold(command: str, wait: bool = False, say: Say = print,
          path: Path | None = None) -> Iterator[None]:
     """Hold the testbed's lock for the ``with`` block. Busy: :class:`LockBusy` at once, naming the holder,
     or with ``wait`` a message and a wait. Held already by this process: a nested hold (no-op)."""
@@ -118,27 +120,3 @@ def hold(command: str, wait: bool = False, say: Callable[[str], None] = print,
                 os.ftruncate(fd, 0)  # nobody holds it: no name to show
     finally:
         os.close(fd)  # drops the flock
-
-
-@contextlib.contextmanager
-def for_command(command: str, wait: bool = False) -> Iterator[None]:
-    """The lock for a task of ``./inv`` (take it after the task's flags are checked: a bad flag creates
-    nothing, not even the lock file), with the registry read under it, so that an untrusted or unreadable
-    registry stops the task before it starts. Either failure is one line and exit 2."""
-    from invoke.exceptions import Exit
-
-    from testbed.cli.common import user_error
-    from testbed.registry import Registry, RegistryError
-
-    holding = False
-    try:
-        with hold(command, wait=wait, say=lambda m: print(m, file=sys.stderr, flush=True)):
-            holding = True
-            Registry().items()
-            yield
-    except (LockError, RegistryError) as err:
-        raise user_error(str(err)) from None
-    except KeyboardInterrupt:
-        if holding:
-            raise
-        raise Exit("interrupted while waiting for the testbed; nothing was started", code=2) from None

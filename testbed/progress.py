@@ -1,6 +1,7 @@
-"""Progress for long steps: a rich progress bar on a terminal, a plain line every few seconds otherwise.
+"""Progress for long steps: the ``Say`` type of every progress callback, a bar for a step of known length
+(:class:`Progress`), and a spinner for steps of unknown length on the command line (:func:`spinner`).
 
-CI logs and pipes get lines (``[  12.3s] network-sync: running 12/40 s ...``) rather than bar
+The bar: CI logs and pipes get lines (``[  12.3s] network-sync: running 12/40 s ...``) rather than bar
 redraws; a terminal gets one live bar per step that stays on screen when the step ends::
 
     with Progress("network-sync: testers running", total=40.0, say=say) as bar:
@@ -12,10 +13,12 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 Say = Callable[[str], None]
+"""What every long step takes to report progress: a function printing one line (``print`` by default)."""
 
 
 def interactive() -> bool:
@@ -59,3 +62,29 @@ class Progress:
     def __exit__(self, *exc: object) -> None:
         if self._rich is not None:
             self._rich.stop()
+
+
+class Spinner:
+    """What :func:`spinner` yields: call it with a step (printed with the elapsed time, and shown beside the
+    spinner), or :meth:`update` the text beside the spinner alone."""
+
+    def __init__(self, title: str, console: Any, status: Any) -> None:
+        self.title, self._console, self._status, self._t0 = title, console, status, time.monotonic()
+
+    def __call__(self, msg: str) -> None:
+        self._console.print(f"[dim]{time.monotonic() - self._t0:6.1f}s[/dim] {msg}")
+        self._status.update(f"{self.title}: {msg.strip()}")
+
+    def update(self, text: str) -> None:
+        self._status.update(text)
+
+
+@contextmanager
+def spinner(title: str) -> Iterator[Spinner]:
+    """A spinner with the current step, for the steps of a task (``./inv up``, ``./inv capture``) whose
+    length is not known; every step is also printed with the elapsed time, so the steps stay on screen."""
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    with console.status(title) as status:
+        yield Spinner(title, console, status)

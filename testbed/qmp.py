@@ -22,6 +22,7 @@ from typing import Any
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
+from testbed.errors import TestbedError
 from testbed.registry import Resource, register_teardown
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 NIC = "ua-net0"
 
 
-class QmpError(RuntimeError):
+class QmpError(TestbedError, RuntimeError):
     """A QMP command failed, or the socket is not there (VM not running?)."""
 
 

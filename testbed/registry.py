@@ -40,7 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from testbed.errors import TestbedError
 from testbed.paths import cache_dir, untrusted
+from testbed.progress import Say
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ ID_FILE = "testbed.id"
 """In the testbed's folder: its id, stamped into every domain (``<metadata>``), bridge and namespace."""
 
 
-class RegistryError(RuntimeError):
+class RegistryError(TestbedError, RuntimeError):
     """The registry (or the testbed's id) cannot be trusted or read; the message names the file and the fix."""
 
 
@@ -279,7 +281,7 @@ class Registry:
                 if (kind is None or e["kind"] == kind) and (owner is None or e["owner"] == owner)
             ]
 
-    def teardown(self, owner: str | None = None, say: Callable[[str], None] | None = None) -> list[Resource]:
+    def teardown(self, owner: str | None = None, say: Say | None = None) -> list[Resource]:
         """Remove every recorded resource (of ``owner`` if given) that passes its kind's check, in
         dependency order.
 
@@ -334,5 +336,5 @@ class Registry:
         return removed
 
 
-class TeardownError(RuntimeError):
+class TeardownError(TestbedError, RuntimeError):
     """Some resources could not be removed; they stay in the registry for the next ``./inv down``."""

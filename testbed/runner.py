@@ -24,16 +24,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from smfs.modes import Mode
+from testbed.errors import TestbedError
 from testbed.faults import Timeline
-
-Say = Callable[[str], None]
+from testbed.progress import Say
 
 DRAIN_INTERVAL = 0.5  # s between two probes of the mirror while draining
 QUIET_PROBES = 2  # consecutive quiet comparisons (each DRAIN_INTERVAL apart) that end a drain
 EXIT_CODES = {"ok": 0, "data-loss": 1, "unknown": 2}
 
 
-class InfrastructureError(RuntimeError):
+class InfrastructureError(TestbedError, RuntimeError):
     """The drill itself failed (a process died, a site never became ready): verdict unknown."""
 
 

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from smfs.modes import parse_mode
-
-Say = Callable[[str], None]
+from testbed.progress import Say
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from typing import Any
 
 from smfs.units import format_size, parse_size, show
 from smfs.wire import MAX_PAYLOAD
+from testbed.errors import UserError
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -64,7 +65,7 @@ FEC_ENGINES = ("c", "python")
 FEC_LAYERS = (0, 3)  # fec.c: the gateways' repair layers (interleaves 1, 11, 19 cut to c; 0: no repairs)
 
 
-class SpecError(ValueError):
+class SpecError(UserError, ValueError):
     """A spec field is missing or invalid; the message names the field and the fix."""
 
 

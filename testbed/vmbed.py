@@ -30,7 +30,6 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,38 +38,23 @@ from typing import Any
 import libvirt
 
 from testbed import bridges, disks, hypervisor
+from testbed.errors import TestbedError
 from testbed.guest import Guest
 from testbed.hypervisor import DomainConfig, HypervisorError
 from testbed.paths import cache_dir
+from testbed.progress import Say
 from testbed.registry import Registry, Resource, Scope, register_teardown
 from testbed.spec import ROUTER_SITE, RouterSpec, Spec, SpecError, VmSpec, thaw
 from testbed.spec import load as load_spec
 
 log = logging.getLogger(__name__)
 
-Say = Callable[[str], None]
 MIB = 1 << 20
 QEMU_RUN_DIR = "/run/libvirt/qemu"  # libvirt keeps <domain>.pid here (qemu:///system)
 
 
-class TestbedError(RuntimeError):
-    """The testbed could not be brought up or changed (the message says what to do)."""
-
-    __test__ = False
-
-
-def _disk_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """A data disk's failure (``disks.DiskError``: nbdkit missing, a copy failed) is a TestbedError."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except disks.DiskError as err:
-            raise TestbedError(str(err)) from None
-
-    return wrapper
+class VmTestbedError(TestbedError, RuntimeError):
+    """The VM testbed could not be brought up or changed (the message says what to do)."""
 
 
 def testbeds_dir() -> Path:
@@ -143,27 +127,27 @@ class VmTestbed:
     def load(cls, name: str) -> VmTestbed:
         path = testbeds_dir() / name / "state.json"
         if not path.exists():
-            raise TestbedError(f"no testbed named {name!r} is up; start one with ./inv up --spec specs/ci.toml")
+            raise VmTestbedError(f"no testbed named {name!r} is up; start one with ./inv up --spec specs/ci.toml")
         return cls(name, json.loads(path.read_text()))
 
     @classmethod
     def active(cls) -> VmTestbed:
         marker = testbeds_dir() / "active"
         if not marker.exists():
-            raise TestbedError("no testbed is up; start one with ./inv up --spec specs/ci.toml")
+            raise VmTestbedError("no testbed is up; start one with ./inv up --spec specs/ci.toml")
         return cls.load(marker.read_text().strip())
 
     def info(self, vm: str) -> VmInfo:
         try:
             return self.vms[vm]
         except KeyError:
-            raise TestbedError(f"no VM named {vm!r} in testbed {self.name!r}; VMs: {', '.join(self.vms)}") from None
+            raise VmTestbedError(f"no VM named {vm!r} in testbed {self.name!r}; VMs: {', '.join(self.vms)}") from None
 
     def domain(self, vm: str) -> libvirt.virDomain:
         info = self.info(vm)
         dom = hypervisor.lookup(hypervisor.connect(info.uri), info.domain)
         if dom is None:
-            raise TestbedError(f"domain {info.domain} is gone; ./inv down then ./inv up")
+            raise VmTestbedError(f"domain {info.domain} is gone; ./inv down then ./inv up")
         return dom
 
     def guest(self, vm: str) -> Guest:
@@ -212,7 +196,7 @@ class VmTestbed:
                     row["memory_mib"] = stats.get("actual", 0) // 1024
                     row["memstat"] = stats
                     row["agent"] = Guest(dom, info.name).ping() if state == libvirt.VIR_DOMAIN_RUNNING else False
-            except (TestbedError, libvirt.libvirtError) as err:
+            except (VmTestbedError, libvirt.libvirtError) as err:
                 row["state"] = f"missing ({err})"
             out["vms"].append(row)
         if self.router:
@@ -231,7 +215,7 @@ class VmTestbed:
         dom = self.domain(vm)
         maxm = dom.maxMemory() // 1024
         if not 64 <= mib <= maxm:
-            raise TestbedError(f"balloon {vm}: {mib} MiB is outside 64-{maxm} MiB (max_memory in the spec); pick a value in range")
+            raise VmTestbedError(f"balloon {vm}: {mib} MiB is outside 64-{maxm} MiB (max_memory in the spec); pick a value in range")
         guest = Guest(dom, vm)
         t0 = time.monotonic()
         before = guest.meminfo_mib()
@@ -247,7 +231,7 @@ class VmTestbed:
                 break
             last = total
             if time.monotonic() - t0 > timeout:
-                raise TestbedError(f"balloon {vm}: guest still at {total} MiB (balloon {actual} MiB) after {timeout:.0f} s; "
+                raise VmTestbedError(f"balloon {vm}: guest still at {total} MiB (balloon {actual} MiB) after {timeout:.0f} s; "
                                    "is virtio_balloon loaded in the guest?")
             time.sleep(0.2)
         return {"vm": vm, "target_mib": mib, "actual_mib": actual, "guest_total_mib": total,
@@ -255,7 +239,6 @@ class VmTestbed:
 
     # --- power ---------------------------------------------------------------------------------
 
-    @_disk_errors
     def destroy(self, vm: str) -> float:
         """Power cut: the VM's QEMU and its data disk server are killed (SIGKILL: no shutdown, no flush;
         what the disk had not written back is lost); returns seconds taken."""
@@ -266,7 +249,7 @@ class VmTestbed:
         if dom.isActive():
             try:
                 pid: int | None = self.qemu_pid(vm)
-            except TestbedError:
+            except VmTestbedError:
                 pid = None
             if pid is not None:  # libvirt's destroy sends SIGTERM first, on which QEMU flushes its disks
                 with contextlib.suppress(ProcessLookupError):
@@ -288,9 +271,9 @@ class VmTestbed:
             pid = int(Path(f"{QEMU_RUN_DIR}/{info.domain}.pid").read_text().strip())
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except (OSError, ValueError) as err:
-            raise TestbedError(f"{vm}: no running QEMU found ({err}); is the VM running?") from None
+            raise VmTestbedError(f"{vm}: no running QEMU found ({err}); is the VM running?") from None
         if f"guest={info.domain}".encode() not in cmdline:
-            raise TestbedError(f"{vm}: pid {pid} from libvirt's pid file is not {info.domain}'s QEMU")
+            raise VmTestbedError(f"{vm}: pid {pid} from libvirt's pid file is not {info.domain}'s QEMU")
         return pid
 
     def disaster(self, site: str) -> dict[str, Any]:
@@ -344,10 +327,9 @@ class VmTestbed:
             with contextlib.suppress(libvirt.libvirtError):
                 dom.destroy()
             if time.monotonic() > deadline:
-                raise TestbedError(f"{vm}: still running {timeout:.0f} s after SIGKILL of its QEMU")
+                raise VmTestbedError(f"{vm}: still running {timeout:.0f} s after SIGKILL of its QEMU")
             time.sleep(0.05)
 
-    @_disk_errors
     def start(self, vm: str, timeout: float | None = None) -> float:
         """Boot a destroyed VM again: its data disk server first, on the same file (so its disks are
         what survived: the root overlay, and of the data disk what was flushed); seconds to agent-ready."""
@@ -367,13 +349,13 @@ class VmTestbed:
         try:  # and its part of the WAN's shaping
             wan.after_boot(self, vm)
         except wan.WanError as err:
-            raise TestbedError(f"{vm} booted again but its part of the WAN is not shaped: {err}") from None
+            raise VmTestbedError(f"{vm} booted again but its part of the WAN is not shaped: {err}") from None
         return time.monotonic() - t0
 
     def set_link(self, vm: str, up: bool) -> None:
         """Cut or restore the VM's NIC through libvirt (libvirt keeps track of the link state)."""
         if vm == self.router:
-            raise TestbedError(f"{vm}: the WAN router has a NIC per site; cut a site's link instead (LinkCut)")
+            raise VmTestbedError(f"{vm}: the WAN router has a NIC per site; cut a site's link instead (LinkCut)")
         dom = self.domain(vm)
         info = self.info(vm)
         xml = (f"<interface type='bridge'><mac address='{info.mac}'/><source bridge='smfs-{info.site}'/>"
@@ -386,16 +368,13 @@ class VmTestbed:
         """The VM's data disk: its raw file and its nbdkit's socket, error file and log."""
         info = self.info(vm)
         if not info.data_socket:
-            raise TestbedError(f"{vm}: testbed {self.name!r} predates NBD data disks; ./inv down then ./inv up")
+            raise VmTestbedError(f"{vm}: testbed {self.name!r} predates NBD data disks; ./inv down then ./inv up")
         return disks.DataDisk(vm=vm, site=info.site, file=Path(info.data), folder=Path(info.data_socket).parent)
 
     def start_disk(self, vm: str) -> int:
         """(Re)start the VM's data disk server on its file (a running one is killed first); its pid."""
         uid, gid = (0, 0) if self.state.get("run_as_root") else hypervisor.qemu_user()[:2]
-        try:
-            return disks.start(self.data_disk(vm), owner=self.owner, registry=self.registry, uid=uid, gid=gid)
-        except disks.DiskError as err:
-            raise TestbedError(str(err)) from None
+        return disks.start(self.data_disk(vm), owner=self.owner, registry=self.registry, uid=uid, gid=gid)
 
     def kill_disk(self, vm: str) -> bool:
         """SIGKILL the VM's data disk server (its unwritten cache is lost); whether one ran."""
@@ -439,7 +418,6 @@ class VmTestbed:
         root overlay and of the data disk's file, and ``<vm>.xml`` when the snapshot came from a clone."""
         return self.dir / "snapshots" / name
 
-    @_disk_errors
     def snapshot(self, name: str, say: Say = print, resume: bool = True) -> float:
         """Snapshot every VM together: all are paused (QMP ``stop``, which flushes every disk: the
         data disks' caches are written back), each one's memory is saved to a file with libvirt (the
@@ -452,9 +430,9 @@ class VmTestbed:
         doms = {vm: self.domain(vm) for vm in self.vms}
         for vm, dom in doms.items():
             if not dom.isActive():
-                raise TestbedError(f"snapshot {name}: {vm} is not running; restore or start it first")
+                raise VmTestbedError(f"snapshot {name}: {vm} is not running; restore or start it first")
         if name in self.state.get("snapshots", []):
-            raise TestbedError(f"snapshot {name!r} already exists; pick another name or ./inv restore {name}")
+            raise VmTestbedError(f"snapshot {name!r} already exists; pick another name or ./inv restore {name}")
         folder = self.snapshot_dir(name)
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -498,7 +476,6 @@ class VmTestbed:
         self._save()
         return secs
 
-    @_disk_errors
     def restore(self, name: str, say: Say = print) -> float:
         """Bring every VM back to snapshot ``name``: running VMs and their disk servers are killed, the
         disk files copied back from the snapshot, the disk servers started on them, every VM restored
@@ -509,7 +486,7 @@ class VmTestbed:
         for vm in self.vms:
             if name not in self.state.get("snapshots", []) or not (folder / f"{vm}.save").exists():
                 have = ", ".join(self.state.get("snapshots", [])) or "none"
-                raise TestbedError(f"no snapshot {name!r} of {vm}; snapshots: {have} (take one with ./inv snapshot NAME)")
+                raise VmTestbedError(f"no snapshot {name!r} of {vm}; snapshots: {have} (take one with ./inv snapshot NAME)")
         t0 = time.monotonic()
         self._restore_from(folder, list(self.vms), say, copy_disks=True)
         self._resume_all(say)
@@ -542,7 +519,7 @@ class VmTestbed:
                 hypervisor.connect(info.uri).restoreFlags(str(folder / f"{vm}.save"), dxml,
                                                           libvirt.VIR_DOMAIN_SAVE_PAUSED)
             except libvirt.libvirtError as err:
-                raise TestbedError(f"{vm}: libvirt cannot restore {folder / f'{vm}.save'}: "
+                raise VmTestbedError(f"{vm}: libvirt cannot restore {folder / f'{vm}.save'}: "
                                    f"{err.get_error_message()}") from None
             return vm
 
@@ -566,7 +543,6 @@ class VmTestbed:
 
     # --- clone --------------------------------------------------------------------------------
 
-    @_disk_errors
     def clone(self, snapshot: str, new: str, say: Say = print) -> Path:
         """Copy the testbed at ``snapshot`` to ``<cache>/clones/<new>/`` (the snapshot's memory images
         and disk files, the spec, the VMs' MACs, domain names and UUIDs: libvirt restores a memory image
@@ -576,10 +552,10 @@ class VmTestbed:
         _check_snap_name(new)
         dest = cache_dir() / "clones" / new
         if dest.exists():
-            raise TestbedError(f"clone {new!r} exists at {dest}; pick another name or delete that folder")
+            raise VmTestbedError(f"clone {new!r} exists at {dest}; pick another name or delete that folder")
         src = self.snapshot_dir(snapshot)
         if snapshot not in self.state.get("snapshots", []) or not src.is_dir():
-            raise TestbedError(f"no snapshot {snapshot!r} of {next(iter(self.vms))}; take one with ./inv snapshot {snapshot}")
+            raise VmTestbedError(f"no snapshot {snapshot!r} of {next(iter(self.vms))}; take one with ./inv snapshot {snapshot}")
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -611,7 +587,7 @@ _WAN_STATE = ("wan_profile", "wan_bare", "wan_enforcement")
 
 def _check_snap_name(name: str) -> None:
     if not name or not all(c.isalnum() or c in "-_." for c in name) or len(name) > 40:
-        raise TestbedError(f"name {name!r}: use up to 40 letters, digits, '-', '_' or '.'")
+        raise VmTestbedError(f"name {name!r}: use up to 40 letters, digits, '-', '_' or '.'")
 
 
 def _find_snapshot(dom: libvirt.virDomain, name: str) -> libvirt.virDomainSnapshot | None:
@@ -636,7 +612,7 @@ def _run(cmd: list[str]) -> None:
     try:
         subprocess.run(cmd, check=True, capture_output=True, text=True)
     except subprocess.CalledProcessError as err:
-        raise TestbedError(f"{' '.join(cmd[:2])}: {err.stderr.strip()[:200]}") from None
+        raise VmTestbedError(f"{' '.join(cmd[:2])}: {err.stderr.strip()[:200]}") from None
 
 
 def _qemu_img_overlay(base: Path, out: Path) -> None:
@@ -646,20 +622,19 @@ def _qemu_img_overlay(base: Path, out: Path) -> None:
 # --- up ----------------------------------------------------------------------------------------
 
 
-@_disk_errors
 def up(spec: Spec | str | Path, say: Say = print, rebuild_image: bool = False, clone: str | None = None) -> VmTestbed:
     """Bring up the testbed of ``spec`` (or of clone ``clone``, at the clone's snapshot).
 
     On any failure or Ctrl-C, everything created so far is torn down before the error propagates.
     """
-    from vmimages.build import ensure_image
+    from testbed.images import ensure_image
 
     clone_dir: Path | None = None
     meta: dict[str, Any] = {}
     if clone is not None:
         clone_dir = cache_dir() / "clones" / clone
         if not (clone_dir / "clone.json").exists():
-            raise TestbedError(f"no clone named {clone!r} in {clone_dir.parent}; make one with ./inv clone SNAP --as NAME")
+            raise VmTestbedError(f"no clone named {clone!r} in {clone_dir.parent}; make one with ./inv clone SNAP --as NAME")
         meta = json.loads((clone_dir / "clone.json").read_text())
         from testbed.spec import from_mapping
 
@@ -676,11 +651,11 @@ def up(spec: Spec | str | Path, say: Say = print, rebuild_image: bool = False, c
                             "supported so far; use qemu:///system")
     marker = testbeds_dir() / "active"
     if marker.exists():
-        raise TestbedError(f"testbed {marker.read_text().strip()!r} is up; ./inv down first (one testbed at a time)")
+        raise VmTestbedError(f"testbed {marker.read_text().strip()!r} is up; ./inv down first (one testbed at a time)")
     registry = Registry()
     owner = f"testbed-{spec.name}"
     if registry.items(owner=owner):
-        raise TestbedError(f"resources of testbed {spec.name!r} are still recorded; run ./inv down first")
+        raise VmTestbedError(f"resources of testbed {spec.name!r} are still recorded; run ./inv down first")
 
     image = ensure_image(rebuild=rebuild_image, progress=say)
     built = f"built in {image.seconds:.0f} s" if image.built else "cached"
@@ -698,7 +673,7 @@ def up(spec: Spec | str | Path, say: Say = print, rebuild_image: bool = False, c
     for vm in all_vms:
         uri = router.uri if router and vm is router.vm else spec.site_of(vm.name).uri
         if hypervisor.lookup(conns[uri], names[vm.name]) is not None:
-            raise TestbedError(f"domain {names[vm.name]} exists but is not recorded by smfs-testbed; "
+            raise VmTestbedError(f"domain {names[vm.name]} exists but is not recorded by smfs-testbed; "
                                "remove it with virsh undefine, or rename the spec")
 
     tb_dir = testbeds_dir() / spec.name
@@ -873,7 +848,7 @@ def _configure_router(tb: VmTestbed) -> None:
     res = tb.guest(router["vm"]).exec(["/bin/sh", "-c", _ROUTER_SCRIPT], timeout=30, env={"SMFS_LEGS": legs})
     if res.rc != 0:
         err = res.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit {res.rc}"]
-        raise TestbedError(f"{router['vm']}: cannot configure the WAN router: {err[0][:200]}")
+        raise VmTestbedError(f"{router['vm']}: cannot configure the WAN router: {err[0][:200]}")
     for line in res.out.split():
         site, dev = line.split("=", 1)
         router["legs"][site]["ifname"] = dev
@@ -906,7 +881,7 @@ def _check_uuid_free(conn: libvirt.virConnect, uuid: str, clone: str) -> None:
         other = conn.lookupByUUIDString(uuid)
     except libvirt.libvirtError:
         return
-    raise TestbedError(f"clone {clone}: its VMs keep the names and UUIDs of the testbed it was made from, and "
+    raise VmTestbedError(f"clone {clone}: its VMs keep the names and UUIDs of the testbed it was made from, and "
                        f"domain {other.name()} still has one; ./inv down that testbed first")
 
 
@@ -920,7 +895,7 @@ def _clone_snapshot(tb: VmTestbed, clone_dir: Path, snap: str, vm: str, config: 
     for name in (f"{vm}.save", Path(info.root).name, Path(info.data).name):
         src = clone_dir / name
         if not src.exists():
-            raise TestbedError(f"clone {clone_dir.name}: {name} is missing; make the clone again with ./inv clone")
+            raise VmTestbedError(f"clone {clone_dir.name}: {name} is missing; make the clone again with ./inv clone")
         try:  # never written in place (restore copies from it), so a hard link will do
             os.link(src, folder / name)
         except OSError:
@@ -984,13 +959,13 @@ def _teardown_domain(res: Resource) -> None:
     if dom is None:
         return
     if hypervisor.domain_mark(dom) is None:  # the registry checked the id; never touch an unmarked domain
-        raise TestbedError(f"{res.ident} carries no smfs-testbed metadata; not destroying it")
+        raise VmTestbedError(f"{res.ident} carries no smfs-testbed metadata; not destroying it")
     if dom.isActive():
         try:
             dom.destroy()
         except libvirt.libvirtError as err:
             if dom.isActive():
-                raise TestbedError(f"cannot destroy {res.ident}: {err.get_error_message()}") from None
+                raise VmTestbedError(f"cannot destroy {res.ident}: {err.get_error_message()}") from None
     flags = libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
     try:
         dom.undefineFlags(flags)

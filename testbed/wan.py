@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from netem.profile import Direction, LinkProfile
+from testbed.errors import TestbedError
 
 HOST_POINT = "host-tap-egress"
 """netem on the host, at the root of each site VM's tap (packets towards the VM)."""
@@ -56,7 +57,7 @@ INGRESS_DIRECTION = {"primary": Direction.B_TO_A, "mirror": Direction.A_TO_B}
 """Which WAN direction a site's ingress carries: packets *arriving* at the site."""
 
 
-class WanError(RuntimeError):
+class WanError(TestbedError, RuntimeError):
     """The WAN could not be shaped, read back or measured; the message is one line."""
 
 

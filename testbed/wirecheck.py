@@ -46,6 +46,7 @@ from typing import Any, NamedTuple
 
 from smfs import tunnel
 from smfs.callbacks import Flow, FlowTracker
+from testbed.errors import TestbedError
 
 SNAPLEN = 192
 """Bytes of each frame the capture keeps: Ethernet, IPv4, UDP, the tunnel header and the inner IPv4
@@ -69,7 +70,7 @@ _RECORD = struct.Struct("=IIII")
 _ETH_P_IP = 0x0800
 
 
-class WireError(ValueError):
+class WireError(TestbedError, ValueError):
     """A capture or an ack trace that cannot be read; the message names the file."""
 
 

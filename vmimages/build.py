@@ -8,6 +8,9 @@ Two cache levels under ``<cache>/``:
 - ``images/<image-key>/``: ``base.qcow2``, ``vmlinuz``, ``initrd.img``, ``manifest.json``; the key
   also covers the project's stack code (``smfs``, ``workloads``, ``netem``), so a code change
   rebuilds only this level (seconds). An existing image is never rebuilt unless forced.
+
+The caller says where the cache is (``cache``) and which images are still in use (``in_use``): both
+are the testbed's knowledge (``testbed.images``), and this builder imports nothing of ``testbed``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from testbed.paths import cache_dir
+from smfs.units import parse_size
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +78,6 @@ class Recipe:
 
     @classmethod
     def load(cls, path: Path = RECIPE) -> Recipe:
-        from testbed.cli.common import parse_size
-
         raw = tomllib.loads(path.read_text())
         try:
             return cls(
@@ -129,30 +130,32 @@ def image_key(recipe_path: Path = RECIPE) -> str:
     return hashlib.sha256((recipe_hash(recipe_path) + code_hash(recipe.project_packages)).encode()).hexdigest()[:12]
 
 
-def find_image(recipe_path: Path = RECIPE) -> Image | None:
-    """The cached image for the current recipe and code, or None."""
-    d = cache_dir() / "images" / image_key(recipe_path)
+def find_image(cache: Path, recipe_path: Path = RECIPE) -> Image | None:
+    """The image for the current recipe and code in ``cache``, or None."""
+    d = cache / "images" / image_key(recipe_path)
     return _load_image(d, built=False, seconds=0.0) if (d / "manifest.json").exists() else None
 
 
-def ensure_image(rebuild: bool = False, progress: Progress | None = None, recipe_path: Path = RECIPE,
-                 rebuild_rootfs: bool = False) -> Image:
-    """Return the image for the current recipe and code, building what is missing.
+def ensure_image(cache: Path, rebuild: bool = False, progress: Progress | None = None, recipe_path: Path = RECIPE,
+                 rebuild_rootfs: bool = False, in_use: Callable[[Path], bool] | None = None) -> Image:
+    """Return the image for the current recipe and code in ``cache``, building what is missing.
 
-    ``rebuild`` rebuilds the image level; ``rebuild_rootfs`` also reruns mmdebstrap.
+    ``rebuild`` rebuilds the image level; ``rebuild_rootfs`` also reruns mmdebstrap. After a build the
+    other images in ``cache`` are deleted unless ``in_use(image_dir)`` says one is still used; without
+    ``in_use`` every other image is kept (only the caller knows what its testbeds use).
     """
     say = progress or (lambda msg: log.info("%s", msg))
     t0 = time.monotonic()
     recipe = Recipe.load(recipe_path)
     key = image_key(recipe_path)
-    images = cache_dir() / "images"
+    images = cache / "images"
     out = images / key
     images.mkdir(parents=True, exist_ok=True)
     with _flock(images / f".{key}.lock"):
         if (out / "manifest.json").exists() and not (rebuild or rebuild_rootfs):
             return _load_image(out, built=False, seconds=time.monotonic() - t0)
-        rootfs = _ensure_rootfs(recipe, rootfs_hash(recipe), say, force=rebuild_rootfs)
-        _build_image(recipe, rootfs, out, key, say)
+        rootfs = _ensure_rootfs(cache, recipe, rootfs_hash(recipe), say, force=rebuild_rootfs)
+        _build_image(recipe, rootfs, out, key, say, in_use or (lambda _d: True))
     return _load_image(out, built=True, seconds=time.monotonic() - t0)
 
 
@@ -178,8 +181,8 @@ def _run(cmd: list[str], step: str, **kw: object) -> subprocess.CompletedProcess
         raise ImageError(f"{step}: {' '.join(cmd[:3])}... exited {err.returncode}: {' | '.join(tail)}") from None
 
 
-def _ensure_rootfs(recipe: Recipe, rhash: str, say: Progress, force: bool) -> Path:
-    top = cache_dir() / "rootfs" / rhash
+def _ensure_rootfs(cache: Path, recipe: Recipe, rhash: str, say: Progress, force: bool) -> Path:
+    top = cache / "rootfs" / rhash
     rootfs = top / "rootfs"
     if (top / "complete").exists() and not force:
         say(f"rootfs {rhash} cached")
@@ -224,7 +227,8 @@ def _trim(recipe: Recipe, rootfs: Path) -> None:
                 p.unlink()
 
 
-def _build_image(recipe: Recipe, rootfs: Path, out: Path, key: str, say: Progress) -> None:
+def _build_image(recipe: Recipe, rootfs: Path, out: Path, key: str, say: Progress,
+                 in_use: Callable[[Path], bool]) -> None:
     kver = _kernel_version(rootfs)
     staging = out.with_name(out.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
@@ -249,19 +253,9 @@ def _build_image(recipe: Recipe, rootfs: Path, out: Path, key: str, say: Progres
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     for d in staging.parent.iterdir():  # keep the cache small: drop other images nobody uses
-        if d.is_dir() and d.name != out.name and not d.name.endswith(".tmp") and not _in_use(d):
+        if d.is_dir() and d.name != out.name and not d.name.endswith(".tmp") and not in_use(d):
             shutil.rmtree(d, ignore_errors=True)
     say(f"image {key}: {size_mib} MiB root, kernel {kver}")
-
-
-def _in_use(image_dir: Path) -> bool:
-    """An image is in use while a registered overlay or a saved clone is based on it."""
-    from testbed.registry import Registry
-
-    if any(r.meta.get("image") == image_dir.name for r in Registry().items("overlay")):
-        return True
-    clones = cache_dir() / "clones"
-    return any(image_dir.name in p.read_text() for p in clones.glob("*/clone.json")) if clones.exists() else False
 
 
 def build_native_gateway() -> Path:
@@ -342,13 +336,13 @@ DATA_MKFS = {
 }
 
 
-def data_raw(size: int, fs: str = "ext4") -> Path:
+def data_raw(cache: Path, size: int, fs: str = "ext4") -> Path:
     """An empty data disk of ``size`` bytes with filesystem ``fs`` (ext4 labelled smfs-data, or
-    minix v3) as a raw sparse file, built once per size and filesystem; each VM's data disk is a
-    sparse copy of it (served by nbdkit: ``testbed.disks``)."""
+    minix v3) as a raw sparse file in ``cache``, built once per size and filesystem; each VM's data
+    disk is a sparse copy of it (served by nbdkit: ``testbed.disks``)."""
     if fs not in DATA_MKFS:
         raise ImageError(f"data disk: no filesystem {fs!r}; use one of {', '.join(DATA_MKFS)}")
-    d = cache_dir() / "images"
+    d = cache / "images"
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"data-{size // MIB}M-{fs}.raw"
     with _flock(d / ".data.lock"):

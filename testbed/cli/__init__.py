@@ -1,7 +1,8 @@
 """Invoke task modules, one per concern; ``collect()`` builds the root collection.
 
 Every module in this package may define ``TASKS``: a list of invoke ``Task`` objects
-that become top-level tasks (``./inv drill``, ``./inv up``, ...).
+that become top-level tasks (``./inv drill``, ``./inv up``, ...). Each is declared with
+:func:`testbed.cli.common.task`, which turns every project error into one line and exit 2.
 """
 
 from __future__ import annotations

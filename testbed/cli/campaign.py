@@ -12,12 +12,22 @@ import secrets
 import time
 from pathlib import Path
 
-from invoke import task
 from invoke.exceptions import Exit
 
-from testbed.cli.common import flag_choice, flag_int, flag_number, user_error
-from testbed.cli.drill import WAIT_HELP, _claim, _guarded, _modes, _new_out, _stamp
-from testbed.lock import for_command
+from testbed.cli.common import (
+    WAIT_HELP,
+    claim_folder,
+    flag_choice,
+    flag_int,
+    flag_modes,
+    flag_new_out,
+    flag_number,
+    for_command,
+    run_for_verdict,
+    stamped,
+    task,
+    user_error,
+)
 from testbed.spec import DRAIN_TIMEOUT, FEC_ENGINES
 
 TESTBEDS = ("netns", "vm")
@@ -61,7 +71,7 @@ def campaign(c, runs="", seed="", testbed="netns", spec="", replay="", modes="al
         raise user_error("--replay and --seed: give one (a replay repeats one run's schedule; a seed draws new ones)")
     n = flag_int("--runs", runs, (1, 10_000), "100") if runs else (1 if replay else 10)
     campaign_seed = flag_int("--seed", seed, (0, MAX_SEED), "1") if seed else secrets.randbelow(1_000_000)
-    chosen = _modes("--modes", modes)
+    chosen = flag_modes("--modes", modes)
     seeded = _defects(defects)
     eng = flag_choice("--engine", engine, FEC_ENGINES)
     drain = flag_number("--drain-timeout", drain_timeout, DRAIN_TIMEOUT, "30", what="number of seconds")
@@ -72,20 +82,20 @@ def campaign(c, runs="", seed="", testbed="netns", spec="", replay="", modes="al
             schedule = load_replay(replay, testbed, servers if testbed == "vm" else None)
         except ValueError as err:
             raise user_error(str(err)) from None
-    given = _new_out("--out", out)
+    given = flag_new_out("--out", out)
     if testbed == "netns":  # the VM stack's unix sockets live in the guests
         why = socket_room(given or Path("results/campaign/20260101-000000-99"), n,
                           schedule.servers if schedule else max(DEFAULT_BOUNDS.servers))
         if why:
             raise user_error(f"--out {why}")
     with for_command("./inv campaign", wait):
-        folder = _claim(_new_out("--out", out), Path("results/campaign"))
+        folder = claim_folder(flag_new_out("--out", out), Path("results/campaign"))
         cfg = CampaignConfig(modes=chosen, out=folder, runs=n, seed=campaign_seed, replay=schedule, defects=seeded,
                              engine=eng, drain_timeout=drain, verbose=verbose, testbed=testbed, spec=spec_path,
                              servers=servers)
         from testbed.campaign import run_campaign
 
-        result = _guarded(lambda: run_campaign(cfg, _stamp(time.monotonic())), "the campaign")
+        result = run_for_verdict(lambda: run_campaign(cfg, stamped(time.monotonic())), "the campaign")
     code = EXIT_CODES[result["verdict"]]
     if code:
         raise Exit(code=code)

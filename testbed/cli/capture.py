@@ -10,13 +10,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from invoke import task
 from invoke.exceptions import Exit
 
 from smfs.units import show
-from testbed.cli.common import flag_int, flag_number, user_error
-from testbed.cli.vm import _user_errors, console
-from testbed.lock import for_command
+from testbed.cli.common import INTERRUPTED, flag_int, flag_number, for_command, task, user_error
+from testbed.progress import Say, spinner
 
 GUEST_PROJECT = "/opt/smfs-testbed"
 """Where the image installs the project's packages (vmimages.build)."""
@@ -34,7 +32,7 @@ GRACE = 60.0
              "shaping) or ifb-eth0 (what it receives after the WAN's delay and loss)",
     "snaplen": "bytes kept per packet (default 128: the headers the summary reads; 0: whole packets)",
     "max_packets": "stop after this many packets (0: no limit)",
-})
+}, interrupted=INTERRUPTED)
 def capture(c, site="primary", seconds="5", out="", json=False, iface="eth0", snaplen="128", max_packets="0"):
     """Capture the WAN (tunnel port 7800) in a site's VM to a pcap on the host and summarise it with scapy."""
     from netem import capture as cap
@@ -47,7 +45,7 @@ def capture(c, site="primary", seconds="5", out="", json=False, iface="eth0", sn
         raise user_error(f"--iface {show(iface)}: give a network interface name, e.g. eth0 or ifb-eth0")
     if out and Path(out).is_dir():
         raise user_error(f"--out {show(out)}: is a folder; give a file name, e.g. --out results/captures/x.pcap")
-    with for_command("./inv capture"), _user_errors():
+    with for_command("./inv capture"):
         tb = VmTestbed.active()
         sites = sorted({v.site for v in tb.vms.values()})
         if site not in sites:
@@ -79,27 +77,23 @@ def _take(g: Any, args: list[str], seconds: float, dest: Path) -> dict[str, Any]
     pcap, log = f"{GUEST_DIR}/smfs-{name}.pcap", f"{RUN_DIR}/{name}.log"
     script = f"{RUN_DIR}/{name}.py"
     t0 = time.monotonic()
-    with console.status("capture") as status:
-        def say(msg: str) -> None:
-            console.print(f"[dim]{time.monotonic() - t0:6.1f}s[/dim] {msg}")
-            status.update(f"capture: {msg}")
-
+    with spinner("capture") as say:
         try:
             argv = ["python3", *_module(g, script, say), *args, "--out", pcap]
             g.spawn(name, argv, log=log)
             say(f"{g.name}: {shlex.join(argv)}")
-            _wait(g, name, seconds, t0, status.update, say)
+            _wait(g, name, seconds, t0, say.update, say)
             figures = _figures(g, log)
             size = int(g.sh(f"stat -c %s {shlex.quote(pcap)}", timeout=30).strip() or 0)
             say(f"{figures['packets']} packets captured; copying {size / 1e6:.1f} MB to {dest}")
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(g.read_file(pcap))
         finally:
-            _clean(g, name, [pcap, log, script, f"{RUN_DIR}/{name}.pid"])
+            _clean(g, name, [pcap, log, script, f"{RUN_DIR}/{name}.pid"], say)
     return figures
 
 
-def _clean(g: Any, name: str, paths: list[str]) -> None:
+def _clean(g: Any, name: str, paths: list[str], say: Say) -> None:
     """Stop the capture if it still runs and remove its files; a failure here is reported, not raised,
     so that it never hides the error that brought us here."""
     from testbed.guest import GuestError
@@ -108,7 +102,7 @@ def _clean(g: Any, name: str, paths: list[str]) -> None:
         g.stop(name, wait=5.0)
         g.exec(["rm", "-f", *paths], timeout=30)
     except GuestError as err:
-        console.print(f"warning: {g.name}: could not remove {' '.join(paths)}: {err}")
+        say(f"warning: {g.name}: could not remove {' '.join(paths)}: {err}")
 
 
 def _module(g: Any, script: str, say: Any) -> list[str]:

@@ -9,11 +9,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from invoke import task
 from invoke.exceptions import Exit
 
-from testbed.cli.common import user_error
-from testbed.lock import for_command
+from testbed.cli.common import for_command, task, user_error
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -6,12 +6,9 @@ import json
 import time
 from pathlib import Path
 
-from invoke import task
 from invoke.exceptions import Exit
 
-from testbed.cli.common import flag_out, user_error
-from testbed.cli.drill import WAIT_HELP, _guarded, _stamp
-from testbed.lock import for_command
+from testbed.cli.common import WAIT_HELP, flag_out, for_command, run_for_verdict, stamped, task, user_error
 
 HELP = ("-h", "--help")
 
@@ -49,13 +46,13 @@ def experiment(c, file, quick=False, out="", resume="", keep=False, wait=False):
     if resume and (folder is None or not folder.is_dir()):
         raise user_error(f"--resume {resume}: not a folder of an earlier run; pass the folder it wrote")
     folder = folder or Path("results/experiments") / (exp.name + ("-quick" if quick else "")) / time.strftime("%Y%m%d-%H%M%S")
-    say = _stamp(time.monotonic())
+    say = stamped(time.monotonic())
     say(f"experiment {exp.name}{' (quick)' if quick else ''}: {len(exp.points())} point(s) × {len(exp.modes)} mode(s) × "
         f"{exp.repetitions} repetition(s) into {folder}")
     try:
         with for_command("./inv experiment", wait):
-            result = _guarded(lambda: run_experiment(exp, folder, keep=keep, resume=bool(resume), say=say),
-                              "the experiment")
+            result = run_for_verdict(lambda: run_experiment(exp, folder, keep=keep, resume=bool(resume), say=say),
+                                     "the experiment")
     except ExperimentError as err:
         raise user_error(str(err)) from None
     if any(j["verdict"] == "DISAGREES" for j in result["claims"]):
@@ -80,16 +77,13 @@ def compare(c, a, b, json_out=False):
             "wait": WAIT_HELP})
 def replay(c, folder, out="", wait=False):
     """Run again exactly what a result folder recorded (its spec or experiment file, its modes) into a new folder."""
-    from testbed.compare import CompareError, load_result
+    from testbed.compare import load_result
 
     if not folder or folder in HELP:
         _usage("replay", "DIR [--out DIR] [--wait]", replay.__doc__, folder)
 
     src = Path(folder)
-    try:
-        kind, res = load_result(src)
-    except CompareError as err:
-        raise user_error(str(err)) from None
+    kind, res = load_result(src)  # a CompareError (not a result folder): one line, exit 2
     target = flag_out("--out", out) or src.parent / (time.strftime("%Y%m%d-%H%M%S") + "-replay")
     if kind == "experiment":
         file = src / "experiment-file.toml"
@@ -101,10 +95,10 @@ def replay(c, folder, out="", wait=False):
             exp = load(file, quick=bool(res.get("quick")))
         except ExperimentError as err:
             raise user_error(str(err)) from None
-        say = _stamp(time.monotonic())
+        say = stamped(time.monotonic())
         say(f"replaying experiment {exp.name} from {src} into {target}")
         with for_command("./inv replay", wait):
-            _guarded(lambda: run_experiment(exp, target, say=say), "the replay")
+            run_for_verdict(lambda: run_experiment(exp, target, say=say), "the replay")
         return
     spec = src / "spec.toml"
     if not spec.is_file():
@@ -113,10 +107,10 @@ def replay(c, folder, out="", wait=False):
     from testbed.drill import EXIT_CODES, run_drill
 
     modes = tuple(parse_modes(",".join((res.get("config") or {}).get("modes") or ["all"])))
-    say = _stamp(time.monotonic())
+    say = stamped(time.monotonic())
     say(f"replaying the drill of {src} ({', '.join(m.name for m in modes)}) into {target}")
     with for_command("./inv replay", wait):
-        result = _guarded(lambda: run_drill(spec, modes, target, say=say), "the replay")
+        result = run_for_verdict(lambda: run_drill(spec, modes, target, say=say), "the replay")
     code = EXIT_CODES[result["verdict"]]
     if code:
         raise Exit(code=code)

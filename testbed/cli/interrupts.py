@@ -12,11 +12,9 @@ import secrets
 import time
 from pathlib import Path
 
-from invoke import task
 from invoke.exceptions import Exit
 
-from testbed.cli.common import flag_choice, flag_int, flag_number, user_error
-from testbed.cli.drill import _claim, _new_out
+from testbed.cli.common import claim_folder, flag_choice, flag_int, flag_new_out, flag_number, task
 
 
 @task(help={
@@ -39,7 +37,7 @@ def interrupts(c, runs="20", seed="", testbed="netns", out="", max_delay=""):
     which = flag_choice("--testbed", testbed, tuple(COMMANDS))
     delay = flag_number("--max-delay", max_delay, (0, 86400), "12", low_open=True, what="number of seconds") \
         if max_delay != "" else None
-    folder = _claim(_new_out("--out", out), Path("results/interrupts"))
+    folder = claim_folder(flag_new_out("--out", out), Path("results/interrupts"))
     start = time.monotonic()
 
     def say(line: str) -> None:
@@ -48,10 +46,10 @@ def interrupts(c, runs="20", seed="", testbed="netns", out="", max_delay=""):
     say(f"interrupts: {n} runs of the {which} drill, seed {s} -> {folder}")
     try:
         summary = run_interrupted(COMMANDS[which], s, n, which, folder, max_delay=delay, say=say)
-    except CannotRun as err:
+    except CannotRun:
         with contextlib.suppress(OSError):
             folder.rmdir()  # refused before any run: no empty folder left (one with logs stays)
-        raise user_error(str(err)) from None
+        raise  # one line, exit 2 (a TestbedError)
     except KeyboardInterrupt:
         raise Exit(f"interrupts: interrupted; the summary so far is in {folder / 'summary.json'} (exit 2)",
                    code=2) from None

@@ -9,67 +9,34 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
-from invoke import task
 from invoke.exceptions import Exit
 from rich.console import Console
 
 from testbed.cli.common import (
+    INTERRUPTED,
+    WAIT_HELP,
     flag_clone_name,
     flag_int,
     flag_number,
     flag_snapshot_name,
+    for_command,
     remainder_argv,
+    task,
     user_error,
 )
-from testbed.lock import for_command
+from testbed.progress import spinner
 
 console = Console(highlight=False)
-WAIT_HELP = "when another command holds the testbed, wait for it (default: fail at once, naming it)"
-
-
-@contextmanager
-def _progress(title: str) -> Iterator[Callable[[str], None]]:
-    """A spinner with the current step; every step is also printed with the elapsed time."""
-    t0 = time.monotonic()
-    with console.status(title) as status:
-        def say(msg: str) -> None:
-            console.print(f"[dim]{time.monotonic() - t0:6.1f}s[/dim] {msg}")
-            status.update(f"{title}: {msg.strip()}")
-        yield say
-
-
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    """Known failures become one line and exit 2; tracebacks are for bugs only."""
-    from testbed.bridges import BridgeError
-    from testbed.guest import GuestError
-    from testbed.hypervisor import HypervisorError
-    from testbed.lock import LockError
-    from testbed.qmp import QmpError
-    from testbed.registry import RegistryError
-    from testbed.spec import SpecError
-    from testbed.vmbed import TestbedError
-    from vmimages.build import ImageError
-
-    try:
-        yield
-    except (SpecError, TestbedError, HypervisorError, GuestError, ImageError, BridgeError, QmpError,
-            RegistryError, LockError) as err:
-        raise user_error(str(err)) from None
-    except KeyboardInterrupt:
-        raise Exit("interrupted", code=130) from None
 
 
 @task(help={"rebuild": "rebuild the image even if it is up to date",
-            "rebuild_rootfs": "also rerun mmdebstrap (the Debian tree)"})
+            "rebuild_rootfs": "also rerun mmdebstrap (the Debian tree)"}, interrupted=INTERRUPTED)
 def image(c, rebuild=False, rebuild_rootfs=False):
     """Build the guest image (Debian bookworm + the project's packages), or say it is up to date."""
-    from vmimages.build import ensure_image
+    from testbed.images import ensure_image
 
-    with _user_errors(), _progress("image") as say:
+    with spinner("image") as say:
         img = ensure_image(rebuild=rebuild, rebuild_rootfs=rebuild_rootfs, progress=say)
     if img.built:
         print(f"image {img.key} built in {img.seconds:.1f} s: {img.dir}")
@@ -79,18 +46,17 @@ def image(c, rebuild=False, rebuild_rootfs=False):
 
 @task(help={"spec": "testbed spec (TOML)", "rebuild_image": "rebuild the guest image first",
             "clone": "bring up a saved clone (./inv clone SNAP --as NAME) instead of a fresh testbed",
-            "wait": WAIT_HELP})
+            "wait": WAIT_HELP}, interrupted=INTERRUPTED)
 def up(c, spec="specs/ci.toml", rebuild_image=False, clone="", wait=False):
     """Bring up the testbed: image, bridges, overlays, domains; waits until every guest agent answers, then
     shapes the WAN as the spec says (a clone keeps the WAN it was saved with)."""
     from testbed import vmbed, wan
     from testbed.spec import load
 
-    with _user_errors():  # every flag and the whole spec are checked before anything is created
-        if clone:
-            flag_clone_name("--clone", clone)
-        loaded = None if clone else load(spec)
-    with for_command("./inv up", wait), _user_errors(), _progress("up") as say:
+    if clone:  # every flag and the whole spec are checked before anything is created
+        flag_clone_name("--clone", clone)
+    loaded = None if clone else load(spec)
+    with for_command("./inv up", wait), spinner("up") as say:
         t0 = time.monotonic()
         tb = vmbed.up(loaded or spec, say=say, rebuild_image=rebuild_image, clone=clone or None)
         if not clone:
@@ -101,25 +67,24 @@ def up(c, spec="specs/ci.toml", rebuild_image=False, clone="", wait=False):
                 say(f"WAN shaped as the spec says: {profile.describe()} at {shaped.enforcement_point} "
                     f"(read back on {', '.join(shaped.read_back)})")
             except wan.WanError as err:
-                raise vmbed.TestbedError(f"the testbed is up but its WAN is not shaped: {err} "
+                raise vmbed.VmTestbedError(f"the testbed is up but its WAN is not shaped: {err} "
                                          "(./inv shape to retry, ./inv down to remove it)") from None
     print(f"testbed {tb.name} up in {time.monotonic() - t0:.1f} s ({tb.accel}): "
           + ", ".join(f"{v.name} {v.address.split('/')[0]}" for v in tb.vms.values()))
 
 
-@task(help={"json": "print JSON instead of a table"})
+@task(help={"json": "print JSON instead of a table"}, interrupted=INTERRUPTED)
 def status(c, json_=False):
     """VMs of the active testbed (and the WAN router guest, if any): state, accelerator, address, memory, agent."""
     from testbed import vmbed
 
-    with _user_errors():
-        try:
-            st = vmbed.VmTestbed.active().status()
-        except vmbed.TestbedError as err:
-            if json_:
-                print(json.dumps({"testbed": None, "error": str(err)}))
-                return
-            raise
+    try:
+        st = vmbed.VmTestbed.active().status()
+    except vmbed.VmTestbedError as err:
+        if json_:
+            print(json.dumps({"testbed": None, "error": str(err)}))
+            return
+        raise
     if json_:
         print(json.dumps(st, indent=1, default=str))
         return
@@ -143,7 +108,7 @@ def status(c, json_=False):
         console.print(f"snapshots: {', '.join(st['snapshots'])}")
 
 
-@task(name="exec", help={"vm": "VM name", "timeout": "seconds before the command is killed"})
+@task(name="exec", help={"vm": "VM name", "timeout": "seconds before the command is killed"}, interrupted=INTERRUPTED)
 def exec_(c, vm, timeout="60"):
     """Run a command in a guest: ./inv exec primary -- uname -r (exit code is the command's). The words after
     -- reach the guest as the shell split them, with no shell in between: ./inv exec primary -- sh -c 'a | b'."""
@@ -153,8 +118,7 @@ def exec_(c, vm, timeout="60"):
     argv = remainder_argv(c.remainder or "")
     if not argv:
         raise user_error("no command; use: ./inv exec VM -- CMD ARGS...")
-    with _user_errors():
-        res = vmbed.VmTestbed.active().guest(vm).exec(argv, timeout=seconds)
+    res = vmbed.VmTestbed.active().guest(vm).exec(argv, timeout=seconds)
     sys.stdout.buffer.write(res.stdout)
     sys.stderr.buffer.write(res.stderr)
     sys.stdout.flush()
@@ -162,50 +126,50 @@ def exec_(c, vm, timeout="60"):
         raise Exit(code=res.rc if 0 < res.rc < 256 else 1)
 
 
-@task(help={"vm": "VM name", "mib": "target memory, MiB (up to the spec's max_memory)"})
+@task(help={"vm": "VM name", "mib": "target memory, MiB (up to the spec's max_memory)"}, interrupted=INTERRUPTED)
 def balloon(c, vm, mib):
     """Set a VM's memory live and wait until the guest sees it; prints dommemstat."""
     from testbed import vmbed
     from testbed.spec import MEMORY, MIB
 
     target = flag_int("mib", mib, (64, MEMORY[1] // MIB), "512")
-    with _user_errors():
-        r = vmbed.VmTestbed.active().balloon(vm, target)
+    r = vmbed.VmTestbed.active().balloon(vm, target)
     print(f"{vm}: balloon {r['actual_mib']} MiB, guest MemTotal {r['guest_total_mib']} MiB "
           f"(the balloon less the {r['kernel_reserved_mib']} MiB its kernel reserved at boot; {r['seconds']} s)")
     print("dommemstat: " + " ".join(f"{k}={v}" for k, v in r["memstat"].items()))
 
 
-@task(help={"name": "snapshot name", "wait": WAIT_HELP})
+@task(help={"name": "snapshot name", "wait": WAIT_HELP}, interrupted=INTERRUPTED)
 def snapshot(c, name, wait=False):
     """Snapshot every VM of the testbed together (libvirt save files with RAM, plus copies of the disks)."""
     from testbed import vmbed
 
     flag_snapshot_name("name", name)
-    with for_command("./inv snapshot", wait), _user_errors(), _progress(f"snapshot {name}") as say:
+    with for_command("./inv snapshot", wait), spinner(f"snapshot {name}") as say:
         secs = vmbed.VmTestbed.active().snapshot(name, say)
     print(f"snapshot {name} taken in {secs:.1f} s")
 
 
-@task(help={"name": "snapshot name", "wait": WAIT_HELP})
+@task(help={"name": "snapshot name", "wait": WAIT_HELP}, interrupted=INTERRUPTED)
 def restore(c, name, wait=False):
     """Revert every VM to a snapshot and resume them together."""
     from testbed import vmbed
 
     flag_snapshot_name("name", name)
-    with for_command("./inv restore", wait), _user_errors(), _progress(f"restore {name}") as say:
+    with for_command("./inv restore", wait), spinner(f"restore {name}") as say:
         secs = vmbed.VmTestbed.active().restore(name, say)
     print(f"restored {name} in {secs:.1f} s")
 
 
-@task(name="clone", help={"name": "snapshot to clone from", "as_": "name of the clone", "wait": WAIT_HELP})
+@task(name="clone", help={"name": "snapshot to clone from", "as_": "name of the clone", "wait": WAIT_HELP},
+      interrupted=INTERRUPTED)
 def clone_(c, name, as_, wait=False):
     """Copy the testbed at a snapshot to a named clone (bring it up later with ./inv up --clone NEW)."""
     from testbed import vmbed
 
     flag_snapshot_name("name", name)
     flag_clone_name("--as", as_)  # it becomes the testbed's name at ./inv up --clone
-    with for_command("./inv clone", wait), _user_errors(), _progress(f"clone {name}") as say:
+    with for_command("./inv clone", wait), spinner(f"clone {name}") as say:
         t0 = time.monotonic()
         dest = vmbed.VmTestbed.active().clone(name, as_, say)
     print(f"clone {as_} saved in {time.monotonic() - t0:.1f} s: {dest}")
@@ -223,7 +187,7 @@ def _plural(kind: str, n: int) -> str:
     return NOUNS.get(kind, kind + "s")
 
 
-@task(help={"wait": WAIT_HELP})
+@task(help={"wait": WAIT_HELP}, interrupted=INTERRUPTED)
 def down(c, wait=False):
     """Remove every recorded resource: domains, snapshots, overlays, bridges, namespaces, processes.
 
@@ -235,7 +199,7 @@ def down(c, wait=False):
 
     refused: list[str] = []  # printed whole after the spinner (one line each, never wrapped)
     try:
-        with for_command("./inv down", wait), _user_errors(), _progress("down"):
+        with for_command("./inv down", wait), spinner("down"):
             try:
                 removed = vmbed.down(say=refused.append)
             except TeardownError as err:

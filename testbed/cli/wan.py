@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json as _json
 
-from invoke import task
 from invoke.exceptions import Exit
 
-from testbed.cli.common import flag_int, flag_number, user_error
-from testbed.cli.vm import _progress, _user_errors
-from testbed.lock import for_command
+from testbed.cli.common import INTERRUPTED, flag_int, flag_number, for_command, task, user_error
+from testbed.progress import spinner
 
 
 def shape_changes(delay: str = "", loss: str = "", jitter: str = "", rate: str = "", burst: str = "") -> dict[str, str]:
@@ -32,7 +30,7 @@ def shape_changes(delay: str = "", loss: str = "", jitter: str = "", rate: str =
     "burst": "mean loss-burst length in packets (Gilbert-Elliott), e.g. 5: with --loss 1%, 1% lost in bursts of ~5",
     "direction": "a_to_b (primary → mirror), b_to_a, or both (default)",
     "clear": "remove the shaping (back to the bare path)",
-})
+}, interrupted=INTERRUPTED)
 def shape(c, delay="", loss="", jitter="", rate="", burst="", direction="both", clear=False):
     """Reshape the running testbed's WAN live (netem on each site's ingress), verified by read-back."""
     from netem.profile import ProfileError
@@ -47,7 +45,7 @@ def shape(c, delay="", loss="", jitter="", rate="", burst="", direction="both", 
         raise user_error(f"--direction {direction!r}: use a_to_b, b_to_a or both")
     if not changes and not clear:
         raise user_error("shape: give --delay, --loss, --burst, --jitter or --rate (or --clear)")
-    with for_command("./inv shape"), _user_errors():
+    with for_command("./inv shape"):
         try:
             tb = VmTestbed.active()
             if clear:
@@ -56,7 +54,7 @@ def shape(c, delay="", loss="", jitter="", rate="", burst="", direction="both", 
                 print(f"WAN shaping cleared on every site (bare path; {wan.enforcement_point(tb)})")
                 return
             profile = wan.current_profile(tb).with_changes(None if direction == "both" else direction, **changes)
-            with _progress("shape") as say:
+            with spinner("shape") as say:
                 shaped = wan.shape(tb, profile)
                 say(f"applied and read back on {', '.join(shaped.read_back)} ({shaped.enforcement_point})")
             wan.remember(tb, profile)
@@ -70,7 +68,7 @@ def shape(c, delay="", loss="", jitter="", rate="", burst="", direction="both", 
 @task(help={"json": "print the full result as JSON",
             "probes": "UDP probes (default: enough for ±20 % on each direction's loss at 95 % confidence)",
             "bulk": "seconds of bulk TCP throughput (0: skip)",
-            "bare": "measure the bare path's RTT again (clears the WAN for about a second)"})
+            "bare": "measure the bare path's RTT again (clears the WAN for about a second)"}, interrupted=INTERRUPTED)
 def calibrate(c, json=False, probes="0", bulk="0", bare=False):
     """Measure RTT and loss between the sites and print them next to the configured WAN (RTT: 2·delay + bare path)."""
     from netem.calibrate import format_table
@@ -79,7 +77,7 @@ def calibrate(c, json=False, probes="0", bulk="0", bare=False):
 
     probes = flag_int("--probes", probes, (0, 1_000_000), "2000")
     bulk = flag_number("--bulk", bulk, (0, 600), "5")
-    with for_command("./inv calibrate"), _user_errors():
+    with for_command("./inv calibrate"):
         tb = VmTestbed.active()
         profile = wan.current_profile(tb)
         try:

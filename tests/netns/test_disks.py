@@ -145,7 +145,7 @@ def test_a_data_disk_is_a_sparse_copy_of_an_empty_filesystem(tmp_path: Path, mon
     kind = subprocess.run(["blkid", "-o", "value", "-s", "TYPE", str(tmp_path / "vm-data.raw")],
                           capture_output=True, text=True).stdout.strip()
     assert kind == fs
-    base = build.data_raw(size, fs)
+    base = build.data_raw(tmp_path / "cache", size, fs)
     assert base == tmp_path / "cache" / "images" / f"data-64M-{fs}.raw"
     before = base.stat().st_mtime_ns
     disks.create_image(tmp_path / "vm2-data.raw", size, fs)
