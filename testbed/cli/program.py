@@ -25,6 +25,14 @@ class InvProgram(Program):
         except ParseError as err:
             raise Exit(f"error: {err} ({HINT})", code=2) from None
 
+    def execute(self) -> None:
+        """A Ctrl-C that no task handled is exit 2 with one line (invoke's own ``run`` would exit 1: "data
+        loss" here); tasks that give it another code (``task(interrupted=...)``) have done so already."""
+        try:
+            super().execute()
+        except KeyboardInterrupt:
+            raise Exit("interrupted (Ctrl-C)", code=2) from None
+
     def parse_tasks(self) -> None:
         try:
             super().parse_tasks()

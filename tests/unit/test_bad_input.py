@@ -510,3 +510,20 @@ def _refused_in_process(content: bytes) -> None:
 def test_inv_bad_flags_and_paths_exit_2_with_one_line(inv: Any, args: tuple[str, ...]) -> None:
     res = inv(*args)
     assert res.returncode == 2 and len(res.stderr.splitlines()) == 1 and res.stderr.startswith("error: "), res.stderr
+
+
+def test_a_ctrl_c_no_task_handles_exits_2_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """invoke's own ``Program.run`` exits 1 on a KeyboardInterrupt, which reads as "data loss" here."""
+    from invoke import Collection
+    from invoke import task as invoke_task
+
+    from testbed.cli.program import InvProgram
+
+    @invoke_task
+    def interrupted(c):  # noqa: ANN001, ANN202 - an invoke task
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as out:
+        InvProgram(namespace=Collection(interrupted), name="t", binary="t").run(["t", "interrupted"])
+    assert out.value.code == 2
+    assert capsys.readouterr().err.strip() == "interrupted (Ctrl-C)"
