@@ -33,6 +33,7 @@ from testbed.faults import Runner, Timed, Timeline, during, schedule
 from testbed.progress import Say
 from testbed.report import table
 from testbed.runner import EXIT_CODES, InfrastructureError, RunConfig, overall_verdict
+from workloads.ledger import is_ack_line
 
 SNAPSHOT = "ready"
 MIRROR_PORT = 7700
@@ -87,6 +88,7 @@ class DrillConfig:
     r: int = 8
     flush_ms: float = 5.0  # [fec] flush: a partial bin's repair goes out this long after its first packet
     schedule: str = "rolling-disaster"
+    instant: str = "time"  # [faults] instant: the disaster at fail_at ("time") or at the first ack after it ("ack")
     burst_loss: str = "1%"
     burst_seconds: float = 0.5
     drain_timeout: float = 60.0  # [faults] drain_timeout: s the mirror gets to go quiet after the disaster
@@ -102,7 +104,7 @@ class DrillConfig:
         """What the shared recipe needs of this drill."""
         return RunConfig(out=self.out, testers=self.testers, append_size=self.append_size, duration=self.duration,
                          fail_at=self.fail_at, servers=self.servers, schedule=self.schedule,
-                         drain_timeout=self.drain_timeout, defects=self.defects)
+                         drain_timeout=self.drain_timeout, defects=self.defects, instant=self.instant)
 
     def __post_init__(self) -> None:
         checks = [
@@ -141,7 +143,8 @@ class DrillConfig:
             duration=duration, fail_at=fail_at, servers=int(wl.get("server_pairs", 8)), r=int(fec.get("r", 8)),
             flush_ms=parse_time_us(fec.get("flush", "5ms"), "fec.flush") / 1000, engine=str(fec.get("engine", "c")),
             c=int(fec.get("c", 3)), wan=spec.wan,
-            schedule=str(faults.get("schedule", "rolling-disaster")), burst_loss=str(faults.get("burst_loss", "1%")),
+            schedule=str(faults.get("schedule", "rolling-disaster")), instant=str(faults.get("instant", "time")),
+            burst_loss=str(faults.get("burst_loss", "1%")),
             burst_seconds=parse_time_us(faults.get("burst", "500ms"), "faults.burst") / 1e6,
             during=during(faults.get("during"), spec, fail_at),
             drain_timeout=parse_time_us(faults.get("drain_timeout", "60s"), "faults.drain_timeout") / 1e6,
@@ -164,6 +167,10 @@ class LedgerStream:
         self.sock.connect(sock_path)
         self.sock.settimeout(0.5)
         self.bytes = 0
+        self._acks = 0  # acked appends seen (whole "ok" lines), and when the last one arrived
+        self._last_ack = 0.0
+        self._partial = b""
+        self._seen = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ledger-stream", daemon=True)
         self._thread.start()
@@ -187,6 +194,27 @@ class LedgerStream:
                 self.bytes += len(data)
                 times.write(f"{self.bytes} {t:.6f}\n")
                 times.flush()
+                self._count_acks(data, t)
+        with self._seen:
+            self._seen.notify_all()  # the stream ended: nobody waits for an ack that cannot come
+
+    def _count_acks(self, data: bytes, t: float) -> None:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        acks = sum(1 for line in lines if is_ack_line(line))
+        if acks:
+            with self._seen:
+                self._acks += acks
+                self._last_ack = t
+                self._seen.notify_all()
+
+    def wait_ack(self, timeout: float) -> float | None:
+        """Wait for the next acked append to arrive after this call; its arrival (host time), or None after
+        ``timeout`` s or when the stream ended."""
+        with self._seen:
+            before = self._acks
+            self._seen.wait_for(lambda: self._acks > before or not self._thread.is_alive(), timeout)
+            return self._last_ack if self._acks > before else None
 
     def close(self, wait: float = 5.0) -> int:
         """Stop reading (after EOF or ``wait`` s) and return the bytes received."""
@@ -758,7 +786,7 @@ def run_drill(spec_path: str | Path, modes: tuple[Mode, ...], out: Path | None =
         "environment": environment(facts["tb"], wan_facts) if "tb" in facts else {"testbed": "vm"},
         "config": {"testers": cfg.testers, "append_size": cfg.append_size, "duration": cfg.duration,
                    "fail_at": cfg.fail_at, "servers": cfg.servers, "r": cfg.r, "flush_ms": cfg.flush_ms, "engine": cfg.engine,
-                   "schedule": cfg.schedule, "burst_loss": cfg.burst_loss, "burst_seconds": cfg.burst_seconds,
+                   "schedule": cfg.schedule, "instant": cfg.instant, "burst_loss": cfg.burst_loss, "burst_seconds": cfg.burst_seconds,
                    "drain_timeout": cfg.drain_timeout, "during": [t.describe() for t in cfg.during],
                    "modes": [m.name for m in cfg.modes]},
         "calibration": wan_facts.get("calibration"), "setup_timeline": tl.events, "modes": entries,

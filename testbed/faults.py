@@ -33,6 +33,15 @@ class Timeline:
     origin: float = field(default_factory=time.time)
     events: list[dict[str, Any]] = field(default_factory=list)
     prefix: str = ""
+    gate: Callable[[], None] | None = None
+    """Called once, right before the disaster's instant (:func:`site_instant`): the drill's ``instant =
+    "ack"`` waits there for the next acked append (:func:`testbed.runner.await_ack`)."""
+
+    def pass_gate(self) -> None:
+        """Run the gate (once) if there is one."""
+        gate, self.gate = self.gate, None
+        if gate is not None:
+            gate()
 
     def mark(self, event: str, **extra: Any) -> float:
         now = time.time()
@@ -78,6 +87,7 @@ class LinkCut(Fault):
 def site_instant(tb: Any, tl: Timeline, site: str, what: str = "power cut") -> float:
     """The site's disaster as one instant (``tb.disaster``: every VM frozen at once, then its links
     cut, then destroyed); marks it in the timeline with ``instant`` (host time) and returns it."""
+    tl.pass_gate()
     took = tb.disaster(site)
     t = took["t_instant"]
     tl.mark(f"{site} site: {what} at the instant (VMs frozen together in {took['freeze_s'] * 1000:.2f} ms, "

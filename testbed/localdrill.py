@@ -29,6 +29,7 @@ from testbed.netns import ADDRS, NamespaceTestbed, host_has_netem
 from testbed.progress import Say
 from testbed.report import table
 from testbed.runner import InfrastructureError, overall_verdict
+from workloads.ledger import is_ack_line
 
 MIRROR_PORT = 7700
 GATEWAY_CONTROL_PORT = 7790
@@ -69,6 +70,7 @@ class LocalDrillConfig:
     flush_ms: float = 5.0  # the gateways' FEC flush delay (a partial bin's repair follows its first packet by this)
     engine: str = "c"  # the gateways' data path: c (smfs/native, built by make) or python (the specification)
     during: tuple[Timed, ...] = ()  # faults injected during the run (NsPartition, NsFreeze, ...), healed before fail_at
+    instant: str = "time"  # the disaster's instant: at fail_at ("time"), or at the first ack after it ("ack")
 
     def __post_init__(self) -> None:
         checks = [
@@ -436,6 +438,7 @@ class NsBed:
             method = self.tb.shape(burst)
             tl.mark(f"WAN loss raised: {burst.describe()} ({method})")
             time.sleep(self.cfg.burst_seconds)
+        tl.pass_gate()
         took = self.tb.disaster("primary")
         t = took["t_instant"]
         tl.mark(f"primary site: power cut at the instant ({len(took['frozen'])} processes frozen together, "
@@ -494,6 +497,27 @@ class _LedgerDir:
     def close(self, wait: float = 5.0) -> int:
         return self.bytes
 
+    def wait_ack(self, timeout: float) -> float | None:
+        """Wait for the next acked append written to any tester's file after this call; the host time it
+        was seen (polled every 2 ms), or None after ``timeout`` s."""
+        files = sorted(self.path.glob("*.jsonl")) if self.path.exists() else []
+        offsets = {f: f.stat().st_size for f in files}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for f in sorted(self.path.glob("*.jsonl")):
+                size = f.stat().st_size
+                start = offsets.get(f, 0)
+                if size > start:
+                    with open(f, "rb") as fh:
+                        fh.seek(start)
+                        chunk = fh.read(size - start)
+                    done = chunk.rfind(b"\n") + 1  # whole lines only; the rest is read again next time
+                    offsets[f] = start + done
+                    if any(is_ack_line(line) for line in chunk[:done].splitlines()):
+                        return time.time()
+            time.sleep(0.002)
+        return None
+
 
 def run_mode(cfg: LocalDrillConfig, mode: Mode, say: Say) -> dict[str, Any]:
     """One mode from a clean state through the shared recipe; returns its entry for result.json."""
@@ -502,7 +526,7 @@ def run_mode(cfg: LocalDrillConfig, mode: Mode, say: Say) -> dict[str, Any]:
 
     run = RunConfig(out=cfg.out, testers=cfg.testers, append_size=cfg.append_size, duration=cfg.duration,
                     fail_at=cfg.fail_at, servers=cfg.servers, schedule=cfg.schedule,
-                    drain_timeout=cfg.drain_timeout, defects=cfg.defects)
+                    drain_timeout=cfg.drain_timeout, defects=cfg.defects, instant=cfg.instant)
     bed = NsBed(cfg, say)
     entry = recipe(bed, run, mode, say, progress=_Notes)
     entry["wan"] = {"loss_pct": cfg.wan_loss, "method": bed.method, "drops": bed.drops}

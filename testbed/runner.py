@@ -50,12 +50,33 @@ class RunConfig:
     schedule: str = "rolling-disaster"
     drain_timeout: float = 60.0  # s the mirror gets to go quiet after the disaster
     defects: tuple[str, ...] = ()  # seeded stack defects (the self-test only), SMFS_DEFECT in the stack
+    instant: str = "time"  # "time": the disaster at fail_at; "ack": right after the first ack after it
+
+
+INSTANTS = ("time", "ack")
+"""When the disaster strikes: at ``fail_at`` (``time``), or right after the first acked append the host sees
+after it (``ack``), the adversary's choice: an append acked just before the site dies is the one whose
+packets may still be in flight, unrepaired and not yet retransmitted (the paper's data-loss-vs-c figure)."""
+ACK_WAIT_S = 30.0
+"""How long ``instant = "ack"`` waits for an ack before striking anyway (said in the timeline)."""
 
 
 class LedgerSource(Protocol):
     bytes: int
 
     def close(self, wait: float = 5.0) -> int: ...
+    def wait_ack(self, timeout: float) -> float | None: ...
+
+
+def await_ack(stream: LedgerSource, tl: Timeline, timeout: float = ACK_WAIT_S) -> None:
+    """The gate of ``instant = "ack"``: wait for the next acked append, then return at once (the disaster
+    follows); mark when it was seen, or that none came."""
+    t0 = time.time()
+    seen = stream.wait_ack(timeout)
+    if seen is None:
+        tl.mark(f"no ack within {timeout:g} s: the disaster strikes without one")
+    else:
+        tl.mark(f"an ack arrived {seen - t0:.3f} s into the wait: the disaster strikes now", ack_seen=seen)
 
 
 class Bed(Protocol):
@@ -203,7 +224,10 @@ def run_mode(bed: Bed, cfg: RunConfig, mode: Mode, say: Say, progress: Callable[
         bed.heal_all()
         bed.before_disaster(mode)
         clocks.append(bed.clock())
+        if cfg.instant == "ack":
+            tl.gate = lambda: await_ack(stream, tl)
         instant = bed.disaster(tl)
+        tl.gate = None
         entry["instant"] = {"t": instant, "t_rel": round(instant - tl.origin, 3)}
         entry["clock"] = clocks[-1] | {"measured": clocks}
         ledger_bytes = stream.close()

@@ -37,9 +37,11 @@ TOP_KEYS = {"name", "testbed", "sites", "wan", "workload", "fec", "faults"}
 DRILL_KEYS = {
     "workload": {"testers", "append_size", "duration", "server_pairs"},
     "fec": {"r", "c", "flush", "engine"},
-    "faults": {"schedule", "fail_at", "burst_loss", "burst", "during", "drain_timeout"},
+    "faults": {"schedule", "fail_at", "instant", "burst_loss", "burst", "during", "drain_timeout"},
 }
 """The fields of the [workload], [fec] and [faults] tables (the drill reads them: ``testbed.drill``)."""
+INSTANTS = ("time", "ack")
+"""``[faults] instant``: the disaster at ``fail_at``, or at the first acked append after it (testbed.runner)."""
 DATA_FILESYSTEMS = ("minix", "ext4")
 DEFAULT_URI = "qemu:///system"
 # RFC 2544 benchmarking range: never routed on the Internet, rarely used on a LAN.
@@ -408,6 +410,9 @@ def _drill_tables(data: Mapping[str, Any], spec: Spec) -> None:
         if not 0 < fail_at <= duration:
             raise SpecError(f"faults.fail_at: {show(faults.get('fail_at'))} must be within workload.duration "
                             f"({duration:g} s) and after 0 s; e.g. \"{duration * 0.6:g}s\"")
+        if faults.get("instant", "time") not in INSTANTS:
+            raise SpecError(f"faults.instant: {show(faults.get('instant'))} is not one of {', '.join(INSTANTS)}; "
+                            "\"time\" strikes at fail_at, \"ack\" at the first acked append after it")
         if not 0 < parse_percent(faults.get("burst_loss", "1%"), "faults.burst_loss") <= 100:
             raise SpecError(f"faults.burst_loss: {show(faults['burst_loss'])} must be above 0% and at most 100%; "
                             "use e.g. \"1%\"")

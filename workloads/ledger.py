@@ -340,3 +340,14 @@ def _read_file(path: Path) -> Iterator[tuple[int, LedgerEntry | None]]:
             yield len(chunks) + 1, LedgerEntry.from_json(tail)
         except LedgerError:
             yield len(chunks) + 1, None
+
+
+def is_ack_line(line: bytes) -> bool:
+    """Whether one raw ledger line records an acked append (outcome ``ok``): cheap enough for a stream
+    read as it arrives (the drill's ``instant = "ack"``); any other or broken line is not one."""
+    if b'"ok"' not in line:
+        return False
+    try:
+        return LedgerEntry.from_json(line).outcome is Outcome.OK
+    except LedgerError:
+        return False
