@@ -75,7 +75,10 @@ def test_wire_defect(tmp_path: Path) -> None:  # short: unix socket paths
     [mode] = seeded["modes"]
     wire = mode["wire"]
     assert wire["inconclusive"] is None, wire
-    assert wire["unsafe"] >= 10 and wire["lag_ms"]["max"] > 20, wire  # a few hundred of ~800 here
+    # A few hundred of ~800 here, and early by far more than the check's slack (1 ms): the defect
+    # acks before the repairs leave, which is not clock noise. (The lag is set by how fast bins fill,
+    # 15-60 ms in runs here, so the bound is 5 slacks and not a figure of one run.)
+    assert wire["unsafe"] >= 10 and wire["lag_ms"]["max"] > 5 * wire["slack_ms"], wire
     assert mode["verdict"] == "data-loss" and "wire check" in mode["broken_promises"][0]
 
 
