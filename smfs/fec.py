@@ -12,6 +12,14 @@ for unrelated traffic. A packet is therefore covered by exactly one repair per l
 bandwidth overhead is ``c / r`` (37.5 % for r = 8, c = 3) when the bins fill, and up to ``c``
 repairs per packet when traffic is too sparse to fill a bin within ``flush_ms``.
 
+The flush rule trades overhead against how soon a packet's last repair leaves. Where that time
+matters (a network-sync callback waits on it) every due bin flushes. Elsewhere (``budgeted``:
+a gateway no storage server has subscribed to, e.g. the mirror's, sending TCP ACKs) a due bin
+flushes only while a credit allows: each packet earns ``5 c`` units, each repair (full bin or
+flush) costs ``4 r``, and a flush needs ``4 r`` in hand, so repairs stay at most
+``1.25 c / r`` per packet (plus the banked credit, at most one repair per bin) whatever the
+rate. A due bin without credit waits for the packets that earn it (or fill it).
+
 Time is passed in (``now``, seconds, any monotonic origin), as in aioquic: the caller owns the
 clock and the timer (:meth:`Encoder.get_timer`, :meth:`Encoder.handle_timer`).
 """
@@ -34,6 +42,10 @@ MAX_LAYERS = 8
 """Largest ``c`` (layers) accepted; callbacks keep one bit per layer."""
 MAX_PACKET = 65535
 """Largest packet (bytes) the codec accepts: an IPv4 packet's total length is 16-bit."""
+CREDIT_EARN = 5
+CREDIT_COST = 4
+"""A budgeted encoder's credit: ``CREDIT_EARN * c`` per packet, ``CREDIT_COST * r`` per repair,
+so at most ``5/4 * c / r`` repairs per packet (see the module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -244,6 +256,8 @@ class EncoderStats:
     bytes: int = 0
     repairs: int = 0
     flushed: int = 0
+    held: int = 0
+    """Timer runs that found a due bin and no credit (``budgeted`` only)."""
 
 
 class Encoder:
@@ -260,6 +274,13 @@ class Encoder:
         self._open: dict[int, _Bin] = {}  # id(bin) -> bin, in the order the bins opened
         self._last_seq = -1
         self._flush_s = self.params.flush_s
+        self.budgeted = False
+        """Flush due bins only on credit (see the module docstring); the gateway sets it."""
+        self._earn = CREDIT_EARN * self.params.c
+        self._cost = CREDIT_COST * self.params.r
+        self._credit_cap = self._cost * sum(self.params.interleaves)
+        self.credit = 0
+        """Units in hand: ``5 c`` per packet added, ``- 4 r`` per repair, at most one repair per bin."""
 
     def add(self, seq: int, packet: bytes, now: float) -> list[Repair]:
         """Add packet ``seq`` (sent at ``now``, s); return the repairs it completes."""
@@ -277,16 +298,24 @@ class Encoder:
         return [self._emit(b, x) for b, x in zip(full, xor_many([b[2] for b in full]), strict=True)]
 
     def get_timer(self) -> float | None:
-        """When (s) :meth:`handle_timer` must next run, or None when no bin is open."""
+        """When (s) :meth:`handle_timer` must next run, or None when no bin is open (or, when
+        ``budgeted``, no flush is affordable: the next packet's credit may make one)."""
+        if self.budgeted and self.credit < self._cost:
+            return None
         for b in self._open.values():
             return b.deadline
         return None
 
     def handle_timer(self, now: float) -> list[Repair]:
-        """Flush every open bin whose deadline is at or before ``now``; return their repairs."""
+        """Flush every open bin whose deadline is at or before ``now`` (oldest first; when
+        ``budgeted``, while the credit lasts); return their repairs."""
         due = []
+        budget = max(0, self.credit // self._cost) if self.budgeted else len(self._open)
         for key, b in self._open.items():
             if b.deadline > now:
+                break
+            if len(due) == budget:
+                self.stats.held += 1
                 break
             due.append(key)
         return self._flush(due)
@@ -319,6 +348,7 @@ class Encoder:
         stats = self.stats
         stats.packets += 1
         stats.bytes += size
+        self.credit = min(self.credit + self._earn, self._credit_cap)
         r = self.params.r
         full = []
         for layer in self._bins:
@@ -337,6 +367,7 @@ class Encoder:
     def _emit(self, taken: tuple[int, tuple[int, ...], list[bytes]], xor: bytes) -> Repair:
         layer, seqs, packets = taken
         self.stats.repairs += 1
+        self.credit -= self._cost
         return _trusted_repair(layer, seqs, tuple(map(len, packets)), xor)
 
 

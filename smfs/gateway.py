@@ -143,6 +143,10 @@ class Gateway:
         self.params = FecParams(r=args.r, c=len(args.interleaves), interleaves=tuple(args.interleaves),
                                 flush_ms=args.flush_ms)
         self.encoder = Encoder(self.params)
+        # No storage server waits on a callback until one subscribes: until then the flush timer
+        # is on a repair budget (fec.py: at most 1.25 c/r repairs per packet, e.g. the mirror's
+        # ACKs); from the first valid subscription on, every due bin flushes on time.
+        self.encoder.budgeted = True
         self.decoder = Decoder(self.params, window=max(4096, 2 * self.params.span))
         self.tracker = FlowTracker(self.params.c,
                                    safe_at_send=defects.active("network-sync-callback-before-repairs"))
@@ -407,6 +411,7 @@ class Gateway:
                 continue
             if self.announcer.subscriber(flow) != addr:
                 log.info("callbacks for %s -> %s", flow, addr)
+            self.encoder.budgeted = False
             self._send_callbacks(self.announcer.on_subscribe(flow, addr, self.loop.time(), nonce))
         self._arm_timer()
 

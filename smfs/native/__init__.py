@@ -172,7 +172,7 @@ class _Flow(ctypes.Structure):
     _fields_ = [("src", c_uint8 * 4), ("dst", c_uint8 * 4), ("sport", c_uint16), ("dport", c_uint16)]
 
 
-_ENC_STATS = ("packets", "bytes", "repairs", "flushed")
+_ENC_STATS = ("packets", "bytes", "repairs", "flushed", "held")
 _DEC_STATS = (
     "received", "duplicates", "late", "rebuilt", "lost", "skipped", "repairs", "repairs_useless",
     "repairs_stale", "repairs_duplicate", "repairs_inconsistent", "repairs_expired", "nomem",
@@ -208,6 +208,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "smfs_encoder_flush": (c_int, [P, REPAIR_FN, P]),
         "smfs_encoder_open_bins": (c_size_t, [P]),
         "smfs_encoder_stats": (None, [P, POINTER(_EncStats)]),
+        "smfs_encoder_set_budgeted": (None, [P, c_int]),
+        "smfs_encoder_credit": (ctypes.c_int64, [P]),
         "smfs_decoder_new": (P, [POINTER(_Params), c_uint64]),
         "smfs_decoder_free": (None, [P]),
         "smfs_decoder_on_data": (c_int, [P, c_uint64, c_char_p, c_size_t, c_double, PACKET_FN, P]),
@@ -362,6 +364,7 @@ class Encoder(_Handle):
         self._own(lib, lib.smfs_encoder_new(byref(_params(self.params))), f"encoder params {self.params!r}")
         self._out: list[Repair] = []
         self._cb = REPAIR_FN(self._collect)
+        self._budgeted = False
 
     def _collect(self, _ctx: object, rep: object) -> None:
         self._out.append(_to_repair(rep))
@@ -412,6 +415,21 @@ class Encoder(_Handle):
     @property
     def open_bins(self) -> int:
         return self._lib.smfs_encoder_open_bins(self._ptr)
+
+    @property
+    def budgeted(self) -> bool:
+        """:attr:`smfs.fec.Encoder.budgeted`."""
+        return self._budgeted
+
+    @budgeted.setter
+    def budgeted(self, value: bool) -> None:
+        self._budgeted = bool(value)
+        self._lib.smfs_encoder_set_budgeted(self._ptr, int(self._budgeted))
+
+    @property
+    def credit(self) -> int:
+        """:attr:`smfs.fec.Encoder.credit`."""
+        return self._lib.smfs_encoder_credit(self._ptr)
 
     @property
     def stats(self) -> EncoderStats:

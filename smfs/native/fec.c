@@ -43,6 +43,8 @@ struct smfs_encoder {
     size_t open_count;
     bool started;
     uint64_t last_seq;
+    bool budgeted;
+    int64_t credit, earn, cost, credit_cap; /* fec.py Encoder.credit and its rule */
     struct smfs_encoder_stats stats;
 };
 
@@ -61,6 +63,9 @@ struct smfs_encoder *smfs_encoder_new(const struct smfs_fec_params *p)
         enc->base[k] = enc->nbins;
         enc->nbins += p->interleaves[k];
     }
+    enc->earn = SMFS_CREDIT_EARN * (int64_t)p->c;
+    enc->cost = SMFS_CREDIT_COST * (int64_t)p->r;
+    enc->credit_cap = enc->cost * (int64_t)enc->nbins;
     size_t nb = enc->nbins ? enc->nbins : 1; /* c = 0: no bins (calloc(0) may answer NULL) */
     enc->bins = calloc(nb, sizeof(*enc->bins));
     enc->seqs = calloc(nb * p->r, sizeof(*enc->seqs));
@@ -122,6 +127,7 @@ static void emit_bin(struct smfs_encoder *enc, uint32_t b, smfs_repair_fn emit, 
 {
     struct bin *bin = &enc->bins[b];
     enc->stats.repairs++;
+    enc->credit -= enc->cost;
     if (emit) {
         struct smfs_repair rep = {
             .layer = bin->layer,
@@ -154,6 +160,7 @@ int smfs_encoder_add(struct smfs_encoder *enc, uint64_t seq, const uint8_t *pack
     enc->last_seq = seq;
     enc->stats.packets++;
     enc->stats.bytes += len;
+    enc->credit = enc->credit + enc->earn < enc->credit_cap ? enc->credit + enc->earn : enc->credit_cap;
     uint32_t full[SMFS_MAX_LAYERS];
     uint32_t nfull = 0;
     for (uint32_t k = 0; k < c; k++) {
@@ -205,7 +212,7 @@ int smfs_encoder_add_batch(struct smfs_encoder *enc, uint64_t first_seq, const u
 
 int smfs_encoder_get_timer(const struct smfs_encoder *enc, double *deadline)
 {
-    if (!enc || enc->open_head == SMFS_NONE)
+    if (!enc || enc->open_head == SMFS_NONE || (enc->budgeted && enc->credit < enc->cost))
         return 0;
     if (deadline)
         *deadline = enc->bins[enc->open_head].deadline;
@@ -221,6 +228,10 @@ int smfs_encoder_handle_timer(struct smfs_encoder *enc, double now, smfs_repair_
         uint32_t b = enc->open_head;
         if (enc->bins[b].deadline > now)
             break;
+        if (enc->budgeted && enc->credit < enc->cost) {
+            enc->stats.held++;
+            break;
+        }
         open_remove(enc, b);
         emit_bin(enc, b, emit, ctx);
         n++;
@@ -245,6 +256,14 @@ int smfs_encoder_flush(struct smfs_encoder *enc, smfs_repair_fn emit, void *ctx)
 }
 
 size_t smfs_encoder_open_bins(const struct smfs_encoder *enc) { return enc ? enc->open_count : 0; }
+
+void smfs_encoder_set_budgeted(struct smfs_encoder *enc, int budgeted)
+{
+    if (enc)
+        enc->budgeted = budgeted != 0;
+}
+
+int64_t smfs_encoder_credit(const struct smfs_encoder *enc) { return enc ? enc->credit : 0; }
 
 void smfs_encoder_stats(const struct smfs_encoder *enc, struct smfs_encoder_stats *out)
 {

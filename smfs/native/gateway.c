@@ -575,6 +575,7 @@ static void on_control(struct gw *g)
         s->dest = from;
         s->has_dest = 1;
         memcpy(s->nonce, m + 16, SUB_NONCE);
+        smfs_encoder_set_budgeted(g->enc, 0); /* gateway.py: a callback waits from now on */
         ann_announce(g, s, now);
     }
 }
@@ -1310,6 +1311,7 @@ static void setup(struct gw *g)
     g->ann = alloc_or_die(sizeof *g->ann);
     if (!g->enc || !g->dec || !g->replay || !g->ft)
         die("FEC state: %s", strerror(errno));
+    smfs_encoder_set_budgeted(g->enc, 1); /* gateway.py: the repair budget until a subscription */
     ann_init(g->ann);
     g->peer_window = window;
     struct timespec ts;

@@ -31,6 +31,8 @@ extern "C" {
 #define SMFS_MAX_R 64            /* packets per repair (one byte on the wire) */
 #define SMFS_MAX_LAYERS 8        /* layers (one bit each in the flow tracker) */
 #define SMFS_MAX_PACKET 65535    /* bytes: an IPv4 packet's total length is 16-bit */
+#define SMFS_CREDIT_EARN 5       /* fec.py CREDIT_EARN: a budgeted encoder's credit per packet, x c */
+#define SMFS_CREDIT_COST 4       /* fec.py CREDIT_COST: per repair, x r */
 #define SMFS_MAX_INTERLEAVE 2048 /* C-only bound (Python: none) */
 #define SMFS_MAX_WINDOW (1u << 18) /* decoder window, packets (C-only bound) */
 
@@ -58,7 +60,7 @@ typedef void (*smfs_repair_fn)(void *ctx, const struct smfs_repair *rep);
 typedef void (*smfs_packet_fn)(void *ctx, uint64_t seq, const uint8_t *packet, size_t len);
 
 struct smfs_encoder_stats {
-    uint64_t packets, bytes, repairs, flushed;
+    uint64_t packets, bytes, repairs, flushed, held;
 };
 
 struct smfs_decoder_stats {
@@ -100,6 +102,9 @@ int smfs_encoder_handle_timer(struct smfs_encoder *enc, double now, smfs_repair_
 int smfs_encoder_flush(struct smfs_encoder *enc, smfs_repair_fn emit, void *ctx);
 size_t smfs_encoder_open_bins(const struct smfs_encoder *enc);
 void smfs_encoder_stats(const struct smfs_encoder *enc, struct smfs_encoder_stats *out);
+/* Encoder.budgeted (fec.py): due bins flush only on credit (5 c per packet, 4 r per repair). */
+void smfs_encoder_set_budgeted(struct smfs_encoder *enc, int budgeted);
+int64_t smfs_encoder_credit(const struct smfs_encoder *enc);
 
 struct smfs_decoder;
 /* window: packets, max(1, 2 * smfs_fec_span(p)) .. SMFS_MAX_WINDOW. NULL with errno. With c = 0

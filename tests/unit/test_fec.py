@@ -252,6 +252,64 @@ def test_flush_timer_emits_partial_bins_that_decode() -> None:
     assert dec.stats.rebuilt == 2
 
 
+def _sparse_stream(enc: Encoder, n: int, gap_s: float, size: int = 52) -> int:
+    """``n`` packets ``gap_s`` apart (an ACK stream: every bin's timer expires before it fills),
+    the encoder's timer run as a gateway runs it; the number of repairs."""
+    repairs, now = 0, 0.0
+    for seq in range(n):
+        while (t := enc.get_timer()) is not None and t <= now:
+            repairs += len(enc.handle_timer(t))
+        repairs += len(enc.add(seq, bytes(size), now))
+        now += gap_s
+    return repairs
+
+
+@pytest.mark.parametrize("params", [PARAMS, FecParams(r=4, c=2, interleaves=(1, 5))], ids=str)
+def test_budget_bounds_repairs_of_a_sparse_stream(params: FecParams) -> None:
+    """At 200 packets/s (the mirror's ACKs in the drill) every bin flushes alone: about c repairs
+    per packet without the budget. A budgeted encoder keeps to 1.25 c/r per packet, plus at
+    most one repair per bin of banked credit, and still flushes (it does not just stop)."""
+    n = 4000
+    free, budgeted = Encoder(params), Encoder(params)
+    budgeted.budgeted = True
+    unbounded = _sparse_stream(free, n, 0.005 + params.flush_s)
+    bounded = _sparse_stream(budgeted, n, 0.005 + params.flush_s)
+    bound = 1.25 * params.c / params.r * n + sum(params.interleaves)
+    assert unbounded > 0.9 * params.c * n > bound  # the rule is what keeps it down
+    assert 0.9 * 1.25 * params.c / params.r * n <= bounded <= bound
+    assert budgeted.stats.flushed > 0 and budgeted.stats.held > 0  # held bins fill or flush later
+
+
+def test_budget_waits_for_credit_not_for_a_timer() -> None:
+    """With no credit, a budgeted encoder asks for no timer (the next packet may earn a flush):
+    an idle gateway does not wake every flush_ms for bins it cannot afford to flush."""
+    enc = Encoder()
+    enc.budgeted = True
+    enc.add(0, b"ack", now=0.0)  # earns 15, a repair costs 32
+    assert enc.open_bins == 3 and enc.credit == 15 and enc.get_timer() is None
+    assert enc.handle_timer(1.0) == [] and enc.stats.held == 1
+    enc.add(1, b"ack", now=1.0)
+    enc.add(2, b"ack", now=1.0)  # 45: one flush, the oldest bin first
+    assert enc.get_timer() == pytest.approx(0.005)
+    [rep] = enc.handle_timer(1.0)
+    assert rep.seqs == (0, 1, 2) and rep.layer == 0 and enc.credit == 13
+    assert enc.get_timer() is None
+    enc.budgeted = False  # a subscriber came: every due bin flushes on time again
+    assert enc.get_timer() == pytest.approx(0.005)
+    assert [r.seqs for r in enc.handle_timer(2.0)] == [(0,), (0,), (1,), (1,), (2,), (2,)]
+
+
+def test_full_bins_are_never_held() -> None:
+    """The budget limits timer flushes only: a full bin's repair always leaves with the packet that
+    completed it, so at a rate that fills the bins the overhead is c/r, budget or not."""
+    free, budgeted = Encoder(), Encoder()
+    budgeted.budgeted = True
+    packets = make_packets(8 * 19 * 10, seed=5)
+    assert [budgeted.add(s, p, s * 1e-6) for s, p in packets] == [free.add(s, p, s * 1e-6) for s, p in packets]
+    assert budgeted.stats.repairs == free.stats.repairs > 0.9 * 3 / 8 * len(packets)
+    assert budgeted.stats.held == 0 and budgeted.credit > 0
+
+
 @given(
     n=st.integers(1, 300),
     gaps=st.lists(st.floats(0, 0.004), min_size=300, max_size=300),

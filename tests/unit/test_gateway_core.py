@@ -287,6 +287,7 @@ def test_the_backlog_is_bounded_and_drops_what_the_peer_could_not_use(
     egress: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(gw_mod, "REPAIR_BACKLOG", 4)
+    egress.gw.encoder.budgeted = False  # as with a subscriber: every due bin flushes
     egress.wan.fail = _repairs_fail(BlockingIOError(errno.EAGAIN, "busy"))
     egress.send(tcp(ISN, flags=TCP_SYN), tcp(ISN + 1, 100), tcp(ISN + 101, 100))
     egress.loop.advance(0.006)  # 7 repairs: 1 + 3 + 3 bins flushed
@@ -303,6 +304,7 @@ def test_the_backlog_is_bounded_and_drops_what_the_peer_could_not_use(
 
 
 def test_a_repair_too_large_to_send_is_not_retried(egress: Harness) -> None:
+    egress.gw.encoder.budgeted = False  # as with a subscriber: every due bin flushes
     egress.wan.fail = _repairs_fail(OSError(errno.EMSGSIZE, "Message too long"))
     egress.send(tcp(ISN, flags=TCP_SYN), tcp(ISN + 1, 100))
     egress.loop.advance(0.006)
@@ -564,12 +566,17 @@ def test_a_failed_callback_send_is_re_announced(egress: Harness) -> None:
     assert egress.gw.snapshot()["callback_send_errors"] == 1
 
 
-def test_a_late_subscriber_learns_the_current_offset_at_once(egress: Harness) -> None:
+def test_a_late_subscriber_gets_the_held_bins_flushed_at_once(egress: Harness) -> None:
+    """Nobody subscribed: the flush timer is on the repair budget, and two packets' credit buys no
+    flush, so their bins wait (nothing is safe yet). The first subscription ends the budget: the
+    bins, long due, flush at the next tick and the subscriber hears the offset."""
     egress.send(tcp(ISN, flags=TCP_SYN), tcp(ISN + 1, 100))
-    egress.loop.advance(2.0)  # long safe, nobody listening
-    assert egress.safe() == 100 and egress.control.attempts == 0
+    egress.loop.advance(2.0)
+    assert egress.safe() == 0 and egress.wan.repairs() == [] and egress.loop.next_timer() is None
     egress.subscribe()
-    assert egress.control.offsets() == [100]
+    assert egress.control.offsets() == [] and not egress.gw.encoder.budgeted
+    egress.loop.advance(0.001)
+    assert egress.safe() == 100 and egress.control.offsets() == [100] and len(egress.wan.repairs()) == 5
     egress.subscribe()  # a repeated subscribe (its first answer lost, say) is answered again
     assert egress.control.offsets() == [100, 100]
 

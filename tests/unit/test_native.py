@@ -50,13 +50,19 @@ def _library() -> None:
 # -- FEC: encoder ---------------------------------------------------------------------------
 
 
-def encoder_trace(params: FecParams, n: int, seed: int, rate: float, sizes: Callable[[random.Random], int]) -> None:
-    """Drive both encoders with the same packets, times and timer calls; compare every answer."""
+def encoder_trace(params: FecParams, n: int, seed: int, rate: float, sizes: Callable[[random.Random], int],
+                  budgeted: bool = False) -> None:
+    """Drive both encoders with the same packets, times and timer calls; compare every answer.
+    ``budgeted``: both start budgeted and the trace turns it off and on again now and then."""
     rng = random.Random(seed)
     py, c = fec.Encoder(params), native.Encoder(params)
+    py.budgeted = c.budgeted = budgeted
     seq, now = rng.choice([0, 1, 2**40, 2**64 - 4 * n - 10]), 0.0
     for i in range(n):
         now += rng.expovariate(rate)
+        if budgeted and rng.random() < 0.01:
+            py.budgeted = c.budgeted = not py.budgeted
+        assert c.credit == py.credit
         timer = py.get_timer()
         assert c.get_timer() == timer
         if timer is not None and rng.random() < 0.7:
@@ -80,6 +86,15 @@ def encoder_trace(params: FecParams, n: int, seed: int, rate: float, sizes: Call
 @pytest.mark.parametrize("rate", [500.0, 20000.0, 1e6])
 def test_encoder_same_repairs(params: FecParams, rate: float) -> None:
     encoder_trace(params, 1500, seed=int(rate) + params.r, rate=rate, sizes=lambda r: r.choice([1, 40, 1400, r.randint(1, 1500)]))
+
+
+@pytest.mark.parametrize("params", [DEFAULT, SMALL, FecParams(r=1, c=1, interleaves=(1,)), C0, C2], ids=str)
+@pytest.mark.parametrize("rate", [200.0, 5000.0, 1e6])
+def test_budgeted_encoder_same_repairs(params: FecParams, rate: float) -> None:
+    """The repair budget (fec.py's flush rule without a subscriber) in C: the same credit, the
+    same held flushes, the same repairs, also when the gateway turns it on and off mid-stream."""
+    encoder_trace(params, 1500, seed=int(rate) + 7 * params.r, rate=rate, budgeted=True,
+                  sizes=lambda r: r.choice([1, 52, 1400, r.randint(1, 1500)]))
 
 
 def test_encoder_large_packets_and_batches() -> None:
