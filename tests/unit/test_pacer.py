@@ -69,13 +69,16 @@ def test_each_sites_gateway_is_paced_to_its_egress_direction_of_the_wan() -> Non
     assert egress_rate_bps(LinkProfile.from_mapping({"delay": "50ms"}, "wan"), "primary") == 0  # no rate: not paced
 
 
-def test_the_edge_buffer_is_one_bandwidth_delay_product_of_mtu_packets() -> None:
+def test_the_edge_buffer_is_the_wans_queue_limit() -> None:
+    """The paced edge holds what the WAN's bottleneck queue would (netem's limit: the explicit one,
+    else max(1000, 2 BDP)), per direction; nothing is set when the gateway is not paced."""
     from netem.profile import LinkProfile
     from testbed.drill import edge_queue_packets
 
     wan = LinkProfile.from_mapping({"delay": "50ms", "rate": "40mbit"}, "wan")
-    assert edge_queue_packets(wan, "primary", 9000) == 56  # 40 Mbit/s × 100 ms = 500 kB = 55.6 jumbo frames
-    assert edge_queue_packets(wan, "primary", 1500) == 334
-    slow = LinkProfile.from_mapping({"delay": "5ms", "rate": "8mbit"}, "wan")
-    assert edge_queue_packets(slow, "mirror", 9000) == 16  # never below 16
+    assert edge_queue_packets(wan, "primary", 9000) == 1000 == wan.a_to_b.effective_limit
+    fast = LinkProfile.from_mapping({"delay": "100ms", "rate": "1gbit", "reverse": {"rate": "100mbit", "limit": 64}}, "wan")
+    assert edge_queue_packets(fast, "primary", 1500) == fast.a_to_b.effective_limit > 1000  # 2 BDP
+    assert edge_queue_packets(fast, "mirror", 1500) == 64
     assert edge_queue_packets(LinkProfile.from_mapping({"delay": "50ms"}, "wan"), "primary", 9000) == 0
+
