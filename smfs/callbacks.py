@@ -204,7 +204,9 @@ class FlowTracker:
     ``max_flows`` flows (least recently active dropped first) and ``max_pending`` tunnel
     packets waiting for their repairs (oldest dropped first, their bytes never reported).
     ``latencies`` keeps the last ``max_latencies`` delays (s) from a segment's packet being
-    sent to its being safe, when the caller passes ``now``.
+    sent to its being safe, when the caller passes ``now``; ``held_latencies`` the part of each
+    that the gateway spent held back by its pacer (``held``: the gateway's running total of such
+    seconds, kept current by the gateway before it reports a send). The rest is the gateway's own.
 
     ``safe_at_send`` is the seeded defect ``network-sync-callback-before-repairs`` (see
     :mod:`smfs.defects`), never on in a real run: a packet's bytes are safe as soon as it is
@@ -222,11 +224,14 @@ class FlowTracker:
         self.max_flows = max_flows
         self.max_pending = max_pending
         self._flows: OrderedDict[Flow, _FlowState] = OrderedDict()
-        self._carried: dict[int, list[tuple[Flow, _FlowState, int, int, float | None]]] = {}
+        self._carried: dict[int, list[tuple[Flow, _FlowState, int, int, float | None, float]]] = {}
         self._done: dict[int, int] = {}  # tunnel seq -> bitmask of layers whose repair was sent
         self._advanced: set[Flow] = set()
         self._closing: set[Flow] = set()
         self.latencies: deque[float] = deque(maxlen=max_latencies)
+        self.held_latencies: deque[float] = deque(maxlen=max_latencies)
+        self.held = 0.0
+        """Seconds the gateway has been held back by its pacer so far (it keeps this current)."""
         self.ignored = 0
         """Data segments of flows seen without a SYN."""
         self._flow_names: dict[bytes, Flow] = {}  # raw addresses and ports -> Flow
@@ -282,6 +287,7 @@ class FlowTracker:
         if not self.c:  # no FEC: no repair to wait for, safe once on the wire
             if now is not None:
                 self.latencies.append(0.0)
+                self.held_latencies.append(0.0)
             if st.mark_safe(start, end):
                 self._advanced.add(flow)
             return
@@ -292,13 +298,13 @@ class FlowTracker:
         carried = self._carried
         entries = carried.get(tunnel_seq)
         if entries is None:
-            carried[tunnel_seq] = [(flow, st, start, end, now)]
+            carried[tunnel_seq] = [(flow, st, start, end, now, self.held)]
             while len(carried) > self.max_pending:
                 old = next(iter(carried))
                 del carried[old]
                 self._done.pop(old, None)
         else:
-            entries.append((flow, st, start, end, now))
+            entries.append((flow, st, start, end, now, self.held))
 
     def on_repairs_sent(self, repairs: Iterable[Repair], now: float | None = None) -> None:
         """Note that ``repairs`` were sent at ``now`` (s)."""
@@ -315,9 +321,10 @@ class FlowTracker:
                     continue
                 del carried[s]
                 done_bits.pop(s, None)
-                for flow, st, start, end, sent in entries:
+                for flow, st, start, end, sent, held in entries:
                     if now is not None and sent is not None:
                         self.latencies.append(now - sent)
+                        self.held_latencies.append(self.held - held)
                     if flows.get(flow) is st and st.mark_safe(start, end):
                         self._advanced.add(flow)
 

@@ -178,6 +178,10 @@ class Gateway:
         # flush (a flush now would send a repair per partial bin at every pause and multiply the
         # repairs); the flush timer counts again once a read finds the TUN empty.
         self._backlogged = False
+        # The running total of seconds the TUN was backlogged behind the pacer (_held_clock): the
+        # tracker splits each callback latency into that part (the WAN's rate) and the gateway's own.
+        self._held_s = 0.0
+        self._held_from = 0.0
         self.loop.add_reader(self.tun, self._on_tun)
         self.loop.add_reader(self.wan, self._on_wan)
         self.loop.add_reader(self.control, self._on_control)
@@ -204,6 +208,7 @@ class Gateway:
         read, sendto = os.read, self.wan.sendto
         on_packet_sent = self.tracker.on_packet_sent
         send_repairs = self._send_repairs
+        self.tracker.held = self._held_clock(now)
         pacer = self.pacer
         n_in = n_out = 0
         try:
@@ -220,7 +225,9 @@ class Gateway:
                     try:
                         packets.append(read(tun, 65535))
                     except BlockingIOError:
-                        self._backlogged = False
+                        if self._backlogged:
+                            self._held_s += now - self._held_from
+                            self._backlogged = False
                         break
                 if not packets:
                     break
@@ -257,9 +264,15 @@ class Gateway:
             self.stats["data_out"] += n_out
         self._arm_timer()
 
+    def _held_clock(self, now: float) -> float:
+        """Seconds the TUN has been backlogged behind the pacer so far (at ``now``)."""
+        return self._held_s + (now - self._held_from if self._backlogged else 0.0)
+
     def _pause_tun(self, seconds: float) -> None:
         """Stop reading the TUN for ``seconds`` (the pacer's debt; at least :data:`PAUSE_MIN_S`, so a
         debt of a few bytes cannot spin the loop at one clock reading)."""
+        if not self._backlogged:
+            self._held_from = self.loop.time()
         self._backlogged = True
         if not self._tun_paused:
             self._tun_paused = True
@@ -291,7 +304,9 @@ class Gateway:
                     sent.append(r)
             if sent:
                 self.stats["repairs_out"] += len(sent)
-                self.tracker.on_repairs_sent(sent, self.loop.time())
+                now = self.loop.time()
+                self.tracker.held = self._held_clock(now)
+                self.tracker.on_repairs_sent(sent, now)
         self._push_callbacks()
 
     def _defer(self, repair: Repair, datagram: bytes, err: OSError) -> None:
@@ -347,6 +362,7 @@ class Gateway:
         if sent:
             self.stats["repairs_retried"] += len(sent)
             self.stats["repairs_out"] += len(sent)
+            self.tracker.held = self._held_clock(now)
             self.tracker.on_repairs_sent(sent, now)
             self._push_callbacks()
 
@@ -496,6 +512,7 @@ class Gateway:
     def snapshot(self) -> dict:
         d = self.decoder.stats
         lat = np.array(self.tracker.latencies) * 1000.0 if self.tracker.latencies else None
+        held = np.array(self.tracker.held_latencies) * 1000.0 if lat is not None else None
         lost_on_wan = d.rebuilt + d.lost + self.decoder.missing_in_window()
         cpu = time.process_time()  # the gateway's CPU (user + system) over packets handled either way
         handled = self.stats["tun_in"] + self.stats["wan_in"]
@@ -528,8 +545,11 @@ class Gateway:
             "callbacks_sent": self.stats["callbacks_sent"],
             "callbacks_resent": self.stats["callbacks_resent"],
             "callback_send_errors": self.stats["callback_send_errors"],
+            # each callback's latency (TUN read to its last covering repair sent), the part of it
+            # the TUN was held back by the pacer (the WAN's rate), and the rest (the gateway's own)
             "callback_latency_ms": None if lat is None else {
-                "p50": round(float(np.percentile(lat, 50)), 3), "p99": round(float(np.percentile(lat, 99)), 3),
+                **{f"{name}p{q}": round(float(np.percentile(v, q)), 3)
+                   for name, v in (("", lat), ("held_", held), ("own_", lat - held)) for q in (50, 99)},
                 "n": int(lat.size)},
             "paced": None if self.pacer is None else {
                 "rate_bps": self.args.wan_rate_bps, "pauses": self.pacer.pauses,

@@ -13,7 +13,6 @@ The result directory and exit codes are those of the namespace drill (:mod:`test
 from __future__ import annotations
 
 import json
-import math
 import platform
 import re
 import secrets

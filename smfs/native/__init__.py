@@ -25,7 +25,7 @@ import subprocess
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from ctypes import (
     POINTER,
     byref,
@@ -248,6 +248,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "smfs_ft_ignored": (c_uint64, [P]),
         "smfs_ft_dropped": (c_uint64, [P]),
         "smfs_ft_latencies": (c_size_t, [P, POINTER(c_double), c_size_t]),
+        "smfs_ft_held_latencies": (c_size_t, [P, POINTER(c_double), c_size_t]),
+        "smfs_ft_set_held": (None, [P, c_double]),
         "smfs_bench_codec": (
             c_int, [POINTER(_Params), c_char_p, c_size_t, c_size_t, c_double, c_uint64, c_double,
                     POINTER(c_double), POINTER(c_double), POINTER(c_uint64), POINTER(c_uint64)]),
@@ -677,6 +679,7 @@ class FlowTracker(_Handle):
                   f"flow tracker limits {max_flows}, {max_pending}, {max_latencies}")
         self._out: list[tuple[Flow, int]] = []
         self._cb = SAFE_FN(self._collect)
+        self._held = 0.0
 
     def _collect(self, _ctx: object, flow: object, offset: int) -> None:
         self._out.append((_flow_of(flow.contents), offset))  # type: ignore[attr-defined]
@@ -721,9 +724,27 @@ class FlowTracker(_Handle):
 
     @property
     def latencies(self) -> list[float]:
-        n = self._lib.smfs_ft_latencies(self._ptr, None, 0)
+        return self._doubles(self._lib.smfs_ft_latencies)
+
+    @property
+    def held_latencies(self) -> list[float]:
+        """:attr:`smfs.callbacks.FlowTracker.held_latencies`."""
+        return self._doubles(self._lib.smfs_ft_held_latencies)
+
+    @property
+    def held(self) -> float:
+        """:attr:`smfs.callbacks.FlowTracker.held` (kept here: C only takes it)."""
+        return self._held
+
+    @held.setter
+    def held(self, value: float) -> None:
+        self._held = float(value)
+        self._lib.smfs_ft_set_held(self._ptr, self._held)
+
+    def _doubles(self, fn: Callable[..., int]) -> list[float]:
+        n = fn(self._ptr, None, 0)
         buf = (c_double * max(n, 1))()
-        self._lib.smfs_ft_latencies(self._ptr, buf, n)
+        fn(self._ptr, buf, n)
         return list(buf[:n])
 
 

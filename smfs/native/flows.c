@@ -39,7 +39,7 @@ struct fstate {
 struct entry {
     uint64_t gen;
     int64_t start, end;
-    double sent;
+    double sent, held; /* held: ft->held at the send (callbacks.py held_latencies) */
     uint32_t slot, next;
 };
 
@@ -66,8 +66,9 @@ struct smfs_flow_tracker {
     uint64_t cmask;
     struct entry *entries;
     uint32_t nentries, free_entry;
-    double *lat;
+    double *lat, *lat_held; /* latencies and their pacer-held parts, one ring */
     uint32_t lat_cap, lat_count, lat_head;
+    double held;
     uint64_t ignored, dropped;
 };
 
@@ -86,6 +87,7 @@ void smfs_ft_free(struct smfs_flow_tracker *ft)
     free(ft->cbuckets);
     free(ft->entries);
     free(ft->lat);
+    free(ft->lat_held);
     free(ft);
 }
 
@@ -120,8 +122,9 @@ struct smfs_flow_tracker *smfs_ft_new(uint32_t c, uint32_t max_flows, uint32_t m
     ft->entries = calloc(ft->nentries, sizeof(*ft->entries));
     ft->lat_cap = max_latencies;
     ft->lat = calloc(max_latencies ? max_latencies : 1, sizeof(*ft->lat));
+    ft->lat_held = calloc(max_latencies ? max_latencies : 1, sizeof(*ft->lat_held));
     if (!ft->flows || !ft->fbuckets || !ft->advanced || !ft->closing || !ft->carr ||
-        !ft->cbuckets || !ft->entries || !ft->lat) {
+        !ft->cbuckets || !ft->entries || !ft->lat || !ft->lat_held) {
         smfs_ft_free(ft);
         errno = ENOMEM;
         return NULL;
@@ -411,7 +414,7 @@ static void carry(struct smfs_flow_tracker *ft, uint64_t tseq, uint32_t slot, in
         return;
     }
     ft->free_entry = ft->entries[e].next;
-    ft->entries[e] = (struct entry){ft->flows[slot].gen, start, end, now, slot, SMFS_NONE};
+    ft->entries[e] = (struct entry){ft->flows[slot].gen, start, end, now, ft->held, slot, SMFS_NONE};
     uint32_t i = carr_find(ft, tseq);
     if (i != SMFS_NONE) {
         ft->entries[ft->carr[i].tail].next = e;
@@ -443,16 +446,19 @@ static void carry(struct smfs_flow_tracker *ft, uint64_t tseq, uint32_t slot, in
     }
 }
 
-static void latency(struct smfs_flow_tracker *ft, double v)
+static void latency(struct smfs_flow_tracker *ft, double v, double held)
 {
     if (!ft->lat_cap)
         return;
+    uint32_t at;
     if (ft->lat_count < ft->lat_cap) {
-        ft->lat[(ft->lat_head + ft->lat_count++) % ft->lat_cap] = v;
+        at = (ft->lat_head + ft->lat_count++) % ft->lat_cap;
     } else {
-        ft->lat[ft->lat_head] = v;
+        at = ft->lat_head;
         ft->lat_head = (ft->lat_head + 1) % ft->lat_cap;
     }
+    ft->lat[at] = v;
+    ft->lat_held[at] = held;
 }
 
 /* ---- API ------------------------------------------------------------------------------------ */
@@ -511,7 +517,7 @@ void smfs_ft_on_packet_sent(struct smfs_flow_tracker *ft, uint64_t tunnel_seq, c
         st->ref = end;
     if (!ft->full) { /* c = 0, no FEC: no repair to wait for, safe once on the wire */
         if (!isnan(now))
-            latency(ft, 0.0);
+            latency(ft, 0.0, 0.0);
         if (mark_safe(ft, st, start, end))
             advanced_add(ft, i);
         return;
@@ -543,7 +549,7 @@ void smfs_ft_on_repair_sent(struct smfs_flow_tracker *ft, const struct smfs_repa
         for (uint32_t x = e; x != SMFS_NONE; x = ft->entries[x].next) {
             const struct entry *en = &ft->entries[x];
             if (!isnan(now) && !isnan(en->sent))
-                latency(ft, now - en->sent);
+                latency(ft, now - en->sent, ft->held - en->held);
             struct fstate *st = &ft->flows[en->slot];
             if (st->used && st->gen == en->gen && mark_safe(ft, st, en->start, en->end))
                 advanced_add(ft, en->slot);
@@ -601,4 +607,19 @@ size_t smfs_ft_latencies(const struct smfs_flow_tracker *ft, double *out, size_t
     for (size_t k = 0; out && k < cap && k < ft->lat_count; k++)
         out[k] = ft->lat[(ft->lat_head + k) % ft->lat_cap];
     return ft->lat_count;
+}
+
+size_t smfs_ft_held_latencies(const struct smfs_flow_tracker *ft, double *out, size_t cap)
+{
+    if (!ft)
+        return 0;
+    for (size_t k = 0; out && k < cap && k < ft->lat_count; k++)
+        out[k] = ft->lat_held[(ft->lat_head + k) % ft->lat_cap];
+    return ft->lat_count;
+}
+
+void smfs_ft_set_held(struct smfs_flow_tracker *ft, double held)
+{
+    if (ft)
+        ft->held = held;
 }

@@ -354,6 +354,7 @@ struct gw {
     int has_retry;
     double retry_at, retry_delay;
     int paced, tun_paused, backlogged;
+    double held_s, held_from; /* gateway.py _held_clock: seconds held back by the pacer (backlogged) */
     double resume_at;
     struct pacer pacer;
     /* ingress */
@@ -639,9 +640,16 @@ static void defer_repair(struct gw *g, const struct outmsg *m, int err, double n
     }
 }
 
+/* gateway.py _held_clock: the running total of seconds the TUN was backlogged behind the pacer. */
+static double held_clock(const struct gw *g, double now)
+{
+    return g->held_s + (g->backlogged ? now - g->held_from : 0.0);
+}
+
 static void track_repair(struct gw *g, uint32_t layer, uint32_t n, const uint64_t *seqs, double now)
 {
     struct smfs_repair rep = {.layer = layer, .n = n, .seqs = seqs};
+    smfs_ft_set_held(g->ft, held_clock(g, now));
     smfs_ft_on_repair_sent(g->ft, &rep, now);
 }
 
@@ -708,6 +716,7 @@ static void flush_out(struct gw *g)
                     pacer_spend(&g->pacer, m->len, m->kind == K_DATA ? g->q_now : t);
                 if (m->kind == K_DATA) {
                     g->stats[S_DATA_OUT]++;
+                    smfs_ft_set_held(g->ft, held_clock(g, g->q_now));
                     smfs_ft_on_packet_sent(g->ft, m->seq, g->arena + m->off + 12, m->len - SMFS_DATA_OVERHEAD,
                                            g->q_now);
                 } else {
@@ -765,6 +774,8 @@ static void queue_repair(void *ctx, const struct smfs_repair *rep)
 
 static void pause_tun(struct gw *g, double seconds, double now)
 {
+    if (!g->backlogged)
+        g->held_from = now;
     g->backlogged = 1;
     if (!g->tun_paused) {
         g->tun_paused = 1;
@@ -799,9 +810,11 @@ static void on_tun(struct gw *g)
             if (n < 0) {
                 if (errno == EINTR)
                     continue;
-                if (errno == EAGAIN)
+                if (errno == EAGAIN) {
+                    if (g->backlogged)
+                        g->held_s += now - g->held_from;
                     g->backlogged = 0;
-                else
+                } else
                     reason_add(g, "tun read: %s", strerror(errno));
                 break;
             }
@@ -1015,7 +1028,7 @@ static void json_str(FILE *f, const char *s)
 
 static void write_stats(struct gw *g)
 {
-    static double lat[10000];
+    static double lat[10000], held[10000], own[10000];
     const struct config *c = &g->cfg;
     const uint64_t *s = g->stats;
     struct smfs_decoder_stats d;
@@ -1073,16 +1086,29 @@ static void write_stats(struct gw *g)
     KV("callback_send_errors", s[S_CB_SEND_ERR]);
 #undef KV
     size_t n = smfs_ft_latencies(g->ft, lat, sizeof lat / sizeof lat[0]);
+    smfs_ft_held_latencies(g->ft, held, sizeof held / sizeof held[0]);
     if (n > sizeof lat / sizeof lat[0])
         n = sizeof lat / sizeof lat[0];
     if (n) {
-        for (size_t i = 0; i < n; i++)
+        /* gateway.py snapshot: the latency, its pacer-held part and the rest (the gateway's own) */
+        for (size_t i = 0; i < n; i++) {
+            own[i] = (lat[i] - held[i]) * 1000.0;
             lat[i] *= 1000.0;
+            held[i] *= 1000.0;
+        }
         qsort(lat, n, sizeof lat[0], cmp_double);
-        char p50[64], p99[64];
-        pyfloat(p50, sizeof p50, round_to(percentile(lat, n, 50), 1e3));
-        pyfloat(p99, sizeof p99, round_to(percentile(lat, n, 99), 1e3));
-        fprintf(f, " \"callback_latency_ms\": {\"p50\": %s, \"p99\": %s, \"n\": %zu},\n", p50, p99, n);
+        qsort(held, n, sizeof held[0], cmp_double);
+        qsort(own, n, sizeof own[0], cmp_double);
+        fprintf(f, " \"callback_latency_ms\": {");
+        const double *arrays[3] = {lat, held, own};
+        const char *prefix[3] = {"", "held_", "own_"};
+        for (int a = 0; a < 3; a++) {
+            char p50[64], p99[64];
+            pyfloat(p50, sizeof p50, round_to(percentile(arrays[a], n, 50), 1e3));
+            pyfloat(p99, sizeof p99, round_to(percentile(arrays[a], n, 99), 1e3));
+            fprintf(f, "\"%sp50\": %s, \"%sp99\": %s, ", prefix[a], p50, prefix[a], p99);
+        }
+        fprintf(f, "\"n\": %zu},\n", n);
     } else {
         fprintf(f, " \"callback_latency_ms\": null,\n");
     }

@@ -238,6 +238,10 @@ uint64_t smfs_ft_ignored(const struct smfs_flow_tracker *ft);
 uint64_t smfs_ft_dropped(const struct smfs_flow_tracker *ft);
 /* The latencies kept (s), oldest first, at most cap copied; the number kept. */
 size_t smfs_ft_latencies(const struct smfs_flow_tracker *ft, double *out, size_t cap);
+/* FlowTracker.held_latencies: the pacer-held part of each latency above, same order. */
+size_t smfs_ft_held_latencies(const struct smfs_flow_tracker *ft, double *out, size_t cap);
+/* FlowTracker.held = held: the gateway's running total of seconds held back by its pacer. */
+void smfs_ft_set_held(struct smfs_flow_tracker *ft, double held);
 
 /* ---- Benchmarks (bench.c): one core, in C, no ctypes per packet -------------------------- */
 

@@ -667,6 +667,23 @@ def test_a_paced_egress_leaves_packets_in_the_tun_until_its_debt_is_paid(paced: 
     assert paced.gw.snapshot()["paced"]["rate_bps"] == 8_000_000
 
 
+def test_the_callback_latency_is_split_into_the_pacers_part_and_the_gateways(paced: Harness) -> None:
+    """100 packets at once against 24 kB of credit at 1 MB/s: most wait in the TUN, and their open
+    bins wait with them (no flush while backlogged) until the TUN runs dry about 0.15 s later. That
+    wait is the WAN's rate (``held_``); what is left (``own_``) is the gateway's: the flush delay."""
+    paced.subscribe()
+    paced.send(tcp(ISN, flags=TCP_SYN), *[tcp(ISN + 1 + 1000 * i, 1000) for i in range(100)])
+    paced.loop.advance(1.0)
+    assert paced.safe() == 100_000
+    lat = paced.gw.snapshot()["callback_latency_ms"]
+    held_s = paced.gw._held_clock(paced.loop.now)
+    assert 0.1 < paced.gw.pacer.paused_s <= held_s < 0.3 and not paced.gw._backlogged  # held: first pause to an empty read
+    assert lat["n"] == 100 and 50 < lat["p50"] < 200 and lat["held_p99"] <= held_s * 1000
+    assert lat["held_p50"] > 0.5 * lat["p50"]  # mostly the pacer's
+    assert lat["own_p99"] <= PARAMS.flush_ms + 1  # the gateway's own: at most the flush delay (+ a tick)
+    assert lat["own_p50"] + lat["held_p50"] == pytest.approx(lat["p50"], abs=PARAMS.flush_ms + 1)
+
+
 def test_an_unpaced_egress_sends_every_packet_it_can_read(egress: Harness) -> None:
     egress.send(*[tcp(ISN + 1000 * i, 1000) for i in range(100)])
     assert len(egress.wan.sent) - len(egress.wan.repairs()) == 100 and egress.loop.reading_tun
@@ -694,7 +711,8 @@ def test_c0_sends_no_repairs_and_calls_back_once_the_data_is_sent(no_fec: Harnes
     snap = h.gw.snapshot()
     assert snap["params"]["c"] == 0 and snap["params"]["interleaves"] == []
     assert snap["repairs_sent"] == 0 and snap["packets_out"] == 52
-    assert snap["callback_latency_ms"] == {"p50": 0.0, "p99": 0.0, "n": 51}  # the SYN carries no byte
+    assert snap["callback_latency_ms"] == {"p50": 0.0, "p99": 0.0, "held_p50": 0.0, "held_p99": 0.0,
+                                           "own_p50": 0.0, "own_p99": 0.0, "n": 51}  # the SYN carries no byte
 
 
 def test_c0_a_failed_data_send_is_never_safe(no_fec: Harness) -> None:

@@ -561,8 +561,13 @@ def run_trackers(seed: int, params: FecParams, steps: int, nflows: int, **limits
         py.on_repairs_sent(repairs, stamp)
         c.on_repairs_sent(repairs, stamp)
 
+    held = 0.0
     for i in range(steps):
-        now += rng.expovariate(20000)
+        dt = rng.expovariate(20000)
+        now += dt
+        if rng.random() < 0.3:  # the gateway was held back by its pacer for (part of) that time
+            held += rng.random() * dt
+            py.held = c.held = held
         if (deadline := enc.get_timer()) is not None and deadline <= now:
             sent(enc.handle_timer(now), now)
         pkt = script.packet()
@@ -581,6 +586,9 @@ def run_trackers(seed: int, params: FecParams, steps: int, nflows: int, **limits
     sent(enc.flush(), now)
     assert sorted(c.safe_offsets()) == sorted(py.safe_offsets())
     assert c.latencies == list(py.latencies)
+    assert c.held_latencies == list(py.held_latencies) and len(py.held_latencies) == len(py.latencies)
+    assert all(0 <= h <= t + 1e-12 for h, t in zip(py.held_latencies, py.latencies, strict=True))
+    assert not py.latencies or params.c * (params.r - 1) == 0 or limits.get("safe_at_send") or any(py.held_latencies)
     for f in [*script.flows, *seen, *(Flow(x.dst, x.dport, x.src, x.sport) for x in script.flows)]:
         assert c.safe_offset(f) == py.safe_offset(f)
     assert c.dropped == 0
