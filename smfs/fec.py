@@ -31,8 +31,7 @@ import math
 import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-
-import numpy as np
+from typing import Any
 
 SEQ_LIMIT = 1 << 64
 """Sequence numbers are unsigned 64-bit."""
@@ -160,8 +159,6 @@ class Repair:
 
 
 _ZEROS = bytes(MAX_PACKET)
-_XOR_REDUCE = np.bitwise_xor.reduce
-_U8 = np.uint8
 _NEW = object.__new__
 _SET = object.__setattr__
 
@@ -175,6 +172,15 @@ def _trusted_repair(layer: int, seqs: tuple[int, ...], lengths: tuple[int, ...],
     _SET(rep, "lengths", lengths)
     _SET(rep, "xor", xor)
     return rep
+
+
+def _numpy() -> Any:
+    """numpy, imported on first use: only the XORs need it, and it is the heaviest import of the
+    gateway (about 40 ms here, 1-2 s in a TCG guest), which the C engine's launcher, importing this
+    module for :class:`FecParams` alone, should not pay at every gateway start."""
+    import numpy
+
+    return numpy
 
 
 def _padded(packets: Sequence[bytes], size: int) -> bytes:
@@ -207,7 +213,8 @@ def xor_packets(packets: Sequence[bytes], length: int | None = None) -> bytes:
     buf = b"".join(packets)
     if longest > size or len(buf) != n * size:  # not all exactly ``size`` bytes long
         buf = _padded(packets, size)
-    return _XOR_REDUCE(np.frombuffer(buf, dtype=_U8).reshape(n, size), axis=0).tobytes()
+    np = _numpy()
+    return np.bitwise_xor.reduce(np.frombuffer(buf, dtype=np.uint8).reshape(n, size), axis=0).tobytes()
 
 
 def xor_many(groups: Sequence[Sequence[bytes]]) -> list[bytes]:
@@ -227,7 +234,8 @@ def xor_many(groups: Sequence[Sequence[bytes]]) -> list[bytes]:
         buf = b"".join([p for i in idx for p in groups[i]])
         if len(buf) != len(idx) * n * size:  # some packets shorter than ``size``: pad them
             buf = b"".join([_padded(groups[i], size) for i in idx])
-        red = _XOR_REDUCE(np.frombuffer(buf, dtype=_U8).reshape(len(idx), n, size), axis=1)
+        np = _numpy()
+        red = np.bitwise_xor.reduce(np.frombuffer(buf, dtype=np.uint8).reshape(len(idx), n, size), axis=1)
         for j, i in enumerate(idx):
             out[i] = red[j].tobytes()
     return out  # type: ignore[return-value]

@@ -27,7 +27,6 @@ Statistics are written to ``--stats`` every second, on SIGUSR1 and on exit.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import collections
 import contextlib
 import errno
@@ -38,12 +37,12 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import time
 from collections.abc import Hashable
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from smfs import defects
 from smfs.callbacks import Announcer, FlowTracker, decode_subscribe
@@ -71,6 +70,12 @@ _SO_EE_ORIGINS = {1: "local", 2: "ICMP"}
 
 log = logging.getLogger("smfs.gateway")
 
+if TYPE_CHECKING:
+    import asyncio
+# asyncio and numpy are imported where the Python engine runs (Gateway, _main, snapshot), not at the
+# top: the C engine's launcher (main, then exec) never needs them, and in a TCG guest they cost it
+# about a second and a half at every gateway start.
+
 
 def open_tun(name: str) -> int:
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
@@ -91,14 +96,17 @@ def tun_mtu(r: int, wan_mtu: int = WAN_MTU) -> int:
 
 def configure_tun(name: str, address: str, routes: list[str], mtu: int, queue: int = 0) -> None:
     """Address-free TUN up with ``mtu``, the peer subnets routed into it; ``queue`` (packets, 0: the
-    kernel's 500) bounds what waits in it for the gateway: the site edge's buffer when paced."""
-    from pyroute2 import IPRoute
+    kernel's 500) bounds what waits in it for the gateway: the site edge's buffer when paced.
 
-    with IPRoute() as ip:
-        idx = ip.link_lookup(ifname=name)[0]
-        ip.link("set", index=idx, mtu=mtu, state="up", **({"txqlen": queue} if queue else {}))
-        for dst in routes:
-            ip.route("replace", dst=dst, oif=idx, prefsrc=address)
+    With iproute2's ``ip`` (two or three short commands) rather than pyroute2, whose import alone
+    takes 0.1 s here and seconds in a TCG guest, at every gateway start. OSError naming the command
+    and ip's own message when one fails."""
+    cmds = [["ip", "link", "set", "dev", name, "mtu", str(mtu), *(["txqueuelen", str(queue)] if queue else []), "up"]]
+    cmds += [["ip", "route", "replace", dst, "dev", name, "src", address] for dst in routes]
+    for cmd in cmds:
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode:
+            raise OSError(f"{' '.join(cmd)}: {done.stderr.strip() or f'exit {done.returncode}'}")
 
 
 def wan_socket(local: str) -> socket.socket:
@@ -162,6 +170,8 @@ class Gateway:
         self.seq = int(os.environ.get(FIRST_SEQ_ENV) or time.time_ns())
         self.stats = collections.Counter()
         self.reasons: collections.Counter[str] = collections.Counter()
+        import asyncio  # see the note at the top
+
         self._timer: asyncio.TimerHandle | None = None
         self.loop = asyncio.get_running_loop()
         self.tun = tun
@@ -510,6 +520,8 @@ class Gateway:
 
     # -- statistics --------------------------------------------------------------------------
     def snapshot(self) -> dict:
+        import numpy as np  # see the note at the top
+
         d = self.decoder.stats
         lat = np.array(self.tracker.latencies) * 1000.0 if self.tracker.latencies else None
         held = np.array(self.tracker.held_latencies) * 1000.0 if lat is not None else None
@@ -619,6 +631,8 @@ def _tun_tx_dropped(name: str) -> int | None:
 
 
 async def _main(args: argparse.Namespace, key: bytes, tun: int) -> None:
+    import asyncio  # see the note at the top
+
     gw = Gateway(args, key, tun)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -682,6 +696,8 @@ def main(argv: list[str] | None = None) -> int:
             FecParams(r=args.r, c=len(args.interleaves), interleaves=tuple(args.interleaves), flush_ms=args.flush_ms)
             Sealer(key, SITE_IDS[args.site])  # the checks the Python engine makes at start
             exec_c_gateway(args, binary, tun)
+        import asyncio  # see the note at the top
+
         asyncio.run(_main(args, key, tun))
     except (OSError, ValueError) as err:
         log.error("gateway failed: %s", err)

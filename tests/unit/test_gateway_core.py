@@ -6,6 +6,7 @@ socket's IP_RECVERR behaviour)."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import errno
 import select
 import socket
@@ -204,7 +205,7 @@ def _make(monkeypatch: pytest.MonkeyPatch, site: str, wan_rate_bps: int = 0, rea
           interleaves: tuple[int, ...] = PARAMS.interleaves) -> Iterator[Harness]:
     """A gateway on a fake loop and fake sockets; ``real_wan`` keeps its real WAN socket (on loopback)."""
     loop = FakeLoop()
-    monkeypatch.setattr(gw_mod.asyncio, "get_running_loop", lambda: loop)
+    monkeypatch.setattr(asyncio, "get_running_loop", lambda: loop)  # the Gateway imports asyncio when made
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     mine.setblocking(False)
     theirs.setblocking(False)
