@@ -545,6 +545,9 @@ class Gateway:
             "lost_on_wan": lost_on_wan,
             "rebuilt": d.rebuilt,
             "lost_for_good": lost_on_wan - d.rebuilt,
+            # sequence numbers the decoder jumped over (a gap of a window or more: a restarted peer, or
+            # an outage longer than the window): never received, and not in lost_on_wan
+            "jumped_over": d.skipped,
             "rebuilt_fraction": round(d.rebuilt / lost_on_wan, 4) if lost_on_wan else None,
             "rejected": self.stats["rejected"],
             "replayed": self.stats["replayed"],

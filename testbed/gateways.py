@@ -32,7 +32,8 @@ class GatewayPair:
     def collect_stats(self) -> dict[str, Any]:
         """Both gateways' statistics plus the totals a result reports (``rebuilt``, ``lost_on_wan``...)."""
         per_site = {site: self.read(site) for site in self.stats_files}
-        total = {"lost_on_wan": 0, "rebuilt": 0, "lost_for_good": 0, "repairs_sent": 0, "rejected": 0, "edge_drops": 0}
+        total = {"lost_on_wan": 0, "rebuilt": 0, "lost_for_good": 0, "jumped_over": 0, "repairs_sent": 0, "rejected": 0,
+                 "edge_drops": 0}
         for st in per_site.values():
             for key in total:
                 total[key] += (st or {}).get(key) or 0

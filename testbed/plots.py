@@ -185,6 +185,11 @@ def report_md(result: dict[str, Any]) -> str:
                   "| callback p50/p99 ms | held by pacing | gateway's own |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in fec]
+        jumped = {m["mode"]: m["fec"]["jumped_over"] for m in modes if (m.get("fec") or {}).get("jumped_over")}
+        if jumped:
+            lines += ["", "**Not counted above:** a receiving gateway jumped over sequence numbers it never saw "
+                      "(a gap of a decoder window or more: an outage that long, or a restarted peer), which "
+                      "'lost on WAN' does not include: " + ", ".join(f"{k} {v}" for k, v in jumped.items()) + "."]
     lines += ["", "## Plots", ""]
     lines += [f"![{p}]({p})" for p in ("throughput.png", "latency-cdf.png", "acked-vs-lost.png", "fec.png")]
     lines += ["", "## Fault timelines", ""]

@@ -1067,6 +1067,7 @@ static void write_stats(struct gw *g)
     KV("lost_on_wan", lost_on_wan);
     KV("rebuilt", d.rebuilt);
     KV("lost_for_good", lost_on_wan - d.rebuilt);
+    KV("jumped_over", d.skipped); /* gateway.py: a window jump's gap, not in lost_on_wan */
     if (lost_on_wan) {
         pyfloat(num, sizeof num, round_to((double)d.rebuilt / (double)lost_on_wan, 1e4));
         fprintf(f, " \"rebuilt_fraction\": %s,\n", num);

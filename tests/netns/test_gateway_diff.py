@@ -913,6 +913,9 @@ def test_trace_coverage(runs: Runs) -> None:
         lost = runs["python"].checkpoint["lost_for_good"]  # (before the jump forgets the restarted stream's)
         assert st["rebuilt"] <= 3 and lost > 30 and st["replayed"] >= 10, (lost, st)
     assert runs["python"].checkpoint["lost_for_good"] > 0, runs["python"].checkpoint
+    # The trace's jumps (a restarted egress, then to the top of the range) are reported, not hidden:
+    # what they skipped is not in lost_on_wan.
+    assert 0 < runs["python"].checkpoint["jumped_over"] < st["jumped_over"], st
     assert st["late_after_rebuild"] > 0 and reasons.get("tun: Invalid argument", 0) > 0 and st["edge_drops"] == 0, st
     assert any(r.startswith("control: ") for r in reasons), reasons
     assert reasons.get("control: bad mac") == 3, reasons  # the forged and replayed subscribes

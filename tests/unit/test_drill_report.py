@@ -144,7 +144,12 @@ def test_report_writes_the_plots_and_says_when_the_paper_disagrees(tmp_path: Pat
             "local-sync+fec lost 9 of 50 (18.0 %), local-sync 7 of 100 (7.0 %)") in md
     assert "DISAGREES with the paper on 1 of 3 claims" in md
     # the FEC table has a row for the mode with gateways only, with what its gateways counted
-    assert "| local-sync+fec | - | - | 4 | 4 | - | - | - |" in md and "| local-sync |" not in md
+    assert "| local-sync+fec | - | - | 4 | 4 | - | - | - | - | - |\n" in md and "| local-sync |" not in md
+    assert "Not counted above" not in md  # nothing was jumped over
+    jumped = _result(remote_lost=0)
+    jumped["modes"][1]["fec"]["jumped_over"] = 2048
+    write_report(jumped, tmp_path)
+    assert "'lost on WAN' does not include: local-sync+fec 2048." in (tmp_path / "report.md").read_text()
     assert "DISAGREES" in json.dumps(write_report(_result(remote_lost=3), tmp_path) and (tmp_path / "report.md").read_text())
 
 
