@@ -144,6 +144,21 @@ def parse_tcp(packet: bytes) -> TcpSegment | None:
     )
 
 
+def is_pure_ack(ip_packet: bytes) -> bool:
+    """A TCP segment with no payload and no SYN, FIN or RST (an IPv4 packet, not a fragment): its
+    loss costs little, the next ACK carries the same news. The encoder's ``lazy`` packets
+    (:mod:`smfs.fec`); anything else (data, an application's ack frame, a ping) is not."""
+    if len(ip_packet) < 40:
+        return False
+    vihl, total, frag, proto = _IP_FAST.unpack_from(ip_packet)
+    ihl = (vihl & 0x0F) * 4
+    if vihl >> 4 != 4 or ihl < 20 or proto != 6 or frag & 0x3FFF or total > len(ip_packet) or total < ihl + 20:
+        return False
+    off_flags = _TCP.unpack_from(ip_packet, ihl)[4]
+    doff = (off_flags >> 12) * 4
+    return doff >= 20 and ihl + doff == total and not off_flags & (TCP_SYN | TCP_FIN | TCP_RST)
+
+
 def unwrap32(value: int, ref: int) -> int:
     """The 64-bit number closest to ``ref`` whose low 32 bits are ``value``
     (``ref`` in 64 bits, the result may be negative near 0)."""
@@ -381,13 +396,14 @@ LINGER_S = 1.0
 
 
 class _Subscription:
-    __slots__ = ("offset", "dest", "nonce", "changed")
+    __slots__ = ("offset", "dest", "nonce", "changed", "announced")
 
     def __init__(self) -> None:
         self.offset = 0  # highest safe offset known (bytes)
         self.dest: Hashable | None = None  # the subscriber's address
         self.nonce = bytes(NONCE_LEN)  # the subscription's nonce, echoed in each callback
         self.changed = 0.0  # time (s) of the last advance or subscribe
+        self.announced = 0.0  # time (s) of the last callback sent at once (not a re-announcement)
 
 
 class Announcer:
@@ -398,7 +414,8 @@ class Announcer:
     :meth:`on_subscribe` each subscription; both answer the callbacks to send now.
     :meth:`handle_timer` answers the re-announcements due at :meth:`get_timer`: every flow with
     a subscriber and an offset whose offset advanced, or which subscribed, at most ``linger``
-    s ago is re-announced every ``interval`` s. The last offset of a flow is kept after the
+    s ago is re-announced every ``interval`` s, unless it advanced (and so got a fresh callback)
+    since the previous tick: a flow that keeps advancing needs no re-announcement. The last offset of a flow is kept after the
     tracker forgets it (FIN, RST), for at most ``max_flows`` flows (least recently changed
     dropped first). Callbacks are authenticated under ``key`` (see the module docstring).
     """
@@ -415,6 +432,7 @@ class Announcer:
         self._subs: OrderedDict[Flow, _Subscription] = OrderedDict()
         self._active: dict[Flow, _Subscription] = {}  # subscribed, with an offset, changed recently
         self._next: float | None = None  # next re-announcement tick (s), while any flow is active
+        self._since = 0.0  # the last tick (or when the ticks started): flows changed after it are not due
         self.resent = 0
         """Re-announcements answered by :meth:`handle_timer`."""
 
@@ -451,11 +469,12 @@ class Announcer:
         for flow, sub in self._active.items():
             if now - sub.changed > self.linger:
                 expired.append(flow)
-            else:
+            elif sub.announced <= self._since:  # one announced since the last tick got a fresh callback then
                 out.append((sub.dest, encode_callback(flow, sub.offset, sub.nonce, self.key)))
         for flow in expired:
             del self._active[flow]
         self._next = now + self.interval if self._active else None
+        self._since = now
         self.resent += len(out)
         return out
 
@@ -486,8 +505,10 @@ class Announcer:
         if sub.dest is None or not sub.offset:
             return []
         self._active[flow] = sub
+        sub.announced = now
         if self._next is None:
             self._next = now + self.interval
+            self._since = now
         return [(sub.dest, encode_callback(flow, sub.offset, sub.nonce, self.key))]
 
 

@@ -12,13 +12,15 @@ for unrelated traffic. A packet is therefore covered by exactly one repair per l
 bandwidth overhead is ``c / r`` (37.5 % for r = 8, c = 3) when the bins fill, and up to ``c``
 repairs per packet when traffic is too sparse to fill a bin within ``flush_ms``.
 
-The flush rule trades overhead against how soon a packet's last repair leaves. Where that time
-matters (a network-sync callback waits on it) every due bin flushes. Elsewhere (``budgeted``:
-a gateway no storage server has subscribed to, e.g. the mirror's, sending TCP ACKs) a due bin
-flushes only while a credit allows: each packet earns ``5 c`` units, each repair (full bin or
-flush) costs ``4 r``, and a flush needs ``4 r`` in hand, so repairs stay at most
-``1.25 c / r`` per packet (plus the banked credit, at most one repair per bin) whatever the
-rate. A due bin without credit waits for the packets that earn it (or fill it).
+The flush rule trades overhead against how soon a packet's last repair leaves. A packet is
+``lazy`` when losing it costs little (the gateway marks pure TCP ACKs: the next one carries the
+same news). A due bin holding any packet that is not lazy flushes on time. A due bin of lazy
+packets only, in a ``budgeted`` encoder (a gateway no storage server has subscribed to: where a
+network-sync callback waits, every due bin flushes), flushes only while a credit allows: each
+packet earns ``5 c`` units, each repair (full bin or flush) costs ``4 r``, and a flush needs
+``4 r`` in hand, so a stream of ACKs gets at most ``1.25 c / r`` repairs per packet (plus the
+banked credit, at most one repair per bin) whatever its rate. A due lazy bin without credit
+waits for the packets that earn it (or fill it).
 
 Time is passed in (``now``, seconds, any monotonic origin), as in aioquic: the caller owns the
 clock and the timer (:meth:`Encoder.get_timer`, :meth:`Encoder.handle_timer`).
@@ -242,13 +244,14 @@ def xor_many(groups: Sequence[Sequence[bytes]]) -> list[bytes]:
 
 
 class _Bin:
-    __slots__ = ("layer", "seqs", "packets", "deadline")
+    __slots__ = ("layer", "seqs", "packets", "deadline", "lazy")
 
     def __init__(self, layer: int) -> None:
         self.layer = layer
         self.seqs: list[int] = []
         self.packets: list[bytes] = []
         self.deadline = 0.0
+        self.lazy = False  # every packet in it is lazy
 
     def take(self) -> tuple[int, tuple[int, ...], list[bytes]]:
         seqs, packets = tuple(self.seqs), self.packets
@@ -290,43 +293,49 @@ class Encoder:
         self.credit = 0
         """Units in hand: ``5 c`` per packet added, ``- 4 r`` per repair, at most one repair per bin."""
 
-    def add(self, seq: int, packet: bytes, now: float) -> list[Repair]:
-        """Add packet ``seq`` (sent at ``now``, s); return the repairs it completes."""
-        full = self._place(seq, packet, now)
+    def add(self, seq: int, packet: bytes, now: float, lazy: bool = False) -> list[Repair]:
+        """Add packet ``seq`` (sent at ``now``, s; ``lazy``: see the module docstring); return the
+        repairs it completes."""
+        full = self._place(seq, packet, now, lazy)
         if not full:
             return full  # (a new empty list)
         return [self._emit(b, xor_packets(b[2])) for b in full]
 
-    def add_many(self, first_seq: int, packets: Sequence[bytes], now: float) -> list[Repair]:
-        """Add ``packets`` numbered ``first_seq, first_seq + 1, ...``; XOR all completed bins
-        in one batched numpy call (:func:`xor_many`). Same result as calling :meth:`add`."""
+    def add_many(self, first_seq: int, packets: Sequence[bytes], now: float,
+                 lazy: Sequence[bool] | None = None) -> list[Repair]:
+        """Add ``packets`` numbered ``first_seq, first_seq + 1, ...`` (``lazy[i]`` each); XOR all
+        completed bins in one batched numpy call (:func:`xor_many`). Same result as :meth:`add`."""
         full = []
         for i, p in enumerate(packets):
-            full.extend(self._place(first_seq + i, p, now))
+            full.extend(self._place(first_seq + i, p, now, bool(lazy[i]) if lazy is not None else False))
         return [self._emit(b, x) for b, x in zip(full, xor_many([b[2] for b in full]), strict=True)]
 
     def get_timer(self) -> float | None:
-        """When (s) :meth:`handle_timer` must next run, or None when no bin is open (or, when
-        ``budgeted``, no flush is affordable: the next packet's credit may make one)."""
-        if self.budgeted and self.credit < self._cost:
-            return None
+        """When (s) :meth:`handle_timer` must next run: the deadline of the oldest open bin that may
+        flush then, or None (no bin open, or, when ``budgeted`` and out of credit, only lazy ones:
+        the next packet's credit may let one flush)."""
+        free = not self.budgeted or self.credit >= self._cost
         for b in self._open.values():
-            return b.deadline
+            if free or not b.lazy:
+                return b.deadline
         return None
 
     def handle_timer(self, now: float) -> list[Repair]:
-        """Flush every open bin whose deadline is at or before ``now`` (oldest first; when
-        ``budgeted``, while the credit lasts); return their repairs."""
-        due = []
-        budget = max(0, self.credit // self._cost) if self.budgeted else len(self._open)
-        for key, b in self._open.items():
+        """Flush the open bins whose deadline is at or before ``now``, oldest first; when
+        ``budgeted``, a lazy one only while the credit lasts (``held`` counts those left open)."""
+        out = []
+        for key, b in list(self._open.items()):
             if b.deadline > now:
                 break
-            if len(due) == budget:
+            if self.budgeted and b.lazy and self.credit < self._cost:
                 self.stats.held += 1
-                break
-            due.append(key)
-        return self._flush(due)
+                continue
+            del self._open[key]
+            self.credit -= self._cost
+            taken = b.take()
+            out.append(self._emit(taken, xor_packets(taken[2])))
+        self.stats.flushed += len(out)
+        return out
 
     def flush(self) -> list[Repair]:
         """Flush every open bin now (e.g. on shutdown)."""
@@ -341,12 +350,14 @@ class Encoder:
         out = []
         for key in keys:
             b = self._open.pop(key)
+            self.credit -= self._cost
             taken = b.take()
             out.append(self._emit(taken, xor_packets(taken[2])))
         self.stats.flushed += len(out)
         return out
 
-    def _place(self, seq: int, packet: bytes, now: float) -> list[tuple[int, tuple[int, ...], list[bytes]]]:
+    def _place(self, seq: int, packet: bytes, now: float, lazy: bool = False
+               ) -> list[tuple[int, tuple[int, ...], list[bytes]]]:
         if not _is_int(seq) or not self._last_seq < seq < SEQ_LIMIT:
             raise ValueError(f"seq must increase and be < 2**64: {seq!r} after {self._last_seq}")
         size = len(packet)
@@ -364,18 +375,21 @@ class Encoder:
             seqs = b.seqs
             if not seqs:
                 b.deadline = now + self._flush_s
+                b.lazy = lazy
                 self._open[id(b)] = b
+            elif not lazy:
+                b.lazy = False
             seqs.append(seq)
             b.packets.append(packet)
             if len(seqs) == r:
                 del self._open[id(b)]
+                self.credit -= self._cost  # spent as the bin fills (as C does), not when add_many XORs it
                 full.append(b.take())
         return full
 
     def _emit(self, taken: tuple[int, tuple[int, ...], list[bytes]], xor: bytes) -> Repair:
         layer, seqs, packets = taken
         self.stats.repairs += 1
-        self.credit -= self._cost
         return _trusted_repair(layer, seqs, tuple(map(len, packets)), xor)
 
 

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from smfs import defects
-from smfs.callbacks import Announcer, FlowTracker, decode_subscribe
+from smfs.callbacks import Announcer, FlowTracker, decode_subscribe, is_pure_ack
 from smfs.fec import Decoder, Encoder, FecParams, Repair
 from smfs.pacer import Pacer
 from smfs.tunnel import MIN_KEY, ReplayWindow, Sealer, TunnelError, decode_raw, encode_data, encode_repair
@@ -247,7 +247,7 @@ class Gateway:
                 # The encoder takes the batch at once (one numpy XOR for all the bins it fills);
                 # its repairs come out in the order per-packet adds would return them, each
                 # after the packet that completed its bin (the bin's last seq).
-                repairs = self.encoder.add_many(first, packets, now)
+                repairs = self.encoder.add_many(first, packets, now, [is_pure_ack(p) for p in packets])
                 j, nrep = 0, len(repairs)
                 for seq, packet in enumerate(packets, first):
                     # Per packet, in this order: data datagram, tracker (only once the datagram

@@ -200,9 +200,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         "smfs_encoder_new": (P, [POINTER(_Params)]),
         "smfs_encoder_free": (None, [P]),
         "smfs_encoder_add": (c_int, [P, c_uint64, c_char_p, c_size_t, c_double, REPAIR_FN, P]),
+        "smfs_encoder_add_ex": (c_int, [P, c_uint64, c_char_p, c_size_t, c_double, c_int, REPAIR_FN, P]),
         "smfs_encoder_add_batch": (
-            c_int, [P, c_uint64, c_char_p, c_size_t, POINTER(c_uint32), POINTER(c_uint32), c_size_t, c_double,
-                    REPAIR_FN, P]),
+            c_int, [P, c_uint64, c_char_p, c_size_t, POINTER(c_uint32), POINTER(c_uint32), c_char_p, c_size_t,
+                    c_double, REPAIR_FN, P]),
         "smfs_encoder_get_timer": (c_int, [P, POINTER(c_double)]),
         "smfs_encoder_handle_timer": (c_int, [P, c_double, REPAIR_FN, P]),
         "smfs_encoder_flush": (c_int, [P, REPAIR_FN, P]),
@@ -250,6 +251,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "smfs_ft_latencies": (c_size_t, [P, POINTER(c_double), c_size_t]),
         "smfs_ft_held_latencies": (c_size_t, [P, POINTER(c_double), c_size_t]),
         "smfs_ft_set_held": (None, [P, c_double]),
+        "smfs_is_pure_ack": (c_int, [c_char_p, c_size_t]),
         "smfs_bench_codec": (
             c_int, [POINTER(_Params), c_char_p, c_size_t, c_size_t, c_double, c_uint64, c_double,
                     POINTER(c_double), POINTER(c_double), POINTER(c_uint64), POINTER(c_uint64)]),
@@ -371,16 +373,17 @@ class Encoder(_Handle):
     def _collect(self, _ctx: object, rep: object) -> None:
         self._out.append(_to_repair(rep))
 
-    def add(self, seq: int, packet: bytes, now: float) -> list[Repair]:
+    def add(self, seq: int, packet: bytes, now: float, lazy: bool = False) -> list[Repair]:
         """Add packet ``seq`` (sent at ``now``, s); return the repairs it completes."""
         _u64(seq, "seq")
         out = self._out = []
         data = _as_bytes(packet)
-        _check(self._lib.smfs_encoder_add(self._ptr, seq, data, len(data), now, self._cb, None),
+        _check(self._lib.smfs_encoder_add_ex(self._ptr, seq, data, len(data), now, int(bool(lazy)), self._cb, None),
                f"seq must increase and packet length be 1..65535: seq {seq}, {len(data)} bytes")
         return out
 
-    def add_many(self, first_seq: int, packets: list[bytes], now: float) -> list[Repair]:
+    def add_many(self, first_seq: int, packets: list[bytes], now: float, lazy: list[bool] | None = None
+                 ) -> list[Repair]:
         """Add ``packets`` numbered ``first_seq, first_seq + 1, ...`` in one C call."""
         _u64(first_seq, "first_seq")
         out = self._out = []
@@ -393,8 +396,9 @@ class Encoder(_Handle):
             offs[i] = at
             at += len(p)
         buf = b"".join(data)
-        _check(self._lib.smfs_encoder_add_batch(self._ptr, first_seq, buf, len(buf), offs, lens, len(data), now,
-                                                self._cb, None), "bad seq or packet length")
+        flags = None if lazy is None else bytes(bool(v) for v in lazy)
+        _check(self._lib.smfs_encoder_add_batch(self._ptr, first_seq, buf, len(buf), offs, lens, flags, len(data),
+                                                now, self._cb, None), "bad seq or packet length")
         return out
 
     def get_timer(self) -> float | None:
@@ -769,3 +773,9 @@ def bench_tunnel(key: bytes, size: int, min_s: float = 0.5) -> dict[str, float]:
     seal, unseal = c_double(), c_double()
     _check(lib.smfs_bench_tunnel(key, len(key), size, min_s, byref(seal), byref(unseal)), "bench_tunnel")
     return {"seal_pps": seal.value, "unseal_pps": unseal.value}
+
+
+def is_pure_ack(ip_packet: bytes, variant: str | None = None) -> bool:
+    """:func:`smfs.callbacks.is_pure_ack` in C (what the C gateway marks lazy)."""
+    data = _as_bytes(ip_packet)
+    return bool(load(variant).smfs_is_pure_ack(data, len(data)))

@@ -29,6 +29,7 @@ struct bin {
     uint32_t layer;
     uint32_t prev, next; /* open list */
     double deadline;
+    bool lazy; /* every packet in it is lazy (fec.py _Bin.lazy) */
 };
 
 struct smfs_encoder {
@@ -146,6 +147,12 @@ static void emit_bin(struct smfs_encoder *enc, uint32_t b, smfs_repair_fn emit, 
 int smfs_encoder_add(struct smfs_encoder *enc, uint64_t seq, const uint8_t *packet, size_t len,
                      double now, smfs_repair_fn emit, void *ctx)
 {
+    return smfs_encoder_add_ex(enc, seq, packet, len, now, 0, emit, ctx);
+}
+
+int smfs_encoder_add_ex(struct smfs_encoder *enc, uint64_t seq, const uint8_t *packet, size_t len,
+                        double now, int lazy, smfs_repair_fn emit, void *ctx)
+{
     if (!enc || (enc->started && seq <= enc->last_seq) || len < 1 || len > SMFS_MAX_PACKET || !packet)
         return -EINVAL;
     const uint32_t c = enc->p.c, r = enc->p.r;
@@ -168,10 +175,12 @@ int smfs_encoder_add(struct smfs_encoder *enc, uint64_t seq, const uint8_t *pack
         struct bin *bin = &enc->bins[b];
         if (bin->count == 0) {
             bin->deadline = now + enc->flush_s;
+            bin->lazy = lazy != 0;
             open_append(enc, b);
             memcpy(bin->buf, packet, len);
             bin->maxlen = (uint32_t)len;
         } else {
+            bin->lazy = bin->lazy && lazy;
             size_t common = len < bin->maxlen ? len : bin->maxlen;
             smfs_xor_into(bin->buf, packet, common);
             if (len > bin->maxlen) {
@@ -194,7 +203,7 @@ int smfs_encoder_add(struct smfs_encoder *enc, uint64_t seq, const uint8_t *pack
 
 int smfs_encoder_add_batch(struct smfs_encoder *enc, uint64_t first_seq, const uint8_t *buf,
                            size_t buf_len, const uint32_t *offsets, const uint32_t *lens,
-                           size_t count, double now, smfs_repair_fn emit, void *ctx)
+                           const uint8_t *lazy, size_t count, double now, smfs_repair_fn emit, void *ctx)
 {
     if (!enc || (count && (!buf || !offsets || !lens)) || (count && first_seq + (count - 1) < first_seq))
         return -EINVAL;
@@ -202,7 +211,8 @@ int smfs_encoder_add_batch(struct smfs_encoder *enc, uint64_t first_seq, const u
     for (size_t i = 0; i < count; i++) {
         if ((size_t)offsets[i] > buf_len || (size_t)lens[i] > buf_len - offsets[i])
             return -EINVAL;
-        int n = smfs_encoder_add(enc, first_seq + i, buf + offsets[i], lens[i], now, emit, ctx);
+        int n = smfs_encoder_add_ex(enc, first_seq + i, buf + offsets[i], lens[i], now, lazy ? lazy[i] : 0,
+                                    emit, ctx);
         if (n < 0)
             return n;
         total += n;
@@ -212,11 +222,17 @@ int smfs_encoder_add_batch(struct smfs_encoder *enc, uint64_t first_seq, const u
 
 int smfs_encoder_get_timer(const struct smfs_encoder *enc, double *deadline)
 {
-    if (!enc || enc->open_head == SMFS_NONE || (enc->budgeted && enc->credit < enc->cost))
+    if (!enc)
         return 0;
-    if (deadline)
-        *deadline = enc->bins[enc->open_head].deadline;
-    return 1;
+    bool free_flush = !enc->budgeted || enc->credit >= enc->cost;
+    for (uint32_t b = enc->open_head; b != SMFS_NONE; b = enc->bins[b].next) {
+        if (free_flush || !enc->bins[b].lazy) { /* fec.py get_timer: the first bin that may flush */
+            if (deadline)
+                *deadline = enc->bins[b].deadline;
+            return 1;
+        }
+    }
+    return 0;
 }
 
 int smfs_encoder_handle_timer(struct smfs_encoder *enc, double now, smfs_repair_fn emit, void *ctx)
@@ -224,17 +240,18 @@ int smfs_encoder_handle_timer(struct smfs_encoder *enc, double now, smfs_repair_
     if (!enc)
         return -EINVAL;
     int n = 0;
-    while (enc->open_head != SMFS_NONE) {
-        uint32_t b = enc->open_head;
+    for (uint32_t b = enc->open_head; b != SMFS_NONE;) {
+        uint32_t next = enc->bins[b].next;
         if (enc->bins[b].deadline > now)
             break;
-        if (enc->budgeted && enc->credit < enc->cost) {
-            enc->stats.held++;
-            break;
+        if (enc->budgeted && enc->bins[b].lazy && enc->credit < enc->cost) {
+            enc->stats.held++; /* fec.py: a due lazy bin left open for want of credit */
+        } else {
+            open_remove(enc, b);
+            emit_bin(enc, b, emit, ctx);
+            n++;
         }
-        open_remove(enc, b);
-        emit_bin(enc, b, emit, ctx);
-        n++;
+        b = next;
     }
     enc->stats.flushed += (uint64_t)n;
     return n;

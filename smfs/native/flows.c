@@ -623,3 +623,14 @@ void smfs_ft_set_held(struct smfs_flow_tracker *ft, double held)
     if (ft)
         ft->held = held;
 }
+
+int smfs_is_pure_ack(const uint8_t *p, size_t len)
+{
+    if (!p || len < 40 || p[0] >> 4 != 4 || p[9] != 6)
+        return 0;
+    size_t ihl = (size_t)(p[0] & 0x0F) * 4, total = (size_t)p[2] << 8 | p[3];
+    if (ihl < 20 || ((p[6] << 8 | p[7]) & 0x3FFF) || total > len || total < ihl + 20)
+        return 0;
+    size_t doff = (size_t)(p[ihl + 12] >> 4) * 4;
+    return doff >= 20 && ihl + doff == total && !(p[ihl + 13] & 0x07);
+}

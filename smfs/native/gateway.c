@@ -163,6 +163,7 @@ struct sub {
     struct sockaddr_in dest;
     int has_dest;
     double changed;
+    double announced; /* callbacks.py _Subscription.announced: the last callback sent at once */
     uint32_t prev, next, hnext; /* LRU list (oldest first), hash chain */
     uint32_t active;            /* index in ann.active, or NONE */
 };
@@ -173,7 +174,7 @@ struct announcer {
     uint32_t active[ANN_MAX];
     uint32_t n_active, count, free_head, lru_head, lru_tail;
     int has_next;
-    double next;
+    double next, since; /* the next tick; the last one (flows changed after it are not due) */
 };
 
 static uint32_t flow_hash(const struct smfs_flow *f)
@@ -490,9 +491,11 @@ static void ann_announce(struct gw *g, struct sub *s, double now)
         s->active = a->n_active;
         a->active[a->n_active++] = (uint32_t)(s - a->subs);
     }
+    s->announced = now;
     if (!a->has_next) {
         a->has_next = 1;
         a->next = now + REANNOUNCE_S;
+        a->since = now;
     }
     send_callback(g, s);
 }
@@ -522,11 +525,13 @@ static void ann_timer(struct gw *g, double now)
             ann_deactivate(a, i); /* moves the last one to k */
             continue;
         }
-        g->stats[S_CB_RESENT] += (uint64_t)send_callback(g, s);
+        if (s->announced <= a->since) /* callbacks.py: one announced since the last tick had a fresh one */
+            g->stats[S_CB_RESENT] += (uint64_t)send_callback(g, s);
         k++;
     }
     a->has_next = a->n_active > 0;
     a->next = now + REANNOUNCE_S;
+    a->since = now;
 }
 
 static void on_control(struct gw *g)
@@ -839,7 +844,7 @@ static void on_tun(struct gw *g)
             m->kind = K_DATA;
             m->seq = seq;
             queue_commit(g, m, (uint32_t)len);
-            int rc = smfs_encoder_add(g->enc, seq, pkt, lens[i], now, queue_repair, g);
+            int rc = smfs_encoder_add_ex(g->enc, seq, pkt, lens[i], now, smfs_is_pure_ack(pkt, lens[i]), queue_repair, g);
             if (rc < 0)
                 reason_add(g, "encoder: %s", strerror(-rc));
             if (g->q_n) /* the last datagram queued is this packet's (a flush leaves its repairs) */

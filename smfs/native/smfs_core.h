@@ -90,19 +90,23 @@ void smfs_encoder_free(struct smfs_encoder *enc);
  * -ENOMEM; then nothing changed. */
 int smfs_encoder_add(struct smfs_encoder *enc, uint64_t seq, const uint8_t *packet, size_t len,
                      double now, smfs_repair_fn emit, void *ctx);
-/* Encoder.add_many: packets first_seq, first_seq + 1, ... at offsets[i], lens[i] of buf.
- * Number of repairs, or a negative errno at the first packet refused (earlier ones added). */
+/* Encoder.add(..., lazy=): the same, the packet marked lazy (a pure TCP ACK: see fec.py). */
+int smfs_encoder_add_ex(struct smfs_encoder *enc, uint64_t seq, const uint8_t *packet, size_t len,
+                        double now, int lazy, smfs_repair_fn emit, void *ctx);
+/* Encoder.add_many: packets first_seq, first_seq + 1, ... at offsets[i], lens[i] of buf, lazy[i]
+ * (NULL: none lazy). Number of repairs, or a negative errno at the first packet refused (earlier
+ * ones added). */
 int smfs_encoder_add_batch(struct smfs_encoder *enc, uint64_t first_seq, const uint8_t *buf,
                            size_t buf_len, const uint32_t *offsets, const uint32_t *lens,
-                           size_t count, double now, smfs_repair_fn emit, void *ctx);
-/* Encoder.get_timer: 1 and *deadline (s) when a bin is open, else 0. */
+                           const uint8_t *lazy, size_t count, double now, smfs_repair_fn emit, void *ctx);
+/* Encoder.get_timer: 1 and *deadline (s) when a bin is open that may flush, else 0. */
 int smfs_encoder_get_timer(const struct smfs_encoder *enc, double *deadline);
 /* Encoder.handle_timer / Encoder.flush: number of repairs emitted. */
 int smfs_encoder_handle_timer(struct smfs_encoder *enc, double now, smfs_repair_fn emit, void *ctx);
 int smfs_encoder_flush(struct smfs_encoder *enc, smfs_repair_fn emit, void *ctx);
 size_t smfs_encoder_open_bins(const struct smfs_encoder *enc);
 void smfs_encoder_stats(const struct smfs_encoder *enc, struct smfs_encoder_stats *out);
-/* Encoder.budgeted (fec.py): due bins flush only on credit (5 c per packet, 4 r per repair). */
+/* Encoder.budgeted (fec.py): due lazy bins flush only on credit (5 c per packet, 4 r per repair). */
 void smfs_encoder_set_budgeted(struct smfs_encoder *enc, int budgeted);
 int64_t smfs_encoder_credit(const struct smfs_encoder *enc);
 
@@ -240,6 +244,9 @@ uint64_t smfs_ft_dropped(const struct smfs_flow_tracker *ft);
 size_t smfs_ft_latencies(const struct smfs_flow_tracker *ft, double *out, size_t cap);
 /* FlowTracker.held_latencies: the pacer-held part of each latency above, same order. */
 size_t smfs_ft_held_latencies(const struct smfs_flow_tracker *ft, double *out, size_t cap);
+/* callbacks.py is_pure_ack: 1 for a TCP segment without payload, SYN, FIN or RST (IPv4, not a
+ * fragment), the encoder's lazy packets (fec.py), else 0. */
+int smfs_is_pure_ack(const uint8_t *ip, size_t len);
 /* FlowTracker.held = held: the gateway's running total of seconds held back by its pacer. */
 void smfs_ft_set_held(struct smfs_flow_tracker *ft, double held);
 

@@ -373,6 +373,7 @@ def test_announcer_sends_at_once_then_re_announces_until_quiet() -> None:
     assert _offsets(a.handle_timer(a.get_timer())) == [(SUB, FLOW, 100)]
     assert a.on_safe(FLOW, 100, now=0.07) == []  # no news: only the tick repeats it
     assert _offsets(a.on_safe(FLOW, 300, now=0.08)) == [(SUB, FLOW, 300)]
+    assert a.handle_timer(a.get_timer()) == []  # 300 went out at once since the last tick: not yet
     assert _offsets(a.handle_timer(a.get_timer())) == [(SUB, FLOW, 300)]
     now, resent = a.get_timer(), 0
     while now is not None and now < 10:
@@ -391,6 +392,7 @@ def test_announcer_answers_a_late_or_repeated_subscribe_with_the_current_offset(
     other = ("127.0.0.1", 45001)  # the server restarted on another port
     assert _offsets(a.on_subscribe(FLOW, other, now=5.2, nonce=NONCE)) == [(other, FLOW, 500)]
     assert a.subscriber(FLOW) == other
+    assert a.handle_timer(5.25) == []  # it had its callback at once, after the ticks started at 5.0
     assert _offsets(a.handle_timer(a.get_timer())) == [(other, FLOW, 500)]
 
 
@@ -418,27 +420,38 @@ def test_announcer_is_bounded() -> None:
 @settings(max_examples=100, deadline=None)
 def test_announcer_ticks_repeat_the_latest_offset_of_every_recent_flow(events: list[tuple[int, float]]) -> None:
     """Model check: each tick re-announces exactly the subscribed flows whose offset advanced
-    within ``linger``, each with its latest offset; no tick is more than ``interval`` late."""
+    within ``linger`` and that got no callback at once since the previous tick, each with its latest
+    offset; the ticks go on while any such flow is recent, never more than ``interval`` late."""
     a = Announcer(KEY, interval=0.05, linger=1.0)
     flows = [Flow(SRC, p, DST, 7000) for p in range(4)]
     for f in flows[:3]:  # flows[3] never subscribes
         a.on_subscribe(f, SUB, now=0.0, nonce=NONCE)
-    now, latest, changed = 0.0, {}, {}
+    now, latest, changed, announced = 0.0, {}, {}, {}
+    since = [0.0]  # the previous tick, or when the ticks started
+
+    def announce(f: Flow, t: float) -> None:
+        if a.get_timer() is None:
+            since[0] = t
+        announced[f] = t
 
     def run_until(t: float) -> None:
         while (due := a.get_timer()) is not None and due <= t:
             out = {(f, off) for _dest, f, off in _offsets(a.handle_timer(due))}
-            want = {(f, latest[f]) for f in latest if f != flows[3] and due - changed[f] <= 1.0}
-            assert out == want
+            recent = {f for f in latest if f != flows[3] and due - changed[f] <= 1.0}
+            assert out == {(f, latest[f]) for f in recent if announced[f] <= since[0]}
+            since[0] = due
             nxt = a.get_timer()
-            assert (nxt is None) == (not want) and (nxt is None or nxt == pytest.approx(due + 0.05))
+            assert (nxt is None) == (not recent) and (nxt is None or nxt == pytest.approx(due + 0.05))
 
     for i, (k, dt) in enumerate(events):
         if k == 4:  # a re-subscribe of flows[0]
             run_until(now + dt)
             now += dt
+            was_known = flows[0] in latest
+            if was_known:
+                announce(flows[0], now)
             out = a.on_subscribe(flows[0], SUB, now, NONCE)
-            if flows[0] in latest:
+            if was_known:
                 changed[flows[0]] = now
                 assert _offsets(out) == [(SUB, flows[0], latest[flows[0]])]
             continue
@@ -446,6 +459,8 @@ def test_announcer_ticks_repeat_the_latest_offset_of_every_recent_flow(events: l
         now += dt
         latest[flows[k]] = latest.get(flows[k], 0) + 10 + i
         changed[flows[k]] = now
+        if k != 3:
+            announce(flows[k], now)
         out = _offsets(a.on_safe(flows[k], latest[flows[k]], now))
         assert out == ([] if k == 3 else [(SUB, flows[k], latest[flows[k]])])
     run_until(now + 5.0)
@@ -514,6 +529,7 @@ def test_callbacks_echo_the_subscription_nonce() -> None:
     [(_, first)] = a.on_subscribe(FLOW, SUB, now=1.0, nonce=NONCE)
     [(_, second)] = a.on_subscribe(FLOW, SUB, now=2.0, nonce=b"nonce-02")
     assert decode_callback(first, KEY)[2] == NONCE and decode_callback(second, KEY)[2] == b"nonce-02"
+    a.handle_timer(2.05)  # the tick after the second subscribe's own callback
     assert [decode_callback(d, KEY)[2] for _, d in a.handle_timer(a.get_timer())] == [b"nonce-02"]
     with pytest.raises(ValueError):
         a.on_subscribe(FLOW, SUB, now=3.0, nonce=b"")
@@ -529,3 +545,20 @@ def test_control_messages_from_random_bytes_are_refused_cleanly(data: bytes) -> 
 
 def test_flags_constants() -> None:
     assert (TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK) == (1, 2, 4, 16)
+
+
+def test_pure_acks_are_the_lazy_packets() -> None:
+    """Only a TCP segment with no payload and no SYN, FIN or RST is lazy for the encoder."""
+    from smfs.callbacks import is_pure_ack
+
+    def seg(payload: bytes = b"", flags: int = TCP_ACK, proto: int = 6, frag: int = 0) -> bytes:
+        tcp_hdr = struct.pack("!HHIIHHHH", 40000, 7000, 1, 1, (5 << 12) | flags, 65535, 0, 0)
+        total = 20 + len(tcp_hdr) + len(payload)
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 0, frag, 64, proto, 0, socket.inet_aton(SRC), socket.inet_aton(DST))
+        return ip + tcp_hdr + payload
+
+    assert is_pure_ack(seg())
+    assert not is_pure_ack(seg(b"x")) and not is_pure_ack(seg(flags=TCP_SYN | TCP_ACK))
+    assert not is_pure_ack(seg(flags=TCP_FIN | TCP_ACK)) and not is_pure_ack(seg(flags=TCP_RST))
+    assert not is_pure_ack(seg(proto=17)) and not is_pure_ack(seg(frag=0x2000)) and not is_pure_ack(seg()[:39])
+    assert not is_pure_ack(b"\x60" + seg()[1:])  # IPv6 version nibble

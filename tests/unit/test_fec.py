@@ -259,7 +259,7 @@ def _sparse_stream(enc: Encoder, n: int, gap_s: float, size: int = 52) -> int:
     for seq in range(n):
         while (t := enc.get_timer()) is not None and t <= now:
             repairs += len(enc.handle_timer(t))
-        repairs += len(enc.add(seq, bytes(size), now))
+        repairs += len(enc.add(seq, bytes(size), now, lazy=True))
         now += gap_s
     return repairs
 
@@ -285,11 +285,11 @@ def test_budget_waits_for_credit_not_for_a_timer() -> None:
     an idle gateway does not wake every flush_ms for bins it cannot afford to flush."""
     enc = Encoder()
     enc.budgeted = True
-    enc.add(0, b"ack", now=0.0)  # earns 15, a repair costs 32
+    enc.add(0, b"ack", now=0.0, lazy=True)  # earns 15, a repair costs 32
     assert enc.open_bins == 3 and enc.credit == 15 and enc.get_timer() is None
-    assert enc.handle_timer(1.0) == [] and enc.stats.held == 1
-    enc.add(1, b"ack", now=1.0)
-    enc.add(2, b"ack", now=1.0)  # 45: one flush, the oldest bin first
+    assert enc.handle_timer(1.0) == [] and enc.stats.held == 3  # each due bin left open counts
+    enc.add(1, b"ack", now=1.0, lazy=True)
+    enc.add(2, b"ack", now=1.0, lazy=True)  # 45: one flush, the oldest bin first
     assert enc.get_timer() == pytest.approx(0.005)
     [rep] = enc.handle_timer(1.0)
     assert rep.seqs == (0, 1, 2) and rep.layer == 0 and enc.credit == 13
@@ -297,6 +297,23 @@ def test_budget_waits_for_credit_not_for_a_timer() -> None:
     enc.budgeted = False  # a subscriber came: every due bin flushes on time again
     assert enc.get_timer() == pytest.approx(0.005)
     assert [r.seqs for r in enc.handle_timer(2.0)] == [(0,), (0,), (1,), (1,), (2,), (2,)]
+
+
+def test_a_packet_that_is_not_lazy_is_flushed_on_time_whatever_the_credit() -> None:
+    """A storage server's ack frame, a ping, a SYN among pure ACKs: its bins flush at their deadline
+    even with no credit (a loss would cost an RTO, not a redundant ACK), ahead of the held lazy ones."""
+    enc = Encoder()
+    enc.budgeted = True
+    for seq in range(3):
+        enc.add(seq, b"ack", now=seq * 0.001, lazy=True)
+    enc.handle_timer(0.1)
+    held = enc.open_bins
+    assert held > 0 and enc.credit < 32
+    enc.add(3, b"ack frame with payload", now=0.1)
+    assert enc.get_timer() == pytest.approx(0.105)  # its bins' deadline; the held lazy ones ask for none
+    repairs = enc.handle_timer(0.2)
+    assert {r.layer for r in repairs if 3 in r.seqs} == {0, 1, 2}  # every layer's repair of it left
+    assert enc.stats.held > 0 and enc.credit < 0  # it spent credit it did not have
 
 
 def test_full_bins_are_never_held() -> None:

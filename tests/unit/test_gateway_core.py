@@ -567,19 +567,48 @@ def test_a_failed_callback_send_is_re_announced(egress: Harness) -> None:
     assert egress.gw.snapshot()["callback_send_errors"] == 1
 
 
-def test_a_late_subscriber_gets_the_held_bins_flushed_at_once(egress: Harness) -> None:
-    """Nobody subscribed: the flush timer is on the repair budget, and two packets' credit buys no
-    flush, so their bins wait (nothing is safe yet). The first subscription ends the budget: the
-    bins, long due, flush at the next tick and the subscriber hears the offset."""
+def test_a_late_subscriber_learns_the_current_offset_at_once(egress: Harness) -> None:
+    """Data is never a lazy packet: its bins flush on time with nobody subscribed (the repair budget
+    holds pure ACKs only), so a subscriber that comes late hears the offset at once."""
     egress.send(tcp(ISN, flags=TCP_SYN), tcp(ISN + 1, 100))
-    egress.loop.advance(2.0)
-    assert egress.safe() == 0 and egress.wan.repairs() == [] and egress.loop.next_timer() is None
+    egress.loop.advance(2.0)  # long safe, nobody listening
+    assert egress.safe() == 100 and egress.control.attempts == 0 and egress.gw.encoder.budgeted
     egress.subscribe()
-    assert egress.control.offsets() == [] and not egress.gw.encoder.budgeted
-    egress.loop.advance(0.001)
-    assert egress.safe() == 100 and egress.control.offsets() == [100] and len(egress.wan.repairs()) == 5
+    assert egress.control.offsets() == [100] and not egress.gw.encoder.budgeted
     egress.subscribe()  # a repeated subscribe (its first answer lost, say) is answered again
     assert egress.control.offsets() == [100, 100]
+
+
+def test_pure_acks_of_an_unsubscribed_gateway_are_on_the_repair_budget(egress: Harness) -> None:
+    """The mirror's side: a stream of pure ACKs, 200 a second, every bin due before it fills. On the
+    budget, about 1.25 c/r repairs per ACK leave, not c; data among them still flushes on time."""
+    egress.send(tcp(ISN, flags=TCP_SYN))
+    egress.loop.advance(0.01)
+    before = len(egress.wan.repairs())
+    for _ in range(400):
+        egress.send(tcp(ISN + 1, 0, flags=TCP_ACK))
+        egress.loop.advance(0.005)
+    acks = len(egress.wan.repairs()) - before
+    assert 0.8 * 400 * 1.25 * PARAMS.c / PARAMS.r <= acks <= 400 * 1.25 * PARAMS.c / PARAMS.r + sum(PARAMS.interleaves)
+    before = len(egress.wan.repairs())
+    egress.send(tcp(ISN + 1, 100))  # an application's frame among the ACKs
+    egress.loop.advance(PARAMS.flush_ms / 1000 + 0.001)
+    assert egress.safe() == 100 and len(egress.wan.repairs()) - before >= PARAMS.c
+
+
+def test_a_flow_that_keeps_advancing_is_not_re_announced(egress: Harness) -> None:
+    """Every advance sends a fresh callback: re-announcing it on top (every 50 ms) would only cost the
+    storage server CPU. Re-announcements start once the flow has been quiet for an interval."""
+    egress.subscribe()
+    egress.send(tcp(ISN, flags=TCP_SYN))
+    for i in range(100):  # 100 bytes every 10 ms for a second, each safe 5 ms later
+        egress.send(tcp(ISN + 1 + 100 * i, 100))
+        egress.loop.advance(0.010)
+    offsets = egress.control.offsets()
+    assert offsets == sorted(set(offsets)) and offsets[-1] == 10_000  # each advance once, none repeated
+    assert egress.gw.snapshot()["callbacks_resent"] == 0
+    egress.loop.advance(0.2)
+    assert egress.control.offsets()[len(offsets):] == [10_000] * 3 and egress.gw.snapshot()["callbacks_resent"] == 3
 
 
 def test_re_announcements_stop_once_the_flow_is_quiet(egress: Harness) -> None:

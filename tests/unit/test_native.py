@@ -71,7 +71,8 @@ def encoder_trace(params: FecParams, n: int, seed: int, rate: float, sizes: Call
             assert c.handle_timer(at) == py.handle_timer(at), f"handle_timer({at}) at packet {i}"
         seq += rng.choice([1, 1, 1, 1, 2, 7])
         pkt = rng.randbytes(sizes(rng))
-        assert c.add(seq, pkt, now) == py.add(seq, pkt, now), f"add({seq}) at packet {i}"
+        lazy = budgeted and rng.random() < 0.8  # mostly ACKs, now and then a packet that is not
+        assert c.add(seq, pkt, now, lazy) == py.add(seq, pkt, now, lazy), f"add({seq}) at packet {i}"
         assert c.open_bins == py.open_bins
     assert c.flush() == py.flush()
     assert c.stats == py.stats and c.get_timer() is None and c.open_bins == 0
@@ -104,6 +105,14 @@ def test_encoder_large_packets_and_batches() -> None:
     for first in range(0, 3000, 256):
         pkts = [rng.randbytes(rng.randint(1, 1500)) for _ in range(256)]
         assert c.add_many(first, pkts, first / 1e4) == py.add_many(first, pkts, first / 1e4)
+    py.budgeted = c.budgeted = True  # and with lazy flags, the held bins flushed by the same timer runs
+    for first in range(3200, 6400, 300):
+        pkts = [rng.randbytes(rng.randint(1, 1500)) for _ in range(rng.randint(1, 256))]
+        lazy = [rng.random() < 0.9 for _ in pkts]
+        assert c.add_many(first, pkts, first / 1e4, lazy) == py.add_many(first, pkts, first / 1e4, lazy)
+        assert c.get_timer() == py.get_timer() and c.credit == py.credit
+        assert c.handle_timer(first / 1e4 + 0.004) == py.handle_timer(first / 1e4 + 0.004)
+    assert c.stats == py.stats
     assert c.flush() == py.flush()
 
 
@@ -599,6 +608,17 @@ def run_trackers(seed: int, params: FecParams, steps: int, nflows: int, **limits
 @pytest.mark.parametrize("seed", range(3))
 def test_flow_tracker_same_callbacks(seed: int) -> None:
     run_trackers(seed, DEFAULT, 6000, nflows=6)
+
+
+def test_pure_ack_same_as_python() -> None:
+    """The packets the encoder takes as lazy (pure TCP ACKs), in C and Python, over the flow script's
+    segments (data, ACKs, SYN/FIN/RST, UDP, fragments, truncated and malformed headers) and random bytes."""
+    rng = random.Random(21)
+    script = FlowScript(rng, 4)
+    packets = [script.packet() for _ in range(5000)] + [rng.randbytes(rng.randint(0, 80)) for _ in range(500)]
+    got = [(native.is_pure_ack(p), callbacks.is_pure_ack(p)) for p in packets]
+    assert all(c == py for c, py in got)
+    assert sum(py for _c, py in got) > 100 and sum(not py for _c, py in got) > 1000  # both kinds occur
 
 
 def test_flow_tracker_small_limits() -> None:
