@@ -40,10 +40,13 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from smfs.modes import Mode
 from testbed.progress import Say
+
+if TYPE_CHECKING:  # testbed.vmbed loads libvirt, which the namespace campaign never needs
+    from testbed.vmbed import VmTestbed
 
 DRAW_VERSION = 1
 """Raised by any change to :func:`draw` or :func:`draw_vm` (old seeds would replay something else)."""
@@ -766,7 +769,7 @@ def _run_vm_campaign(cfg: CampaignConfig, say: Say) -> dict[str, Any]:
     say(f"campaign: about {_hms(sum(est))} by the schedules' lengths, after the testbed's bring-up (the ETA after "
         "each run is measured)")
 
-    def body(tb: Any) -> None:
+    def body(tb: VmTestbed) -> None:
         result["setup_seconds"] = round(time.monotonic() - t0, 1)
         say(f"campaign: testbed up and snapshot ready after {_hms(result['setup_seconds'])}")
         _runs(cfg, say, result, t0, est, lambda s, folder, log: _vm_run(tb, base, spec, s, cfg.modes, folder, log))
@@ -786,7 +789,7 @@ def _run_vm_campaign(cfg: CampaignConfig, say: Say) -> dict[str, Any]:
     return _finish(cfg, say, result, t0)
 
 
-def _vm_run(tb: Any, base: Any, spec: Any, s: Schedule, modes: tuple[Mode, ...], folder: Path, log: Say) -> dict[str, Any]:
+def _vm_run(tb: VmTestbed, base: Any, spec: Any, s: Schedule, modes: tuple[Mode, ...], folder: Path, log: Say) -> dict[str, Any]:
     """One VM run: every mode from snapshot "ready" with the schedule's configuration; the faults a mode
     promises nothing about are not run in it (:func:`vm_skip`; ``faults_not_run`` in its entry)."""
     from testbed.drill import run_mode

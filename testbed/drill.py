@@ -24,7 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from smfs.modes import Mode
 from testbed.errors import TestbedError
@@ -33,6 +33,11 @@ from testbed.progress import Say
 from testbed.report import table
 from testbed.runner import EXIT_CODES, InfrastructureError, RunConfig, overall_verdict
 from workloads.ledger import is_ack_line
+
+if TYPE_CHECKING:  # testbed.vmbed loads libvirt: imported where the drill brings a testbed up
+    from netem.profile import LinkProfile
+    from testbed.guest import Guest
+    from testbed.vmbed import VmTestbed
 
 SNAPSHOT = "ready"
 MIRROR_PORT = 7700
@@ -227,14 +232,14 @@ class LedgerStream:
 # --- the stack in the guests --------------------------------------------------------------------
 
 
-def _vm(tb: Any, site: str) -> str:
+def _vm(tb: VmTestbed, site: str) -> str:
     vms = tb.site_vms(site)
     if len(vms) != 1:
         raise InfrastructureError(f"sites.{site}: the drill runs one VM per site, found {len(vms)}")
     return vms[0]
 
 
-def _ip(tb: Any, vm: str) -> str:
+def _ip(tb: VmTestbed, vm: str) -> str:
     return tb.info(vm).address.split("/")[0]
 
 
@@ -254,7 +259,7 @@ exit 4
 most $3 polls of 50 ms; exit 0 ready, 3 the process is gone, 4 timed out."""
 
 
-def _wait_file(g: Any, path: str, proc: str, what: str, timeout: float = GUEST_READY_TIMEOUT) -> None:
+def wait_file(g: Guest, path: str, proc: str, what: str, timeout: float = GUEST_READY_TIMEOUT) -> None:
     """Wait until ``proc`` (a process started with ``g.spawn``) has made ``path``, polling in the guest: one
     guest command instead of two per poll (each costs ~0.4 s under TCG), so readiness is seen within 50 ms."""
     polls = max(1, int(timeout / 0.05))
@@ -267,7 +272,7 @@ def _wait_file(g: Any, path: str, proc: str, what: str, timeout: float = GUEST_R
     raise InfrastructureError(f"{what} not ready after {timeout:.0f} s (see {RUN}/{proc}.log in the guest)")
 
 
-def prepare(tb: Any, cfg: DrillConfig, tl: Timeline) -> dict[str, Any]:
+def prepare(tb: VmTestbed, cfg: DrillConfig, tl: Timeline) -> dict[str, Any]:
     """Shape, calibrate, start the mirror site and both gateways, snapshot "ready"; returns the WAN facts."""
 
     from testbed import wan
@@ -299,9 +304,9 @@ def prepare(tb: Any, cfg: DrillConfig, tl: Timeline) -> dict[str, Any]:
     mg.spawn("mirror-site", mirror_argv(cfg))
     for site, vm in (("mirror", mirr), ("primary", prim)):
         tb.guest(vm).spawn("gateway", gateway_argv(tb, cfg, site))
-    _wait_file(mg, f"{RUN}/mirror/mirror.ready", "mirror-site", "mirror site")
+    wait_file(mg, f"{RUN}/mirror/mirror.ready", "mirror-site", "mirror site")
     for vm in (mirr, prim):
-        _wait_file(tb.guest(vm), f"{RUN}/gateway.ready", "gateway", f"{vm} gateway")
+        wait_file(tb.guest(vm), f"{RUN}/gateway.ready", "gateway", f"{vm} gateway")
     tl.mark(f"mirror site ({cfg.servers} servers) and both FEC gateways (r = {cfg.r}) answer")
     secs = tb.snapshot(SNAPSHOT, say=lambda _m: None, resume=False)  # each mode restores it at once
     tl.mark(f"snapshot {SNAPSHOT!r} taken ({secs:.1f} s paused)")
@@ -319,7 +324,7 @@ def mirror_argv(cfg: DrillConfig) -> list[str]:
             *idle_argv([t.seconds for t in cfg.during])]  # a partition or freeze is silence, not idleness
 
 
-def gateway_argv(tb: Any, cfg: DrillConfig, site: str) -> list[str]:
+def gateway_argv(tb: VmTestbed, cfg: DrillConfig, site: str) -> list[str]:
     """A site's FEC gateway's command line in its guest."""
     peer = "mirror" if site == "primary" else "primary"
     vm, peer_vm = _vm(tb, site), _vm(tb, peer)
@@ -332,12 +337,12 @@ def gateway_argv(tb: Any, cfg: DrillConfig, site: str) -> list[str]:
             "--interleaves", *map(str, INTERLEAVES[:cfg.c]), "--engine", cfg.engine]
 
 
-def wan_of(tb: Any, cfg: DrillConfig) -> Any:
+def wan_of(tb: VmTestbed, cfg: DrillConfig) -> LinkProfile:
     """The WAN profile the drill runs under: an experiment point's, else the testbed spec's."""
     return cfg.wan if cfg.wan is not None else tb.spec.wan
 
 
-def stack_of(tb: Any, cfg: DrillConfig) -> dict[str, Any]:
+def stack_of(tb: VmTestbed, cfg: DrillConfig) -> dict[str, Any]:
     """What snapshot "ready" holds running for ``cfg``: the WAN's shape and the mirror site's and gateways'
     command lines. A mode whose stack differs from the snapshot's reshapes or restarts what differs."""
     return {"wan": wan_of(tb, cfg).to_dict(), "mirror": mirror_argv(cfg),
@@ -420,7 +425,7 @@ class VmBed:
 
     kind = "vm"
 
-    def __init__(self, tb: Any, cfg: DrillConfig, say: Say) -> None:
+    def __init__(self, tb: VmTestbed, cfg: DrillConfig, say: Say) -> None:
         self.tb, self.cfg, self.say = tb, cfg, say
         self.prim, self.mirr = _vm(tb, "primary"), _vm(tb, "mirror")
         self.env = {"SMFS_DEFECT": ",".join(cfg.defects)} if cfg.defects else None
@@ -440,7 +445,7 @@ class VmBed:
 
         # The mirror site and the gateways in the snapshot run the correct stack with the default segment size,
         # the WAN and the gateway parameters the snapshot was prepared with (``stack``): what differs is redone.
-        snap = self.tb.state.get("drill_wan", {}).get("stack") or stack_of(self.tb, replace(self.cfg, wan=None))
+        snap = (self.tb.state.drill_wan or {}).get("stack") or stack_of(self.tb, replace(self.cfg, wan=None))
         want = stack_of(self.tb, self.cfg)
         if want["wan"] != snap["wan"]:
             from testbed import wan
@@ -454,7 +459,7 @@ class VmBed:
             self.mg.stop("mirror-site", wait=5)
             self.mg.sh(f"rm -f {RUN}/mirror/mirror.ready")
             self.mg.spawn("mirror-site", mirror_argv(self.cfg), env=self.env)
-            _wait_file(self.mg, f"{RUN}/mirror/mirror.ready", "mirror-site", f"{self.mg.name} mirror-site (restarted)")
+            wait_file(self.mg, f"{RUN}/mirror/mirror.ready", "mirror-site", f"{self.mg.name} mirror-site (restarted)")
             tl.mark(f"mirror site restarted ({stack}, {self.cfg.segment_bytes // 1024} KiB segments)")
         if mode.fec:
             self._fresh_tunnel(tl, stack)
@@ -492,7 +497,7 @@ class VmBed:
             # exit; its TUN goes with it), then the key from stdin into a file that is 0600 from its creation.
             g.exec(["/bin/sh", "-c", RETIRE_GATEWAY, "sh", RUN, TUNNEL_KEY_FILE], input=key, check=True)
             g.spawn("gateway", gateway_argv(self.tb, self.cfg, site), env=self.env)
-            _wait_file(g, f"{RUN}/gateway.ready", "gateway", f"{vm} gateway (restarted)")
+            wait_file(g, f"{RUN}/gateway.ready", "gateway", f"{vm} gateway (restarted)")
 
         t0 = time.monotonic()
         with ThreadPoolExecutor(max_workers=2) as pool:
@@ -527,7 +532,7 @@ class VmBed:
         if mode.ack_on == "network":
             args += ["--gateway-control", CONTROL, "--gateway-key-file", TUNNEL_KEY_FILE, "--ack-trace", f"{RUN}/acks"]
         self.pg.spawn("primary-site", args, env=self.env)
-        _wait_file(self.pg, f"{RUN}/primary/primary.ready", "primary-site", "primary site")
+        wait_file(self.pg, f"{RUN}/primary/primary.ready", "primary-site", "primary site")
         tl.mark(f"primary site up ({self.cfg.servers} servers, {'through the gateways' if mode.fec else 'bare TCP'})")
 
     def start_testers(self, raw: Path, tl: Timeline) -> LedgerStream:
@@ -662,7 +667,7 @@ class VmBed:
             cap.kill()
 
 
-def wan_backlog(tb: Any, towards: str) -> int | None:
+def wan_backlog(tb: VmTestbed, towards: str) -> int | None:
     """Packets queued in the WAN towards ``towards`` where it is enforced outside that site's guest:
     the router's NIC towards it, or the host tap of its VM. None at the site-ingress point (the guest
     probe reads its ifb) or when it cannot be read."""
@@ -670,12 +675,12 @@ def wan_backlog(tb: Any, towards: str) -> int | None:
 
     point = wan.enforcement_point(tb)
     if point == wan.ROUTER_POINT:
-        leg = tb.state["router"]["legs"][towards]["ifname"]
-        out = tb.guest(tb.router).exec(["tc", "-s", "qdisc", "show", "dev", leg], timeout=15).out
+        router, legs = wan.router_legs(tb)
+        out = tb.guest(router).exec(["tc", "-s", "qdisc", "show", "dev", legs[towards]], timeout=15).out
         return sum(int(n) for n in re.findall(r"backlog \S+ (\d+)p", out))
     if point == wan.HOST_POINT:
         total = 0
-        with wan._host_ipr() as ipr:
+        with wan.host_ipr() as ipr:
             for vm in tb.site_vms(towards):
                 tap = wan.tap_of(tb, vm)
                 idx = ipr.link_lookup(ifname=tap) if tap else []
@@ -687,14 +692,14 @@ def wan_backlog(tb: Any, towards: str) -> int | None:
     return None
 
 
-def run_mode(tb: Any, cfg: DrillConfig, mode: Mode, say: Say) -> dict[str, Any]:
+def run_mode(tb: VmTestbed, cfg: DrillConfig, mode: Mode, say: Say) -> dict[str, Any]:
     """One mode from snapshot "ready" through the shared recipe; returns its entry for result.json."""
     from testbed.runner import run_mode as recipe
 
     return recipe(VmBed(tb, cfg, say), cfg.run_config(), mode, say)
 
 
-def environment(tb: Any, wan_facts: dict[str, Any]) -> dict[str, Any]:
+def environment(tb: VmTestbed, wan_facts: dict[str, Any]) -> dict[str, Any]:
     from importlib.metadata import version
 
     from testbed import wan
@@ -706,15 +711,15 @@ def environment(tb: Any, wan_facts: dict[str, Any]) -> dict[str, Any]:
             vers[pkg] = version(pkg)
         except Exception:  # noqa: BLE001 - informational only
             vers[pkg] = None
-    return {"testbed": "vm", "accel": tb.accel, "accel_reason": tb.state.get("accel_reason"),
-            "image": tb.state.get("image"), "host_kernel": platform.release(), "python": platform.python_version(),
+    return {"testbed": "vm", "accel": tb.accel, "accel_reason": tb.state.accel_reason,
+            "image": tb.state.image, "host_kernel": platform.release(), "python": platform.python_version(),
             "wan_enforcement": chosen["point"], "wan_enforcement_reason": chosen["reason"],
             "wan_loss_method": f"netem ({chosen['point']})",
             "wan": wan_facts.get("shaped"), "versions": vers}
 
 
 def with_testbed(spec: Any, cfg: DrillConfig, out: Path, keep: bool, say: Say,
-                 body: Callable[[Any], None], tl: Timeline | None = None) -> dict[str, Any]:
+                 body: Callable[[VmTestbed], None], tl: Timeline | None = None) -> dict[str, Any]:
     """Bring the spec's testbed up (or reuse the running one of the same spec), prepare snapshot
     "ready" once, run ``body(tb)``, and tear the testbed down unless ``keep`` (also on Ctrl-C or
     error). Returns the WAN's facts. A teardown that fails is said and raised only when ``body``
@@ -723,19 +728,18 @@ def with_testbed(spec: Any, cfg: DrillConfig, out: Path, keep: bool, say: Say,
 
     tl = tl or Timeline(say=say)
     ok = False
-    tb = None
+    tb: VmTestbed | None = None
     try:
         tb = _reuse(spec.name, say)
         if tb is None:
             tb = vmbed.up(spec, say=lambda m: say(f"up: {m.strip()}"))
         tl.mark(f"testbed {tb.name} up ({tb.accel})")
-        if SNAPSHOT in tb.state.get("snapshots", []):
-            wan_facts = tb.state.get("drill_wan", {})
+        if SNAPSHOT in tb.state.snapshots:
+            wan_facts = tb.state.drill_wan or {}
             tl.mark(f"reusing snapshot {SNAPSHOT!r}")
         else:
             wan_facts = prepare(tb, cfg, tl)
-            tb.state["drill_wan"] = wan_facts
-            tb._save()
+            tb.update(drill_wan=wan_facts)
         (out / "calibration.json").write_text(json.dumps(wan_facts.get("calibration"), indent=1))
         body(tb)
         ok = True
@@ -819,7 +823,7 @@ def run_drill(spec_path: str | Path, modes: tuple[Mode, ...], out: Path | None =
     return result
 
 
-def _reuse(name: str, say: Say) -> Any:
+def _reuse(name: str, say: Say) -> VmTestbed | None:
     """The active testbed when it runs this spec; another spec's testbed is an error."""
     from testbed.vmbed import VmTestbed, VmTestbedError
 

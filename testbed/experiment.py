@@ -33,11 +33,14 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from smfs.units import show
 from testbed.errors import UserError
 from testbed.progress import Say
+
+if TYPE_CHECKING:  # testbed.vmbed loads libvirt; the drill imports it where it brings the testbed up
+    from testbed.vmbed import VmTestbed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -532,7 +535,7 @@ def run_experiment(exp: Experiment, out: Path, keep: bool = False, resume: bool 
     calibrations: dict[str, Any] = {}
     tl = Timeline(say=say)
 
-    def body(tb: Any) -> None:
+    def body(tb: VmTestbed) -> None:
         for i, point in enumerate(points):
             pid = point_id(i, point)
             pdir = out / "runs" / pid
@@ -591,7 +594,7 @@ def claims_text(judgments: Sequence[Mapping[str, Any]]) -> str:
         f"  {j['verdict']:<10} {j['claim']}: {j['detail']}" for j in judgments)
 
 
-def _point_calibration(tb: Any, cfg: Any, pdir: Path, say: Say, i: int, point: Mapping[str, Any], n: int
+def _point_calibration(tb: VmTestbed, cfg: Any, pdir: Path, say: Say, i: int, point: Mapping[str, Any], n: int
                        ) -> dict[str, Any] | None:
     """The point's WAN, calibrated once (from snapshot ``ready``, reshaped): kept in ``calibration.json``
     (and reused on resume)."""
@@ -623,7 +626,7 @@ def _point_calibration(tb: Any, cfg: Any, pdir: Path, say: Say, i: int, point: M
     return cal
 
 
-def _run_one(tb: Any, cfg: Any, mode: Any, say: Say) -> dict[str, Any]:
+def _run_one(tb: VmTestbed, cfg: Any, mode: Any, say: Say) -> dict[str, Any]:
     from testbed.drill import run_mode
 
     cfg.out.mkdir(parents=True, exist_ok=True)

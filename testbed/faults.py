@@ -10,11 +10,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from netem.profile import LinkProfile
 from testbed.errors import TestbedError, UserError
 from testbed.progress import Say
+
+if TYPE_CHECKING:  # testbed.vmbed loads libvirt, which the namespace drill's faults never need
+    from testbed.vmbed import VmTestbed
+
+Bed = TypeVar("Bed")
+"""What a fault acts on: the VM testbed (every fault here), or the namespace drill's bed
+(``testbed.localdrill.NsFault``); :class:`Runner` passes it through untouched."""
 
 
 class FaultError(TestbedError, RuntimeError):
@@ -50,41 +57,45 @@ class Timeline:
         return now
 
 
-class Fault:
+class Fault(Generic[Bed]):
     """Base: ``setup`` before the workload, ``inject`` at its time, ``heal`` after (all optional)."""
 
     name = "fault"
 
-    def setup(self, tb: Any, tl: Timeline) -> None:
+    def setup(self, tb: Bed, tl: Timeline) -> None:
         return None
 
-    def inject(self, tb: Any, tl: Timeline) -> None:
+    def inject(self, tb: Bed, tl: Timeline) -> None:
         raise NotImplementedError
 
-    def heal(self, tb: Any, tl: Timeline) -> None:
+    def heal(self, tb: Bed, tl: Timeline) -> None:
         return None
+
+
+VmFault = Fault["VmTestbed"]
+"""A fault of the VM testbed."""
 
 
 @dataclass(frozen=True)
-class LinkCut(Fault):
+class LinkCut(VmFault):
     """Cut (or restore on heal) every NIC of a site through libvirt: nothing more leaves or enters."""
 
     site: str
     name = "link-cut"
 
-    def inject(self, tb: Any, tl: Timeline) -> None:
+    def inject(self, tb: VmTestbed, tl: Timeline) -> None:
         for vm in tb.site_vms(self.site):
             tb.set_link(vm, False)
         tl.mark(f"WAN cut: {self.site} link down", site=self.site)
 
-    def heal(self, tb: Any, tl: Timeline) -> None:
+    def heal(self, tb: VmTestbed, tl: Timeline) -> None:
         for vm in tb.site_vms(self.site):
             if tb.domain(vm).isActive():
                 tb.set_link(vm, True)
         tl.mark(f"WAN healed: {self.site} link up", site=self.site)
 
 
-def site_instant(tb: Any, tl: Timeline, site: str, what: str = "power cut") -> float:
+def site_instant(tb: VmTestbed, tl: Timeline, site: str, what: str = "power cut") -> float:
     """The site's disaster as one instant (``tb.disaster``: every VM frozen at once, then its links
     cut, then destroyed); marks it in the timeline with ``instant`` (host time) and returns it."""
     tl.pass_gate()
@@ -97,19 +108,19 @@ def site_instant(tb: Any, tl: Timeline, site: str, what: str = "power cut") -> f
 
 
 @dataclass(frozen=True)
-class SitePowerCut(Fault):
+class SitePowerCut(VmFault):
     """The site's disaster at one instant: its VMs frozen together, links cut, VMs destroyed (no
     shutdown, no flush)."""
 
     site: str
     name = "site-power-cut"
 
-    def inject(self, tb: Any, tl: Timeline) -> None:
+    def inject(self, tb: VmTestbed, tl: Timeline) -> None:
         site_instant(tb, tl, self.site)
 
 
 @dataclass(frozen=True)
-class LossBurst(Fault):
+class LossBurst(VmFault):
     """Raise the WAN's loss to ``loss`` (both directions) for ``seconds``; heal restores ``base``."""
 
     base: LinkProfile
@@ -117,13 +128,13 @@ class LossBurst(Fault):
     seconds: float = 0.5
     name = "loss-burst"
 
-    def inject(self, tb: Any, tl: Timeline) -> None:
+    def inject(self, tb: VmTestbed, tl: Timeline) -> None:
         from testbed import wan
 
         wan.shape(tb, self.base.with_changes(loss=self.loss))
         tl.mark(f"WAN loss raised to {self.loss}", loss=self.loss)
 
-    def heal(self, tb: Any, tl: Timeline) -> None:
+    def heal(self, tb: VmTestbed, tl: Timeline) -> None:
         from testbed import wan
 
         wan.shape(tb, self.base)
@@ -131,7 +142,7 @@ class LossBurst(Fault):
 
 
 @dataclass(frozen=True)
-class RollingDisaster(Fault):
+class RollingDisaster(VmFault):
     """The paper's: raise WAN loss briefly, then the primary site's disaster at one instant (frozen,
     links cut, destroyed)."""
 
@@ -141,60 +152,60 @@ class RollingDisaster(Fault):
     site: str = "primary"
     name = "rolling-disaster"
 
-    def inject(self, tb: Any, tl: Timeline) -> None:
+    def inject(self, tb: VmTestbed, tl: Timeline) -> None:
         LossBurst(self.base, self.loss, self.burst_seconds).inject(tb, tl)
         time.sleep(self.burst_seconds)
         site_instant(tb, tl, self.site, "disaster")
 
 
 @dataclass(frozen=True)
-class Partition(Fault):
+class Partition(VmFault):
     """Cut both directions between the sites (the primary's links); heal restores them."""
 
     site: str = "primary"
     name = "partition"
 
-    def inject(self, tb: Any, tl: Timeline) -> None:
+    def inject(self, tb: VmTestbed, tl: Timeline) -> None:
         LinkCut(self.site).inject(tb, tl)
 
-    def heal(self, tb: Any, tl: Timeline) -> None:
+    def heal(self, tb: VmTestbed, tl: Timeline) -> None:
         LinkCut(self.site).heal(tb, tl)
 
 
 @dataclass(frozen=True)
-class Freeze(Fault):
+class Freeze(VmFault):
     """Pause a VM (QMP stop: packets queue, nothing is lost); heal resumes it (QMP cont)."""
 
     vm: str
     name = "freeze"
 
-    def inject(self, tb: Any, tl: Timeline) -> None:
+    def inject(self, tb: VmTestbed, tl: Timeline) -> None:
         tb.qmp(self.vm).freeze()
         tl.mark(f"{self.vm} frozen (QMP stop)", vm=self.vm)
 
-    def heal(self, tb: Any, tl: Timeline) -> None:
+    def heal(self, tb: VmTestbed, tl: Timeline) -> None:
         tb.qmp(self.vm).thaw()
         tl.mark(f"{self.vm} resumed (QMP cont)", vm=self.vm)
 
 
 @dataclass(frozen=True)
-class MirrorDiskFailure(Fault):
+class MirrorDiskFailure(VmFault):
     """The mirror's data disk fails every read and write with EIO; heal removes the failure."""
 
     vm: str = "mirror"
     name = "mirror-disk-failure"
 
-    def inject(self, tb: Any, tl: Timeline) -> None:
+    def inject(self, tb: VmTestbed, tl: Timeline) -> None:
         tb.fail_disk(self.vm)
         tl.mark(f"{self.vm} data disk failing (EIO)", vm=self.vm)
 
-    def heal(self, tb: Any, tl: Timeline) -> None:
+    def heal(self, tb: VmTestbed, tl: Timeline) -> None:
         how = tb.heal_disk(self.vm)
         tl.mark(f"{self.vm} data disk healed ({how})", vm=self.vm)
 
 
 @dataclass(frozen=True)
-class BalloonSqueeze(Fault):
+class BalloonSqueeze(VmFault):
     """Shrink a VM's memory under load to ``mib``; heal gives back ``restore_mib``."""
 
     vm: str
@@ -202,17 +213,17 @@ class BalloonSqueeze(Fault):
     restore_mib: int
     name = "balloon-squeeze"
 
-    def inject(self, tb: Any, tl: Timeline) -> None:
+    def inject(self, tb: VmTestbed, tl: Timeline) -> None:
         got = tb.balloon(self.vm, self.mib)
         tl.mark(f"{self.vm} ballooned to {self.mib} MiB", vm=self.vm, guest_total_mib=got["guest_total_mib"])
 
-    def heal(self, tb: Any, tl: Timeline) -> None:
+    def heal(self, tb: VmTestbed, tl: Timeline) -> None:
         tb.balloon(self.vm, self.restore_mib)
         tl.mark(f"{self.vm} ballooned back to {self.restore_mib} MiB", vm=self.vm)
 
 
 @dataclass(frozen=True)
-class MirrorRestart(Fault):
+class MirrorRestart(VmFault):
     """The mirror site's storage servers crash (SIGKILL of their process session in the mirror guest; the
     guest's page cache survives, as after a process crash) and start again on heal with ``argv``, the
     command line the drill starts them with (:func:`testbed.drill.mirror_argv`), recovering their logs
@@ -224,7 +235,7 @@ class MirrorRestart(Fault):
     vm: str = "mirror"
     name = "mirror-restart"
 
-    def inject(self, tb: Any, tl: Timeline) -> None:
+    def inject(self, tb: VmTestbed, tl: Timeline) -> None:
         from testbed.drill import RUN
 
         g = tb.guest(self.vm)
@@ -233,19 +244,19 @@ class MirrorRestart(Fault):
         g.sh(f"rm -f {RUN}/mirror/mirror.ready")
         tl.mark(f"mirror site crashed in {self.vm} (SIGKILL of pid {pid})", vm=self.vm, killed=pid)
 
-    def heal(self, tb: Any, tl: Timeline) -> None:
-        from testbed.drill import RUN, _wait_file
+    def heal(self, tb: VmTestbed, tl: Timeline) -> None:
+        from testbed.drill import RUN, wait_file
 
         g = tb.guest(self.vm)
         t0 = time.monotonic()
         g.spawn("mirror-site", list(self.argv), env={"SMFS_DEFECT": ",".join(self.defects)} if self.defects else None)
-        _wait_file(g, f"{RUN}/mirror/mirror.ready", "mirror-site", f"{self.vm} mirror site (restarted)")
+        wait_file(g, f"{RUN}/mirror/mirror.ready", "mirror-site", f"{self.vm} mirror site (restarted)")
         tl.mark(f"mirror site restarted in {self.vm}: logs recovered, listening again after {time.monotonic() - t0:.1f} s",
                 vm=self.vm)
 
 
 @dataclass(frozen=True)
-class MirrorPowerOutage(Fault):
+class MirrorPowerOutage(VmFault):
     """The mirror site loses power (every VM destroyed: no shutdown, no flush), and ``gap`` s later
     the primary site too: what the mirror's disks kept is all that is left. The drill then boots
     the mirror again and recovers its logs. Only modes that ack after the mirror's own fsync
@@ -256,7 +267,7 @@ class MirrorPowerOutage(Fault):
     gap: float = 1.0
     name = "mirror-power-outage"
 
-    def inject(self, tb: Any, tl: Timeline) -> None:
+    def inject(self, tb: VmTestbed, tl: Timeline) -> None:
         site_instant(tb, tl, self.site, "power outage")
         time.sleep(self.gap)
         site_instant(tb, tl, self.then)
@@ -266,7 +277,7 @@ SCHEDULES = ("rolling-disaster", "site-power-cut", "mirror-power-outage")
 """Disasters a drill can end with, at ``fail_at``: each ends with the primary site's power cut."""
 
 
-def schedule(name: str, base: LinkProfile, loss: str = "1%", burst_seconds: float = 0.5) -> list[Fault]:
+def schedule(name: str, base: LinkProfile, loss: str = "1%", burst_seconds: float = 0.5) -> list[VmFault]:
     """The faults of a spec's ``[faults] schedule``, injected in order at the drill's ``fail_at``."""
     if name == "rolling-disaster":
         return [RollingDisaster(base, loss, burst_seconds)]
@@ -281,12 +292,12 @@ def schedule(name: str, base: LinkProfile, loss: str = "1%", burst_seconds: floa
 
 
 @dataclass(frozen=True)
-class Timed:
+class Timed(Generic[Bed]):
     """A fault injected ``at`` s after the testers start and healed ``seconds`` later."""
 
     at: float
     seconds: float
-    fault: Fault
+    fault: Fault[Bed]
 
     @property
     def heal_at(self) -> float:
@@ -305,7 +316,7 @@ _DURING_KEYS = {
 }
 
 
-def during(entries: Any, spec: Any, fail_at: float) -> tuple[Timed, ...]:
+def during(entries: Any, spec: Any, fail_at: float) -> tuple[Timed[VmTestbed], ...]:
     """Parse and validate ``[[faults.during]]``: ``fault``, ``at``, ``for`` and the fault's own keys.
 
     Every fault must heal before ``fail_at`` (the disaster); errors are one line naming the entry
@@ -319,7 +330,7 @@ def during(entries: Any, spec: Any, fail_at: float) -> tuple[Timed, ...]:
         raise ScheduleError("faults.during: must be a list of tables ([[faults.during]] with fault, at, for)")
     vms = {vm.name: vm for vm in spec.vms}
     sites = {site.name for site in spec.sites}
-    out: list[Timed] = []
+    out: list[Timed[VmTestbed]] = []
     for i, raw in enumerate(entries):
         where = f"faults.during[{i}]"
         if not hasattr(raw, "get"):
@@ -341,7 +352,7 @@ def during(entries: Any, spec: Any, fail_at: float) -> tuple[Timed, ...]:
         if at + seconds >= fail_at:
             raise ScheduleError(f"{where}: heals at {at + seconds:g} s, not before faults.fail_at ({fail_at:g} s); "
                              "inject it earlier or make it shorter")
-        fault: Fault
+        fault: VmFault
         if kind in ("freeze", "mirror-disk-failure", "balloon-squeeze"):
             vm = raw.get("vm", "mirror" if kind != "balloon-squeeze" else "primary")
             if vm not in vms:
@@ -373,7 +384,7 @@ def during(entries: Any, spec: Any, fail_at: float) -> tuple[Timed, ...]:
     return tuple(out)
 
 
-class Runner:
+class Runner(Generic[Bed]):
     """Injects and heals the ``during`` faults as the run's clock passes their times.
 
     ``tick(elapsed)`` does what is due: a fault is injected once ``elapsed`` passes its ``at`` and
@@ -383,10 +394,10 @@ class Runner:
     injection: from then on a frozen VM or a failing disk may legitimately stop answering, so the
     drill stops its liveness checks."""
 
-    def __init__(self, timed: tuple[Timed, ...], tb: Any, tl: Timeline,
+    def __init__(self, timed: tuple[Timed[Bed], ...], tb: Bed, tl: Timeline,
                  clock: Callable[[], float] | None = None) -> None:
         self.pending = list(timed)
-        self.active: list[tuple[float, Timed]] = []  # (heal at, fault)
+        self.active: list[tuple[float, Timed[Bed]]] = []  # (heal at, fault)
         self.tb, self.tl = tb, tl
         self.injected = False
         t0 = time.monotonic()

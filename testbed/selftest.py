@@ -13,10 +13,13 @@ import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from smfs.modes import parse_mode
 from testbed.progress import Say
+
+if TYPE_CHECKING:  # testbed.vmbed loads libvirt; the drill imports it where it brings the testbed up
+    from testbed.vmbed import VmTestbed
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,7 @@ def run_self_test(spec_path: str | Path, names: str = "all", runs: int = 1, out:
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"verdict": "unknown", "spec": spec.name, "runs": runs, "rows": [], "controls": []}
 
-    def body(tb: Any) -> None:
+    def body(tb: VmTestbed) -> None:
         # One control per (mode, schedule, segment size) the chosen defects use: the same run, correct stack.
         pairs = list(dict.fromkeys((c.mode, c.schedule, c.segment_bytes, c.flush_ms) for c in chosen)) if controls else []
         for mode_name, sched, seg, flush in pairs:

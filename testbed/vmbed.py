@@ -8,7 +8,8 @@ every guest agent answers. ``VmTestbed`` (from ``up`` or ``VmTestbed.active()``)
 plus copies of the disk files: libvirt refuses internal snapshots of NBD disks), clones, QMP
 control, disk failures and the power cut the nemesis needs.
 
-State of a testbed lives in ``<cache>/testbeds/<name>/`` (``state.json``, overlays, data disks and
+State of a testbed lives in ``<cache>/testbeds/<name>/`` (``state.json``: a :class:`VmTestbedState`,
+written only by the testbed itself, :meth:`VmTestbed.update`; overlays, data disks and
 their servers' sockets in ``disks/``, QMP sockets, console logs, ``snapshots/<name>/``);
 ``<cache>/testbeds/active`` names the testbed the tasks act on. Every domain, disk, disk server,
 socket, bridge and folder is recorded in the registry before it is created (owner
@@ -29,11 +30,13 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import libvirt
 
@@ -46,6 +49,9 @@ from testbed.progress import Say
 from testbed.registry import Registry, Resource, Scope, register_teardown
 from testbed.spec import ROUTER_SITE, RouterSpec, Spec, SpecError, VmSpec, thaw
 from testbed.spec import load as load_spec
+
+if TYPE_CHECKING:  # testbed.images (and the builder) is imported where up needs the image
+    from vmimages.build import Image
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +98,158 @@ class VmInfo:
     data_socket: str = ""  # nbdkit's unix socket serving the data disk (``data`` is its raw file)
 
 
+@dataclass(frozen=True)
+class RouterLeg:
+    """The router guest's NIC on one site's bridge (kept in state.json)."""
+
+    bridge: str
+    address: str  # 198.18.1.253/24
+    mac: str
+    ifname: str = ""  # eth0, eth1...: set once the guest has been asked (:func:`_configure_router`)
+
+
+@dataclass(frozen=True)
+class RouterState:
+    """What state.json keeps of the WAN router guest: per site its leg, in the spec's order (the first
+    is eth0's), and per site the routes its VMs take through it (``[subnet, via]``)."""
+
+    vm: str
+    legs: dict[str, RouterLeg]
+    routes: dict[str, list[list[str]]] = field(default_factory=dict)
+
+    def with_legs(self, **changes: dict[str, str]) -> RouterState:
+        """A copy with ``changes[field][site]`` set on each named leg, e.g. ``with_legs(ifname={"primary": "eth0"})``."""
+        legs = {site: replace(leg, **{k: v[site] for k, v in changes.items() if site in v})
+                for site, leg in self.legs.items()}  # fmt: skip
+        return replace(self, legs=legs)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"vm": self.vm, "legs": {site: asdict(leg) for site, leg in self.legs.items()}, "routes": self.routes}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RouterState:
+        return cls(vm=data["vm"], legs={site: RouterLeg(**leg) for site, leg in data["legs"].items()},
+                   routes=data.get("routes", {}))
+
+
+WanShape = dict[str, Any]
+"""One of the WAN's recorded facts as JSON (a profile, the bare path's RTT, the enforcement point)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class VmTestbedState:
+    """Everything ``state.json`` keeps of a testbed; the field names are the file's keys, and a field
+    that is None is left out of the file (a missing key reads back as its default). Only
+    :class:`VmTestbed` writes it (:meth:`VmTestbed.update`)."""
+
+    name: str
+    spec: dict[str, Any]  # the spec as a mapping (testbed.spec.thaw), read back with spec.from_mapping
+    spec_path: str
+    image: str | None = None  # the guest image's key
+    accel: str
+    accel_reason: str | None = None
+    boot_timeout: float = 120
+    run_as_root: bool = False
+    vms: tuple[VmInfo, ...] = ()
+    snapshots: tuple[str, ...] = ()  # oldest first
+    t_up: float | None = None
+    router: RouterState | None = None
+    wan_enforcement: dict[str, str] | None = None  # {"point", "requested", "reason"} (testbed.wan.enforcement)
+    wan_profile: WanShape | None = None  # the WAN's current shape (testbed.wan.remember)
+    wan_bare: WanShape | None = None  # the bare path's RTT as last measured (testbed.wan.calibrate)
+    snapshot_wan: dict[str, dict[str, WanShape | None]] | None = None  # per snapshot the _WAN_STATE fields
+    drill_wan: dict[str, Any] | None = None  # the drill's WAN facts of snapshot "ready" (testbed.drill.prepare)
+
+    def wan_state(self) -> dict[str, WanShape | None]:
+        """The fields that describe the WAN's realised shape (kept per snapshot, put back by restore)."""
+        return {k: getattr(self, k) for k in _WAN_STATE}
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if f.name == "vms":
+                value = [asdict(v) for v in value]
+            elif f.name == "snapshots":
+                value = list(value)
+            elif f.name == "router":
+                value = value.to_json()
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], name: str) -> VmTestbedState:
+        """The state of ``data`` (a parsed state.json; keys this version does not know are ignored)."""
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in data.items() if k in known and v is not None}
+        kw.setdefault("name", name)
+        kw["vms"] = tuple(VmInfo(**v) for v in data["vms"])
+        kw["snapshots"] = tuple(kw.get("snapshots", ()))
+        if data.get("router"):
+            kw["router"] = RouterState.from_json(data["router"])
+        else:
+            kw.pop("router", None)
+        return cls(**kw)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, fsync it, then rename it over ``path``: a
+    reader (or a crash) sees the old file or the new one, never a part."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
 class VmTestbed:
     """A running (or defined) testbed; cheap to construct from ``state.json``."""
 
     __test__ = False
 
-    def __init__(self, name: str, state: dict[str, Any]) -> None:
+    def __init__(self, name: str, state: VmTestbedState) -> None:
         self.name = name
-        self.state = state
-        self.vms = {v["name"]: VmInfo(**v) for v in state["vms"]}
+        self._state = state
+        self._lock = threading.Lock()
         self.registry = Registry()
+
+    @classmethod
+    def create(cls, state: VmTestbedState, registry: Registry) -> VmTestbed:
+        """The testbed of a new ``state``, written to its (existing) folder as state.json."""
+        tb = cls(state.name, state)
+        tb.registry = registry
+        tb._write()
+        return tb
+
+    # --- state ----------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> VmTestbedState:
+        """What state.json holds (read-only: change it with :meth:`update`)."""
+        return self._state
+
+    def update(self, **changes: Any) -> VmTestbedState:
+        """Set fields of the state by name (``tb.update(wan_bare=...)``) and write state.json atomically."""
+        with self._lock:
+            self._state = replace(self._state, **changes)
+            self._write()
+            return self._state
+
+    def _write(self) -> None:
+        _write_atomically(self.dir / "state.json", json.dumps(self._state.to_json(), indent=1))
+
+    @property
+    def vms(self) -> dict[str, VmInfo]:
+        """Every VM of the testbed (the router guest included) by name."""
+        return {v.name: v for v in self._state.vms}
 
     # --- lookup -------------------------------------------------------------------------------
 
@@ -115,20 +263,20 @@ class VmTestbed:
 
     @property
     def accel(self) -> str:
-        return self.state["accel"]
+        return self.state.accel
 
     @property
     def spec(self) -> Spec:
         from testbed.spec import from_mapping
 
-        return from_mapping(self.state["spec"], path=self.state["spec_path"], default_name=self.name)
+        return from_mapping(self.state.spec, path=self.state.spec_path, default_name=self.name)
 
     @classmethod
     def load(cls, name: str) -> VmTestbed:
         path = testbeds_dir() / name / "state.json"
         if not path.exists():
             raise VmTestbedError(f"no testbed named {name!r} is up; start one with ./inv up --spec specs/ci.toml")
-        return cls(name, json.loads(path.read_text()))
+        return cls(name, VmTestbedState.from_json(json.loads(path.read_text()), name))
 
     @classmethod
     def active(cls) -> VmTestbed:
@@ -163,29 +311,26 @@ class VmTestbed:
     @property
     def router(self) -> str | None:
         """The WAN router guest's VM name, or None when this testbed has none."""
-        return (self.state.get("router") or {}).get("vm")
+        return self.state.router.vm if self.state.router else None
 
     def qmp(self, vm: str) -> Any:
         from testbed.qmp import Qmp
 
         return Qmp(self.info(vm).qmp, name=vm)
 
-    def _save(self) -> None:
-        (self.dir / "state.json").write_text(json.dumps(self.state, indent=1))
-
     # --- status -------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         """Per VM: state, accel, address, memory (MiB), agent; per site: the bridge."""
-        out: dict[str, Any] = {"testbed": self.name, "accel": self.accel, "accel_reason": self.state.get("accel_reason"),
-                               "image": self.state.get("image"), "vms": [], "bridges": [],
-                               "snapshots": self.state.get("snapshots", [])}
+        out: dict[str, Any] = {"testbed": self.name, "accel": self.accel, "accel_reason": self.state.accel_reason,
+                               "image": self.state.image, "vms": [], "bridges": [],
+                               "snapshots": list(self.state.snapshots)}
         for info in self.vms.values():
             row: dict[str, Any] = {"vm": info.name, "site": info.site, "domain": info.domain, "address": info.address,
                                    "console": info.console, "boot_seconds": info.boot_seconds,
                                    "disk_server": self.disk_server(info.name)}
-            if info.name == self.router:
-                row["address"] = ", ".join(leg["address"] for leg in self.state["router"]["legs"].values())
+            if self.state.router and info.name == self.state.router.vm:
+                row["address"] = ", ".join(leg.address for leg in self.state.router.legs.values())
             try:
                 dom = self.domain(info.name)
                 state, _ = dom.state()
@@ -199,8 +344,8 @@ class VmTestbed:
             except (VmTestbedError, libvirt.libvirtError) as err:
                 row["state"] = f"missing ({err})"
             out["vms"].append(row)
-        if self.router:
-            out["router"] = self.state["router"]
+        if self.state.router:
+            out["router"] = self.state.router.to_json()
         for site in sorted({v.site for v in self.vms.values()} - {ROUTER_SITE}):
             out["bridges"].append(bridges.bridge_state(f"smfs-{site}") or {"name": f"smfs-{site}", "state": "missing"})
         return out
@@ -338,7 +483,7 @@ class VmTestbed:
         if not dom.isActive():
             self.start_disk(vm)
             dom.create()
-        Guest(dom, vm).wait_ready(timeout or self.state.get("boot_timeout", 120))
+        Guest(dom, vm).wait_ready(timeout or self.state.boot_timeout)
         if self.router:  # a fresh boot forgot what the agent configured: the router's NICs, the site routes
             if vm == self.router:
                 _configure_router(self)
@@ -373,7 +518,7 @@ class VmTestbed:
 
     def start_disk(self, vm: str) -> int:
         """(Re)start the VM's data disk server on its file (a running one is killed first); its pid."""
-        uid, gid = (0, 0) if self.state.get("run_as_root") else hypervisor.qemu_user()[:2]
+        uid, gid = (0, 0) if self.state.run_as_root else hypervisor.qemu_user()[:2]
         return disks.start(self.data_disk(vm), owner=self.owner, registry=self.registry, uid=uid, gid=gid)
 
     def kill_disk(self, vm: str) -> bool:
@@ -431,7 +576,7 @@ class VmTestbed:
         for vm, dom in doms.items():
             if not dom.isActive():
                 raise VmTestbedError(f"snapshot {name}: {vm} is not running; restore or start it first")
-        if name in self.state.get("snapshots", []):
+        if name in self.state.snapshots:
             raise VmTestbedError(f"snapshot {name!r} already exists; pick another name or ./inv restore {name}")
         folder = self.snapshot_dir(name)
         tmp = folder.with_name(folder.name + ".tmp")
@@ -471,9 +616,8 @@ class VmTestbed:
             self._restore_from(folder, list(doms), say, copy_disks=False)
             self._resume_all(say)
         secs = time.monotonic() - t0
-        self.state["snapshots"] = [s for s in self.state.get("snapshots", []) if s != name] + [name]
-        self.state.setdefault("snapshot_wan", {})[name] = {k: self.state.get(k) for k in _WAN_STATE}
-        self._save()
+        self.update(snapshots=(*(s for s in self.state.snapshots if s != name), name),
+                    snapshot_wan={**(self.state.snapshot_wan or {}), name: self.state.wan_state()})
         return secs
 
     def restore(self, name: str, say: Say = print) -> float:
@@ -484,20 +628,16 @@ class VmTestbed:
         Returns seconds until every guest agent answers."""
         folder = self.snapshot_dir(name)
         for vm in self.vms:
-            if name not in self.state.get("snapshots", []) or not (folder / f"{vm}.save").exists():
-                have = ", ".join(self.state.get("snapshots", [])) or "none"
+            if name not in self.state.snapshots or not (folder / f"{vm}.save").exists():
+                have = ", ".join(self.state.snapshots) or "none"
                 raise VmTestbedError(f"no snapshot {name!r} of {vm}; snapshots: {have} (take one with ./inv snapshot NAME)")
         t0 = time.monotonic()
         self._restore_from(folder, list(self.vms), say, copy_disks=True)
         self._resume_all(say)
         # The WAN's shaping lives in the guests' (or the router's) memory, so it is back as it was at the
         # snapshot: so must be what the testbed says it is (./inv calibrate and shape build on it).
-        for key, value in self.state.get("snapshot_wan", {}).get(name, {}).items():
-            if value is None:
-                self.state.pop(key, None)
-            else:
-                self.state[key] = value
-        self._save()
+        wan_then = (self.state.snapshot_wan or {}).get(name, {})
+        self.update(**{key: value for key, value in wan_then.items() if key in _WAN_STATE})
         return time.monotonic() - t0
 
     def _restore_from(self, folder: Path, vms: list[str], say: Say, copy_disks: bool) -> None:
@@ -554,7 +694,7 @@ class VmTestbed:
         if dest.exists():
             raise VmTestbedError(f"clone {new!r} exists at {dest}; pick another name or delete that folder")
         src = self.snapshot_dir(snapshot)
-        if snapshot not in self.state.get("snapshots", []) or not src.is_dir():
+        if snapshot not in self.state.snapshots or not src.is_dir():
             raise VmTestbedError(f"no snapshot {snapshot!r} of {next(iter(self.vms))}; take one with ./inv snapshot {snapshot}")
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -563,12 +703,13 @@ class VmTestbed:
         for xml in tmp.glob("*.xml"):  # a clone of a clone: its domains' XML is the new up's business
             xml.unlink()
         say(f"  {', '.join(self.vms)}: memory images and disks copied")
-        meta = {"from": self.name, "snapshot": snapshot, "spec": self.state["spec"], "spec_path": self.state["spec_path"],
-                "image": self.state["image"], "wan": self.state.get("snapshot_wan", {}).get(snapshot),
+        router = self.state.router
+        meta = {"from": self.name, "snapshot": snapshot, "spec": self.state.spec, "spec_path": self.state.spec_path,
+                "image": self.state.image, "wan": (self.state.snapshot_wan or {}).get(snapshot),
                 "macs": {vm: info.mac for vm, info in self.vms.items()},
                 "domains": {vm: info.domain for vm, info in self.vms.items()},
                 "uuids": {vm: self.domain(vm).UUIDString() for vm in self.vms},
-                "router_macs": {site: leg["mac"] for site, leg in (self.state.get("router") or {}).get("legs", {}).items()},
+                "router_macs": {site: leg.mac for site, leg in router.legs.items()} if router else {},
                 "t": time.time()}
         (tmp / "clone.json").write_text(json.dumps(meta, indent=1))
         tmp.rename(dest)
@@ -625,26 +766,92 @@ def _qemu_img_overlay(base: Path, out: Path) -> None:
 def up(spec: Spec | str | Path, say: Say = print, rebuild_image: bool = False, clone: str | None = None) -> VmTestbed:
     """Bring up the testbed of ``spec`` (or of clone ``clone``, at the clone's snapshot).
 
-    On any failure or Ctrl-C, everything created so far is torn down before the error propagates.
+    First every check that creates nothing (:func:`_plan`), then the steps that create the testbed,
+    in order. On any failure or Ctrl-C, everything created so far is torn down before the error propagates.
     """
-    from testbed.images import ensure_image
+    plan = _plan(spec, say, rebuild_image, clone)
+    registry = Registry()
+    try:
+        _make_folders(plan, registry, say)
+        _make_bridges(plan, registry, say)
+        vms = _make_disks(plan, registry)
+        tb = VmTestbed.create(_initial_state(plan, vms), registry)
+        started = _define_and_start(plan, tb, say)
+        if plan.clone_dir is not None:
+            _restore_clone(plan, tb, say)
+        else:
+            _wait_agents(tb, started, plan.spec.boot_timeout, say)
+        if plan.router:
+            _start_router(plan, tb, say)
+        return tb
+    except BaseException:
+        say("up failed; tearing down what was created")
+        try:
+            registry.teardown(owner=plan.owner)
+        except Exception as err:  # noqa: BLE001 - the original error matters more
+            say(f"teardown after the failure also failed: {err}")
+        raise
 
-    clone_dir: Path | None = None
-    meta: dict[str, Any] = {}
-    if clone is not None:
-        clone_dir = cache_dir() / "clones" / clone
-        if not (clone_dir / "clone.json").exists():
-            raise VmTestbedError(f"no clone named {clone!r} in {clone_dir.parent}; make one with ./inv clone SNAP --as NAME")
-        meta = json.loads((clone_dir / "clone.json").read_text())
-        from testbed.spec import from_mapping
 
-        spec = from_mapping(meta["spec"], path=meta["spec_path"], default_name=clone)
-        spec = _renamed(spec, clone)
-    elif not isinstance(spec, Spec):
-        spec = load_spec(spec)
+@dataclass(frozen=True)
+class _Plan:
+    """What ``up`` decided before creating anything: the spec, the clone it comes from, the image,
+    the accelerator, the domains' names and where the testbed's files go."""
+
+    spec: Spec
+    router: RouterSpec | None
+    all_vms: list[VmSpec]  # the spec's VMs, then the router guest's
+    names: dict[str, str]  # VM -> libvirt domain name
+    clone: str | None
+    clone_dir: Path | None
+    meta: dict[str, Any]  # the clone's clone.json ({} without a clone)
+    image: Image
+    accel: hypervisor.Accel
+    conns: dict[str, libvirt.virConnect]
+    tb_dir: Path
+    marker: Path
+    uid: int
+    gid: int
+    run_as_root: bool
+
+    @property
+    def owner(self) -> str:
+        return f"testbed-{self.spec.name}"
+
+
+def _plan(spec: Spec | str | Path, say: Say, rebuild_image: bool, clone: str | None) -> _Plan:
+    """Every check and choice of ``up`` that creates nothing of the testbed (the image may be built)."""
+    spec, clone_dir, meta = _resolve_spec(spec, clone)
     from testbed.wan import router_for
 
     router = router_for(spec)
+    marker = _preflight(spec)
+    image = _image(rebuild_image, meta if clone_dir is not None else None, say)
+    conns, accel = _accelerator(spec, image, say)
+    all_vms = [*spec.vms, *([router.vm] if router else [])]
+    names = _domain_names(spec, router, all_vms, meta, conns)
+    uid, gid, run_as_root = _qemu_user(say)
+    return _Plan(spec=spec, router=router, all_vms=all_vms, names=names, clone=clone, clone_dir=clone_dir, meta=meta,
+                 image=image, accel=accel, conns=conns, tb_dir=testbeds_dir() / spec.name, marker=marker,
+                 uid=uid, gid=gid, run_as_root=run_as_root)
+
+
+def _resolve_spec(spec: Spec | str | Path, clone: str | None) -> tuple[Spec, Path | None, dict[str, Any]]:
+    """(spec, clone folder, clone.json): a clone's spec is the one it was made from, renamed to the clone."""
+    if clone is None:
+        return (spec if isinstance(spec, Spec) else load_spec(spec)), None, {}
+    clone_dir = cache_dir() / "clones" / clone
+    if not (clone_dir / "clone.json").exists():
+        raise VmTestbedError(f"no clone named {clone!r} in {clone_dir.parent}; make one with ./inv clone SNAP --as NAME")
+    meta = json.loads((clone_dir / "clone.json").read_text())
+    from testbed.spec import from_mapping
+
+    spec = from_mapping(meta["spec"], path=meta["spec_path"], default_name=clone)
+    return _renamed(spec, clone), clone_dir, meta
+
+
+def _preflight(spec: Spec) -> Path:
+    """Local sites only, no testbed up, nothing of this one still recorded; returns the active marker's path."""
     for site in spec.sites:
         if site.uri not in hypervisor.LOCAL_URIS:
             raise SpecError(f"sites ({site.name}).uri: {site.uri} — only local sites (qemu:///system) are "
@@ -652,21 +859,35 @@ def up(spec: Spec | str | Path, say: Say = print, rebuild_image: bool = False, c
     marker = testbeds_dir() / "active"
     if marker.exists():
         raise VmTestbedError(f"testbed {marker.read_text().strip()!r} is up; ./inv down first (one testbed at a time)")
-    registry = Registry()
-    owner = f"testbed-{spec.name}"
-    if registry.items(owner=owner):
+    if Registry().items(owner=f"testbed-{spec.name}"):
         raise VmTestbedError(f"resources of testbed {spec.name!r} are still recorded; run ./inv down first")
+    return marker
 
-    image = ensure_image(rebuild=rebuild_image, progress=say)
+
+def _image(rebuild: bool, clone_meta: dict[str, Any] | None, say: Say) -> Image:
+    """The guest image (built when missing or ``rebuild``); ``clone_meta``: the clone's clone.json, if any."""
+    from testbed.images import ensure_image
+
+    image = ensure_image(rebuild=rebuild, progress=say)
     built = f"built in {image.seconds:.0f} s" if image.built else "cached"
     say(f"image {image.key} ({built})")
-    if clone_dir is not None and meta["image"] != image.key:
+    if clone_meta is not None and clone_meta["image"] != image.key:
         say("note: the clone was made from another image; its overlays still name their own base")
     disks.nbdkit_path()  # before anything is created: "install nbdkit" is the whole message
+    return image
+
+
+def _accelerator(spec: Spec, image: Image, say: Say) -> tuple[dict[str, libvirt.virConnect], hypervisor.Accel]:
+    """A libvirt connection per site URI, and the accelerator the guests run with (KVM or TCG)."""
     conns = {s.uri: hypervisor.connect(s.uri, say) for s in spec.sites}
     accel = hypervisor.detect_accel(image.kernel, spec.accel)
     say(f"accelerator: {accel.name} ({accel.reason})")
-    all_vms = [*spec.vms, *([router.vm] if router else [])]
+    return conns, accel
+
+
+def _domain_names(spec: Spec, router: RouterSpec | None, all_vms: list[VmSpec], meta: dict[str, Any],
+                  conns: dict[str, libvirt.virConnect]) -> dict[str, str]:  # fmt: skip
+    """VM -> domain name, each checked free in libvirt."""
     # a clone's domains keep the names and UUIDs of the testbed it was made from: libvirt restores a
     # memory image only into a domain of the same name and UUID
     names = {vm.name: meta.get("domains", {}).get(vm.name) or domain_name(spec.name, vm.name) for vm in all_vms}
@@ -675,108 +896,125 @@ def up(spec: Spec | str | Path, say: Say = print, rebuild_image: bool = False, c
         if hypervisor.lookup(conns[uri], names[vm.name]) is not None:
             raise VmTestbedError(f"domain {names[vm.name]} exists but is not recorded by smfs-testbed; "
                                "remove it with virsh undefine, or rename the spec")
+    return names
 
-    tb_dir = testbeds_dir() / spec.name
+
+def _qemu_user(say: Say) -> tuple[int, int, bool]:
+    """(uid, gid, run_as_root): QEMU runs as its own user unless that user cannot reach the cache."""
     uid, gid, qemu_name = hypervisor.qemu_user()
     run_as_root = not hypervisor.reachable_by(cache_dir(), uid, gid)
     if run_as_root:
         say(f"note: {cache_dir()} is not reachable by the QEMU user {qemu_name}; QEMU runs as root "
             "(set SMFS_TESTBED_CACHE to a world-traversable folder to avoid it)")
-    try:
-        registry.add("dir", str(tb_dir), owner)
-        hypervisor.ensure_kvm_access(owner, registry, say)
-        registry.add("marker", str(marker), owner)
-        shutil.rmtree(tb_dir, ignore_errors=True)
-        (tb_dir / "qmp").mkdir(parents=True)
-        (tb_dir / "disks").mkdir()
-        if not run_as_root:
-            os.chown(tb_dir / "qmp", uid, gid)
-        marker.write_text(spec.name)
-        for site in spec.sites:
-            bridges.ensure_bridge(site, owner, registry, mtu=spec.mtu)
-        bridges.scope_forwarding([s.bridge for s in spec.sites], owner, registry)  # filter, then ip_forward
-        say(f"bridges: {', '.join(f'{s.bridge} {s.gateway}' for s in spec.sites)}")
+    return uid, gid, run_as_root
 
-        vms: list[VmInfo] = []
-        for vm in all_vms:
-            if router and vm is router.vm:  # eth0 from the command line; no default route, no ledger
-                site_name, uri, gateway, ledger = ROUTER_SITE, router.uri, "", ""
-            else:
-                site = spec.site_of(vm.name)
-                site_name, uri, gateway = site.name, site.uri, str(site.gateway.ip)
-                ledger = str(tb_dir / "qmp" / f"{vm.name}-ledger.sock")
-            mac = meta.get("macs", {}).get(vm.name) or _mac(spec.name, vm.name)  # a clone keeps its NICs
-            info = VmInfo(name=vm.name, site=site_name, domain=names[vm.name], uri=uri,
-                          address=str(vm.address), gateway=gateway, mac=mac,
-                          root=str(tb_dir / f"{vm.name}-root.qcow2"), data=str(tb_dir / f"{vm.name}-data.raw"),
-                          qmp=str(tb_dir / "qmp" / f"{vm.name}.sock"), console=str(tb_dir / f"{vm.name}-console.log"),
-                          ledger=ledger, data_socket=str(tb_dir / "disks" / f"{vm.name}.sock"))
-            registry.add("overlay", info.root, owner, image=image.key)
-            registry.add("overlay", info.data, owner, image=image.key)
-            if clone_dir is None:  # a clone's disks come from its snapshot, at restore
-                _qemu_img_overlay(image.base, Path(info.root))
-                disks.create_image(Path(info.data), vm.data_disk, getattr(spec, "data_fs", "ext4"))
-            vms.append(info)
-        state: dict[str, Any] = {
-            "name": spec.name, "spec": thaw(spec.raw), "spec_path": spec.path, "image": image.key,
-            "accel": accel.name, "accel_reason": accel.reason, "boot_timeout": spec.boot_timeout,
-            "run_as_root": run_as_root, "vms": [vars(v) for v in vms], "snapshots": [], "t_up": time.time(),
-        }
-        if router:
-            state["router"] = _router_state(spec.name, router)
-            for site, leg_mac in meta.get("router_macs", {}).items():
-                if site in state["router"]["legs"]:
-                    state["router"]["legs"][site]["mac"] = leg_mac
-        (tb_dir / "state.json").write_text(json.dumps(state, indent=1))
-        tb = VmTestbed(spec.name, state)
-        tb.registry = registry
 
-        started: dict[str, float] = {}
-        for vm, info in zip(all_vms, vms, strict=True):
-            conn = conns[info.uri]
-            nics = _router_nics(state["router"]) if info.site == ROUTER_SITE else None
-            config = _config(vm, info, accel.domain_type, image, run_as_root, spec.mtu, nics, registry.scope.id)
-            if meta.get("uuids", {}).get(vm.name):  # a memory image restores only into its own domain's UUID
-                config = replace(config, uuid=meta["uuids"][vm.name])
-                _check_uuid_free(conn, config.uuid, clone or "")
-            registry.add("domain", info.domain, owner, uri=info.uri)
-            registry.add("qmp", info.qmp, owner)
-            if info.ledger:
-                registry.add("qmp", info.ledger, owner)
-            dom = conn.defineXML(hypervisor.domain_xml(config))
-            if clone_dir is None:
-                say(f"starting {vm.name} ({vm.vcpus} vCPU, {vm.memory_mib}/{vm.max_memory_mib} MiB, {info.address})")
-                tb.start_disk(vm.name)
-                started[vm.name] = time.monotonic()
-                dom.create()
-            else:  # the memory image names the original's domain: restore it as this one
-                _clone_snapshot(tb, clone_dir, meta["snapshot"], vm.name, replace(config, uuid=dom.UUIDString()))
-        if clone_dir is not None:
-            snap = meta["snapshot"]
-            tb.state["snapshots"] = [snap]
-            if meta.get("wan") is not None:
-                tb.state["snapshot_wan"] = {snap: meta["wan"]}
-            tb._save()
-            say(f"restoring clone {clone} at snapshot {snap}")
-            tb.restore(snap, say)
+def _make_folders(plan: _Plan, registry: Registry, say: Say) -> None:
+    """The testbed's folder (fresh), its qmp/ and disks/, KVM access, and the active marker."""
+    owner, tb_dir = plan.owner, plan.tb_dir
+    registry.add("dir", str(tb_dir), owner)
+    hypervisor.ensure_kvm_access(owner, registry, say)
+    registry.add("marker", str(plan.marker), owner)
+    shutil.rmtree(tb_dir, ignore_errors=True)
+    (tb_dir / "qmp").mkdir(parents=True)
+    (tb_dir / "disks").mkdir()
+    if not plan.run_as_root:
+        os.chown(tb_dir / "qmp", plan.uid, plan.gid)
+    plan.marker.write_text(plan.spec.name)
+
+
+def _make_bridges(plan: _Plan, registry: Registry, say: Say) -> None:
+    """A host bridge per site, forwarding between them scoped to them."""
+    spec = plan.spec
+    for site in spec.sites:
+        bridges.ensure_bridge(site, plan.owner, registry, mtu=spec.mtu)
+    bridges.scope_forwarding([s.bridge for s in spec.sites], plan.owner, registry)  # filter, then ip_forward
+    say(f"bridges: {', '.join(f'{s.bridge} {s.gateway}' for s in spec.sites)}")
+
+
+def _make_disks(plan: _Plan, registry: Registry) -> list[VmInfo]:
+    """Per VM its VmInfo, a qcow2 overlay of the image for the root disk and the raw data disk (a
+    clone's disks come from its snapshot instead, at restore)."""
+    spec, tb_dir, router = plan.spec, plan.tb_dir, plan.router
+    vms: list[VmInfo] = []
+    for vm in plan.all_vms:
+        if router and vm is router.vm:  # eth0 from the command line; no default route, no ledger
+            site_name, uri, gateway, ledger = ROUTER_SITE, router.uri, "", ""
         else:
-            _wait_agents(tb, started, spec.boot_timeout, say)
-        if router:
-            _configure_router(tb)
-            for vm in spec.vms:
-                _route_via_router(tb, vm.name)
-            legs = ", ".join("{ifname} {address} ({site})".format(site=site, **leg)
-                             for site, leg in tb.state["router"]["legs"].items())
-            say(f"router: {legs}; the sites route each other through it")
-        tb._save()
-        return tb
-    except BaseException:
-        say("up failed; tearing down what was created")
-        try:
-            registry.teardown(owner=owner)
-        except Exception as err:  # noqa: BLE001 - the original error matters more
-            say(f"teardown after the failure also failed: {err}")
-        raise
+            site = spec.site_of(vm.name)
+            site_name, uri, gateway = site.name, site.uri, str(site.gateway.ip)
+            ledger = str(tb_dir / "qmp" / f"{vm.name}-ledger.sock")
+        mac = plan.meta.get("macs", {}).get(vm.name) or _mac(spec.name, vm.name)  # a clone keeps its NICs
+        info = VmInfo(name=vm.name, site=site_name, domain=plan.names[vm.name], uri=uri,
+                      address=str(vm.address), gateway=gateway, mac=mac,
+                      root=str(tb_dir / f"{vm.name}-root.qcow2"), data=str(tb_dir / f"{vm.name}-data.raw"),
+                      qmp=str(tb_dir / "qmp" / f"{vm.name}.sock"), console=str(tb_dir / f"{vm.name}-console.log"),
+                      ledger=ledger, data_socket=str(tb_dir / "disks" / f"{vm.name}.sock"))
+        registry.add("overlay", info.root, plan.owner, image=plan.image.key)
+        registry.add("overlay", info.data, plan.owner, image=plan.image.key)
+        if plan.clone_dir is None:  # a clone's disks come from its snapshot, at restore
+            _qemu_img_overlay(plan.image.base, Path(info.root))
+            disks.create_image(Path(info.data), vm.data_disk, getattr(spec, "data_fs", "ext4"))
+        vms.append(info)
+    return vms
+
+
+def _initial_state(plan: _Plan, vms: list[VmInfo]) -> VmTestbedState:
+    """The new testbed's state.json (a clone's router keeps the MACs of the one it was made from)."""
+    spec = plan.spec
+    router = None
+    if plan.router:
+        router = _router_state(spec.name, plan.router).with_legs(mac=plan.meta.get("router_macs", {}))
+    return VmTestbedState(name=spec.name, spec=thaw(spec.raw), spec_path=spec.path, image=plan.image.key,
+                          accel=plan.accel.name, accel_reason=plan.accel.reason, boot_timeout=spec.boot_timeout,
+                          run_as_root=plan.run_as_root, vms=tuple(vms), t_up=time.time(), router=router)
+
+
+def _define_and_start(plan: _Plan, tb: VmTestbed, say: Say) -> dict[str, float]:
+    """Define every domain; start each one with its data disk server, or for a clone put its snapshot
+    in place (restored later). Returns when each VM was started (``time.monotonic()``)."""
+    started: dict[str, float] = {}
+    for vm, info in zip(plan.all_vms, tb.state.vms, strict=True):
+        conn = plan.conns[info.uri]
+        nics = _router_nics(tb.state.router) if info.site == ROUTER_SITE and tb.state.router else None
+        config = _config(vm, info, plan.accel.domain_type, plan.image, plan.run_as_root, plan.spec.mtu, nics,
+                         tb.registry.scope.id)
+        if plan.meta.get("uuids", {}).get(vm.name):  # a memory image restores only into its own domain's UUID
+            config = replace(config, uuid=plan.meta["uuids"][vm.name])
+            _check_uuid_free(conn, config.uuid, plan.clone or "")
+        tb.registry.add("domain", info.domain, plan.owner, uri=info.uri)
+        tb.registry.add("qmp", info.qmp, plan.owner)
+        if info.ledger:
+            tb.registry.add("qmp", info.ledger, plan.owner)
+        dom = conn.defineXML(hypervisor.domain_xml(config))
+        if plan.clone_dir is None:
+            say(f"starting {vm.name} ({vm.vcpus} vCPU, {vm.memory_mib}/{vm.max_memory_mib} MiB, {info.address})")
+            tb.start_disk(vm.name)
+            started[vm.name] = time.monotonic()
+            dom.create()
+        else:  # the memory image names the original's domain: restore it as this one
+            _clone_snapshot(tb, plan.clone_dir, plan.meta["snapshot"], vm.name, replace(config, uuid=dom.UUIDString()))
+    return started
+
+
+def _restore_clone(plan: _Plan, tb: VmTestbed, say: Say) -> None:
+    """Record the clone's snapshot (and the WAN's shape at it) and restore every VM from it."""
+    snap = plan.meta["snapshot"]
+    wan = plan.meta.get("wan")
+    tb.update(snapshots=(snap,), snapshot_wan={snap: wan} if wan is not None else tb.state.snapshot_wan)
+    say(f"restoring clone {plan.clone} at snapshot {snap}")
+    tb.restore(snap, say)
+
+
+def _start_router(plan: _Plan, tb: VmTestbed, say: Say) -> None:
+    """Address the router's NICs, turn on its forwarding, and route every site VM through it."""
+    _configure_router(tb)
+    for vm in plan.spec.vms:
+        _route_via_router(tb, vm.name)
+    assert tb.state.router is not None
+    legs = ", ".join("{ifname} {address} ({site})".format(site=site, **asdict(leg))
+                     for site, leg in tb.state.router.legs.items())
+    say(f"router: {legs}; the sites route each other through it")
 
 
 def _renamed(spec: Spec, name: str) -> Spec:
@@ -804,13 +1042,13 @@ def _config(vm: VmSpec, info: VmInfo, domain_type: str, image: Any, run_as_root:
 # --- the WAN router guest ----------------------------------------------------------------------
 
 
-def _router_state(testbed: str, router: RouterSpec) -> dict[str, Any]:
+def _router_state(testbed: str, router: RouterSpec) -> RouterState:
     """What state.json keeps of the router: per site its leg (bridge, address, MAC; ``ifname`` once
     the guest has been asked) and the routes each site's VMs take through it."""
-    legs = {leg.site: {"bridge": leg.bridge, "address": str(leg.address),
-                       "mac": _mac(testbed, router.vm.name if i == 0 else f"{router.vm.name}/{leg.site}"), "ifname": ""}
+    legs = {leg.site: RouterLeg(bridge=leg.bridge, address=str(leg.address),
+                                mac=_mac(testbed, router.vm.name if i == 0 else f"{router.vm.name}/{leg.site}"))
             for i, leg in enumerate(router.legs)}  # fmt: skip
-    return {"vm": router.vm.name, "legs": legs, "routes": site_routes(router)}
+    return RouterState(vm=router.vm.name, legs=legs, routes=site_routes(router))
 
 
 def site_routes(router: RouterSpec) -> dict[str, list[list[str]]]:
@@ -819,9 +1057,9 @@ def site_routes(router: RouterSpec) -> dict[str, list[list[str]]]:
             for leg in router.legs}  # fmt: skip
 
 
-def _router_nics(router: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+def _router_nics(router: RouterState) -> tuple[tuple[str, str], ...]:
     """(bridge, mac) of the router's NICs, one per site in the spec's order (the first is eth0's)."""
-    return tuple((leg["bridge"], leg["mac"]) for leg in router["legs"].values())
+    return tuple((leg.bridge, leg.mac) for leg in router.legs.values())
 
 
 _ROUTER_SCRIPT = """set -e
@@ -843,21 +1081,21 @@ sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.def
 def _configure_router(tb: VmTestbed) -> None:
     """Address each of the router's NICs (found by MAC) on its site's subnet and turn on forwarding;
     records each leg's interface name (eth0, eth1...) for the WAN's enforcer. Idempotent."""
-    router = tb.state["router"]
-    legs = " ".join(f"{site}={leg['mac']},{leg['address']}" for site, leg in router["legs"].items())
-    res = tb.guest(router["vm"]).exec(["/bin/sh", "-c", _ROUTER_SCRIPT], timeout=30, env={"SMFS_LEGS": legs})
+    router = tb.state.router
+    assert router is not None  # the caller checked tb.router
+    legs = " ".join(f"{site}={leg.mac},{leg.address}" for site, leg in router.legs.items())
+    res = tb.guest(router.vm).exec(["/bin/sh", "-c", _ROUTER_SCRIPT], timeout=30, env={"SMFS_LEGS": legs})
     if res.rc != 0:
         err = res.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit {res.rc}"]
-        raise VmTestbedError(f"{router['vm']}: cannot configure the WAN router: {err[0][:200]}")
-    for line in res.out.split():
-        site, dev = line.split("=", 1)
-        router["legs"][site]["ifname"] = dev
-    tb._save()
+        raise VmTestbedError(f"{router.vm}: cannot configure the WAN router: {err[0][:200]}")
+    ifnames = dict(line.split("=", 1) for line in res.out.split())
+    tb.update(router=router.with_legs(ifname=ifnames))
 
 
 def _route_via_router(tb: VmTestbed, vm: str) -> None:
     """Route the other sites' subnets from ``vm`` through the router's leg on its own bridge."""
-    routes = tb.state["router"]["routes"].get(tb.info(vm).site, [])
+    assert tb.state.router is not None  # the caller checked tb.router
+    routes = tb.state.router.routes.get(tb.info(vm).site, [])
     script = "; ".join(f"ip route replace {net} via {via} dev eth0" for net, via in routes) or "true"
     tb.guest(vm).sh(f"set -e; {script}", timeout=30)
 
@@ -867,13 +1105,12 @@ def _wait_agents(tb: VmTestbed, started: dict[str, float], timeout: float, say: 
         tb.guest(vm).wait_ready(timeout)
         return vm, time.monotonic() - started[vm]
 
+    boot: dict[str, float] = {}
     with ThreadPoolExecutor(max_workers=max(1, len(started))) as pool:
         for vm, secs in pool.map(wait, list(started)):
             say(f"  {vm}: agent ready {secs:.1f} s after start")
-            for v in tb.state["vms"]:
-                if v["name"] == vm:
-                    v["boot_seconds"] = round(secs, 2)
-    tb.vms = {v["name"]: VmInfo(**v) for v in tb.state["vms"]}
+            boot[vm] = round(secs, 2)
+    tb.update(vms=tuple(replace(v, boot_seconds=boot[v.name]) if v.name in boot else v for v in tb.state.vms))
 
 
 def _check_uuid_free(conn: libvirt.virConnect, uuid: str, clone: str) -> None:

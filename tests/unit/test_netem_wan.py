@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -14,6 +15,7 @@ from pyroute2.netlink.rtnl.tcmsg import tcmsg
 
 from netem.profile import LinkProfile
 from testbed import wan
+from testbed.vmbed import RouterLeg, RouterState, VmTestbedState
 
 MACS = {"primary": "52:54:00:aa:00:01", "mirror": "52:54:00:aa:00:02"}
 TAPS = {"primary": "vnet3", "mirror": "vnet7"}
@@ -72,7 +74,7 @@ class FakeTb:
     """The part of VmTestbed the WAN uses; no guests unless a test adds them."""
 
     def __init__(self, enforcement: str = "auto", running: tuple[str, ...] = ("primary", "mirror")) -> None:
-        self.state: dict[str, Any] = {}
+        self.state = VmTestbedState(name="fake", spec={}, spec_path="<memory>", accel="tcg")
         self.saves = 0
         self.vms = {vm: SimpleNamespace(site=vm, mac=MACS[vm], address=f"198.18.{i}.10/24")
                     for i, vm in enumerate(("primary", "mirror"), 1)}  # fmt: skip
@@ -80,8 +82,10 @@ class FakeTb:
         self.running = set(running)
         self.guests: dict[str, Any] = {}
 
-    def _save(self) -> None:
+    def update(self, **changes: Any) -> VmTestbedState:
+        self.state = replace(self.state, **changes)
         self.saves += 1
+        return self.state
 
     def info(self, vm: str) -> Any:
         return self.vms[vm]
@@ -112,7 +116,7 @@ def _no_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def host(monkeypatch: pytest.MonkeyPatch) -> FakeHostIPR:
     ipr = FakeHostIPR()
-    monkeypatch.setattr(wan, "_host_ipr", lambda: ipr)
+    monkeypatch.setattr(wan, "host_ipr", lambda: ipr)
     return ipr
 
 
@@ -147,7 +151,7 @@ def test_the_environment_overrides_the_spec(monkeypatch: pytest.MonkeyPatch) -> 
         wan.enforcement(tb, has(True))
     msg = str(info.value)
     assert msg.startswith(f'{wan.ENFORCEMENT_ENV}: "router" needs the router guest') and "\n" not in msg
-    assert 'enforcement = "router"' in msg and "wan_enforcement" not in tb.state
+    assert 'enforcement = "router"' in msg and tb.state.wan_enforcement is None
     monkeypatch.setenv(wan.ENFORCEMENT_ENV, "hots")
     with pytest.raises(wan.WanError, match=rf"^{wan.ENFORCEMENT_ENV}: 'hots' is not one of auto, host, guest"):
         wan.requested_enforcement(tb)
@@ -158,7 +162,7 @@ def test_the_choice_is_made_once_and_kept_in_the_state() -> None:
     probe = has(False)
     chosen = wan.enforcement(tb, probe)
     assert chosen == {"point": wan.GUEST_POINT, "requested": "auto", "reason": chosen["reason"]}
-    assert tb.state["wan_enforcement"] == chosen and tb.saves == 1
+    assert tb.state.wan_enforcement == chosen and tb.saves == 1
     assert wan.enforcement(tb, probe) == chosen and wan.enforcement_point(tb) == wan.GUEST_POINT
     assert len(probe.calls) == 1 and tb.saves == 1
 
@@ -206,12 +210,12 @@ def test_host_path_shapes_each_sites_ingress_on_its_tap(host: FakeHostIPR) -> No
 def test_host_path_errors_are_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     tb = FakeTb(running=("mirror",))
     wan.enforcement(tb, has(True))
-    monkeypatch.setattr(wan, "_host_ipr", FakeHostIPR)
+    monkeypatch.setattr(wan, "host_ipr", FakeHostIPR)
     with pytest.raises(wan.WanError, match=r"^primary: no tap on the host \(is the VM running\?\)"):
         wan.shape(tb, LinkProfile())
     wan.clear(tb)  # a VM that is not running has nothing to clear
     tb.running.add("primary")
-    monkeypatch.setattr(wan, "_host_ipr", lambda: FakeHostIPR(override={"limit": 10}))
+    monkeypatch.setattr(wan, "host_ipr", lambda: FakeHostIPR(override={"limit": 10}))
     with pytest.raises(wan.WanError) as info:
         wan.shape(tb, LinkProfile.from_mapping({"delay": "10ms"}))
     assert "read-back mismatch" in str(info.value) and "limit" in str(info.value) and "\n" not in str(info.value)
@@ -267,7 +271,7 @@ def test_calibrate_measures_the_bare_path_once_and_compares_with_it(
     assert [r["shaped"] for r in runs] == [False, True]  # bare first (WAN cleared), then shaped again
     assert runs[0]["count"] == wan.BARE_PROBES and runs[1]["count"] == 962  # ±20 % each way at 95 %
     assert runs[1]["count"] * runs[1]["interval"] <= 4.5
-    assert tb.state["wan_bare"]["rtt_median_ms"] == 3.0 and len(host.roots) == 2
+    assert tb.state.wan_bare["rtt_median_ms"] == 3.0 and len(host.roots) == 2
     rows = {r["metric"]: r for r in result["rows"]}
     assert rows["rtt bare"]["measured"] == 3.0
     assert rows["rtt median"]["configured"] == result["expected_rtt_ms"] == 23.0 and rows["rtt median"]["ok"]
@@ -288,7 +292,7 @@ def test_calibrating_the_bare_path_records_it(monkeypatch: pytest.MonkeyPatch, h
     wan.enforcement(tb, has(True))
     result = wan.calibrate(tb, LinkProfile())  # after ./inv shape --clear
     assert [p["count"] for p in g.probes if "count" in p] == [200]
-    assert tb.state["wan_bare"]["rtt_median_ms"] == 3.0 and result["expected_rtt_ms"] == 3.0
+    assert tb.state.wan_bare["rtt_median_ms"] == 3.0 and result["expected_rtt_ms"] == 3.0
 
 
 # --------------------------------------------------------------------------- in the router guest
@@ -342,7 +346,8 @@ class FakeRouterGuest:
 def router_tb(legs: dict[str, dict[str, str]] = ROUTER_LEGS) -> FakeTb:
     tb = FakeTb("router")
     tb.vms["router"] = SimpleNamespace(site="wan", mac="52:54:00:aa:00:03", address="198.18.1.253/24")
-    tb.state["router"] = {"vm": "router", "legs": legs}
+    tb.update(router=RouterState(vm="router", legs={site: RouterLeg(bridge=f"smfs-{site}", mac="52:54:00:aa:00:03", **leg)
+                                                    for site, leg in legs.items()}))  # fmt: skip
     tb.guests = {"router": FakeRouterGuest()}
     return tb
 

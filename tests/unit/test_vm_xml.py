@@ -147,10 +147,10 @@ def test_router_domain_has_a_nic_on_each_site_bridge() -> None:
                                                   vmbed._router_nics(state))))  # fmt: skip
     nics = [(n.find("source").get("bridge"), n.find("mac").get("address"), n.find("alias").get("name"),
              n.find("mtu").get("size")) for n in root.findall("devices/interface")]  # fmt: skip
-    legs = state["legs"]
-    assert nics == [("smfs-primary", legs["primary"]["mac"], "ua-net0", "9000"),
-                    ("smfs-mirror", legs["mirror"]["mac"], "ua-net1", "9000")]  # fmt: skip
-    assert legs["primary"]["mac"] == rinfo.mac != legs["mirror"]["mac"]
+    legs = state.legs
+    assert nics == [("smfs-primary", legs["primary"].mac, "ua-net0", "9000"),
+                    ("smfs-mirror", legs["mirror"].mac, "ua-net1", "9000")]  # fmt: skip
+    assert legs["primary"].mac == rinfo.mac != legs["mirror"].mac
     cmdline = root.findtext("os/cmdline")
     assert "smfs_ip=198.18.1.253/24" in cmdline and "smfs_gw" not in cmdline and "smfs_host=router" in cmdline
     assert (root.findtext("memory"), root.findtext("vcpu")) == ("256", "1")
@@ -158,7 +158,7 @@ def test_router_domain_has_a_nic_on_each_site_bridge() -> None:
     assert root.find("devices/disk[@type='network']/source/host").get("socket") == "/c/disks/router.sock"
     assert [t.get("name") for t in root.findall("devices/channel/target")] == ["org.qemu.guest_agent.0"]
     # each site routes the other's subnet via the router's address on its own bridge
-    assert vmbed.site_routes(router) == state["routes"] == {"primary": [["198.18.2.0/24", "198.18.1.253"]],
+    assert vmbed.site_routes(router) == state.routes == {"primary": [["198.18.2.0/24", "198.18.1.253"]],
                                                             "mirror": [["198.18.1.0/24", "198.18.2.253"]]}  # fmt: skip
     # a site VM keeps its single NIC on its own bridge and its default route via the host
     pinfo = info("primary", "primary", "198.18.1.10/24", "198.18.1.254", "/c/qmp/primary-ledger.sock")

@@ -116,7 +116,7 @@ def test_snapshot_without_resume_then_restore(tb) -> None:
     secs = tb.restore("stopped", say=print)
     print(f"restore took {secs:.1f} s")
     assert tb.guest("primary").read_file("/data/before") == b"before\n"
-    assert tb.state["snapshots"][-2:] == ["ready", "stopped"]
+    assert tb.state.snapshots[-2:] == ("ready", "stopped")
 
 
 def test_power_cut_and_boot_again(tb) -> None:
@@ -186,7 +186,7 @@ def test_clone(tb) -> None:
         vmbed.down(say=print)
         bed = vmbed.up(tb.spec, say=print, clone="pytest-clone")
         try:
-            assert bed.name == "pytest-clone" and bed.state["snapshots"] == ["ready"]
+            assert bed.name == "pytest-clone" and bed.state.snapshots == ("ready",)
             assert {vm: i.mac for vm, i in bed.vms.items()} == meta["macs"]
             for vm in bed.vms:
                 # a memory image restores only into a domain of its name and UUID: the clone's keep them

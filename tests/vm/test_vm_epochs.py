@@ -33,7 +33,7 @@ def ready(tb: Any, tmp_path_factory: pytest.TempPathFactory) -> drill.DrillConfi
     """The drill's snapshot "ready" (mirror site and both gateways running, WAN shaped)."""
     out = tmp_path_factory.mktemp("epochs")
     cfg = drill.DrillConfig.from_spec(tb.spec, (parse_mode("remote-sync+fec"),), out)
-    tb.state["drill_wan"] = drill.prepare(tb, cfg, Timeline(say=print))
+    tb.update(drill_wan=drill.prepare(tb, cfg, Timeline(say=print)))
     return cfg
 
 

@@ -59,7 +59,7 @@ def rtb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 
 
 def _ifnames(tb) -> dict[str, str]:
-    return {site: leg["ifname"] for site, leg in tb.state["router"]["legs"].items()}
+    return {site: leg.ifname for site, leg in tb.state.router.legs.items()}
 
 
 def test_the_router_is_a_vm_of_no_site(rtb) -> None:
@@ -91,7 +91,7 @@ def test_sites_route_each_other_through_the_router(rtb) -> None:
         time.sleep(0.3)
     m.stop("tcpdump")
     seen = [ln for ln in m.read_file("/run/smfs/tcpdump.log").decode().splitlines() if "echo request" in ln]
-    router_mac = rtb.state["router"]["legs"]["mirror"]["mac"]
+    router_mac = rtb.state.router.legs["mirror"].mac
     assert seen and all(router_mac in ln.split(">")[0] for ln in seen), seen  # sent by the router's mirror NIC
 
 
@@ -123,7 +123,7 @@ def test_calibration_measures_twice_the_delay_plus_the_bare_path(rtb) -> None:
     cal = wan.calibrate(rtb, profile)
     print(format_table(cal["rows"]))
     rows = {r["metric"]: r for r in cal["rows"]}
-    bare = rtb.state["wan_bare"]
+    bare = rtb.state.wan_bare
     assert cal["enforcement_point"] == bare["enforcement_point"] == "router-egress"
     # Within 5 ms, not calibrate's own ±(5 % + bare p10-p90) band: the bare path's median through a TCG
     # router moves by ~3 ms between measurements (1.6-4.5 ms here), the shaped one stayed at 42.6-44.8 ms.

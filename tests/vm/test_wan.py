@@ -116,7 +116,7 @@ def test_calibration_measures_what_was_shaped(tb) -> None:
     wan.shape(tb, profile)
     cal = wan.calibrate(tb, profile)
     rows = {r["metric"]: r for r in cal["rows"]}
-    bare = tb.state["wan_bare"]["rtt_median_ms"]
+    bare = tb.state.wan_bare["rtt_median_ms"]
     assert rows["rtt median"]["ok"], rows["rtt median"]
     assert abs(rows["rtt median"]["measured"] - (100 + bare)) <= 0.05 * 100, (rows["rtt median"], bare)
     for name in ("loss a→b", "loss b→a"):
