@@ -543,6 +543,17 @@ class VmBed:
                                   "--run", f"{RUN}/primary", "--ledger-stream", LEDGER_PORT_DEV], env=self.env)
         return stream
 
+    def cpu_times(self) -> dict[str, str]:
+        """Each site VM's /proc/stat, read through its guest agent (see :func:`testbed.runner.cpu_busy`);
+        a guest that does not answer is left out."""
+        out = {}
+        for site, vm in (("primary", self.prim), ("mirror", self.mirr)):
+            try:
+                out[site] = self.tb.guest(vm).read_file("/proc/stat").decode(errors="replace")
+            except Exception:  # noqa: BLE001 - a figure for the report, never a reason to fail the mode
+                continue
+        return out
+
     def clock(self) -> dict[str, float]:
         """The primary guest's clock against the host's (the ledger's times are the guest's)."""
         dom = self.tb.domain(self.prim)

@@ -381,6 +381,10 @@ class NsBed:
     def clock(self) -> dict[str, float]:
         return {"offset_s": 0.0, "uncertainty_s": 0.0}  # the testers write the host's clock
 
+    def cpu_times(self) -> dict[str, str]:
+        """Both sites share the host's CPUs here: its /proc/stat (see :func:`testbed.runner.cpu_busy`)."""
+        return {"host": Path("/proc/stat").read_text()}
+
     def tick(self, elapsed: float) -> None:
         if self.runner is None:  # the faults' clock: seconds since the testers started
             t_start = time.time() - elapsed

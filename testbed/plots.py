@@ -190,6 +190,17 @@ def report_md(result: dict[str, Any]) -> str:
             lines += ["", "**Not counted above:** a receiving gateway jumped over sequence numbers it never saw "
                       "(a gap of a decoder window or more: an outage that long, or a restarted peer), which "
                       "'lost on WAN' does not include: " + ", ".join(f"{k} {v}" for k, v in jumped.items()) + "."]
+    cpu = [(m["mode"], m["cpu"]) for m in modes if m.get("cpu")]
+    if cpu:
+        machines = sorted({k for _mode, c in cpu for k in c})
+        lines += ["", "## CPU during the run", "",
+                  "Share of each machine's CPU time busy (stolen by the host, for a guest) from the testers' "
+                  "start to the disaster. Near 100 % busy, the emulation's CPU bounded the mode's throughput, "
+                  "not the WAN: a comparison of modes then measures the testbed as much as the mirroring.", "",
+                  "| mode | " + " | ".join(machines) + " |", "|---|" + "---|" * len(machines)]
+        for name, c in cpu:
+            cells = [f"{c[k]['busy'] * 100:.0f} % ({c[k]['steal'] * 100:.0f} %)" if k in c else "-" for k in machines]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "## Plots", ""]
     lines += [f"![{p}]({p})" for p in ("throughput.png", "latency-cdf.png", "acked-vs-lost.png", "fec.png")]
     lines += ["", "## Fault timelines", ""]

@@ -15,6 +15,7 @@ completion is after the instant (on the host's clock) is a drill fault: reported
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 import traceback
@@ -220,10 +221,14 @@ def run_mode(bed: Bed, cfg: RunConfig, mode: Mode, say: Say, progress: Callable[
         stream = bed.start_testers(out / "ledger-raw", tl)
         t_start = tl.mark(f"testers started ({cfg.testers} × {cfg.append_size} B appends)")
         clocks = [bed.clock()]
+        sample_cpu = getattr(bed, "cpu_times", None)  # {machine: /proc/stat's cpu line}, where the bed can
+        cpu0 = sample_cpu() if sample_cpu is not None else None
         _run_until(bed, cfg, mode, t_start, stream, say, progress)
         bed.heal_all()
         bed.before_disaster(mode)
         clocks.append(bed.clock())
+        if cpu0 is not None and sample_cpu is not None:
+            entry["cpu"] = cpu_busy(cpu0, sample_cpu())
         if cfg.instant == "ack":
             tl.gate = lambda: await_ack(stream, tl)
         instant = bed.disaster(tl)
@@ -288,6 +293,39 @@ def run_mode(bed: Bed, cfg: RunConfig, mode: Mode, say: Say, progress: Callable[
         entry["timeline"] = tl.events
         (out / "mode.json").write_text(json.dumps(entry, indent=1, default=str))
     return entry
+
+
+def cpu_busy(before: Mapping[str, str], after: Mapping[str, str]) -> dict[str, dict[str, float]]:
+    """Per machine, the share of its CPU time that was busy (user, nice, system, irq, softirq) and
+    stolen (steal: a guest's vCPU waiting for the host) between two readings of /proc/stat's ``cpu``
+    line (all CPUs summed), and its CPU count. A machine that reads near 1.0 busy bounded the mode's
+    throughput by the emulation's CPU, not by the WAN; a machine missing from either reading is left out."""
+    out = {}
+    for name in before.keys() & after.keys():
+        a, b = _cpu_fields(before[name]), _cpu_fields(after[name])
+        if a is None or b is None:
+            continue
+        d = [y - x for x, y in zip(a[0], b[0], strict=True)]
+        total = sum(d[:8])
+        if total <= 0:
+            continue
+        user, nice, system, idle, iowait, irq, softirq, steal = d[:8]
+        out[name] = {"busy": round((user + nice + system + irq + softirq) / total, 3),
+                     "steal": round(steal / total, 3), "cpus": b[1]}
+    return dict(sorted(out.items()))
+
+
+def _cpu_fields(proc_stat: str) -> tuple[list[int], int] | None:
+    """The summed ``cpu`` line's first eight counters (jiffies) and the number of ``cpuN`` lines."""
+    lines = proc_stat.splitlines()
+    for line in lines:
+        parts = line.split()
+        if parts and parts[0] == "cpu" and len(parts) >= 9:
+            try:
+                return [int(v) for v in parts[1:9]], sum(1 for ln in lines if re.match(r"cpu\d+ ", ln))
+            except ValueError:
+                return None
+    return None
 
 
 LOCAL_EVIDENCE = ("site-power-cut",)

@@ -280,3 +280,29 @@ def test_paper_findings_count_corrupt_and_skip_schedules_where_the_mode_promises
     assert not f["agrees"] and "corrupt 2" in f["detail"]
     outage = [{"mode": "network-sync", "acked": 10, "lost": 3, "durable": False}]  # mirror power outage
     assert paper_findings(outage) == []
+
+
+def test_cpu_busy_from_two_proc_stat_readings() -> None:
+    """/proc/stat's summed cpu line, twice: busy (user, nice, system, irq, softirq) and stolen shares
+    of the time between, per machine, with its CPU count; a machine read once is left out."""
+    from testbed.runner import cpu_busy
+
+    def stat(user: int, idle: int, steal: int = 0) -> str:
+        return (f"cpu  {user} 0 {user // 2} {idle} 10 0 0 {steal} 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n"
+                "cpu1 1 2 3 4 5 6 7 8 0 0\nintr 5\n")
+
+    got = cpu_busy({"primary": stat(100, 1000), "mirror": stat(0, 0), "gone": stat(1, 1)},
+                   {"primary": stat(700, 1090, steal=10), "mirror": stat(20, 970)})
+    assert got == {"mirror": {"busy": 0.03, "steal": 0.0, "cpus": 2},
+                   "primary": {"busy": 0.9, "steal": 0.01, "cpus": 2}}
+    assert cpu_busy({"x": "garbage"}, {"x": stat(1, 1)}) == {} and cpu_busy({"x": stat(1, 1)}, {"x": stat(1, 1)}) == {}
+
+
+def test_the_report_shows_each_machines_cpu_per_mode(tmp_path: Path) -> None:
+    from testbed.plots import report_md
+
+    res = _result(remote_lost=0)
+    res["modes"][0]["cpu"] = {"primary": {"busy": 0.97, "steal": 0.02, "cpus": 1}, "mirror": {"busy": 0.4, "steal": 0.0, "cpus": 1}}
+    md = report_md(res)
+    assert "| mode | mirror | primary |" in md and "| local-sync | 40 % (0 %) | 97 % (2 %) |" in md
+    assert "## CPU" not in report_md(_result(remote_lost=0))
