@@ -331,7 +331,12 @@ class PrimaryServer:
         self._fail_all(reason)
 
     async def _callbacks(self) -> None:
-        """Subscribe to the gateway's network-level callbacks for our flow and apply them."""
+        """Subscribe to the gateway's network-level callbacks for our flow and apply them.
+
+        The socket is read by a reader callback that drains every datagram waiting and applies the
+        highest offset once (offsets only grow): per datagram only a recv and a MAC check, no task
+        or timer. In a TCG guest an ``await wait_for(sock_recv())`` per callback cost about as much
+        CPU as the gateway's whole data path, and network-sync's primary ran CPU-bound on it."""
         from smfs.callbacks import NONCE_LEN, Flow, decode_callback, encode_subscribe
 
         assert self.flow is not None and self.gateway_control is not None
@@ -342,31 +347,50 @@ class PrimaryServer:
         # One subscription for this connection: only callbacks with its nonce and a good MAC count.
         nonce = os.urandom(NONCE_LEN)
         subscribe = encode_subscribe(Flow(*self.flow), nonce, self.gateway_key, sock.getsockname())
-        last_sub = last_cb = 0.0
+        last_cb = [0.0]
+        failed: list[BaseException] = []  # an error in the reader ends this task, as an error here would
+
+        def readable() -> None:
+            best = None
+            try:
+                while True:
+                    try:
+                        data = sock.recv(256)
+                    except BlockingIOError:
+                        break
+                    try:
+                        flow, offset, got = decode_callback(data, self.gateway_key)
+                        if got != nonce:
+                            raise ValueError("not this subscription's (replayed, or an earlier connection's)")
+                    except ValueError as err:
+                        self.stats["callbacks_rejected"] += 1
+                        n = self.stats["callbacks_rejected"]
+                        if n <= 10 or n % 1000 == 0:
+                            self.log.warning("dropping a callback (%d so far): %s", n, err)
+                        continue
+                    if tuple(flow) != self.flow:
+                        continue
+                    self.stats["callbacks"] += 1
+                    best = offset if best is None else max(best, offset)
+                if best is not None:
+                    last_cb[0] = time.monotonic()
+                    self._ack(self.tracker.advance("network", min(best, self.tracker.assigned)))
+            except Exception as err:  # noqa: BLE001 - handed to the task below, which raises it
+                failed.append(err)
+                loop.remove_reader(sock.fileno())
+
         with sock:
-            while True:
-                # (Re)subscribe after a second without callbacks: the first subscription may be lost,
-                # and a restarted gateway has forgotten it. A duplicate subscription is harmless.
-                now = time.monotonic()
-                if now - max(last_sub, last_cb) > 1.0:
-                    sock.sendto(subscribe, self.gateway_control)
-                    last_sub = now
-                try:
-                    data = await asyncio.wait_for(loop.sock_recv(sock, 256), 1.0)
-                except TimeoutError:
-                    continue
-                try:
-                    flow, offset, got = decode_callback(data, self.gateway_key)
-                    if got != nonce:
-                        raise ValueError("not this subscription's (replayed, or an earlier connection's)")
-                except ValueError as err:
-                    self.stats["callbacks_rejected"] += 1
-                    n = self.stats["callbacks_rejected"]
-                    if n <= 10 or n % 1000 == 0:
-                        self.log.warning("dropping a callback (%d so far): %s", n, err)
-                    continue
-                if tuple(flow) != self.flow:
-                    continue
-                self.stats["callbacks"] += 1
-                last_cb = time.monotonic()
-                self._ack(self.tracker.advance("network", min(offset, self.tracker.assigned)))
+            loop.add_reader(sock.fileno(), readable)
+            try:
+                last_sub = 0.0
+                while not failed:
+                    # (Re)subscribe after a second without callbacks: the first subscription may be
+                    # lost, and a restarted gateway has forgotten it. A duplicate is harmless.
+                    now = time.monotonic()
+                    if now - max(last_sub, last_cb[0]) > 1.0:
+                        sock.sendto(subscribe, self.gateway_control)
+                        last_sub = now
+                    await asyncio.sleep(0.1)
+                raise failed[0]
+            finally:
+                loop.remove_reader(sock.fileno())
