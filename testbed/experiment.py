@@ -30,7 +30,7 @@ import math
 import statistics
 import time
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -397,7 +397,7 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
 # --- claims -------------------------------------------------------------------------------------
 
 
-def _num(v: Any) -> float | None:
+def num(v: Any) -> float | None:
     if isinstance(v, bool) or v is None or v == "":
         return None
     try:
@@ -417,14 +417,14 @@ def curve(rows: Sequence[Mapping[str, Any]], exp: Experiment, mode: str, metric:
         if where and any(point.get(k) not in vals for k, vals in where.items()):
             continue
         vals = [v for r in rows
-                if r.get("point") == i and r.get("mode") == mode and _truthy(r.get("faithful"))
-                and r.get("verdict") in ("ok", "data-loss") and (v := _num(r.get(metric))) is not None]
+                if r.get("point") == i and r.get("mode") == mode and truthy(r.get("faithful"))
+                and r.get("verdict") in ("ok", "data-loss") and (v := num(r.get(metric))) is not None]
         agg_v = (statistics.median(vals) if agg == "median" else sum(vals)) if vals else None
         out.append((i, point, agg_v, vals))
     return out
 
 
-def _truthy(v: Any) -> bool:
+def truthy(v: Any) -> bool:
     return v is True or str(v).lower() == "true"
 
 
@@ -510,9 +510,11 @@ class Plan:
         return f"ETA {int(left // 60)} min {int(left % 60):02d} s"
 
 
-def run_experiment(exp: Experiment, out: Path, keep: bool = False, resume: bool = False, say: Say = print
-                   ) -> dict[str, Any]:
-    """Run every point × mode × repetition from one snapshot; returns ``experiment.json``'s content."""
+def run_experiment(exp: Experiment, out: Path, keep: bool = False, resume: bool = False, say: Say = print,
+                   report: Callable[[dict[str, Any], Experiment, Path], Any] | None = None) -> dict[str, Any]:
+    """Run every point × mode × repetition from one snapshot; returns ``experiment.json``'s content.
+    ``report(result, exp, out)`` then writes the report and plots (the CLI passes
+    :func:`testbed.experiment_plots.write_experiment_report`, which imports this module)."""
     from smfs.modes import parse_mode
     from testbed.drill import DrillConfig, with_testbed
     from testbed.faults import Timeline
@@ -576,12 +578,11 @@ def run_experiment(exp: Experiment, out: Path, keep: bool = False, resume: bool 
     }
     write_csv(rows, out / "points.csv")
     (out / "experiment.json").write_text(json.dumps(result, indent=1, default=str))
-    try:
-        from testbed.experiment_plots import write_experiment_report
-
-        write_experiment_report(result, exp, out)
-    except Exception as err:  # noqa: BLE001 - the table and judgments stand without the plots
-        say(f"report: plots failed: {err}")
+    if report is not None:  # the caller's (testbed.experiment_plots.write_experiment_report: it imports this module)
+        try:
+            report(result, exp, out)
+        except Exception as err:  # noqa: BLE001 - the table and judgments stand without the plots
+            say(f"report: plots failed: {err}")
     say("\n" + claims_text(judgments))
     say(f"\nexperiment {exp.name}: {len(rows)} runs; table {out / 'points.csv'}, report {out / 'report.md'}")
     return result

@@ -18,8 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
 from matplotlib import ticker  # noqa: E402
 
-from testbed.experiment import Experiment, _num, _truthy, point_id, point_label  # noqa: E402
-from testbed.plots import _latencies  # noqa: E402
+from testbed.experiment import Experiment, num, point_id, point_label, truthy  # noqa: E402
+from testbed.plots import latencies  # noqa: E402
 
 
 def _x(exp: Experiment) -> tuple[str, list[str]]:
@@ -41,8 +41,8 @@ def _series(rows: Sequence[Mapping[str, Any]], exp: Experiment, mode: str, metri
     for i, _p in enumerate(exp.points()):
         mine = [r for r in rows if r.get("point") == i and r.get("mode") == mode
                 and r.get("verdict") in ("ok", "data-loss")]
-        vals = [v for r in mine if (v := _num(r.get(metric))) is not None]
-        faithful = all(_truthy(r.get("faithful")) for r in mine) if mine else True
+        vals = [v for r in mine if (v := num(r.get(metric))) is not None]
+        faithful = all(truthy(r.get("faithful")) for r in mine) if mine else True
         if not vals:
             out.append((None, None, None, faithful))
             continue
@@ -93,7 +93,7 @@ def _cdf_plot(path: Path, exp: Experiment, out: Path) -> Path | None:
     for i, p in enumerate(points):
         ax = axes[i // cols][i % cols]
         for mode in exp.modes:
-            lat = _latencies(out / "runs" / point_id(i, p) / "rep0" / mode)
+            lat = latencies(out / "runs" / point_id(i, p) / "rep0" / mode)
             if lat:
                 ax.plot(lat, [(k + 1) / len(lat) for k in range(len(lat))], label=mode)
                 drew = True
@@ -158,7 +158,7 @@ def report_md(result: Mapping[str, Any], exp: Experiment, plots: Sequence[Path])
                 s = _series(rows, exp, mode, metric, "sum" if metric == "lost" else "median")[i]
                 cells.append("n/a" if s[0] is None else f"{s[0]:.3g}")
             cells.append(", ".join(str(r.get("verdict")) for r in mine))
-            faithful = all(_truthy(r.get("faithful")) for r in mine)
+            faithful = all(truthy(r.get("faithful")) for r in mine)
             cells.append("yes" if faithful else "NO: " + str(mine[0].get("note", "")))
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
 from testbed.report import table  # noqa: E402
 
 
-def _latencies(mode_dir: Path) -> list[float]:
+def latencies(mode_dir: Path) -> list[float]:
     """Latency (ms) of the ok appends in ``<mode>/ledger``; empty when there is no ledger."""
     from workloads.ledger import load_ledgers
 
@@ -58,7 +58,7 @@ def write_plots(result: dict[str, Any], out: Path) -> list[Path]:
     ]
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for name in names:
-        lat = _latencies(out / name)
+        lat = latencies(out / name)
         if lat:
             ax.plot(lat, [(i + 1) / len(lat) for i in range(len(lat))], label=name)
     ax.set_xscale("log")

@@ -32,6 +32,7 @@ def _usage(task_name: str, usage: str, doc: str | None, given: str) -> None:
 def experiment(c, file, quick=False, out="", resume="", keep=False, wait=False):
     """A parameter sweep over the drill from one snapshot: tidy table, plots, the paper's claims judged."""
     from testbed.experiment import ExperimentError, load, run_experiment
+    from testbed.experiment_plots import write_experiment_report  # matplotlib: only when an experiment runs
 
     if not file or file in HELP:
         _usage("experiment", "FILE [--quick] [--out DIR] [--resume DIR] [--keep] [--wait]", experiment.__doc__, file)
@@ -51,8 +52,8 @@ def experiment(c, file, quick=False, out="", resume="", keep=False, wait=False):
         f"{exp.repetitions} repetition(s) into {folder}")
     try:
         with for_command("./inv experiment", wait):
-            result = run_for_verdict(lambda: run_experiment(exp, folder, keep=keep, resume=bool(resume), say=say),
-                                     "the experiment")
+            result = run_for_verdict(lambda: run_experiment(exp, folder, keep=keep, resume=bool(resume), say=say,
+                                                            report=write_experiment_report), "the experiment")
     except ExperimentError as err:
         raise user_error(str(err)) from None
     if any(j["verdict"] == "DISAGREES" for j in result["claims"]):
@@ -90,6 +91,7 @@ def replay(c, folder, out="", wait=False):
         if not file.is_file():
             raise user_error(f"{src}: experiment-file.toml is missing; it cannot be replayed")
         from testbed.experiment import ExperimentError, load, run_experiment
+        from testbed.experiment_plots import write_experiment_report  # matplotlib: only when it runs
 
         try:
             exp = load(file, quick=bool(res.get("quick")))
@@ -98,7 +100,7 @@ def replay(c, folder, out="", wait=False):
         say = stamped(time.monotonic())
         say(f"replaying experiment {exp.name} from {src} into {target}")
         with for_command("./inv replay", wait):
-            run_for_verdict(lambda: run_experiment(exp, target, say=say), "the replay")
+            run_for_verdict(lambda: run_experiment(exp, target, say=say, report=write_experiment_report), "the replay")
         return
     spec = src / "spec.toml"
     if not spec.is_file():
