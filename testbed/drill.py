@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from smfs.modes import Mode
 from testbed.errors import TestbedError
 from testbed.faults import Runner, Timed, Timeline, during, schedule
+from testbed.guestproc import RUN_DIR, wait_file
 from testbed.progress import Say
 from testbed.report import table
 from testbed.runner import EXIT_CODES, InfrastructureError, RunConfig, overall_verdict
@@ -36,14 +37,13 @@ from workloads.ledger import is_ack_line
 
 if TYPE_CHECKING:  # testbed.vmbed loads libvirt: imported where the drill brings a testbed up
     from netem.profile import LinkProfile
-    from testbed.guest import Guest
     from testbed.vmbed import VmTestbed
 
 SNAPSHOT = "ready"
 MIRROR_PORT = 7700
 TUNNEL_PORT = 7800
 CONTROL = "127.0.0.1:7790"
-RUN = "/run/smfs"
+RUN = RUN_DIR  # where the drill's processes keep their pid, log and ready files in a guest
 KEY_FILE = "/run/smfs/storage.key"
 """The storage servers' key (mirror stream handshake, MACK tags): written once, before snapshot "ready"."""
 TUNNEL_KEY_FILE = "/run/smfs/tunnel.key"
@@ -61,9 +61,6 @@ fi
 rm -f "$1/gateway.ready" "$2.new" && umask 077 && set -C && cat > "$2.new" && mv -f "$2.new" "$2"
 """
 """Guest shell: kill the gateway whose pid is in $1/gateway.pid, then stdin into key file $2 (mode 0600 from the start)."""
-GUEST_READY_TIMEOUT = 90.0
-"""Seconds for a site or gateway in a guest to be ready: a TCG guest starts Python processes many times
-slower than the host (compare :data:`testbed.localdrill.SITE_READY_TIMEOUT`)."""
 DRILL_PROBES = 2000  # calibration probes at most per drill (about 4 s)
 INTERLEAVES = (1, 11, 19)  # the FEC layers' interleaves; fec.c = k runs the first k
 STORAGE = {"primary": ("198.18.11.1", "198.18.11.0/24"), "mirror": ("198.18.12.1", "198.18.12.0/24")}
@@ -241,35 +238,6 @@ def _vm(tb: VmTestbed, site: str) -> str:
 
 def _ip(tb: VmTestbed, vm: str) -> str:
     return tb.info(vm).address.split("/")[0]
-
-
-WAIT_READY = """n=0
-while [ "$n" -lt "$3" ]; do
-  [ -e "$1" ] && exit 0
-  if [ $((n % 10)) -eq 0 ]; then
-    p=$(cat "$2" 2>/dev/null)
-    grep -q '^State:.*[^Z] (' "/proc/$p/status" 2>/dev/null || { [ -e "$1" ] && exit 0; exit 3; }
-  fi
-  sleep 0.05
-  n=$((n + 1))
-done
-exit 4
-"""
-"""Guest shell: wait for file $1 while the process whose pid is in $2 lives (checked every 10th poll), at
-most $3 polls of 50 ms; exit 0 ready, 3 the process is gone, 4 timed out."""
-
-
-def wait_file(g: Guest, path: str, proc: str, what: str, timeout: float = GUEST_READY_TIMEOUT) -> None:
-    """Wait until ``proc`` (a process started with ``g.spawn``) has made ``path``, polling in the guest: one
-    guest command instead of two per poll (each costs ~0.4 s under TCG), so readiness is seen within 50 ms."""
-    polls = max(1, int(timeout / 0.05))
-    res = g.exec(["/bin/sh", "-c", WAIT_READY, "sh", path, f"{RUN}/{proc}.pid", str(polls)], timeout=timeout + 30)
-    if res.rc == 0:
-        return
-    if res.rc == 3:
-        tail = g.sh(f"tail -n 3 {RUN}/{proc}.log", check=False).strip().replace("\n", " | ")
-        raise InfrastructureError(f"{what} exited before it was ready: {tail[:300]}")
-    raise InfrastructureError(f"{what} not ready after {timeout:.0f} s (see {RUN}/{proc}.log in the guest)")
 
 
 def prepare(tb: VmTestbed, cfg: DrillConfig, tl: Timeline) -> dict[str, Any]:

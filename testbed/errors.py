@@ -29,3 +29,7 @@ class TestbedError(Exception):
 
 class UserError(TestbedError):
     """Bad input: a spec, a flag or a path; the message names it and the fix."""
+
+
+class InfrastructureError(TestbedError, RuntimeError):
+    """The drill itself failed (a process died, a site never became ready): verdict unknown."""

@@ -236,7 +236,7 @@ class MirrorRestart(VmFault):
     name = "mirror-restart"
 
     def inject(self, tb: VmTestbed, tl: Timeline) -> None:
-        from testbed.drill import RUN
+        from testbed.guestproc import RUN_DIR as RUN
 
         g = tb.guest(self.vm)
         pid = g.find("mirror-site")
@@ -245,7 +245,8 @@ class MirrorRestart(VmFault):
         tl.mark(f"mirror site crashed in {self.vm} (SIGKILL of pid {pid})", vm=self.vm, killed=pid)
 
     def heal(self, tb: VmTestbed, tl: Timeline) -> None:
-        from testbed.drill import RUN, wait_file
+        from testbed.guestproc import RUN_DIR as RUN
+        from testbed.guestproc import wait_file
 
         g = tb.guest(self.vm)
         t0 = time.monotonic()

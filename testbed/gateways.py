@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from smfs.auth import create_key_file
+from testbed.errors import InfrastructureError
 from testbed.netns import ADDRS, NamespaceTestbed, other
-from testbed.runner import InfrastructureError
 
 TUNNEL_PORT = 7800
 CONTROL = "127.0.0.1:7790"

@@ -25,17 +25,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from smfs.modes import Mode
-from testbed.errors import TestbedError
+from testbed.errors import InfrastructureError  # InfrastructureError: re-exported
 from testbed.faults import Timeline
 from testbed.progress import Say
 
 DRAIN_INTERVAL = 0.5  # s between two probes of the mirror while draining
 QUIET_PROBES = 2  # consecutive quiet comparisons (each DRAIN_INTERVAL apart) that end a drain
 EXIT_CODES = {"ok": 0, "data-loss": 1, "unknown": 2}
-
-
-class InfrastructureError(TestbedError, RuntimeError):
-    """The drill itself failed (a process died, a site never became ready): verdict unknown."""
 
 
 @dataclass(frozen=True)

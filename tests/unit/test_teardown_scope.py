@@ -344,7 +344,7 @@ def test_gateway_exec_is_ours(cache: Path, tmp_path: Path) -> None:
     procs_ = [subprocess.Popen(["bash", "-c", f"exec -a {fake} sleep 60"], start_new_session=True) for _ in range(2)]
     try:
         deadline = time.monotonic() + 5
-        while any(procs.cmdline(p.pid) in (None, ["bash", "-c", f"exec -a {fake} sleep 60"]) for p in procs_):
+        while any((procs.cmdline(p.pid) or [""])[0] != str(fake) for p in procs_):  # exec done (not mid-way)
             assert time.monotonic() < deadline
             time.sleep(0.01)
         base = ["ip", "netns", "exec", "smfs-1-primary", sys.executable, "-m", "smfs.gateway", "--site", "primary"]
