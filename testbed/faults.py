@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from netem.profile import LinkProfile
-from testbed.errors import TestbedError, UserError
+from testbed.errors import TestbedError
 from testbed.progress import Say
+from testbed.schedule import SCHEDULES, DuringEntry, ScheduleError, parse_during
 
 if TYPE_CHECKING:  # testbed.vmbed loads libvirt, which the namespace drill's faults never need
     from testbed.vmbed import VmTestbed
@@ -26,10 +27,6 @@ Bed = TypeVar("Bed")
 
 class FaultError(TestbedError, RuntimeError):
     """A fault could not be injected or healed; the message is one line."""
-
-
-class ScheduleError(UserError, ValueError):
-    """A spec's fault schedule is invalid; the message is one line naming the field and the fix."""
 
 
 @dataclass
@@ -274,10 +271,6 @@ class MirrorPowerOutage(VmFault):
         site_instant(tb, tl, self.then)
 
 
-SCHEDULES = ("rolling-disaster", "site-power-cut", "mirror-power-outage")
-"""Disasters a drill can end with, at ``fail_at``: each ends with the primary site's power cut."""
-
-
 def schedule(name: str, base: LinkProfile, loss: str = "1%", burst_seconds: float = 0.5) -> list[VmFault]:
     """The faults of a spec's ``[faults] schedule``, injected in order at the drill's ``fail_at``."""
     if name == "rolling-disaster":
@@ -308,81 +301,21 @@ class Timed(Generic[Bed]):
         return f"{self.fault.name} at {self.at:g} s for {self.seconds:g} s"
 
 
-DURING = ("freeze", "partition", "loss-burst", "mirror-disk-failure", "balloon-squeeze")
-"""Faults a spec can schedule during the run (``[[faults.during]]``), each healed after ``for``."""
-
-_DURING_KEYS = {
-    "freeze": {"vm"}, "partition": {"site"}, "loss-burst": {"loss"}, "mirror-disk-failure": {"vm"},
-    "balloon-squeeze": {"vm", "to"},
-}
-
-
 def during(entries: Any, spec: Any, fail_at: float) -> tuple[Timed[VmTestbed], ...]:
-    """Parse and validate ``[[faults.during]]``: ``fault``, ``at``, ``for`` and the fault's own keys.
+    """The faults of ``[[faults.during]]``, parsed and checked by :func:`testbed.schedule.parse_during`."""
+    return tuple(Timed(e.at, e.seconds, _during_fault(e, spec)) for e in parse_during(entries, spec, fail_at))
 
-    Every fault must heal before ``fail_at`` (the disaster); errors are one line naming the entry
-    and the field, e.g. ``faults.during[1].vm: no VM 'mirorr'; VMs: primary, mirror``."""
-    from netem.profile import parse_percent, parse_time_us
-    from smfs.units import parse_size
 
-    if entries is None:
-        return ()
-    if not isinstance(entries, (list, tuple)):
-        raise ScheduleError("faults.during: must be a list of tables ([[faults.during]] with fault, at, for)")
-    vms = {vm.name: vm for vm in spec.vms}
-    sites = {site.name for site in spec.sites}
-    out: list[Timed[VmTestbed]] = []
-    for i, raw in enumerate(entries):
-        where = f"faults.during[{i}]"
-        if not hasattr(raw, "get"):
-            raise ScheduleError(f"{where}: must be a table with fault, at and for")
-        kind = raw.get("fault")
-        if kind not in DURING:
-            raise ScheduleError(f"{where}.fault: {kind!r} is not one of {', '.join(DURING)}")
-        extra = set(raw) - {"fault", "at", "for"} - _DURING_KEYS[kind]
-        if extra:
-            raise ScheduleError(f"{where}: unknown key(s) {', '.join(sorted(extra))} for {kind}; "
-                             f"it takes at, for{''.join(', ' + k for k in sorted(_DURING_KEYS[kind]))}")
-        for key in ("at", "for"):
-            if key not in raw:
-                raise ScheduleError(f"{where}.{key}: missing; give a time like \"5s\"")
-        at = parse_time_us(raw["at"], f"{where}.at") / 1e6
-        seconds = parse_time_us(raw["for"], f"{where}.for") / 1e6
-        if seconds <= 0:
-            raise ScheduleError(f"{where}.for: must be positive, e.g. \"2s\"")
-        if at + seconds >= fail_at:
-            raise ScheduleError(f"{where}: heals at {at + seconds:g} s, not before faults.fail_at ({fail_at:g} s); "
-                             "inject it earlier or make it shorter")
-        fault: VmFault
-        if kind in ("freeze", "mirror-disk-failure", "balloon-squeeze"):
-            vm = raw.get("vm", "mirror" if kind != "balloon-squeeze" else "primary")
-            if vm not in vms:
-                raise ScheduleError(f"{where}.vm: no VM {vm!r}; VMs: {', '.join(vms)}")
-            if kind == "freeze":
-                fault = Freeze(vm)
-            elif kind == "mirror-disk-failure":
-                fault = MirrorDiskFailure(vm)
-            else:
-                if "to" not in raw:
-                    raise ScheduleError(f"{where}.to: missing; give the squeezed memory, e.g. \"256MiB\"")
-                mib = parse_size(str(raw["to"]), f"{where}.to") // (1 << 20)
-                if not 128 <= mib < vms[vm].memory_mib:
-                    raise ScheduleError(f"{where}.to: {mib} MiB must be at least 128 MiB and below the VM's "
-                                     f"{vms[vm].memory_mib} MiB")
-                fault = BalloonSqueeze(vm, mib, vms[vm].memory_mib)
-        elif kind == "partition":
-            site = raw.get("site", "primary")
-            if site not in sites:
-                raise ScheduleError(f"{where}.site: no site {site!r}; sites: {', '.join(sorted(sites))}")
-            fault = Partition(site)
-        else:
-            loss = str(raw.get("loss", "5%"))
-            if not 0 < parse_percent(loss, f"{where}.loss") <= 100:
-                raise ScheduleError(f"{where}.loss: must be above 0 % and at most 100 %, e.g. \"5%\"")
-            fault = LossBurst(spec.wan, loss, seconds)
-        out.append(Timed(at, seconds, fault))
-    out.sort(key=lambda t: t.at)
-    return tuple(out)
+def _during_fault(e: DuringEntry, spec: Any) -> VmFault:
+    if e.kind == "freeze":
+        return Freeze(e.vm)
+    if e.kind == "mirror-disk-failure":
+        return MirrorDiskFailure(e.vm)
+    if e.kind == "balloon-squeeze":
+        return BalloonSqueeze(e.vm, e.to_mib, e.memory_mib)
+    if e.kind == "partition":
+        return Partition(e.site)
+    return LossBurst(spec.wan, e.loss, e.seconds)
 
 
 class Runner(Generic[Bed]):

@@ -4,12 +4,23 @@ its faults and the namespace side can import it at the top."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import Protocol
 
 from testbed.errors import InfrastructureError
 
-if TYPE_CHECKING:  # testbed.guest loads libvirt
-    from testbed.guest import Guest
+
+class _Done(Protocol):
+    rc: int
+
+
+class Guest(Protocol):
+    """What :func:`wait_file` needs of a guest (:class:`testbed.guest.Guest` has it): run a command and
+    get its exit code, run a shell script and get its output."""
+
+    def exec(self, argv: Sequence[str] | str, timeout: float = ...) -> _Done: ...
+
+    def sh(self, script: str, timeout: float = ..., check: bool = ...) -> str: ...
 
 RUN_DIR = "/run/smfs"
 """A guest's folder for the processes the testbed starts (``<name>.pid``, ``<name>.log``, ready files)."""

@@ -384,7 +384,7 @@ def _drill_tables(data: Mapping[str, Any], spec: Spec) -> None:
     loaded, before any VM boots (the drill reads them again, already valid)."""
     from netem.profile import ProfileError, parse_percent, parse_time_us
     from smfs.fec import MAX_R
-    from testbed.faults import SCHEDULES, ScheduleError, during
+    from testbed.schedule import SCHEDULES, ScheduleError, parse_during
 
     wl = _table(data.get("workload", {}), "workload", DRILL_KEYS["workload"])
     fec = _table(data.get("fec", {}), "fec", DRILL_KEYS["fec"])
@@ -428,7 +428,7 @@ def _drill_tables(data: Mapping[str, Any], spec: Spec) -> None:
                         if key in entry and not isinstance(entry[key], str):
                             raise SpecError(f"faults.during[{i}].{key}: {show(entry[key])} is not a string; "
                                             "write it in quotes, e.g. \"mirror\", \"5%\", \"256MiB\"")
-        during(entries, spec, fail_at)
+        parse_during(entries, spec, fail_at)
     except (ProfileError, ScheduleError) as err:
         raise SpecError(str(err)) from None
 
