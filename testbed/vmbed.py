@@ -32,9 +32,8 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +48,14 @@ from testbed.progress import Say
 from testbed.registry import Registry, Resource, Scope, register_teardown
 from testbed.spec import ROUTER_SITE, RouterSpec, Spec, SpecError, VmSpec, thaw
 from testbed.spec import load as load_spec
+from testbed.vmstate import (
+    _WAN_STATE,
+    RouterLeg,
+    RouterState,
+    VmInfo,
+    VmTestbedState,
+    write_atomically,
+)
 
 if TYPE_CHECKING:  # testbed.images (and the builder) is imported where up needs the image
     from vmimages.build import Image
@@ -76,138 +83,6 @@ def domain_name(testbed: str, vm: str) -> str:
 def _mac(testbed: str, vm: str) -> str:
     h = hashlib.sha256(f"{testbed}/{vm}".encode()).digest()
     return "52:54:00:{:02x}:{:02x}:{:02x}".format(*h[:3])
-
-
-@dataclass(frozen=True)
-class VmInfo:
-    """What a VM of a running testbed is (kept in state.json)."""
-
-    name: str
-    site: str
-    domain: str
-    uri: str
-    address: str  # 198.18.1.10/24
-    gateway: str
-    mac: str
-    root: str
-    data: str
-    qmp: str
-    console: str
-    boot_seconds: float = 0.0
-    ledger: str = ""  # host unix socket of the guest's ledger port (hypervisor.LEDGER_PORT)
-    data_socket: str = ""  # nbdkit's unix socket serving the data disk (``data`` is its raw file)
-
-
-@dataclass(frozen=True)
-class RouterLeg:
-    """The router guest's NIC on one site's bridge (kept in state.json)."""
-
-    bridge: str
-    address: str  # 198.18.1.253/24
-    mac: str
-    ifname: str = ""  # eth0, eth1...: set once the guest has been asked (:func:`_configure_router`)
-
-
-@dataclass(frozen=True)
-class RouterState:
-    """What state.json keeps of the WAN router guest: per site its leg, in the spec's order (the first
-    is eth0's), and per site the routes its VMs take through it (``[subnet, via]``)."""
-
-    vm: str
-    legs: dict[str, RouterLeg]
-    routes: dict[str, list[list[str]]] = field(default_factory=dict)
-
-    def with_legs(self, **changes: dict[str, str]) -> RouterState:
-        """A copy with ``changes[field][site]`` set on each named leg, e.g. ``with_legs(ifname={"primary": "eth0"})``."""
-        legs = {site: replace(leg, **{k: v[site] for k, v in changes.items() if site in v})
-                for site, leg in self.legs.items()}  # fmt: skip
-        return replace(self, legs=legs)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"vm": self.vm, "legs": {site: asdict(leg) for site, leg in self.legs.items()}, "routes": self.routes}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> RouterState:
-        return cls(vm=data["vm"], legs={site: RouterLeg(**leg) for site, leg in data["legs"].items()},
-                   routes=data.get("routes", {}))
-
-
-WanShape = dict[str, Any]
-"""One of the WAN's recorded facts as JSON (a profile, the bare path's RTT, the enforcement point)."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class VmTestbedState:
-    """Everything ``state.json`` keeps of a testbed; the field names are the file's keys, and a field
-    that is None is left out of the file (a missing key reads back as its default). Only
-    :class:`VmTestbed` writes it (:meth:`VmTestbed.update`)."""
-
-    name: str
-    spec: dict[str, Any]  # the spec as a mapping (testbed.spec.thaw), read back with spec.from_mapping
-    spec_path: str
-    image: str | None = None  # the guest image's key
-    accel: str
-    accel_reason: str | None = None
-    boot_timeout: float = 120
-    run_as_root: bool = False
-    vms: tuple[VmInfo, ...] = ()
-    snapshots: tuple[str, ...] = ()  # oldest first
-    t_up: float | None = None
-    router: RouterState | None = None
-    wan_enforcement: dict[str, str] | None = None  # {"point", "requested", "reason"} (testbed.wan.enforcement)
-    wan_profile: WanShape | None = None  # the WAN's current shape (testbed.wan.remember)
-    wan_bare: WanShape | None = None  # the bare path's RTT as last measured (testbed.wan.calibrate)
-    snapshot_wan: dict[str, dict[str, WanShape | None]] | None = None  # per snapshot the _WAN_STATE fields
-    drill_wan: dict[str, Any] | None = None  # the drill's WAN facts of snapshot "ready" (testbed.drill.prepare)
-
-    def wan_state(self) -> dict[str, WanShape | None]:
-        """The fields that describe the WAN's realised shape (kept per snapshot, put back by restore)."""
-        return {k: getattr(self, k) for k in _WAN_STATE}
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is None:
-                continue
-            if f.name == "vms":
-                value = [asdict(v) for v in value]
-            elif f.name == "snapshots":
-                value = list(value)
-            elif f.name == "router":
-                value = value.to_json()
-            out[f.name] = value
-        return out
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any], name: str) -> VmTestbedState:
-        """The state of ``data`` (a parsed state.json; keys this version does not know are ignored)."""
-        known = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in data.items() if k in known and v is not None}
-        kw.setdefault("name", name)
-        kw["vms"] = tuple(VmInfo(**v) for v in data["vms"])
-        kw["snapshots"] = tuple(kw.get("snapshots", ()))
-        if data.get("router"):
-            kw["router"] = RouterState.from_json(data["router"])
-        else:
-            kw.pop("router", None)
-        return cls(**kw)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, fsync it, then rename it over ``path``: a
-    reader (or a crash) sees the old file or the new one, never a part."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 class VmTestbed:
@@ -244,7 +119,7 @@ class VmTestbed:
             return self._state
 
     def _write(self) -> None:
-        _write_atomically(self.dir / "state.json", json.dumps(self._state.to_json(), indent=1))
+        write_atomically(self.dir / "state.json", json.dumps(self._state.to_json(), indent=1))
 
     @property
     def vms(self) -> dict[str, VmInfo]:
@@ -722,7 +597,6 @@ _STATES = {libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_PAUSED: "pa
            libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended"}
 
 
-_WAN_STATE = ("wan_profile", "wan_bare", "wan_enforcement")
 """The testbed state keys that describe the WAN's realised shape; kept per snapshot, put back by restore."""
 
 

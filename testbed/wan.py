@@ -37,12 +37,12 @@ from typing import TYPE_CHECKING, Any
 from netem.profile import Direction, LinkProfile
 from testbed.errors import TestbedError
 
-if TYPE_CHECKING:  # testbed.vmbed calls into the WAN (a cycle at run time); pyroute2 loads where the host shapes
+if TYPE_CHECKING:  # pyroute2 loads only where the host shapes; a testbed is anything with the Bed protocol
     from pyroute2 import IPRoute
 
     from testbed.guest import Guest
     from testbed.spec import RouterSpec, Spec
-    from testbed.vmbed import VmTestbed
+    from testbed.vmstate import Bed
 
 HOST_POINT = "host-tap-egress"
 """netem on the host, at the root of each site VM's tap (packets towards the VM)."""
@@ -82,7 +82,7 @@ class Shaped:
                 "describe": self.profile.describe(), "read_back": self.read_back, "seconds": round(self.seconds, 2)}
 
 
-def _site_vms(tb: VmTestbed) -> dict[str, str]:
+def _site_vms(tb: Bed) -> dict[str, str]:
     """VM -> site for the two sites the WAN joins (every VM of a site shapes its own ingress); the
     router guest is in neither."""
     from testbed.spec import ROUTER_SITE
@@ -94,7 +94,7 @@ def _site_vms(tb: VmTestbed) -> dict[str, str]:
     return out
 
 
-def _each(tb: VmTestbed, fn: Callable[[str, str], dict[str, Any]], only: str | None = None) -> dict[str, dict[str, Any]]:
+def _each(tb: Bed, fn: Callable[[str, str], dict[str, Any]], only: str | None = None) -> dict[str, dict[str, Any]]:
     """``fn(vm, site)`` for every site VM at once (or only for VM ``only``), keyed by VM."""
     vms = {vm: site for vm, site in _site_vms(tb).items() if only in (None, vm)}
     if not vms:
@@ -139,7 +139,7 @@ def host_netem() -> tuple[bool, str]:
     return ok, "netem accepted on a scratch namespace" if ok else "netem refused on a scratch namespace"
 
 
-def requested_enforcement(tb: VmTestbed) -> tuple[str, str]:
+def requested_enforcement(tb: Bed) -> tuple[str, str]:
     """(choice, where it came from): ``SMFS_WAN_ENFORCEMENT`` when set, else the spec's ``wan.enforcement``."""
     from testbed.spec import SpecError, check_wan_enforcement
 
@@ -151,7 +151,7 @@ def requested_enforcement(tb: VmTestbed) -> tuple[str, str]:
         raise WanError(str(err)) from None
 
 
-def enforcement(tb: VmTestbed, probe: Callable[[], tuple[bool, str]] | None = None) -> dict[str, str]:
+def enforcement(tb: Bed, probe: Callable[[], tuple[bool, str]] | None = None) -> dict[str, str]:
     """The testbed's enforcement point ``{"point", "requested", "reason"}``: chosen on first use and kept
     in ``tb.state.wan_enforcement``; chosen again (the old point cleared) when the request changes.
     ``probe`` answers "has the host kernel sch_netem?" (default :func:`host_netem`)."""
@@ -169,7 +169,7 @@ def enforcement(tb: VmTestbed, probe: Callable[[], tuple[bool, str]] | None = No
     return chosen
 
 
-def enforcement_point(tb: VmTestbed) -> str:
+def enforcement_point(tb: Bed) -> str:
     """Where this testbed's netem runs (:data:`HOST_POINT`, :data:`GUEST_POINT` or :data:`ROUTER_POINT`);
     record it in results."""
     return enforcement(tb)["point"]
@@ -181,7 +181,7 @@ SHAPER_FIFO = "/run/smfs/shaper.fifo"
 """The resident shaper's FIFO in each guest (:func:`start_resident`)."""
 
 
-def _resident(tb: VmTestbed, vm: str, args: list[str], fifo: str = SHAPER_FIFO) -> tuple[int, Any] | None:
+def _resident(tb: Bed, vm: str, args: list[str], fifo: str = SHAPER_FIFO) -> tuple[int, Any] | None:
     """Send the command to the resident shaper reading ``fifo``; None when there is none in this guest."""
     g = tb.guest(vm)
     opts = {a: args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--json", "--direction")}
@@ -200,7 +200,7 @@ def _resident(tb: VmTestbed, vm: str, args: list[str], fifo: str = SHAPER_FIFO) 
     return reply["rc"], reply["out"]
 
 
-def _shaper(tb: VmTestbed, vm: str, args: list[str], ifname: str = IFNAME, fifo: str = SHAPER_FIFO) -> dict[str, Any]:
+def _shaper(tb: Bed, vm: str, args: list[str], ifname: str = IFNAME, fifo: str = SHAPER_FIFO) -> dict[str, Any]:
     """``netem.shaper`` in the guest: through the resident shaper when it runs, else a fresh process."""
     answer = _resident(tb, vm, args, fifo)
     if answer is None:
@@ -215,7 +215,7 @@ def _shaper(tb: VmTestbed, vm: str, args: list[str], ifname: str = IFNAME, fifo:
     return out
 
 
-def _start_resident_shaper(tb: VmTestbed, vm: str, name: str, ifname: str, fifo: str, ingress: bool) -> None:
+def _start_resident_shaper(tb: Bed, vm: str, name: str, ifname: str, fifo: str, ingress: bool) -> None:
     """Spawn ``python3 -m netem.shaper serve`` as ``name`` in ``vm`` (niced up, so a loaded guest still
     answers in well under a second) and wait until its FIFO exists."""
     g = tb.guest(vm)
@@ -233,7 +233,7 @@ class GuestIngress:
 
     point = GUEST_POINT
 
-    def start(self, tb: VmTestbed) -> None:
+    def start(self, tb: Bed) -> None:
         """Start ``python3 -m netem.shaper serve`` in every site VM: later calls go through it instead
         of a fresh interpreter."""
 
@@ -243,7 +243,7 @@ class GuestIngress:
 
         _each(tb, one)
 
-    def apply(self, tb: VmTestbed, profile: LinkProfile, only: str | None = None) -> dict[str, dict[str, Any]]:
+    def apply(self, tb: Bed, profile: LinkProfile, only: str | None = None) -> dict[str, dict[str, Any]]:
         def one(vm: str, site: str) -> dict[str, Any]:
             out = _shaper(tb, vm, ["apply", "--ingress", "--json", json.dumps(profile.to_dict()),
                                    "--direction", INGRESS_DIRECTION[site].value])
@@ -251,10 +251,10 @@ class GuestIngress:
 
         return _each(tb, one, only)
 
-    def read_back(self, tb: VmTestbed) -> dict[str, dict[str, Any]]:
+    def read_back(self, tb: Bed) -> dict[str, dict[str, Any]]:
         return _each(tb, lambda vm, _site: _shaper(tb, vm, ["show", "--ingress"]))
 
-    def clear(self, tb: VmTestbed) -> None:
+    def clear(self, tb: Bed) -> None:
         _each(tb, lambda vm, _site: _shaper(tb, vm, ["clear", "--ingress"]))
 
 
@@ -268,7 +268,7 @@ def host_ipr() -> IPRoute:
     return IPRoute()
 
 
-def tap_of(tb: VmTestbed, vm: str) -> str | None:
+def tap_of(tb: Bed, vm: str) -> str | None:
     """The host tap of ``vm``'s site NIC, from the running domain's XML (libvirt names it, e.g. vnet3,
     anew at every start); None when the VM is not running."""
     mac = tb.info(vm).mac.lower()
@@ -286,10 +286,10 @@ class HostTaps:
 
     point = HOST_POINT
 
-    def start(self, tb: VmTestbed) -> None:
+    def start(self, tb: Bed) -> None:
         """Nothing runs in the guests: the host applies netem itself in milliseconds."""
 
-    def _taps(self, tb: VmTestbed, running: bool = True) -> dict[str, tuple[str, str]]:
+    def _taps(self, tb: Bed, running: bool = True) -> dict[str, tuple[str, str]]:
         """VM -> (site, tap); a VM that is not running raises when ``running`` is asked, else is left out."""
         out = {}
         for vm, site in _site_vms(tb).items():
@@ -300,7 +300,7 @@ class HostTaps:
                 out[vm] = (site, tap)
         return out
 
-    def apply(self, tb: VmTestbed, profile: LinkProfile, only: str | None = None) -> dict[str, dict[str, Any]]:
+    def apply(self, tb: Bed, profile: LinkProfile, only: str | None = None) -> dict[str, dict[str, Any]]:
         from netem.shaper import ShapeMismatch, Shaper, ShaperError
 
         taps = {vm: t for vm, t in self._taps(tb, running=only is None).items() if only in (None, vm)}
@@ -317,14 +317,14 @@ class HostTaps:
                 out[vm] = {"direction": direction.value, "ifname": tap, **got}
         return out
 
-    def read_back(self, tb: VmTestbed) -> dict[str, dict[str, Any]]:
+    def read_back(self, tb: Bed) -> dict[str, dict[str, Any]]:
         from netem.shaper import Shaper
 
         with host_ipr() as ipr:
             return {vm: {"ifname": tap, "ingress": False, "read_back": Shaper(ipr, tap).read_back()}
                     for vm, (_site, tap) in self._taps(tb, running=False).items()}  # fmt: skip
 
-    def clear(self, tb: VmTestbed) -> None:
+    def clear(self, tb: Bed) -> None:
         from netem.shaper import Shaper, ShaperError
 
         with host_ipr() as ipr:
@@ -338,7 +338,7 @@ class HostTaps:
 # --------------------------------------------------------------------------- in the router guest
 
 
-def router_legs(tb: VmTestbed, where: str = "wan.enforcement") -> tuple[str, dict[str, str]]:
+def router_legs(tb: Bed, where: str = "wan.enforcement") -> tuple[str, dict[str, str]]:
     """(router VM, {site: its NIC towards that site}) as ``testbed.vmbed`` configured them; a one-line
     error when this testbed has no router guest (``up`` boots one only when asked to)."""
     router = tb.state.router
@@ -365,7 +365,7 @@ class RouterEgress:
 
     point = ROUTER_POINT
 
-    def _legs(self, tb: VmTestbed, fn: Callable[[str, str, Direction], dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    def _legs(self, tb: Bed, fn: Callable[[str, str, Direction], dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """``fn(router, ifname, direction)`` for each NIC at once; keyed ``router/ifname``."""
         vm, legs = router_legs(tb)
         directions = router_directions(legs)
@@ -373,14 +373,14 @@ class RouterEgress:
             futures = {f"{vm}/{ifname}": pool.submit(fn, vm, ifname, directions[ifname]) for ifname in legs.values()}
             return {key: f.result() for key, f in futures.items()}
 
-    def start(self, tb: VmTestbed) -> None:
+    def start(self, tb: Bed) -> None:
         def one(vm: str, ifname: str, _d: Direction) -> dict[str, Any]:
             _start_resident_shaper(tb, vm, f"shaper-{ifname}", ifname, router_fifo(ifname), ingress=False)
             return {}
 
         self._legs(tb, one)
 
-    def apply(self, tb: VmTestbed, profile: LinkProfile, only: str | None = None) -> dict[str, dict[str, Any]]:
+    def apply(self, tb: Bed, profile: LinkProfile, only: str | None = None) -> dict[str, dict[str, Any]]:
         router, legs = router_legs(tb)
         if only not in (None, router):
             return {}  # a site VM holds none of the router's shaping
@@ -393,10 +393,10 @@ class RouterEgress:
 
         return self._legs(tb, one)
 
-    def read_back(self, tb: VmTestbed) -> dict[str, dict[str, Any]]:
+    def read_back(self, tb: Bed) -> dict[str, dict[str, Any]]:
         return self._legs(tb, lambda vm, ifname, _d: _shaper(tb, vm, ["show"], ifname, router_fifo(ifname)))
 
-    def clear(self, tb: VmTestbed) -> None:
+    def clear(self, tb: Bed) -> None:
         self._legs(tb, lambda vm, ifname, _d: _shaper(tb, vm, ["clear"], ifname, router_fifo(ifname)))
 
 
@@ -419,12 +419,12 @@ def router_for(spec: Spec) -> RouterSpec | None:
 # --------------------------------------------------------------------------- shaping
 
 
-def start_resident(tb: VmTestbed) -> None:
+def start_resident(tb: Bed) -> None:
     """Choose the enforcement point and get it ready (in the guests: start the resident shapers)."""
     _enforcer(enforcement_point(tb)).start(tb)
 
 
-def shape(tb: VmTestbed, profile: LinkProfile, only: str | None = None) -> Shaped:
+def shape(tb: Bed, profile: LinkProfile, only: str | None = None) -> Shaped:
     """Apply ``profile`` at the enforcement point (both directions at once), verified by read-back;
     ``only``: just VM ``only``'s part of it (nothing when that VM holds none).
 
@@ -435,7 +435,7 @@ def shape(tb: VmTestbed, profile: LinkProfile, only: str | None = None) -> Shape
     return Shaped(profile, read, enforcement_point=point, seconds=time.monotonic() - t0)
 
 
-def after_boot(tb: VmTestbed, vm: str) -> Shaped | None:
+def after_boot(tb: Bed, vm: str) -> Shaped | None:
     """Put back the WAN's current shape on ``vm`` after it booted again: its qdiscs died with its
     kernel (site ingress, router egress) or its host tap is a new one. Only ``vm`` is touched, so this
     works while the other site is down. None when the WAN was never shaped on this testbed."""
@@ -445,18 +445,18 @@ def after_boot(tb: VmTestbed, vm: str) -> Shaped | None:
     return shaped if shaped.read_back else None
 
 
-def read_back(tb: VmTestbed) -> dict[str, dict[str, Any] | None]:
+def read_back(tb: Bed) -> dict[str, dict[str, Any] | None]:
     """The netem parameters each VM's ingress (or router NIC, ``router/ethN``) holds:
     ``{key: {"ifname", "read_back"}}`` (read_back None: not shaped)."""
     return _enforcer(enforcement_point(tb)).read_back(tb)  # type: ignore[return-value]
 
 
-def clear(tb: VmTestbed) -> None:
+def clear(tb: Bed) -> None:
     """Remove the shaping at the enforcement point (idempotent): back to the bare path."""
     _enforcer(enforcement_point(tb)).clear(tb)
 
 
-def current_profile(tb: VmTestbed) -> LinkProfile:
+def current_profile(tb: Bed) -> LinkProfile:
     """The profile last applied by ``./inv shape`` or a drill (kept in the testbed state), else the spec's."""
     saved = tb.state.wan_profile
     if saved is not None:
@@ -464,7 +464,7 @@ def current_profile(tb: VmTestbed) -> LinkProfile:
     return tb.spec.wan
 
 
-def remember(tb: VmTestbed, profile: LinkProfile | None) -> None:
+def remember(tb: Bed, profile: LinkProfile | None) -> None:
     """Keep ``profile`` as the WAN's current shape; None: cleared (the bare path, not the spec's profile)."""
     tb.update(wan_profile=(profile or LinkProfile()).to_dict())
 
@@ -472,7 +472,7 @@ def remember(tb: VmTestbed, profile: LinkProfile | None) -> None:
 # --------------------------------------------------------------------------- calibration
 
 
-def _vm_of(tb: VmTestbed, site: str) -> str:
+def _vm_of(tb: Bed, site: str) -> str:
     for vm, s in _site_vms(tb).items():
         if s == site:
             return vm
@@ -483,19 +483,19 @@ def _is_bare(profile: LinkProfile) -> bool:
     return profile.a_to_b.is_identity and profile.b_to_a.is_identity
 
 
-def bare_rtt(tb: VmTestbed) -> dict[str, Any] | None:
+def bare_rtt(tb: Bed) -> dict[str, Any] | None:
     """The bare path's RTT (ms: median, p10, p90) as last measured, or None."""
     return tb.state.wan_bare
 
 
-def _remember_bare(tb: VmTestbed, measured: dict[str, Any], point: str) -> dict[str, Any]:
+def _remember_bare(tb: Bed, measured: dict[str, Any], point: str) -> dict[str, Any]:
     bare = {k: measured.get(k) for k in ("rtt_median_ms", "rtt_p10_ms", "rtt_p90_ms", "replies")}
     bare |= {"enforcement_point": point, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     tb.update(wan_bare=bare)
     return bare
 
 
-def calibrate(tb: VmTestbed, profile: LinkProfile, probes: int | None = None, bulk_seconds: float = 0.0,
+def calibrate(tb: Bed, profile: LinkProfile, probes: int | None = None, bulk_seconds: float = 0.0,
               remeasure_bare: bool = False, rate_seconds: float = 0.0) -> dict[str, Any]:  # fmt: skip
     """Probe primary → mirror (UDP echo on the mirror); returns measured figures and the comparison rows.
 
@@ -562,7 +562,7 @@ def calibrate(tb: VmTestbed, profile: LinkProfile, probes: int | None = None, bu
     return calibration_result(profile, measured, bare, point)
 
 
-def _measure_rate(tb: VmTestbed, src: Guest, host: str, profile: LinkProfile, seconds: float) -> dict[str, Any]:
+def _measure_rate(tb: Bed, src: Guest, host: str, profile: LinkProfile, seconds: float) -> dict[str, Any]:
     """Run ``rate-send`` in the primary against the mirror's ``rate-count``: the flat ``rate_*`` fields of
     :func:`netem.calibrate.rate_measured` (``rate_error`` when it failed: the point is then unfaithful)."""
     from netem.calibrate import RATE_OVERDRIVE, UDP_IP_HEADERS, rate_measured
