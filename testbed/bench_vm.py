@@ -16,8 +16,8 @@ REPO = Path(__file__).resolve().parent.parent
 def bench_vm(spec: str | Path = REPO / "specs" / "ci.toml", cold: bool = False,
              say: Any = lambda msg: None) -> dict[str, Any]:
     """Times in seconds. ``cold`` also reruns mmdebstrap (minutes; needs Debian's mirror)."""
-    from testbed import vmbed
-    from testbed.images import ensure_image
+    from testbed.vm import bed as vmbed
+    from testbed.vm.images import ensure_image
 
     out: dict[str, Any] = {"spec": str(spec)}
     if cold:

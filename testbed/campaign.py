@@ -45,8 +45,8 @@ from typing import TYPE_CHECKING, Any
 from smfs.modes import Mode
 from testbed.progress import Say
 
-if TYPE_CHECKING:  # testbed.vmbed loads libvirt, which the namespace campaign never needs
-    from testbed.vmbed import VmTestbed
+if TYPE_CHECKING:  # testbed.vm.bed loads libvirt, which the namespace campaign never needs
+    from testbed.vm.bed import VmTestbed
 
 DRAW_VERSION = 1
 """Raised by any change to :func:`draw` or :func:`draw_vm` (old seeds would replay something else)."""

@@ -29,15 +29,15 @@ from typing import TYPE_CHECKING, Any
 from smfs.modes import Mode
 from testbed.errors import TestbedError
 from testbed.faults import Runner, Timed, Timeline, during, schedule
-from testbed.guestproc import RUN_DIR, wait_file
 from testbed.progress import Say
 from testbed.report import table
 from testbed.runner import EXIT_CODES, InfrastructureError, RunConfig, overall_verdict
+from testbed.vm.guestproc import RUN_DIR, wait_file
 from workloads.ledger import is_ack_line
 
-if TYPE_CHECKING:  # testbed.vmbed loads libvirt: imported where the drill brings a testbed up
+if TYPE_CHECKING:  # testbed.vm.bed loads libvirt: imported where the drill brings a testbed up
     from netem.profile import LinkProfile
-    from testbed.vmbed import VmTestbed
+    from testbed.vm.bed import VmTestbed
 
 SNAPSHOT = "ready"
 MIRROR_PORT = 7700
@@ -243,7 +243,7 @@ def _ip(tb: VmTestbed, vm: str) -> str:
 def prepare(tb: VmTestbed, cfg: DrillConfig, tl: Timeline) -> dict[str, Any]:
     """Shape, calibrate, start the mirror site and both gateways, snapshot "ready"; returns the WAN facts."""
 
-    from testbed import wan
+    from testbed.vm import wan
 
     profile = wan_of(tb, cfg)
     wan.start_resident(tb)
@@ -416,7 +416,7 @@ class VmBed:
         snap = (self.tb.state.drill_wan or {}).get("stack") or stack_of(self.tb, replace(self.cfg, wan=None))
         want = stack_of(self.tb, self.cfg)
         if want["wan"] != snap["wan"]:
-            from testbed import wan
+            from testbed.vm import wan
 
             shaped = wan.shape(self.tb, wan_of(self.tb, self.cfg))
             tl.mark(f"WAN reshaped live: {shaped.profile.describe()} ({shaped.seconds:.1f} s)")
@@ -476,7 +476,7 @@ class VmBed:
     def _start_capture(self, out: Path, tl: Timeline) -> None:
         """The wire check's capture: what leaves the primary VM, on its host tap, from before its
         primary servers connect (the replay numbers each flow's bytes from its SYN) to the disaster."""
-        from testbed import wan
+        from testbed.vm import wan
         from testbed.wirecheck import Capture, WireError
 
         tap = wan.tap_of(self.tb, self.prim)
@@ -650,7 +650,7 @@ def wan_backlog(tb: VmTestbed, towards: str) -> int | None:
     """Packets queued in the WAN towards ``towards`` where it is enforced outside that site's guest:
     the router's NIC towards it, or the host tap of its VM. None at the site-ingress point (the guest
     probe reads its ifb) or when it cannot be read."""
-    from testbed import wan
+    from testbed.vm import wan
 
     point = wan.enforcement_point(tb)
     if point == wan.ROUTER_POINT:
@@ -681,7 +681,7 @@ def run_mode(tb: VmTestbed, cfg: DrillConfig, mode: Mode, say: Say) -> dict[str,
 def environment(tb: VmTestbed, wan_facts: dict[str, Any]) -> dict[str, Any]:
     from importlib.metadata import version
 
-    from testbed import wan
+    from testbed.vm import wan
 
     chosen = wan.enforcement(tb)
     vers = {}
@@ -703,7 +703,7 @@ def with_testbed(spec: Any, cfg: DrillConfig, out: Path, keep: bool, say: Say,
     "ready" once, run ``body(tb)``, and tear the testbed down unless ``keep`` (also on Ctrl-C or
     error). Returns the WAN's facts. A teardown that fails is said and raised only when ``body``
     itself succeeded, so it never hides the error or the verdict that came before it."""
-    from testbed import vmbed
+    from testbed.vm import bed as vmbed
 
     tl = tl or Timeline(say=say)
     ok = False
@@ -804,7 +804,7 @@ def run_drill(spec_path: str | Path, modes: tuple[Mode, ...], out: Path | None =
 
 def _reuse(name: str, say: Say) -> VmTestbed | None:
     """The active testbed when it runs this spec; another spec's testbed is an error."""
-    from testbed.vmbed import VmTestbed, VmTestbedError
+    from testbed.vm.bed import VmTestbed, VmTestbedError
 
     try:
         tb = VmTestbed.active()

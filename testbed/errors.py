@@ -15,7 +15,7 @@ This module imports nothing of the project, so every module can import it. The l
 ``testbed`` (``smfs``, ``netem``, ``workloads``, ``vmimages``) never import it: they keep their own
 errors (mostly ``ValueError`` and ``RuntimeError``), and ``testbed`` turns them into its own where it
 calls them and knows the field or the step to name (``spec.py`` into :class:`~testbed.spec.SpecError`,
-the flags of ``testbed.cli.common`` into one line, ``testbed.images`` into its ``ImageError``).
+the flags of ``testbed.cli.common`` into one line, ``testbed.vm.images`` into its ``ImageError``).
 """
 
 from __future__ import annotations

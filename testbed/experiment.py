@@ -39,8 +39,8 @@ from smfs.units import show
 from testbed.errors import UserError
 from testbed.progress import Say
 
-if TYPE_CHECKING:  # testbed.vmbed loads libvirt; the drill imports it where it brings the testbed up
-    from testbed.vmbed import VmTestbed
+if TYPE_CHECKING:  # testbed.vm.bed loads libvirt; the drill imports it where it brings the testbed up
+    from testbed.vm.bed import VmTestbed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -599,8 +599,8 @@ def _point_calibration(tb: VmTestbed, cfg: Any, pdir: Path, say: Say, i: int, po
                        ) -> dict[str, Any] | None:
     """The point's WAN, calibrated once (from snapshot ``ready``, reshaped): kept in ``calibration.json``
     (and reused on resume)."""
-    from testbed import wan
     from testbed.drill import DRILL_PROBES, SNAPSHOT
+    from testbed.vm import wan
 
     path = pdir / "calibration.json"
     if path.exists():

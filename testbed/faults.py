@@ -1,6 +1,6 @@
 """The nemesis of the VM testbed: each fault is a small object with ``setup`` / ``inject`` / ``heal``.
 
-Faults act on a running :class:`~testbed.vmbed.VmTestbed` and log every injection, with its time,
+Faults act on a running :class:`~testbed.vm.bed.VmTestbed` and log every injection, with its time,
 into a :class:`Timeline` so a result shows exactly what happened when. ``schedule(name, ...)`` builds
 the fault list of a spec's ``[faults] schedule``.
 """
@@ -17,8 +17,8 @@ from testbed.errors import TestbedError
 from testbed.progress import Say
 from testbed.schedule import SCHEDULES, DuringEntry, ScheduleError, parse_during
 
-if TYPE_CHECKING:  # testbed.vmbed loads libvirt, which the namespace drill's faults never need
-    from testbed.vmbed import VmTestbed
+if TYPE_CHECKING:  # testbed.vm.bed loads libvirt, which the namespace drill's faults never need
+    from testbed.vm.bed import VmTestbed
 
 Bed = TypeVar("Bed")
 """What a fault acts on: the VM testbed (every fault here), or the namespace drill's bed
@@ -126,13 +126,13 @@ class LossBurst(VmFault):
     name = "loss-burst"
 
     def inject(self, tb: VmTestbed, tl: Timeline) -> None:
-        from testbed import wan
+        from testbed.vm import wan
 
         wan.shape(tb, self.base.with_changes(loss=self.loss))
         tl.mark(f"WAN loss raised to {self.loss}", loss=self.loss)
 
     def heal(self, tb: VmTestbed, tl: Timeline) -> None:
-        from testbed import wan
+        from testbed.vm import wan
 
         wan.shape(tb, self.base)
         tl.mark(f"WAN loss back to {self.base.describe()}")
@@ -233,7 +233,7 @@ class MirrorRestart(VmFault):
     name = "mirror-restart"
 
     def inject(self, tb: VmTestbed, tl: Timeline) -> None:
-        from testbed.guestproc import RUN_DIR as RUN
+        from testbed.vm.guestproc import RUN_DIR as RUN
 
         g = tb.guest(self.vm)
         pid = g.find("mirror-site")
@@ -242,8 +242,8 @@ class MirrorRestart(VmFault):
         tl.mark(f"mirror site crashed in {self.vm} (SIGKILL of pid {pid})", vm=self.vm, killed=pid)
 
     def heal(self, tb: VmTestbed, tl: Timeline) -> None:
-        from testbed.guestproc import RUN_DIR as RUN
-        from testbed.guestproc import wait_file
+        from testbed.vm.guestproc import RUN_DIR as RUN
+        from testbed.vm.guestproc import wait_file
 
         g = tb.guest(self.vm)
         t0 = time.monotonic()

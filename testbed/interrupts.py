@@ -170,7 +170,7 @@ def _domains() -> list[Entry]:
         return []
     import libvirt
 
-    from testbed.hypervisor import domain_mark
+    from testbed.vm.hypervisor import domain_mark
 
     try:
         conn = libvirt.openReadOnly("qemu:///system")

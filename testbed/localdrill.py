@@ -36,7 +36,7 @@ GATEWAY_CONTROL_PORT = 7790
 TUNNEL_PORT = 7800
 SITE_READY_TIMEOUT = 60.0
 """Seconds for a site's storage servers in a namespace to report ready (a gateway's bound is
-:data:`testbed.gateways.GATEWAY_READY_TIMEOUT`; in a TCG guest: :data:`testbed.guestproc.GUEST_READY_TIMEOUT`)."""
+:data:`testbed.gateways.GATEWAY_READY_TIMEOUT`; in a TCG guest: :data:`testbed.vm.guestproc.GUEST_READY_TIMEOUT`)."""
 SCHEDULES = ("site-power-cut", "rolling-disaster")
 """What the namespace drill can do at ``fail_at``. A mirror power outage needs VMs: a killed process
 leaves its writes in the host's page cache, which no power cut of a namespace can take away."""

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 from smfs.modes import parse_mode
 from testbed.progress import Say
 
-if TYPE_CHECKING:  # testbed.vmbed loads libvirt; the drill imports it where it brings the testbed up
-    from testbed.vmbed import VmTestbed
+if TYPE_CHECKING:  # testbed.vm.bed loads libvirt; the drill imports it where it brings the testbed up
+    from testbed.vm.bed import VmTestbed
 
 
 @dataclass(frozen=True)

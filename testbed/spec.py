@@ -115,7 +115,7 @@ class Spec:
     sections: Mapping[str, Any]  # other top-level tables, raw (workload, stack, faults, drill, ...)
     raw: Mapping[str, Any]
     mtu: int = 1500  # bytes: the site networks' MTU (bridges, taps, guest NICs; the WAN path's MTU)
-    wan_enforcement: str = "auto"  # where netem runs: auto | host | guest | router (testbed.wan chooses for auto)
+    wan_enforcement: str = "auto"  # where netem runs: auto | host | guest | router (testbed.vm.wan chooses for auto)
     router: RouterSpec | None = None  # the WAN router guest, when wan.enforcement = "router"
     data_fs: str = "minix"  # the data disks' filesystem (see DATA_FILESYSTEMS and the README's disk model)
 

@@ -10,7 +10,7 @@ Two cache levels under ``<cache>/``:
   rebuilds only this level (seconds). An existing image is never rebuilt unless forced.
 
 The caller says where the cache is (``cache``) and which images are still in use (``in_use``): both
-are the testbed's knowledge (``testbed.images``), and this builder imports nothing of ``testbed``.
+are the testbed's knowledge (``testbed.vm.images``), and this builder imports nothing of ``testbed``.
 """
 
 from __future__ import annotations
@@ -339,7 +339,7 @@ DATA_MKFS = {
 def data_raw(cache: Path, size: int, fs: str = "ext4") -> Path:
     """An empty data disk of ``size`` bytes with filesystem ``fs`` (ext4 labelled smfs-data, or
     minix v3) as a raw sparse file in ``cache``, built once per size and filesystem; each VM's data
-    disk is a sparse copy of it (served by nbdkit: ``testbed.disks``)."""
+    disk is a sparse copy of it (served by nbdkit: ``testbed.vm.disks``)."""
     if fs not in DATA_MKFS:
         raise ImageError(f"data disk: no filesystem {fs!r}; use one of {', '.join(DATA_MKFS)}")
     d = cache / "images"

@@ -36,7 +36,7 @@ GRACE = 60.0
 def capture(c, site="primary", seconds="5", out="", json=False, iface="eth0", snaplen="128", max_packets="0"):
     """Capture the WAN (tunnel port 7800) in a site's VM to a pcap on the host and summarise it with scapy."""
     from netem import capture as cap
-    from testbed.vmbed import VmTestbed
+    from testbed.vm.bed import VmTestbed
 
     seconds = flag_number("--seconds", seconds, (0, 3600), "5", low_open=True, what="duration in seconds")
     snaplen = flag_int("--snaplen", snaplen, (0, 65535), "128", what="number of bytes per packet (0: whole packets)")
@@ -71,7 +71,7 @@ def _take(g: Any, args: list[str], seconds: float, dest: Path) -> dict[str, Any]
     """Run the capture detached in guest ``g``, wait for it with a progress line, copy the pcap to
     ``dest``; returns the guest's JSON figures. Ctrl-C ends the capture early and keeps what it took.
     The guest's files are removed in every case."""
-    from testbed.guest import RUN_DIR
+    from testbed.vm.guest import RUN_DIR
 
     name = f"capture-{time.strftime('%Y%m%d-%H%M%S')}"
     pcap, log = f"{GUEST_DIR}/smfs-{name}.pcap", f"{RUN_DIR}/{name}.log"
@@ -96,7 +96,7 @@ def _take(g: Any, args: list[str], seconds: float, dest: Path) -> dict[str, Any]
 def _clean(g: Any, name: str, paths: list[str], say: Say) -> None:
     """Stop the capture if it still runs and remove its files; a failure here is reported, not raised,
     so that it never hides the error that brought us here."""
-    from testbed.guest import GuestError
+    from testbed.vm.guest import GuestError
 
     try:
         g.stop(name, wait=5.0)

@@ -34,7 +34,7 @@ console = Console(highlight=False)
             "rebuild_rootfs": "also rerun mmdebstrap (the Debian tree)"}, interrupted=INTERRUPTED)
 def image(c, rebuild=False, rebuild_rootfs=False):
     """Build the guest image (Debian bookworm + the project's packages), or say it is up to date."""
-    from testbed.images import ensure_image
+    from testbed.vm.images import ensure_image
 
     with spinner("image") as say:
         img = ensure_image(rebuild=rebuild, rebuild_rootfs=rebuild_rootfs, progress=say)
@@ -50,8 +50,9 @@ def image(c, rebuild=False, rebuild_rootfs=False):
 def up(c, spec="specs/ci.toml", rebuild_image=False, clone="", wait=False):
     """Bring up the testbed: image, bridges, overlays, domains; waits until every guest agent answers, then
     shapes the WAN as the spec says (a clone keeps the WAN it was saved with)."""
-    from testbed import vmbed, wan
     from testbed.spec import load
+    from testbed.vm import bed as vmbed
+    from testbed.vm import wan
 
     if clone:  # every flag and the whole spec are checked before anything is created
         flag_clone_name("--clone", clone)
@@ -76,7 +77,7 @@ def up(c, spec="specs/ci.toml", rebuild_image=False, clone="", wait=False):
 @task(help={"json": "print JSON instead of a table"}, interrupted=INTERRUPTED)
 def status(c, json_=False):
     """VMs of the active testbed (and the WAN router guest, if any): state, accelerator, address, memory, agent."""
-    from testbed import vmbed
+    from testbed.vm import bed as vmbed
 
     try:
         st = vmbed.VmTestbed.active().status()
@@ -112,7 +113,7 @@ def status(c, json_=False):
 def exec_(c, vm, timeout="60"):
     """Run a command in a guest: ./inv exec primary -- uname -r (exit code is the command's). The words after
     -- reach the guest as the shell split them, with no shell in between: ./inv exec primary -- sh -c 'a | b'."""
-    from testbed import vmbed
+    from testbed.vm import bed as vmbed
 
     seconds = flag_number("--timeout", timeout, (0, 86400), "60", low_open=True)
     argv = remainder_argv(c.remainder or "")
@@ -129,8 +130,8 @@ def exec_(c, vm, timeout="60"):
 @task(help={"vm": "VM name", "mib": "target memory, MiB (up to the spec's max_memory)"}, interrupted=INTERRUPTED)
 def balloon(c, vm, mib):
     """Set a VM's memory live and wait until the guest sees it; prints dommemstat."""
-    from testbed import vmbed
     from testbed.spec import MEMORY, MIB
+    from testbed.vm import bed as vmbed
 
     target = flag_int("mib", mib, (64, MEMORY[1] // MIB), "512")
     r = vmbed.VmTestbed.active().balloon(vm, target)
@@ -142,7 +143,7 @@ def balloon(c, vm, mib):
 @task(help={"name": "snapshot name", "wait": WAIT_HELP}, interrupted=INTERRUPTED)
 def snapshot(c, name, wait=False):
     """Snapshot every VM of the testbed together (libvirt save files with RAM, plus copies of the disks)."""
-    from testbed import vmbed
+    from testbed.vm import bed as vmbed
 
     flag_snapshot_name("name", name)
     with for_command("./inv snapshot", wait), spinner(f"snapshot {name}") as say:
@@ -153,7 +154,7 @@ def snapshot(c, name, wait=False):
 @task(help={"name": "snapshot name", "wait": WAIT_HELP}, interrupted=INTERRUPTED)
 def restore(c, name, wait=False):
     """Revert every VM to a snapshot and resume them together."""
-    from testbed import vmbed
+    from testbed.vm import bed as vmbed
 
     flag_snapshot_name("name", name)
     with for_command("./inv restore", wait), spinner(f"restore {name}") as say:
@@ -165,7 +166,7 @@ def restore(c, name, wait=False):
       interrupted=INTERRUPTED)
 def clone_(c, name, as_, wait=False):
     """Copy the testbed at a snapshot to a named clone (bring it up later with ./inv up --clone NEW)."""
-    from testbed import vmbed
+    from testbed.vm import bed as vmbed
 
     flag_snapshot_name("name", name)
     flag_clone_name("--as", as_)  # it becomes the testbed's name at ./inv up --clone
@@ -194,8 +195,8 @@ def down(c, wait=False):
     Each is checked again first (the testbed's prefix and id, its folder): one this testbed did not
     make is never touched; it is said ("refusing to remove ...") and forgotten. An unreadable registry
     is kept aside and named, and nothing is removed (exit 2)."""
-    from testbed import vmbed
     from testbed.registry import TeardownError
+    from testbed.vm import bed as vmbed
 
     refused: list[str] = []  # printed whole after the spinner (one line each, never wrapped)
     try:

@@ -34,8 +34,8 @@ def shape_changes(delay: str = "", loss: str = "", jitter: str = "", rate: str =
 def shape(c, delay="", loss="", jitter="", rate="", burst="", direction="both", clear=False):
     """Reshape the running testbed's WAN live (netem on each site's ingress), verified by read-back."""
     from netem.profile import ProfileError
-    from testbed import wan
-    from testbed.vmbed import VmTestbed
+    from testbed.vm import wan
+    from testbed.vm.bed import VmTestbed
 
     try:  # the flags first: a bad one creates nothing, not even the lock file
         changes = shape_changes(delay, loss, jitter, rate, burst)
@@ -72,8 +72,8 @@ def shape(c, delay="", loss="", jitter="", rate="", burst="", direction="both", 
 def calibrate(c, json=False, probes="0", bulk="0", bare=False):
     """Measure RTT and loss between the sites and print them next to the configured WAN (RTT: 2·delay + bare path)."""
     from netem.calibrate import format_table
-    from testbed import wan
-    from testbed.vmbed import VmTestbed
+    from testbed.vm import wan
+    from testbed.vm.bed import VmTestbed
 
     probes = flag_int("--probes", probes, (0, 1_000_000), "2000")
     bulk = flag_number("--bulk", bulk, (0, 600), "5")

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from testbed import disks, procs
+from testbed import procs
 from testbed.registry import Registry
+from testbed.vm import disks
 
 OWNER = "pytest-disks"
 BLOCK = 64 * 1024

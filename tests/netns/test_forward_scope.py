@@ -27,9 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from testbed import bridges
 from testbed.registry import Registry
 from testbed.spec import SiteSpec
+from testbed.vm import bridges
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from testbed import vmbed
 from testbed.interrupts import FOREIGN_MARK, NETNS_ARGV, TAG_ENV, Ours, compare, inventory, run_interrupted
 from testbed.netns import NamespaceTestbed, create_marked, mark_of
+from testbed.vm import bed as vmbed
 
 
 @pytest.fixture()

@@ -20,7 +20,7 @@ import pytest
 from netem.capture import TUNNEL_PORT, summarise
 from smfs.fec import Repair
 from smfs.tunnel import encode_data, encode_repair
-from testbed.guest import ExecResult
+from testbed.vm.guest import ExecResult
 
 pytestmark = pytest.mark.netns
 
@@ -164,7 +164,7 @@ def test_a_link_cut_does_not_end_the_capture_and_sigint_does(veth: None, tmp_pat
 
 
 class LocalGuest:
-    """The part of :class:`testbed.guest.Guest` the capture task uses, run in namespace ``ns``
+    """The part of :class:`testbed.vm.guest.Guest` the capture task uses, run in namespace ``ns``
     (``python3`` is this interpreter, the project importable as in the image)."""
 
     def __init__(self, ns: str) -> None:
@@ -215,8 +215,8 @@ class LocalGuest:
 @pytest.mark.parametrize("image_has_module", [True, False])
 def test_task_takes_and_copies_a_capture(veth: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                          image_has_module: bool) -> None:
-    from testbed import guest
     from testbed.cli import capture as task
+    from testbed.vm import guest
 
     guest_dir = tmp_path / "guest"
     guest_dir.mkdir()

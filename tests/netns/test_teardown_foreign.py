@@ -22,9 +22,10 @@ from typing import Any
 import pytest
 from pyroute2 import IPRoute
 
-from testbed import procs, vmbed
+from testbed import procs
 from testbed.netns import mark_of
 from testbed.registry import Registry
+from testbed.vm import bed as vmbed
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -133,8 +134,8 @@ def test_bridge_mark(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     name without the mark is not reused."""
     import ipaddress
 
-    from testbed.bridges import BridgeError, ensure_bridge
     from testbed.spec import SiteSpec
+    from testbed.vm.bridges import BridgeError, ensure_bridge
 
     monkeypatch.setenv("SMFS_TESTBED_CACHE", str(tmp_path / "cache"))
     vmbed.load_teardown_handlers()

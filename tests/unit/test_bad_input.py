@@ -181,8 +181,8 @@ def test_testers_abc_is_one_line_not_an_option_parser_traceback(inv: Any) -> Non
 
 
 def test_up_checks_the_clone_name_before_anything(monkeypatch: pytest.MonkeyPatch) -> None:
-    from testbed import vmbed
     from testbed.cli.vm import clone_, up
+    from testbed.vm import bed as vmbed
 
     monkeypatch.setattr(vmbed, "up", _must_not_run)
     for name in ("../x", "..", ".", "a/b", "-rf", "x" * 11, "Big"):
@@ -207,8 +207,8 @@ def test_test_task_hands_k_and_m_to_pytest_as_argv(monkeypatch: pytest.MonkeyPat
 
 
 def test_exec_passes_the_words_after_dashes_as_the_shell_split_them(monkeypatch: pytest.MonkeyPatch) -> None:
-    from testbed import vmbed
     from testbed.cli.vm import exec_
+    from testbed.vm import bed as vmbed
 
     ran: list[Any] = []
 

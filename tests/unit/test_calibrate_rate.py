@@ -25,7 +25,7 @@ from netem.calibrate import (
 )
 from netem.profile import LinkProfile
 from testbed import experiment as ex
-from testbed.wan import calibration_result
+from testbed.vm.wan import calibration_result
 
 ROOT = Path(__file__).resolve().parents[2]
 

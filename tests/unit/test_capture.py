@@ -204,7 +204,7 @@ def test_capture_rejects_bad_arguments(tmp_path: Path, kwargs: dict[str, object]
 def test_task_flag_errors_are_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, flags: dict[str, str],
                                        message: str) -> None:
     from testbed.cli.capture import capture as task
-    from testbed.vmbed import VmTestbed
+    from testbed.vm.bed import VmTestbed
 
     monkeypatch.setenv("SMFS_TESTBED_CACHE", str(tmp_path / "cache"))  # its own lock: a running testbed holds the real one
 

@@ -108,7 +108,7 @@ class FakeBed:
 
 def test_rolling_disaster_raises_loss_then_the_primary_site_dies_at_one_instant(monkeypatch: pytest.MonkeyPatch) -> None:
     from netem.profile import LinkProfile
-    from testbed import wan
+    from testbed.vm import wan
 
     bed = FakeBed()
     monkeypatch.setattr(wan, "shape", lambda tb, p: bed.calls.append(("shape", p.a_to_b.loss_pct, p.b_to_a.loss_pct)))

@@ -46,9 +46,9 @@ def test_the_older_bases_stay() -> None:
     """Callers catch ValueError and RuntimeError: the root is added beside them, never instead."""
     from testbed.compare import CompareError
     from testbed.faults import ScheduleError
-    from testbed.guest import GuestTimeout
     from testbed.lock import LockBusy
     from testbed.spec import SpecError
+    from testbed.vm.guest import GuestTimeout
 
     for cls in (SpecError, ScheduleError, CompareError):
         assert issubclass(cls, UserError) and issubclass(cls, ValueError)
@@ -114,8 +114,8 @@ def test_the_libraries_never_import_testbed(package: str) -> None:
 def test_the_image_builder_is_told_the_cache_and_what_is_in_use(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """vmimages knows nothing of the testbed: the cache folder and the images in use are passed in, and its
     errors come back as the testbed's (one line, exit 2 at the command line)."""
-    from testbed import images
     from testbed.registry import Registry
+    from testbed.vm import images
     from vmimages import build
 
     monkeypatch.setenv("SMFS_TESTBED_CACHE", str(tmp_path))

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed import bridges
 from testbed.registry import Registry, Resource, Scope
+from testbed.vm import bridges
 
 MARK = "smfs-testbed:0123456789abcdef"
 

@@ -1,4 +1,4 @@
-"""testbed.wan without VMs: the choice of enforcement point, netem on the host taps through a fake
+"""testbed.vm.wan without VMs: the choice of enforcement point, netem on the host taps through a fake
 netlink, and calibration's probe sizing and bare-path RTT with fake guests."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.tcmsg import tcmsg
 
 from netem.profile import LinkProfile
-from testbed import wan
-from testbed.vmbed import RouterLeg, RouterState, VmTestbedState
+from testbed.vm import wan
+from testbed.vm.bed import RouterLeg, RouterState, VmTestbedState
 
 MACS = {"primary": "52:54:00:aa:00:01", "mirror": "52:54:00:aa:00:02"}
 TAPS = {"primary": "vnet3", "mirror": "vnet7"}

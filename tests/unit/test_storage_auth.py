@@ -487,7 +487,7 @@ def test_a_guest_file_with_a_mode_has_it_before_its_first_byte(tmp_path: Path) -
     land in a file that already has mode 0600, and the file ends in place with it."""
     import base64
 
-    from testbed.guest import ExecResult, Guest
+    from testbed.vm.guest import ExecResult, Guest
 
     class FakeGuest(Guest):
         def __init__(self) -> None:

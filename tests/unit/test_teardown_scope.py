@@ -23,7 +23,7 @@ import pytest
 from invoke import Context
 from invoke.exceptions import Exit
 
-from testbed import hypervisor, procs, vmbed
+from testbed import procs
 from testbed.registry import (
     Registry,
     RegistryError,
@@ -32,6 +32,8 @@ from testbed.registry import (
     identity,
     register_teardown,
 )
+from testbed.vm import bed as vmbed
+from testbed.vm import hypervisor
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from testbed.vmbed import RouterLeg, RouterState, VmInfo, VmTestbed, VmTestbedState
+from testbed.vm.bed import RouterLeg, RouterState, VmInfo, VmTestbed, VmTestbedState
 
 VM = {"name": "primary", "site": "primary", "domain": "smfs-ci-primary", "uri": "qemu:///system",
       "address": "198.18.1.10/24", "gateway": "198.18.1.254", "mac": "52:54:00:01:02:03",

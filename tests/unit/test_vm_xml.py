@@ -5,7 +5,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from testbed.hypervisor import DomainConfig, domain_xml
+from testbed.vm.hypervisor import DomainConfig, domain_xml
 from vmimages import build
 
 QEMU_NS = "{http://libvirt.org/schemas/domain/qemu/1.0}"
@@ -61,7 +61,7 @@ def test_uuid_only_when_given() -> None:
 
 
 def test_nbdkit_filters_stack_error_then_cache_then_file(tmp_path: Path) -> None:
-    from testbed import disks
+    from testbed.vm import disks
 
     disk = disks.DataDisk(vm="mirror", site="mirror", file=tmp_path / "mirror-data.raw", folder=tmp_path / "disks")
     argv = disks.argv(disk)
@@ -126,8 +126,8 @@ def test_nic_mtu_follows_the_spec() -> None:
 def test_router_domain_has_a_nic_on_each_site_bridge() -> None:
     from types import SimpleNamespace
 
-    from testbed import vmbed
     from testbed.spec import from_mapping
+    from testbed.vm import bed as vmbed
 
     sites = [{"name": "primary", "subnet": "198.18.1.0/24", "vms": [{"name": "primary"}]},
              {"name": "mirror", "subnet": "198.18.2.0/24", "vms": [{"name": "mirror"}]}]  # fmt: skip
@@ -170,7 +170,7 @@ def test_router_domain_has_a_nic_on_each_site_bridge() -> None:
 def test_a_missing_nbdkit_says_how_to_get_it(monkeypatch) -> None:
     import pytest
 
-    from testbed import disks
+    from testbed.vm import disks
 
     monkeypatch.setattr(disks.shutil, "which", lambda _name: None)
     monkeypatch.setattr(disks.os.path, "exists", lambda _p: False)

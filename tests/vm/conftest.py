@@ -12,7 +12,7 @@ SPEC = Path(__file__).resolve().parents[2] / "specs" / "ci.toml"
 
 @pytest.fixture(scope="module")
 def tb() -> Iterator[object]:
-    from testbed import vmbed
+    from testbed.vm import bed as vmbed
 
     if (vmbed.testbeds_dir() / "active").exists():
         pytest.skip("a testbed is already up (./inv down first); these tests bring up their own")

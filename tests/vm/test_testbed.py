@@ -29,7 +29,7 @@ def test_up_boots_every_vm(tb) -> None:
 
 
 def test_exec(tb) -> None:
-    from testbed.guest import CommandFailed, GuestTimeout
+    from testbed.vm.guest import CommandFailed, GuestTimeout
 
     g = tb.guest("primary")
     assert g.exec(["uname", "-r"]).out.strip().endswith("amd64")
@@ -171,7 +171,7 @@ def test_a_power_cut_loses_what_the_disk_never_flushed(tb, cut: str) -> None:
 
 
 def test_clone(tb) -> None:
-    from testbed import vmbed
+    from testbed.vm import bed as vmbed
 
     dest = tb.clone("ready", "pytest-clone", say=print)
     try:
@@ -206,8 +206,8 @@ def test_clone(tb) -> None:
 def test_down_leaves_nothing(tb) -> None:
     import libvirt
 
-    from testbed import vmbed
     from testbed.registry import Registry
+    from testbed.vm import bed as vmbed
 
     overlays = [Path(v.root) for v in tb.vms.values()] + [Path(v.data) for v in tb.vms.values()]
     servers = {vm: tb.disk_server(vm) for vm in tb.vms}

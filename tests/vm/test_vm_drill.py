@@ -14,8 +14,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_ci_drill_keeps_durable_promises_and_counts_local_sync_losses(tmp_path: Path) -> None:
     from smfs.modes import parse_modes
-    from testbed import vmbed
     from testbed.drill import run_drill
+    from testbed.vm import bed as vmbed
     from workloads.ledger import load_ledgers
 
     if (vmbed.testbeds_dir() / "active").exists():
@@ -64,7 +64,7 @@ def test_an_interrupted_drill_leaves_nothing_for_down(tmp_path: Path) -> None:
     import sys
     import time
 
-    from testbed import vmbed
+    from testbed.vm import bed as vmbed
 
     if (vmbed.testbeds_dir() / "active").exists():
         pytest.skip("a testbed is already up (./inv down first); the drill brings up its own")

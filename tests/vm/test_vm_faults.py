@@ -25,8 +25,8 @@ def _spec(tmp_path: Path, faults: str) -> Path:
 
 def _drill(spec: Path, out: Path) -> dict[str, Any]:
     from smfs.modes import parse_modes
-    from testbed import vmbed
     from testbed.drill import run_drill
+    from testbed.vm import bed as vmbed
 
     if (vmbed.testbeds_dir() / "active").exists():
         pytest.skip("a testbed is already up (./inv down first); the drill brings up its own")

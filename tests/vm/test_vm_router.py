@@ -43,7 +43,7 @@ while True:
 
 @pytest.fixture(scope="module")
 def rtb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    from testbed import vmbed
+    from testbed.vm import bed as vmbed
 
     if (vmbed.testbeds_dir() / "active").exists():
         pytest.skip("a testbed is already up (./inv down first); this test brings up its own")
@@ -96,7 +96,7 @@ def test_sites_route_each_other_through_the_router(rtb) -> None:
 
 
 def test_shape_reads_back_on_the_routers_egress(rtb) -> None:
-    from testbed import wan
+    from testbed.vm import wan
 
     chosen = wan.enforcement(rtb)
     assert (chosen["point"], chosen["requested"]) == ("router-egress", "router")
@@ -117,7 +117,7 @@ def test_shape_reads_back_on_the_routers_egress(rtb) -> None:
 
 def test_calibration_measures_twice_the_delay_plus_the_bare_path(rtb) -> None:
     from netem.calibrate import format_table
-    from testbed import wan
+    from testbed.vm import wan
 
     profile = wan.current_profile(rtb)
     cal = wan.calibrate(rtb, profile)
@@ -132,7 +132,7 @@ def test_calibration_measures_twice_the_delay_plus_the_bare_path(rtb) -> None:
 
 
 def test_packets_queued_in_the_router_reach_the_mirror_after_the_primary_is_destroyed(rtb) -> None:
-    from testbed import wan
+    from testbed.vm import wan
 
     mirror, primary = rtb.guest("mirror"), rtb.guest("primary")
     wan.shape(rtb, wan.current_profile(rtb))
@@ -158,7 +158,7 @@ def test_packets_queued_in_the_router_reach_the_mirror_after_the_primary_is_dest
 
 
 def test_a_rebooted_site_vm_routes_through_the_router_again(rtb) -> None:
-    from testbed import wan
+    from testbed.vm import wan
 
     wan.shape(rtb, wan.current_profile(rtb))  # 20 ms again, not the test before's 5 s
     rtb.start("primary")  # destroyed by the test before; a fresh boot only has the host's default route
@@ -168,7 +168,7 @@ def test_a_rebooted_site_vm_routes_through_the_router_again(rtb) -> None:
 
 
 def test_a_rebooted_router_forwards_and_shapes_again(rtb) -> None:
-    from testbed import wan
+    from testbed.vm import wan
 
     profile = wan.current_profile(rtb)
     assert profile.a_to_b.delay_us == 20000  # remembered by the shaping test
@@ -183,7 +183,8 @@ def test_restore_and_a_booted_clone_keep_the_wan_shaped_as_at_the_snapshot(rtb) 
     record of the WAN (what ./inv calibrate compares with, what ./inv shape changes) must follow it."""
     import shutil
 
-    from testbed import vmbed, wan
+    from testbed.vm import bed as vmbed
+    from testbed.vm import wan
 
     def delays(tb) -> set[int]:
         return {leg["read_back"]["delay_us"] for leg in wan.read_back(tb).values()}
@@ -215,8 +216,8 @@ def test_restore_and_a_booted_clone_keep_the_wan_shaped_as_at_the_snapshot(rtb) 
 def test_down_leaves_nothing(rtb) -> None:
     import libvirt
 
-    from testbed import vmbed
     from testbed.registry import Registry
+    from testbed.vm import bed as vmbed
 
     overlays = [Path(v.root) for v in rtb.vms.values()] + [Path(v.data) for v in rtb.vms.values()]
     assert len(overlays) == 6

@@ -37,7 +37,7 @@ while True:
 
 
 def test_shape_reads_back_on_each_ingress_through_the_resident_shaper(tb) -> None:
-    from testbed import wan
+    from testbed.vm import wan
 
     wan.start_resident(tb)
     profile = tb.spec.wan.with_changes("a_to_b", delay="40ms", loss="2%")
@@ -55,7 +55,7 @@ def test_shape_reads_back_on_each_ingress_through_the_resident_shaper(tb) -> Non
 
 
 def test_packets_sent_before_the_primary_is_destroyed_still_reach_the_mirror(tb) -> None:
-    from testbed import wan
+    from testbed.vm import wan
 
     mirror, primary = tb.guest("mirror"), tb.guest("primary")
     host = tb.info("mirror").address.split("/")[0]
@@ -87,7 +87,7 @@ def test_packets_sent_before_the_primary_is_destroyed_still_reach_the_mirror(tb)
 def test_a_vm_that_boots_again_gets_its_part_of_the_wan_back(tb) -> None:
     """Ingress shaping lives in the guest's kernel: a power cut takes it, and ``start`` puts the WAN's
     recorded shape back on that VM alone (the other site may be down, as after a site disaster)."""
-    from testbed import wan
+    from testbed.vm import wan
 
     if not tb.domain("primary").isActive():  # the test before destroys the primary
         tb.start("primary")
@@ -106,7 +106,7 @@ def test_a_vm_that_boots_again_gets_its_part_of_the_wan_back(tb) -> None:
 def test_calibration_measures_what_was_shaped(tb) -> None:
     """The issue's check: 50 ms each way reads as 100 ms + the bare path; 10 % loss reads as 10 % each
     way (within calibrate's own 3-standard-error band, sized for ±20 % at 95 %); clear is bare again."""
-    from testbed import wan
+    from testbed.vm import wan
 
     for vm in ("primary", "mirror"):  # the test before destroys the primary
         if not tb.domain(vm).isActive():

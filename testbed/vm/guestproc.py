@@ -1,5 +1,5 @@
 """The drill's processes in a guest: where they keep their pid, log and ready files, and how the host
-waits for one to be ready. No libvirt here (the guest's agent is :mod:`testbed.guest`), so the drill,
+waits for one to be ready. No libvirt here (the guest's agent is :mod:`testbed.vm.guest`), so the drill,
 its faults and the namespace side can import it at the top."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ class _Done(Protocol):
 
 
 class Guest(Protocol):
-    """What :func:`wait_file` needs of a guest (:class:`testbed.guest.Guest` has it): run a command and
+    """What :func:`wait_file` needs of a guest (:class:`testbed.vm.guest.Guest` has it): run a command and
     get its exit code, run a shell script and get its output."""
 
     def exec(self, argv: Sequence[str] | str, timeout: float = ...) -> _Done: ...

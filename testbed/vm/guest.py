@@ -22,7 +22,7 @@ import libvirt
 import libvirt_qemu
 
 from testbed.errors import TestbedError
-from testbed.guestproc import RUN_DIR
+from testbed.vm.guestproc import RUN_DIR
 
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CHUNK = 48 << 10  # bytes per guest-file-read/write: 256 KiB messages stall the agent channel

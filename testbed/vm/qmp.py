@@ -7,7 +7,7 @@ runs and disconnects; ``events()`` holds the connection for its duration.
 - freeze / thaw: ``stop`` / ``cont`` (packets queue in the host, none lost);
 - link cut: ``set_link`` on the NIC (libvirt does not notice; prefer ``VmTestbed.set_link``).
 
-Disk failures are the data disk server's business (nbdkit's error filter: ``testbed.disks``).
+Disk failures are the data disk server's business (nbdkit's error filter: ``testbed.vm.disks``).
 
 Changes libvirt should know about (memory, snapshots, link state) go through libvirt instead.
 """

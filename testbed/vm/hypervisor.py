@@ -333,7 +333,7 @@ def domain_xml(c: DomainConfig) -> str:
     """Direct kernel boot, virtio everywhere, guest agent and ledger channels, balloon with stats, second QMP.
 
     The data disk (vdb) is an NBD disk on ``data_socket`` (nbdkit with a volatile write cache:
-    ``testbed.disks``); QEMU's ``cache='writeback'`` shows the guest a write cache, so it flushes.
+    ``testbed.vm.disks``); QEMU's ``cache='writeback'`` shows the guest a write cache, so it flushes.
     NICs appear in the order given (first ``bridge``/``mac``, then ``extra_nics``); the guest finds
     each by its MAC rather than trusting eth0/eth1 to follow that order."""
     e = lambda p: escape(str(p), {"'": "&apos;", '"': "&quot;"})  # noqa: E731

@@ -10,7 +10,7 @@ primary's ingress b→a. Three enforcement points, chosen once per testbed and r
   VM's ingress), through pyroute2 in the host namespace. Needs sch_netem in the host kernel.
 - ``site-ingress-ifb``: inside each guest, an IFB redirect of eth0's ingress with netem on the ifb,
   through a resident ``python3 -m netem.shaper serve`` driven over the guest agent.
-- ``router-egress``: a router guest with one NIC on each site bridge (``testbed.vmbed`` boots it and
+- ``router-egress``: a router guest with one NIC on each site bridge (``testbed.vm.bed`` boots it and
   routes the sites through it); netem at the root of each of its NICs, through one resident shaper
   per NIC: the NIC towards the mirror carries a→b, the one towards the primary b→a. The router is
   its own failure domain, so its queues are "in the WAN" too.
@@ -40,9 +40,9 @@ from testbed.errors import TestbedError
 if TYPE_CHECKING:  # pyroute2 loads only where the host shapes; a testbed is anything with the Bed protocol
     from pyroute2 import IPRoute
 
-    from testbed.guest import Guest
     from testbed.spec import RouterSpec, Spec
-    from testbed.vmstate import Bed
+    from testbed.vm.guest import Guest
+    from testbed.vm.state import Bed
 
 HOST_POINT = "host-tap-egress"
 """netem on the host, at the root of each site VM's tap (packets towards the VM)."""
@@ -339,7 +339,7 @@ class HostTaps:
 
 
 def router_legs(tb: Bed, where: str = "wan.enforcement") -> tuple[str, dict[str, str]]:
-    """(router VM, {site: its NIC towards that site}) as ``testbed.vmbed`` configured them; a one-line
+    """(router VM, {site: its NIC towards that site}) as ``testbed.vm.bed`` configured them; a one-line
     error when this testbed has no router guest (``up`` boots one only when asked to)."""
     router = tb.state.router
     if not router or not router.legs:

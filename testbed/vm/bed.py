@@ -1,7 +1,7 @@
 """The VM testbed: a spec turned into running libvirt domains on per-site host bridges.
 
 ``up(spec)`` builds or reuses the image, creates the bridges, per VM a qcow2 overlay for the root
-disk and a raw data disk served by its own nbdkit with a volatile write cache (``testbed.disks``:
+disk and a raw data disk served by its own nbdkit with a volatile write cache (``testbed.vm.disks``:
 a power cut loses what the guest never flushed), defines and starts the domains and waits until
 every guest agent answers. ``VmTestbed`` (from ``up`` or ``VmTestbed.active()``) then gives guests
 (``guest(vm)``), balloon, whole-testbed snapshots and restore (libvirt's save/restore of memory
@@ -39,16 +39,16 @@ from typing import TYPE_CHECKING, Any
 
 import libvirt
 
-from testbed import bridges, disks, hypervisor
 from testbed.errors import TestbedError
-from testbed.guest import Guest
-from testbed.hypervisor import DomainConfig, HypervisorError
 from testbed.paths import cache_dir
 from testbed.progress import Say
 from testbed.registry import Registry, Resource, Scope, register_teardown
 from testbed.spec import ROUTER_SITE, RouterSpec, Spec, SpecError, VmSpec, thaw
 from testbed.spec import load as load_spec
-from testbed.vmstate import (
+from testbed.vm import bridges, disks, hypervisor
+from testbed.vm.guest import Guest
+from testbed.vm.hypervisor import DomainConfig, HypervisorError
+from testbed.vm.state import (
     _WAN_STATE,
     RouterLeg,
     RouterState,
@@ -57,7 +57,7 @@ from testbed.vmstate import (
     write_atomically,
 )
 
-if TYPE_CHECKING:  # testbed.images (and the builder) is imported where up needs the image
+if TYPE_CHECKING:  # testbed.vm.images (and the builder) is imported where up needs the image
     from vmimages.build import Image
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ class VmTestbed:
         return self.state.router.vm if self.state.router else None
 
     def qmp(self, vm: str) -> Any:
-        from testbed.qmp import Qmp
+        from testbed.vm.qmp import Qmp
 
         return Qmp(self.info(vm).qmp, name=vm)
 
@@ -306,7 +306,7 @@ class VmTestbed:
         ``disk_servers`` (nbdkit pids), ``taps`` and per VM ``destroy_s``."""
         import signal
 
-        from testbed import wan
+        from testbed.vm import wan
 
         vms = self.site_vms(site)
         pids = {vm: self.qemu_pid(vm) for vm in vms if self.domain(vm).isActive()}
@@ -364,7 +364,7 @@ class VmTestbed:
                 _configure_router(self)
             else:
                 _route_via_router(self, vm)
-        from testbed import wan
+        from testbed.vm import wan
 
         try:  # and its part of the WAN's shaping
             wan.after_boot(self, vm)
@@ -696,7 +696,7 @@ class _Plan:
 def _plan(spec: Spec | str | Path, say: Say, rebuild_image: bool, clone: str | None) -> _Plan:
     """Every check and choice of ``up`` that creates nothing of the testbed (the image may be built)."""
     spec, clone_dir, meta = _resolve_spec(spec, clone)
-    from testbed.wan import router_for
+    from testbed.vm.wan import router_for
 
     router = router_for(spec)
     marker = _preflight(spec)
@@ -740,7 +740,7 @@ def _preflight(spec: Spec) -> Path:
 
 def _image(rebuild: bool, clone_meta: dict[str, Any] | None, say: Say) -> Image:
     """The guest image (built when missing or ``rebuild``); ``clone_meta``: the clone's clone.json, if any."""
-    from testbed.images import ensure_image
+    from testbed.vm.images import ensure_image
 
     image = ensure_image(rebuild=rebuild, progress=say)
     built = f"built in {image.seconds:.0f} s" if image.built else "cached"
@@ -1026,7 +1026,7 @@ def load_teardown_handlers() -> None:
     """Import the modules that register teardown handlers (those that exist yet)."""
     import importlib
 
-    for mod in ("testbed.procs", "testbed.netns", "testbed.bridges", "testbed.qmp"):
+    for mod in ("testbed.procs", "testbed.netns", "testbed.vm.bridges", "testbed.vm.qmp"):
         try:
             importlib.import_module(mod)
         except ImportError as err:

@@ -1,8 +1,8 @@
 """What ``state.json`` keeps of a VM testbed, as typed, frozen records, and the atomic write that
 keeps it whole; :class:`Bed` is what the WAN and the faults need of a running testbed.
 
-Pure data, no libvirt: :mod:`testbed.vmbed` (the only writer, through ``VmTestbed.update``) and the
-modules that read a testbed's state (:mod:`testbed.wan`) import it from here, so they need not import
+Pure data, no libvirt: :mod:`testbed.vm.bed` (the only writer, through ``VmTestbed.update``) and the
+modules that read a testbed's state (:mod:`testbed.vm.wan`) import it from here, so they need not import
 each other.
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from testbed.guest import Guest
     from testbed.spec import Spec
+    from testbed.vm.guest import Guest
 
 _WAN_STATE = ("wan_profile", "wan_bare", "wan_enforcement")
 """The state's fields that describe the WAN's realised shape (kept per snapshot, put back by restore)."""
@@ -100,9 +100,9 @@ class VmTestbedState:
     snapshots: tuple[str, ...] = ()  # oldest first
     t_up: float | None = None
     router: RouterState | None = None
-    wan_enforcement: dict[str, str] | None = None  # {"point", "requested", "reason"} (testbed.wan.enforcement)
-    wan_profile: WanShape | None = None  # the WAN's current shape (testbed.wan.remember)
-    wan_bare: WanShape | None = None  # the bare path's RTT as last measured (testbed.wan.calibrate)
+    wan_enforcement: dict[str, str] | None = None  # {"point", "requested", "reason"} (testbed.vm.wan.enforcement)
+    wan_profile: WanShape | None = None  # the WAN's current shape (testbed.vm.wan.remember)
+    wan_bare: WanShape | None = None  # the bare path's RTT as last measured (testbed.vm.wan.calibrate)
     snapshot_wan: dict[str, dict[str, WanShape | None]] | None = None  # per snapshot the _WAN_STATE fields
     drill_wan: dict[str, Any] | None = None  # the drill's WAN facts of snapshot "ready" (testbed.drill.prepare)
 
@@ -157,8 +157,8 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 class Bed(Protocol):
-    """What the WAN's shaping (:mod:`testbed.wan`) needs of a running VM testbed
-    (:class:`testbed.vmbed.VmTestbed` is one): its spec and state, the one way to change the state,
+    """What the WAN's shaping (:mod:`testbed.vm.wan`) needs of a running VM testbed
+    (:class:`testbed.vm.bed.VmTestbed` is one): its spec and state, the one way to change the state,
     and per VM its record, libvirt domain and guest agent."""
 
     @property
