@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.gateways import start_gateways
-from testbed.netns import ADDRS, NamespaceTestbed
+from testbed.netns.bed import ADDRS, NamespaceTestbed
 
 
 def _transfer(tb: NamespaceTestbed, tmp: Path, port: int, seconds: float) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from smfs.auth import create_key_file
 from smfs.gateway import C_BINARY_ENV, tun_mtu
 from testbed.bench_gateway import _transfer
 from testbed.gateways import CONTROL, GATEWAY_READY_TIMEOUT, TUNNEL_PORT
-from testbed.netns import ADDRS, SITES, NamespaceTestbed, other
+from testbed.netns.bed import ADDRS, SITES, NamespaceTestbed, other
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Any
 
 from smfs.auth import create_key_file
 from testbed.errors import InfrastructureError
-from testbed.netns import ADDRS, NamespaceTestbed, other
+from testbed.netns.bed import ADDRS, NamespaceTestbed, other
 
 TUNNEL_PORT = 7800
 CONTROL = "127.0.0.1:7790"

@@ -191,7 +191,7 @@ def _links() -> list[Entry]:
 
 
 def _netns() -> list[Entry]:
-    from testbed.netns import mark_of
+    from testbed.netns.bed import mark_of
 
     names = [n["name"] for n in json.loads(_run(["ip", "-j", "netns", "list"]) or "[]")]
     out = []
@@ -413,7 +413,7 @@ class Sentinels:
     def problems(self) -> list[str]:
         """What is no longer as it was made: each a line (empty: all intact)."""
         from testbed import procs
-        from testbed.netns import mark_of
+        from testbed.netns.bed import mark_of
 
         bad = []
         for name, mark in self.namespaces.items():

@@ -25,7 +25,7 @@ from typing import Any
 from smfs.modes import Mode, promises
 from testbed import procs
 from testbed.faults import Fault, Runner, Timed
-from testbed.netns import ADDRS, NamespaceTestbed, host_has_netem
+from testbed.netns.bed import ADDRS, NamespaceTestbed, host_has_netem
 from testbed.progress import Say
 from testbed.report import table
 from testbed.runner import InfrastructureError, overall_verdict
@@ -479,7 +479,7 @@ class NsBed:
             cap.kill()
         if self.tb is not None:
             self.drops = self.tb.wan_drops()
-            from testbed.netns import _sigint_deferred
+            from testbed.netns.bed import _sigint_deferred
 
             with _sigint_deferred():  # a Ctrl-C here would leave namespaces recorded but said torn down
                 self.tb.teardown()

@@ -1026,7 +1026,7 @@ def load_teardown_handlers() -> None:
     """Import the modules that register teardown handlers (those that exist yet)."""
     import importlib
 
-    for mod in ("testbed.procs", "testbed.netns", "testbed.vm.bridges", "testbed.vm.qmp"):
+    for mod in ("testbed.procs", "testbed.netns.bed", "testbed.vm.bridges", "testbed.vm.qmp"):
         try:
             importlib.import_module(mod)
         except ImportError as err:

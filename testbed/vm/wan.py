@@ -130,7 +130,7 @@ def host_netem() -> tuple[bool, str]:
     """Does the host kernel take a netem qdisc? Tried on a scratch namespace's loopback (once per testbed)."""
     from pyroute2 import NetlinkError
 
-    from testbed.netns import host_has_netem
+    from testbed.netns.bed import host_has_netem
 
     try:
         ok = host_has_netem()

@@ -29,7 +29,7 @@ from smfs.auth import create_key_file, read_key_file
 from smfs.client import Client
 from smfs.logstore import LogStore
 from smfs.site import socket_path
-from testbed.netns import ADDRS, NamespaceTestbed
+from testbed.netns.bed import ADDRS, NamespaceTestbed
 
 PORT = 7700
 MIRROR, PRIMARY = ADDRS["mirror"].storage, ADDRS["primary"].storage

@@ -22,7 +22,7 @@ from smfs.tunnel import encode_data, encode_repair
 from testbed.bench_gateway import _transfer
 from testbed.bench_gateway_c import Pair, start_pair
 from testbed.gateways import CONTROL, TUNNEL_PORT
-from testbed.netns import ADDRS, NamespaceTestbed, other
+from testbed.netns.bed import ADDRS, NamespaceTestbed, other
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "smfs" / "native" / "build"

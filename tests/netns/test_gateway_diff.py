@@ -2,7 +2,7 @@
 specification) and ``--engine c`` (the production data path, and its ASan + UBSan build), each run
 alone in a network namespace and driven with the same scripted trace, must produce the same output.
 
-One run uses testbed.netns's namespaces (primary, wan, mirror); only the primary's gateway runs::
+One run uses testbed.netns.bed's namespaces (primary, wan, mirror); only the primary's gateway runs::
 
     primary  lo    198.18.11.1  the site's storage address (source of the egress trace)
              wan0  198.18.1.1   the gateway's WAN socket (--local, port 7800)
@@ -84,7 +84,7 @@ from smfs.callbacks import (
 from smfs.fec import Encoder, FecParams, Repair, _trusted_repair
 from smfs.gateway import C_BINARY_ENV, FIRST_SEQ_ENV
 from smfs.tunnel import KIND_DATA, KIND_REPAIR, MAGIC, VERSION, Sealer, _mac, encode_data, encode_repair
-from testbed.netns import ADDRS, NamespaceTestbed
+from testbed.netns.bed import ADDRS, NamespaceTestbed
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "smfs" / "native" / "build"

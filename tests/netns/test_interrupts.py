@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from testbed.interrupts import FOREIGN_MARK, NETNS_ARGV, TAG_ENV, Ours, compare, inventory, run_interrupted
-from testbed.netns import NamespaceTestbed, create_marked, mark_of
+from testbed.netns.bed import NamespaceTestbed, create_marked, mark_of
 from testbed.vm import bed as vmbed
 
 
@@ -106,7 +106,7 @@ def test_a_leaking_command_is_caught(cache: Path, tmp_path: Path) -> None:
 
 def test_a_namespace_has_its_mark_when_its_name_appears() -> None:
     """The namespace is marked before it is named (a kill in between leaves nothing, see
-    testbed.netns.create_marked): named, it carries the mark, its lo is up, the helper is gone."""
+    testbed.netns.bed.create_marked): named, it carries the mark, its lo is up, the helper is gone."""
     name, mark = f"smfs-cm{secrets.token_hex(3)}", f"smfs-testbed:{secrets.token_hex(8)}"
     try:
         create_marked(name, mark)

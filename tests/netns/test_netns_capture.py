@@ -252,7 +252,7 @@ def test_task_takes_and_copies_a_capture(veth: None, tmp_path: Path, monkeypatch
 @pytest.fixture()
 def gateways(tmp_path: Path):
     from testbed.gateways import start_gateways
-    from testbed.netns import NamespaceTestbed
+    from testbed.netns.bed import NamespaceTestbed
 
     tb = NamespaceTestbed()
     try:
@@ -275,7 +275,7 @@ def _gateway_stats(tb, gw, site: str) -> dict:
 
 
 def test_capture_of_the_gateways_tunnel_matches_their_statistics(gateways, tmp_path: Path) -> None:
-    from testbed.netns import ADDRS
+    from testbed.netns.bed import ADDRS
 
     tb, gw = gateways
     out = tmp_path / "wan.pcap"

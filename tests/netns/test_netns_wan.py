@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from netem.profile import LinkProfile
-from testbed.netns import NamespaceTestbed, host_has_netem
+from testbed.netns.bed import NamespaceTestbed, host_has_netem
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ import pytest
 from pyroute2 import IPRoute
 
 from testbed import procs
-from testbed.netns import mark_of
+from testbed.netns.bed import mark_of
 from testbed.registry import Registry
 from testbed.vm import bed as vmbed
 

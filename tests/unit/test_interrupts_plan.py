@@ -56,14 +56,14 @@ def test_compare_sorts_leaks_from_others() -> None:
 
 
 def test_a_ctrl_c_is_held_until_the_block_is_done() -> None:
-    """testbed.netns names a namespace inside this block: a Ctrl-C must not cut it in two."""
+    """testbed.netns.bed names a namespace inside this block: a Ctrl-C must not cut it in two."""
     import os
     import signal
     import time
 
     import pytest
 
-    from testbed.netns import _sigint_deferred
+    from testbed.netns.bed import _sigint_deferred
 
     done = []
     with pytest.raises(KeyboardInterrupt):
