@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 TUNNEL_PORT = 7800
-"""The gateways' UDP tunnel port (``testbed.gateways.TUNNEL_PORT``; not imported: the guests do not
+"""The gateways' UDP tunnel port (``testbed.drill.gateways.TUNNEL_PORT``; not imported: the guests do not
 have the ``testbed`` package)."""
 PCAP_MAGIC = 0xA1B2C3D4
 LINKTYPE_ETHERNET = 1

@@ -62,7 +62,7 @@ PRIMARY_SITE_SCHEDULES = ("rolling-disaster", "site-power-cut")
 """Disasters that hit the primary site only (the mirror keeps running until it is stopped cleanly)."""
 
 SCHEDULES = (*PRIMARY_SITE_SCHEDULES, "mirror-power-outage")
-"""Every disaster a drill can end with; the same names as ``testbed.faults.SCHEDULES``."""
+"""Every disaster a drill can end with; the same names as ``testbed.drill.faults.SCHEDULES``."""
 
 
 def _row(rolling: bool, site_cut: bool, mirror_outage: bool) -> Mapping[str, bool]:

@@ -7,7 +7,7 @@ acknowledged when ``AckTracker`` says the mode's condition holds (see ``smfs.mod
 With ``ack_trace`` (a file path), every ack is also written there as it is given: a first line
 ``flow SRC SPORT DST DPORT`` (the mirror stream as this server sends it), then one line per acked
 append ``LOG SEQ END T``: the stream offset just after its frame and the wall-clock time of the ack.
-The drill's wire check (``testbed.wirecheck``) holds these against a capture of what left the site:
+The drill's wire check (``testbed.drill.wirecheck``) holds these against a capture of what left the site:
 a network-sync ack promises that every byte below ``END`` was on the WAN with its repairs at ``T``.
 
 Authenticated under the testbed's key (``key``): the mirror connection opens with the mutual

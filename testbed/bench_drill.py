@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from smfs.modes import MODES
-from testbed.localdrill import LocalDrillConfig, run_local_drill
+from testbed.drill.local import LocalDrillConfig, run_local_drill
 
 
 def bench_local_drill(duration: float = 6.0, testers: int = 16, append_size: int = 512 * 1024,

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from testbed.gateways import start_gateways
+from testbed.drill.gateways import start_gateways
 from testbed.netns.bed import ADDRS, NamespaceTestbed
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from smfs.auth import create_key_file
 from smfs.gateway import C_BINARY_ENV, tun_mtu
 from testbed.bench_gateway import _transfer
-from testbed.gateways import CONTROL, GATEWAY_READY_TIMEOUT, TUNNEL_PORT
+from testbed.drill.gateways import CONTROL, GATEWAY_READY_TIMEOUT, TUNNEL_PORT
 from testbed.netns.bed import ADDRS, SITES, NamespaceTestbed, other
 
 
@@ -40,7 +40,7 @@ class Pair:
 
 def start_pair(tb: NamespaceTestbed, out: Path, engines: dict[str, str],
                binaries: dict[str, Path] | None = None, extra: list[str] | None = None) -> Pair:
-    """:func:`testbed.gateways.start_gateways` with an engine per site (``python`` or ``c``);
+    """:func:`testbed.drill.gateways.start_gateways` with an engine per site (``python`` or ``c``);
     ``binaries`` overrides the C program of a site (e.g. the ASan build)."""
     key = out / "tunnel.key"
     create_key_file(key)  # 0600 from its creation

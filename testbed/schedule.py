@@ -1,7 +1,7 @@
 """A spec's fault schedule as data: the disasters a drill can end with and the faults it can inject
 during the run, parsed and checked when the spec is loaded (``testbed.spec``), before anything boots.
 
-Pure: no fault objects, no libvirt. :mod:`testbed.faults` turns a :class:`DuringEntry` into the fault
+Pure: no fault objects, no libvirt. :mod:`testbed.drill.faults` turns a :class:`DuringEntry` into the fault
 that acts on a testbed, so the spec sits below the faults and imports point down.
 """
 

@@ -39,9 +39,9 @@ DRILL_KEYS = {
     "fec": {"r", "c", "flush", "engine"},
     "faults": {"schedule", "fail_at", "instant", "burst_loss", "burst", "during", "drain_timeout"},
 }
-"""The fields of the [workload], [fec] and [faults] tables (the drill reads them: ``testbed.drill``)."""
+"""The fields of the [workload], [fec] and [faults] tables (the drill reads them: ``testbed.drill.vm``)."""
 INSTANTS = ("time", "ack")
-"""``[faults] instant``: the disaster at ``fail_at``, or at the first acked append after it (testbed.runner)."""
+"""``[faults] instant``: the disaster at ``fail_at``, or at the first acked append after it (testbed.drill.runner)."""
 DATA_FILESYSTEMS = ("minix", "ext4")
 DEFAULT_URI = "qemu:///system"
 # RFC 2544 benchmarking range: never routed on the Internet, rarely used on a LAN.
@@ -376,7 +376,7 @@ def check_wan_enforcement(value: Any, where: str) -> str:
     return value
 
 
-# --- [workload], [fec], [faults]: checked here, read by the drill (testbed.drill.DrillConfig) ----------
+# --- [workload], [fec], [faults]: checked here, read by the drill (testbed.drill.vm.DrillConfig) ----------
 
 
 def _drill_tables(data: Mapping[str, Any], spec: Spec) -> None:

@@ -1,4 +1,4 @@
-"""Task: campaign (randomized fault schedules over the namespace drill or the VM drill, :mod:`testbed.campaign`).
+"""Task: campaign (randomized fault schedules over the namespace drill or the VM drill, :mod:`testbed.drill.campaign`).
 
 Like ``local-drill`` and ``drill`` it holds the testbed's lock from the end of its flag checks to its end
 (with ``--testbed vm``: the bring-up, every run and the teardown), and writes into a new output folder
@@ -60,8 +60,8 @@ def _defects(text: str) -> tuple[str, ...]:
 def campaign(c, runs="", seed="", testbed="netns", spec="", replay="", modes="all", out="", defects="", engine="c",
              drain_timeout="30", verbose=False, wait=False):
     """Randomized fault campaign: per run a drawn schedule of faults and a disaster, every mode checked."""
-    from testbed.campaign import DEFAULT_BOUNDS, MAX_SEED, CampaignConfig, load_replay, socket_room
-    from testbed.runner import EXIT_CODES
+    from testbed.drill.campaign import DEFAULT_BOUNDS, MAX_SEED, CampaignConfig, load_replay, socket_room
+    from testbed.drill.runner import EXIT_CODES
 
     flag_choice("--testbed", testbed, TESTBEDS)
     if spec and testbed != "vm":
@@ -93,7 +93,7 @@ def campaign(c, runs="", seed="", testbed="netns", spec="", replay="", modes="al
         cfg = CampaignConfig(modes=chosen, out=folder, runs=n, seed=campaign_seed, replay=schedule, defects=seeded,
                              engine=eng, drain_timeout=drain, verbose=verbose, testbed=testbed, spec=spec_path,
                              servers=servers)
-        from testbed.campaign import run_campaign
+        from testbed.drill.campaign import run_campaign
 
         result = run_for_verdict(lambda: run_campaign(cfg, stamped(time.monotonic())), "the campaign")
     code = EXIT_CODES[result["verdict"]]
@@ -104,8 +104,8 @@ def campaign(c, runs="", seed="", testbed="netns", spec="", replay="", modes="al
 def _vm_spec(path: str, modes: tuple) -> tuple[Path, int]:
     """``--spec`` of a VM campaign, checked whole before anything boots: the spec file, its drill tables, one
     VM per site. Returns the path and its server pairs (fixed at bring-up: every VM schedule has them)."""
-    from testbed.campaign import vm_spec_problem
-    from testbed.drill import DrillConfig
+    from testbed.drill.campaign import vm_spec_problem
+    from testbed.drill.vm import DrillConfig
     from testbed.spec import SpecError, load
 
     try:

@@ -86,7 +86,7 @@ def _run_bench(name: str, cold: bool = False) -> object:
         return bench_native()
     if name == "gateway-c":  # a gateway pair in namespaces: Python and C engines beside the bare path
         from testbed.bench_gateway_c import bench_gateway_c
-        from testbed.gateways import ensure_c_gateway
+        from testbed.drill.gateways import ensure_c_gateway
 
         ensure_c_gateway()
         return {f"loss_{loss:g}pct": bench_gateway_c(loss=loss) for loss in (0.0, 0.1, 1.0, 2.0)}

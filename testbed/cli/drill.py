@@ -54,8 +54,8 @@ def local_drill(c, mode="remote-sync", testers="64", append_size="512KiB", durat
                 wan_loss="0", servers="8", out="", keep_data=False, schedule="site-power-cut", burst_loss="5",
                 drain_timeout="30", engine="c", wait=False):
     """Run the SMFS stack in network namespaces, power-cut the primary site, check for data loss."""
-    from testbed.localdrill import SCHEDULES, LocalDrillConfig, run_local_drill
-    from testbed.runner import EXIT_CODES
+    from testbed.drill.local import SCHEDULES, LocalDrillConfig, run_local_drill
+    from testbed.drill.runner import EXIT_CODES
 
     duration_s = flag_number("--duration", duration, DURATION, "20", low_open=True, what="number of seconds")
     try:
@@ -95,7 +95,7 @@ def local_drill(c, mode="remote-sync", testers="64", append_size="512KiB", durat
 def drill(c, spec="specs/default.toml", modes="all", out="", keep=False, self_test=False, defects="all", runs="1",
           wait=False):
     """The disaster drill in VMs: each mode from one snapshot, the spec's faults, data-loss verdicts, report."""
-    from testbed.drill import EXIT_CODES, run_drill
+    from testbed.drill.vm import EXIT_CODES, run_drill
     from testbed.spec import load
 
     runs = flag_int("--runs", runs, (1, 1000), "10")
@@ -105,7 +105,7 @@ def drill(c, spec="specs/default.toml", modes="all", out="", keep=False, self_te
     say = stamped(time.monotonic())
     try:
         if self_test:
-            from testbed.selftest import cases, run_self_test
+            from testbed.drill.selftest import cases, run_self_test
 
             cases(defects)  # a bad name is an error before anything boots
             with for_command("./inv drill --self-test", wait):
@@ -127,7 +127,7 @@ def drill(c, spec="specs/default.toml", modes="all", out="", keep=False, self_te
 def check(c, ledger, mirror, mode="remote-sync", json_out=False):
     """Check ledgers against a mirror's recovered logs; exit 0 ok, 1 data loss, 2 unknown."""
     from smfs.modes import parse_mode
-    from testbed.runner import EXIT_CODES
+    from testbed.drill.runner import EXIT_CODES
     from workloads.checker import check_dirs, verdict_for
 
     try:

@@ -31,8 +31,10 @@ def _usage(task_name: str, usage: str, doc: str | None, given: str) -> None:
 })
 def experiment(c, file, quick=False, out="", resume="", keep=False, wait=False):
     """A parameter sweep over the drill from one snapshot: tidy table, plots, the paper's claims judged."""
-    from testbed.experiment import ExperimentError, load, run_experiment
-    from testbed.experiment_plots import write_experiment_report  # matplotlib: only when an experiment runs
+    from testbed.drill.experiment import ExperimentError, load, run_experiment
+    from testbed.drill.experiment_plots import (
+        write_experiment_report,  # matplotlib: only when an experiment runs
+    )
 
     if not file or file in HELP:
         _usage("experiment", "FILE [--quick] [--out DIR] [--resume DIR] [--keep] [--wait]", experiment.__doc__, file)
@@ -64,8 +66,8 @@ def experiment(c, file, quick=False, out="", resume="", keep=False, wait=False):
             "json_out": "print the comparison as JSON"})
 def compare(c, a, b, json_out=False):
     """Two result folders side by side: what differs in the spec, the figures, and what is beyond the spread."""
-    from testbed.compare import CompareError, render
-    from testbed.compare import compare as run
+    from testbed.drill.compare import CompareError, render
+    from testbed.drill.compare import compare as run
 
     try:
         res = run(Path(a), Path(b))
@@ -78,7 +80,7 @@ def compare(c, a, b, json_out=False):
             "wait": WAIT_HELP})
 def replay(c, folder, out="", wait=False):
     """Run again exactly what a result folder recorded (its spec or experiment file, its modes) into a new folder."""
-    from testbed.compare import load_result
+    from testbed.drill.compare import load_result
 
     if not folder or folder in HELP:
         _usage("replay", "DIR [--out DIR] [--wait]", replay.__doc__, folder)
@@ -90,8 +92,8 @@ def replay(c, folder, out="", wait=False):
         file = src / "experiment-file.toml"
         if not file.is_file():
             raise user_error(f"{src}: experiment-file.toml is missing; it cannot be replayed")
-        from testbed.experiment import ExperimentError, load, run_experiment
-        from testbed.experiment_plots import write_experiment_report  # matplotlib: only when it runs
+        from testbed.drill.experiment import ExperimentError, load, run_experiment
+        from testbed.drill.experiment_plots import write_experiment_report  # matplotlib: only when it runs
 
         try:
             exp = load(file, quick=bool(res.get("quick")))
@@ -106,7 +108,7 @@ def replay(c, folder, out="", wait=False):
     if not spec.is_file():
         raise user_error(f"{src}: spec.toml is missing; it cannot be replayed")
     from smfs.modes import parse_modes
-    from testbed.drill import EXIT_CODES, run_drill
+    from testbed.drill.vm import EXIT_CODES, run_drill
 
     modes = tuple(parse_modes(",".join((res.get("config") or {}).get("modes") or ["all"])))
     say = stamped(time.monotonic())

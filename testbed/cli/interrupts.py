@@ -1,5 +1,5 @@
 """Task: interrupts (issue 13): runs of the drill killed at random instants, ``./inv down`` after each,
-and the host checked for what the testbed left or touched (:mod:`testbed.interrupts`).
+and the host checked for what the testbed left or touched (:mod:`testbed.drill.interrupts`).
 
 This task does *not* hold the testbed's lock: every command it runs (the drill, ``./inv down``) takes
 the lock itself, and holding it here would make each of them wait for ever (or, without ``--wait``,
@@ -30,7 +30,7 @@ def interrupts(c, runs="20", seed="", testbed="netns", out="", max_delay=""):
     """Kill the drill at random instants (SIGINT or SIGKILL), run ./inv down after each, and check that
     nothing of the testbed is left and nothing else was touched. Exit 0 clean, 1 leak or touched, 2 could
     not run. Run it when no testbed is up (it refuses otherwise: ./inv down would remove it)."""
-    from testbed.interrupts import COMMANDS, CannotRun, run_interrupted
+    from testbed.drill.interrupts import COMMANDS, CannotRun, run_interrupted
 
     n = flag_int("--runs", runs, (1, 1000), "20")
     s = flag_int("--seed", seed, (0, 2**63 - 1), "1") if seed != "" else secrets.randbelow(2**31)

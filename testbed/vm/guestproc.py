@@ -27,7 +27,7 @@ RUN_DIR = "/run/smfs"
 
 GUEST_READY_TIMEOUT = 90.0
 """Seconds for a site or gateway in a guest to be ready: a TCG guest starts Python processes many times
-slower than the host (compare :data:`testbed.localdrill.SITE_READY_TIMEOUT`)."""
+slower than the host (compare :data:`testbed.drill.local.SITE_READY_TIMEOUT`)."""
 
 WAIT_READY = """n=0
 while [ "$n" -lt "$3" ]; do

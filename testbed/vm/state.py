@@ -104,7 +104,7 @@ class VmTestbedState:
     wan_profile: WanShape | None = None  # the WAN's current shape (testbed.vm.wan.remember)
     wan_bare: WanShape | None = None  # the bare path's RTT as last measured (testbed.vm.wan.calibrate)
     snapshot_wan: dict[str, dict[str, WanShape | None]] | None = None  # per snapshot the _WAN_STATE fields
-    drill_wan: dict[str, Any] | None = None  # the drill's WAN facts of snapshot "ready" (testbed.drill.prepare)
+    drill_wan: dict[str, Any] | None = None  # the drill's WAN facts of snapshot "ready" (testbed.drill.vm.prepare)
 
     def wan_state(self) -> dict[str, WanShape | None]:
         """The fields that describe the WAN's realised shape (kept per snapshot, put back by restore)."""

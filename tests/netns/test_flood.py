@@ -201,7 +201,7 @@ for i in range(3000):
 
 
 def test_forged_cb(tmp_path: Path) -> None:
-    from testbed.gateways import CONTROL, start_gateways
+    from testbed.drill.gateways import CONTROL, start_gateways
 
     tb = NamespaceTestbed()
     try:

@@ -15,7 +15,7 @@ import pytest
 
 from smfs.fec import Repair
 from smfs.tunnel import encode_data, encode_repair
-from testbed.gateways import TUNNEL_PORT, start_gateways
+from testbed.drill.gateways import TUNNEL_PORT, start_gateways
 from testbed.netns.bed import ADDRS, NamespaceTestbed
 
 

@@ -21,7 +21,7 @@ from smfs.gateway import C_BINARY_ENV
 from smfs.tunnel import encode_data, encode_repair
 from testbed.bench_gateway import _transfer
 from testbed.bench_gateway_c import Pair, start_pair
-from testbed.gateways import CONTROL, TUNNEL_PORT
+from testbed.drill.gateways import CONTROL, TUNNEL_PORT
 from testbed.netns.bed import ADDRS, NamespaceTestbed, other
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -16,7 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from testbed.interrupts import FOREIGN_MARK, NETNS_ARGV, TAG_ENV, Ours, compare, inventory, run_interrupted
+from testbed.drill.interrupts import (
+    FOREIGN_MARK,
+    NETNS_ARGV,
+    TAG_ENV,
+    Ours,
+    compare,
+    inventory,
+    run_interrupted,
+)
 from testbed.netns.bed import NamespaceTestbed, create_marked, mark_of
 from testbed.vm import bed as vmbed
 

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 from smfs.modes import parse_modes
-from testbed.localdrill import LocalDrillConfig, run_local_drill
+from testbed.drill.local import LocalDrillConfig, run_local_drill
 from testbed.registry import Registry
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from smfs.modes import parse_mode, parse_modes
-from testbed import campaign as cp
-from testbed.faults import Timed
-from testbed.localdrill import (
+from testbed.drill import campaign as cp
+from testbed.drill.faults import Timed
+from testbed.drill.local import (
     LocalDrillConfig,
     NsFreeze,
     NsLossBurst,
@@ -22,8 +22,8 @@ from testbed.localdrill import (
     NsPartition,
     run_local_drill,
 )
+from testbed.drill.runner import EXIT_CODES
 from testbed.registry import Registry
-from testbed.runner import EXIT_CODES
 
 REPO = Path(__file__).parents[2]
 

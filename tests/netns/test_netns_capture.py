@@ -251,7 +251,7 @@ def test_task_takes_and_copies_a_capture(veth: None, tmp_path: Path, monkeypatch
 
 @pytest.fixture()
 def gateways(tmp_path: Path):
-    from testbed.gateways import start_gateways
+    from testbed.drill.gateways import start_gateways
     from testbed.netns.bed import NamespaceTestbed
 
     tb = NamespaceTestbed()

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from testbed.drill import LedgerStream
-from testbed.faults import Timeline
-from testbed.localdrill import _LedgerDir
-from testbed.runner import await_ack
+from testbed.drill.faults import Timeline
+from testbed.drill.local import _LedgerDir
+from testbed.drill.runner import await_ack
+from testbed.drill.vm import LedgerStream
 from testbed.spec import SpecError
 from workloads.ledger import LedgerEntry, Outcome, is_ack_line
 

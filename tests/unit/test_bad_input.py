@@ -144,13 +144,13 @@ def test_drill_tables_are_checked_when_the_spec_loads(path: tuple[str, ...], val
 
 
 def test_the_drill_tables_match_what_the_drill_reads() -> None:
-    from testbed.drill import DRILL_KEYS
+    from testbed.drill.vm import DRILL_KEYS
 
     assert DRILL_KEYS == specmod.DRILL_KEYS
 
 
 def test_the_mirror_ports_of_the_most_server_pairs_stay_below_the_control_port() -> None:
-    from testbed.drill import CONTROL, MIRROR_PORT
+    from testbed.drill.vm import CONTROL, MIRROR_PORT
 
     assert MIRROR_PORT + specmod.SERVER_PAIRS[1] <= int(CONTROL.rsplit(":", 1)[1])
 
@@ -389,7 +389,7 @@ LOCAL_FLAGS: list[tuple[str, str, st.SearchStrategy[str]]] = [
 @settings(max_examples=300, deadline=None)
 @given(st.sampled_from(LOCAL_FLAGS), st.data())
 def test_a_bad_local_drill_flag_is_exit_2_naming_it_before_anything_runs(flag: Any, data: st.DataObject) -> None:
-    import testbed.localdrill as localdrill
+    import testbed.drill.local as localdrill
     from testbed.cli.drill import local_drill
 
     name, shown, values = flag

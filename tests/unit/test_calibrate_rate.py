@@ -24,7 +24,7 @@ from netem.calibrate import (
     rate_send,
 )
 from netem.profile import LinkProfile
-from testbed import experiment as ex
+from testbed.drill import experiment as ex
 from testbed.vm.wan import calibration_result
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -16,10 +16,10 @@ from invoke import Context
 from invoke.exceptions import Exit
 
 from smfs.modes import parse_mode, parse_modes
-from testbed import campaign as cp
-from testbed.faults import Timed
-from testbed.localdrill import LocalDrillConfig, NsFreeze, NsLossBurst, NsMirrorRestart, NsPartition
-from testbed.runner import EXIT_CODES
+from testbed.drill import campaign as cp
+from testbed.drill.faults import Timed
+from testbed.drill.local import LocalDrillConfig, NsFreeze, NsLossBurst, NsMirrorRestart, NsPartition
+from testbed.drill.runner import EXIT_CODES
 
 SEEDS = range(1, 400)
 
@@ -148,7 +148,7 @@ def _stub(monkeypatch: pytest.MonkeyPatch, outcomes: list[Any]) -> list[Any]:
         return {"verdict": "data-loss" if any(e["verdict"] == "data-loss" for e in out) else
                 ("unknown" if any(e["verdict"] == "unknown" for e in out) else "ok"), "modes": out}
 
-    monkeypatch.setattr("testbed.localdrill.run_local_drill", fake)
+    monkeypatch.setattr("testbed.drill.local.run_local_drill", fake)
     return seen
 
 

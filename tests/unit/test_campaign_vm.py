@@ -17,9 +17,8 @@ from invoke import Context
 from invoke.exceptions import Exit
 
 from smfs.modes import parse_mode, parse_modes
-from testbed import campaign as cp
-from testbed.drill import DrillConfig, mirror_argv
-from testbed.faults import (
+from testbed.drill import campaign as cp
+from testbed.drill.faults import (
     BalloonSqueeze,
     Freeze,
     LossBurst,
@@ -28,7 +27,8 @@ from testbed.faults import (
     Partition,
     Timed,
 )
-from testbed.runner import EXIT_CODES
+from testbed.drill.runner import EXIT_CODES
+from testbed.drill.vm import DrillConfig, mirror_argv
 from testbed.spec import load
 
 SEEDS = range(1, 400)
@@ -243,8 +243,8 @@ class _Stub:
         self.ups = self.downs = 0
         self.calls: list[tuple[Any, str]] = []
         self.verdicts = verdicts or {}
-        monkeypatch.setattr("testbed.drill.with_testbed", self.with_testbed)
-        monkeypatch.setattr("testbed.drill.run_mode", self.run_mode)
+        monkeypatch.setattr("testbed.drill.vm.with_testbed", self.with_testbed)
+        monkeypatch.setattr("testbed.drill.vm.run_mode", self.run_mode)
 
     def with_testbed(self, spec: Any, cfg: Any, out: Path, keep: bool, say: Any, body: Any, tl: Any = None) -> dict:
         self.ups += 1
@@ -325,7 +325,7 @@ def test_vm_bring_up_failure_is_unknown(tmp_path: Path, monkeypatch: pytest.Monk
     def broken(*_a: Any, **_k: Any) -> None:
         raise RuntimeError("no KVM, no TCG")
 
-    monkeypatch.setattr("testbed.drill.with_testbed", broken)
+    monkeypatch.setattr("testbed.drill.vm.with_testbed", broken)
     res = _vm_campaign(tmp_path, 2)
     assert res["verdict"] == "unknown" and EXIT_CODES[res["verdict"]] == 2 and res["runs"] == []
     assert "no KVM, no TCG" in res["error"] and "the whole campaign" in cp.summary_text(res)

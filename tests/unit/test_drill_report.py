@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from smfs.modes import parse_modes
-from testbed import faults
-from testbed.drill import DrillConfig
+from testbed.drill import faults
+from testbed.drill.vm import DrillConfig
 from testbed.spec import from_mapping, load
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,7 +51,7 @@ def test_the_fec_flush_comes_from_the_spec_and_is_checked() -> None:
 
 
 def test_the_gateway_engine_comes_from_the_spec_and_reaches_the_gateways() -> None:
-    from testbed.drill import gateway_argv
+    from testbed.drill.vm import gateway_argv
 
     base = {"sites": [{"name": "primary", "subnet": "198.18.1.0/24", "vms": [{"name": "primary"}]},
                       {"name": "mirror", "subnet": "198.18.2.0/24", "vms": [{"name": "mirror"}]}]}
@@ -132,7 +132,7 @@ def _result(remote_lost: int) -> dict[str, Any]:
 
 
 def test_report_writes_the_plots_and_says_when_the_paper_disagrees(tmp_path: Path) -> None:
-    from testbed.plots import write_report
+    from testbed.drill.plots import write_report
 
     files = write_report(_result(remote_lost=0), tmp_path)
     assert {f.name for f in files} == {"throughput.png", "latency-cdf.png", "acked-vs-lost.png", "fec.png", "report.md"}
@@ -255,7 +255,7 @@ def test_mirror_power_outage_takes_the_mirror_first_then_the_primary() -> None:
 
 
 def test_paper_findings_check_the_throughput_claim_against_local_sync() -> None:
-    from testbed.plots import paper_findings
+    from testbed.drill.plots import paper_findings
 
     modes = [{"mode": "local-sync", "acked": 10, "lost": 2, "throughput_MBps": 4.0},
              {"mode": "local-sync+fec", "acked": 8, "lost": 1, "throughput_MBps": 2.0},
@@ -273,7 +273,7 @@ def test_paper_findings_check_the_throughput_claim_against_local_sync() -> None:
 
 
 def test_paper_findings_count_corrupt_and_skip_schedules_where_the_mode_promises_nothing() -> None:
-    from testbed.plots import paper_findings
+    from testbed.drill.plots import paper_findings
 
     corrupt = [{"mode": "remote-sync", "acked": 10, "lost": 0, "corrupt": 2, "durable": True}]
     (f,) = paper_findings(corrupt)
@@ -285,7 +285,7 @@ def test_paper_findings_count_corrupt_and_skip_schedules_where_the_mode_promises
 def test_cpu_busy_from_two_proc_stat_readings() -> None:
     """/proc/stat's summed cpu line, twice: busy (user, nice, system, irq, softirq) and stolen shares
     of the time between, per machine, with its CPU count; a machine read once is left out."""
-    from testbed.runner import cpu_busy
+    from testbed.drill.runner import cpu_busy
 
     def stat(user: int, idle: int, steal: int = 0) -> str:
         return (f"cpu  {user} 0 {user // 2} {idle} 10 0 0 {steal} 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n"
@@ -299,7 +299,7 @@ def test_cpu_busy_from_two_proc_stat_readings() -> None:
 
 
 def test_the_report_shows_each_machines_cpu_per_mode(tmp_path: Path) -> None:
-    from testbed.plots import report_md
+    from testbed.drill.plots import report_md
 
     res = _result(remote_lost=0)
     res["modes"][0]["cpu"] = {"primary": {"busy": 0.97, "steal": 0.02, "cpus": 1}, "mirror": {"busy": 0.4, "steal": 0.0, "cpus": 1}}

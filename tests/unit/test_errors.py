@@ -44,8 +44,8 @@ def test_every_error_class_of_testbed_derives_from_the_root() -> None:
 
 def test_the_older_bases_stay() -> None:
     """Callers catch ValueError and RuntimeError: the root is added beside them, never instead."""
-    from testbed.compare import CompareError
-    from testbed.faults import ScheduleError
+    from testbed.drill.compare import CompareError
+    from testbed.drill.faults import ScheduleError
     from testbed.lock import LockBusy
     from testbed.spec import SpecError
     from testbed.vm.guest import GuestTimeout

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from testbed import experiment as ex
-from testbed.compare import compare, render
+from testbed.drill import experiment as ex
+from testbed.drill.compare import compare, render
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -200,7 +200,7 @@ def test_an_existing_result_folder_is_never_reused_without_resume(tmp_path: Path
 
 
 def test_the_report_and_plots_are_written_from_a_table(tmp_path: Path) -> None:
-    from testbed.experiment_plots import write_experiment_report
+    from testbed.drill.experiment_plots import write_experiment_report
 
     exp = exp_with(tmp_path, FLAT + FALLS)
     table = rows({"network-sync": [[10, 10.4], [9.8, 10.1], [10.2, 9.9]], "remote-sync": [[8, 8], [4, 4], [2, 3]]})
@@ -247,7 +247,7 @@ def test_compare_shows_a_changed_spec_and_a_change_beyond_the_spread(tmp_path: P
 
 
 def test_compare_refuses_a_folder_without_a_result(tmp_path: Path) -> None:
-    from testbed.compare import CompareError
+    from testbed.drill.compare import CompareError
 
     (tmp_path / "x").mkdir()
     with pytest.raises(CompareError, match="no result.json"):

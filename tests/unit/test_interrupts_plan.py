@@ -1,9 +1,9 @@
 """The interrupted runs' plan, the phase a kill landed in, and whose a new thing on the host is
-(:mod:`testbed.interrupts`; the runs themselves are in tests/netns/test_interrupts.py)."""
+(:mod:`testbed.drill.interrupts`; the runs themselves are in tests/netns/test_interrupts.py)."""
 
 from __future__ import annotations
 
-from testbed.interrupts import Ours, compare, phase_of, plan
+from testbed.drill.interrupts import Ours, compare, phase_of, plan
 
 OURS = Ours("smfs-testbed:1111111111111111", "/cache", "tag1")
 

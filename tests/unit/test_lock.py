@@ -125,8 +125,8 @@ def test_local_drill_busy(cache: Path, monkeypatch: pytest.MonkeyPatch, tmp_path
     from invoke import Context
     from invoke.exceptions import Exit
 
-    from testbed import localdrill
     from testbed.cli.drill import local_drill
+    from testbed.drill import local as localdrill
 
     monkeypatch.setattr(localdrill, "run_local_drill", lambda cfg, say: pytest.fail("ran while the testbed was held"))
     holder = _holder(60)
@@ -156,8 +156,8 @@ def test_used_out_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     from invoke import Context
     from invoke.exceptions import Exit
 
-    from testbed import localdrill
     from testbed.cli.drill import local_drill
+    from testbed.drill import local as localdrill
 
     monkeypatch.setattr(localdrill, "run_local_drill", lambda cfg, say: pytest.fail("ran"))
     (tmp_path / "out" / "remote-sync").mkdir(parents=True)

@@ -27,7 +27,7 @@ def test_the_table() -> None:
 
 
 def test_schedules_are_the_drills() -> None:
-    from testbed.faults import SCHEDULES as DRILL_SCHEDULES
+    from testbed.drill.faults import SCHEDULES as DRILL_SCHEDULES
 
     assert SCHEDULES == DRILL_SCHEDULES and set(PRIMARY_SITE_SCHEDULES) < set(SCHEDULES)
 

@@ -62,7 +62,7 @@ def test_bad_parameters_are_one_line_errors(rate: float, burst: int, field: str)
 
 def test_each_sites_gateway_is_paced_to_its_egress_direction_of_the_wan() -> None:
     from netem.profile import LinkProfile
-    from testbed.drill import egress_rate_bps
+    from testbed.drill.vm import egress_rate_bps
 
     wan = LinkProfile.from_mapping({"delay": "50ms", "rate": "40mbit", "reverse": {"rate": "10mbit"}}, "wan")
     assert (egress_rate_bps(wan, "primary"), egress_rate_bps(wan, "mirror")) == (40_000_000, 10_000_000)
@@ -73,7 +73,7 @@ def test_the_edge_buffer_is_the_wans_queue_limit() -> None:
     """The paced edge holds what the WAN's bottleneck queue would (netem's limit: the explicit one,
     else max(1000, 2 BDP)), per direction; nothing is set when the gateway is not paced."""
     from netem.profile import LinkProfile
-    from testbed.drill import edge_queue_packets
+    from testbed.drill.vm import edge_queue_packets
 
     wan = LinkProfile.from_mapping({"delay": "50ms", "rate": "40mbit"}, "wan")
     assert edge_queue_packets(wan, "primary", 9000) == 1000 == wan.a_to_b.effective_limit

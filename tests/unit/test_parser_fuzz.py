@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from smfs.wire import HEADER, MAGIC, VERSION, FrameDecoder, FrameType, ProtocolError, encode
-from testbed import wirecheck
+from testbed.drill import wirecheck
 from workloads.checker import CheckError, check
 from workloads.ledger import LedgerEntry, LedgerError
 

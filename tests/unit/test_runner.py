@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from testbed.runner import Drain, drain_until_quiet, quiet, split_after_instant
+from testbed.drill.runner import Drain, drain_until_quiet, quiet, split_after_instant
 from workloads.ledger import LedgerEntry
 
 QUIET = {"wan_backlog": 0, "tcp_rx": 0, "udp_rx": 0, "store_bytes": 100, "gateway_in": 7}

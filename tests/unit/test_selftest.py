@@ -7,7 +7,7 @@ import pytest
 
 from smfs.defects import DEFECTS
 from smfs.modes import SCHEDULES, parse_mode, promises
-from testbed.selftest import CASES, cases, summarize, table
+from testbed.drill.selftest import CASES, cases, summarize, table
 
 
 def test_every_seeded_defect_has_a_case_where_its_mode_promises_something() -> None:

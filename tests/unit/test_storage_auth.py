@@ -420,7 +420,7 @@ def test_the_vm_drill_mirror_takes_the_key_and_no_wildcard(tmp_path: Path) -> No
     NIC's for the bare modes, never 0.0.0.0, and the key file the gateways use."""
     from smfs.modes import parse_modes
     from smfs.site import listen_addresses
-    from testbed.drill import KEY_FILE, STORAGE, DrillConfig, mirror_argv
+    from testbed.drill.vm import KEY_FILE, STORAGE, DrillConfig, mirror_argv
 
     argv = mirror_argv(DrillConfig(spec_path=tmp_path / "s.toml", modes=tuple(parse_modes("remote-sync")), out=tmp_path))
     listen = [argv[i + 1] for i, a in enumerate(argv) if a == "--listen"]
@@ -428,7 +428,7 @@ def test_the_vm_drill_mirror_takes_the_key_and_no_wildcard(tmp_path: Path) -> No
     assert argv[argv.index("--key-file") + 1] == KEY_FILE
     assert listen_addresses([listen[0], "@lo:7700"])[1] == ("127.0.0.1", 7700)  # @IFACE: its address
     assert "--idle-timeout" not in argv  # the default (120 s) outlasts the usual faults
-    from testbed.faults import Timed
+    from testbed.drill.faults import Timed
 
     long = DrillConfig(spec_path=tmp_path / "s.toml", modes=tuple(parse_modes("remote-sync")), out=tmp_path,
                        during=(Timed(1.0, 300.0, None),))  # type: ignore[arg-type]
@@ -454,7 +454,7 @@ def _spy_creations(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, int]
 def test_key_files_are_0600_from_their_creation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Before: the gateways' key was written with the default mode, then chmod-ed. Now it is created
     exclusively with mode 0600 (whatever the umask), then renamed into place."""
-    from testbed.gateways import start_gateways
+    from testbed.drill.gateways import start_gateways
 
     class Stop(Exception):
         pass

@@ -19,8 +19,8 @@ from netem.capture import PcapWriter
 from smfs import tunnel
 from smfs.callbacks import Flow, FlowTracker
 from smfs.fec import Encoder, FecParams
-from testbed import wirecheck
-from testbed.runner import _wire_check
+from testbed.drill import wirecheck
+from testbed.drill.runner import _wire_check
 
 KEY = b"k" * 32
 SRC, DST = "10.9.1.1", "10.9.2.1"
@@ -158,14 +158,14 @@ def test_capture_drops_or_a_missing_syn_make_it_inconclusive(tmp_path):
     res = wirecheck.check(acks, late, {}, received=got(acks))
     assert "SYN" in res["inconclusive"]
     entry: dict = {"verdict": "ok"}
-    from testbed.faults import Timeline
+    from testbed.drill.faults import Timeline
 
     _wire_check(entry, res, Timeline(say=lambda _m: None))
     assert entry["verdict"] == "ok"  # inconclusive evidence judges nothing
 
 
 def test_unsafe_acks_make_the_verdict_data_loss(tmp_path):
-    from testbed.faults import Timeline
+    from testbed.drill.faults import Timeline
 
     entry: dict = {"verdict": "ok"}
     _wire_check(entry, {"unsafe": 4, "checked": 50, "inconclusive": None, "slack_ms": 1.0}, Timeline(say=lambda _m: None))

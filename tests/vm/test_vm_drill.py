@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_ci_drill_keeps_durable_promises_and_counts_local_sync_losses(tmp_path: Path) -> None:
     from smfs.modes import parse_modes
-    from testbed.drill import run_drill
+    from testbed.drill.vm import run_drill
     from testbed.vm import bed as vmbed
     from workloads.ledger import load_ledgers
 

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 from smfs.modes import parse_mode
-from testbed import drill
-from testbed.faults import Timeline
+from testbed.drill import vm as drill
+from testbed.drill.faults import Timeline
 from testbed.vm import wan
 
 SPEC = Path(__file__).resolve().parents[2] / "specs" / "ci.toml"

@@ -25,7 +25,7 @@ def _spec(tmp_path: Path, faults: str) -> Path:
 
 def _drill(spec: Path, out: Path) -> dict[str, Any]:
     from smfs.modes import parse_modes
-    from testbed.drill import run_drill
+    from testbed.drill.vm import run_drill
     from testbed.vm import bed as vmbed
 
     if (vmbed.testbeds_dir() / "active").exists():

@@ -15,7 +15,7 @@ CAUGHT_RELIABLY = ("remote-sync-acks-at-handoff,mirror-acks-before-fsync,primary
 
 
 def test_seeded_defects_are_caught_and_the_correct_stack_is_not_accused(tmp_path: Path) -> None:
-    from testbed.selftest import run_self_test
+    from testbed.drill.selftest import run_self_test
     from testbed.vm import bed as vmbed
 
     if (vmbed.testbeds_dir() / "active").exists():

@@ -24,11 +24,11 @@ from typing import Any
 
 from smfs.modes import Mode, promises
 from testbed import procs
-from testbed.faults import Fault, Runner, Timed
+from testbed.drill.faults import Fault, Runner, Timed
+from testbed.drill.report import table
+from testbed.drill.runner import InfrastructureError, overall_verdict
 from testbed.netns.bed import ADDRS, NamespaceTestbed, host_has_netem
 from testbed.progress import Say
-from testbed.report import table
-from testbed.runner import InfrastructureError, overall_verdict
 from workloads.ledger import is_ack_line
 
 MIRROR_PORT = 7700
@@ -36,7 +36,7 @@ GATEWAY_CONTROL_PORT = 7790
 TUNNEL_PORT = 7800
 SITE_READY_TIMEOUT = 60.0
 """Seconds for a site's storage servers in a namespace to report ready (a gateway's bound is
-:data:`testbed.gateways.GATEWAY_READY_TIMEOUT`; in a TCG guest: :data:`testbed.vm.guestproc.GUEST_READY_TIMEOUT`)."""
+:data:`testbed.drill.gateways.GATEWAY_READY_TIMEOUT`; in a TCG guest: :data:`testbed.vm.guestproc.GUEST_READY_TIMEOUT`)."""
 SCHEDULES = ("site-power-cut", "rolling-disaster")
 """What the namespace drill can do at ``fail_at``. A mirror power outage needs VMs: a killed process
 leaves its writes in the host's page cache, which no power cut of a namespace can take away."""
@@ -259,7 +259,7 @@ def _wait_ready(path: Path, proc: subprocess.Popen[bytes], what: str, log: Path)
 
 
 class NsBed:
-    """The namespace testbed as the drill recipe's :class:`~testbed.runner.Bed`: per mode fresh
+    """The namespace testbed as the drill recipe's :class:`~testbed.drill.runner.Bed`: per mode fresh
     namespaces, the WAN's loss, the mirror site (and the gateways in the FEC modes), the primary site."""
 
     kind = "netns"
@@ -272,7 +272,7 @@ class NsBed:
         self.work = cfg.out / "work"
         self.method = "none"
         self.drops: int | None = None
-        self.capture: Any = None  # testbed.wirecheck.Capture in network-sync modes
+        self.capture: Any = None  # testbed.drill.wirecheck.Capture in network-sync modes
         self.runner: Runner | None = None  # the during-run faults of this mode
         self.frozen: dict[str, list[tuple[int, int | None, str]]] = {}
         self.burst_drops = 0
@@ -299,7 +299,7 @@ class NsBed:
 
         create_key_file(self.work / "tunnel.key")  # the testbed's key (0600): gateways and storage servers
         if mode.fec:
-            from testbed.gateways import start_gateways
+            from testbed.drill.gateways import start_gateways
 
             self.gw = start_gateways(tb, out, self.logs, env=self.env, flush_ms=self.cfg.flush_ms, engine=self.cfg.engine,
                                      key_file=self.work / "tunnel.key")
@@ -339,7 +339,7 @@ class NsBed:
     def _start_capture(self, tl: Any) -> None:
         """The wire check's capture: what leaves the primary namespace on its WAN link (host clock),
         from before the primary servers connect to the disaster."""
-        from testbed.wirecheck import Capture, WireError
+        from testbed.drill.wirecheck import Capture, WireError
 
         assert self.tb is not None
         try:
@@ -350,8 +350,8 @@ class NsBed:
         tl.mark("wire capture on the primary's wan0")
 
     def wire_evidence(self, clock: dict[str, Any], entries: list[Any]) -> dict[str, Any] | None:
-        """Stop the capture and hold the primary's acks against it (:mod:`testbed.wirecheck`)."""
-        from testbed import wirecheck
+        """Stop the capture and hold the primary's acks against it (:mod:`testbed.drill.wirecheck`)."""
+        from testbed.drill import wirecheck
 
         cap, self.capture = self.capture, None
         if cap is None:
@@ -382,7 +382,7 @@ class NsBed:
         return {"offset_s": 0.0, "uncertainty_s": 0.0}  # the testers write the host's clock
 
     def cpu_times(self) -> dict[str, str]:
-        """Both sites share the host's CPUs here: its /proc/stat (see :func:`testbed.runner.cpu_busy`)."""
+        """Both sites share the host's CPUs here: its /proc/stat (see :func:`testbed.drill.runner.cpu_busy`)."""
         return {"host": Path("/proc/stat").read_text()}
 
     def tick(self, elapsed: float) -> None:
@@ -525,8 +525,8 @@ class _LedgerDir:
 
 def run_mode(cfg: LocalDrillConfig, mode: Mode, say: Say) -> dict[str, Any]:
     """One mode from a clean state through the shared recipe; returns its entry for result.json."""
-    from testbed.runner import RunConfig
-    from testbed.runner import run_mode as recipe
+    from testbed.drill.runner import RunConfig
+    from testbed.drill.runner import run_mode as recipe
 
     run = RunConfig(out=cfg.out, testers=cfg.testers, append_size=cfg.append_size, duration=cfg.duration,
                     fail_at=cfg.fail_at, servers=cfg.servers, schedule=cfg.schedule,

@@ -113,7 +113,7 @@ def run_self_test(spec_path: str | Path, names: str = "all", runs: int = 1, out:
 
     ``controls``: first run the correct stack once in each (mode, schedule) the chosen defects use;
     it must be ``ok`` there, so a catch is the defect's doing and not the schedule's."""
-    from testbed import drill
+    from testbed.drill import vm as drill
     from testbed.spec import load as load_spec
 
     chosen = cases(names)

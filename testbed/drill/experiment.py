@@ -9,7 +9,7 @@ runs). Every point's spec is built and validated before anything boots, so a typ
 The testbed comes up once (snapshot ``ready``); each point × mode × repetition restores it, reshapes
 the WAN live when the point's WAN differs from the snapshot's, restarts the gateways and the mirror
 site when their command lines differ (FEC parameters, the WAN's rate and delay size the gateway's
-pacing and edge queue), runs the drill's recipe (:func:`testbed.runner.run_mode`) and records one
+pacing and edge queue), runs the drill's recipe (:func:`testbed.drill.runner.run_mode`) and records one
 row of the tidy table. A point whose calibration is off by more than its tolerance, or whose a→b
 rate the guests and the path cannot carry (a paced UDP stream at the rate, :func:`netem.calibrate.rate_rows`),
 is marked ``faithful = false`` and left out of the judgments (never silently plotted as if it were right).
@@ -42,7 +42,7 @@ from testbed.progress import Say
 if TYPE_CHECKING:  # testbed.vm.bed loads libvirt; the drill imports it where it brings the testbed up
     from testbed.vm.bed import VmTestbed
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 SWEEPABLE_TABLES = ("wan", "workload", "fec", "faults")
 """Spec tables a matrix or ``[set]`` may change between points: they need no new testbed (the WAN is
@@ -514,10 +514,10 @@ def run_experiment(exp: Experiment, out: Path, keep: bool = False, resume: bool 
                    report: Callable[[dict[str, Any], Experiment, Path], Any] | None = None) -> dict[str, Any]:
     """Run every point × mode × repetition from one snapshot; returns ``experiment.json``'s content.
     ``report(result, exp, out)`` then writes the report and plots (the CLI passes
-    :func:`testbed.experiment_plots.write_experiment_report`, which imports this module)."""
+    :func:`testbed.drill.experiment_plots.write_experiment_report`, which imports this module)."""
     from smfs.modes import parse_mode
-    from testbed.drill import DrillConfig, with_testbed
-    from testbed.faults import Timeline
+    from testbed.drill.faults import Timeline
+    from testbed.drill.vm import DrillConfig, with_testbed
 
     if out.exists() and not resume and any(out.iterdir()):
         raise ExperimentError(f"--out {out}: exists and is not empty; pick a new folder, or --resume {out}")
@@ -578,7 +578,7 @@ def run_experiment(exp: Experiment, out: Path, keep: bool = False, resume: bool 
     }
     write_csv(rows, out / "points.csv")
     (out / "experiment.json").write_text(json.dumps(result, indent=1, default=str))
-    if report is not None:  # the caller's (testbed.experiment_plots.write_experiment_report: it imports this module)
+    if report is not None:  # the caller's (testbed.drill.experiment_plots.write_experiment_report: it imports this module)
         try:
             report(result, exp, out)
         except Exception as err:  # noqa: BLE001 - the table and judgments stand without the plots
@@ -599,7 +599,7 @@ def _point_calibration(tb: VmTestbed, cfg: Any, pdir: Path, say: Say, i: int, po
                        ) -> dict[str, Any] | None:
     """The point's WAN, calibrated once (from snapshot ``ready``, reshaped): kept in ``calibration.json``
     (and reused on resume)."""
-    from testbed.drill import DRILL_PROBES, SNAPSHOT
+    from testbed.drill.vm import DRILL_PROBES, SNAPSHOT
     from testbed.vm import wan
 
     path = pdir / "calibration.json"
@@ -628,7 +628,7 @@ def _point_calibration(tb: VmTestbed, cfg: Any, pdir: Path, say: Say, i: int, po
 
 
 def _run_one(tb: VmTestbed, cfg: Any, mode: Any, say: Say) -> dict[str, Any]:
-    from testbed.drill import run_mode
+    from testbed.drill.vm import run_mode
 
     cfg.out.mkdir(parents=True, exist_ok=True)
     entry = run_mode(tb, cfg, mode, say)

@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
 
-from testbed.report import table  # noqa: E402
+from testbed.drill.report import table  # noqa: E402
 
 
 def latencies(mode_dir: Path) -> list[float]:

@@ -49,7 +49,7 @@ def ensure_c_gateway() -> None:
     InfrastructureError with make's last lines when it cannot be built."""
     import subprocess
 
-    mk = Path(__file__).resolve().parents[1] / "smfs" / "native" / "gateway.mk"
+    mk = Path(__file__).resolve().parents[2] / "smfs" / "native" / "gateway.mk"
     res = subprocess.run(["make", "-s", "-f", str(mk), "static"], capture_output=True, text=True)
     if res.returncode != 0:
         tail = " | ".join((res.stderr or res.stdout).strip().splitlines()[-3:])

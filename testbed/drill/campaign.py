@@ -4,7 +4,7 @@ Each run draws a **schedule** from its own seed (``run_seed(campaign_seed, i)``)
 (testers, append size, server pairs, the WAN's base loss), the faults during the run (which, when, how
 long: partitions, freezes, loss bursts, mirror restarts) and the disaster that ends it (site power cut
 or rolling disaster) at a random instant. It then runs the namespace drill of the chosen modes with that
-schedule (:func:`testbed.localdrill.run_local_drill`, faults through the drill's ``during``), and records
+schedule (:func:`testbed.drill.local.run_local_drill`, faults through the drill's ``during``), and records
 the seed and the schedule in the run's folder (``schedule.json``): ``./inv campaign --replay SEED``
 draws the same schedule again (or ``--replay FOLDER/schedule.json`` reads it back), so a finding is
 one command away from being repeated.
@@ -19,8 +19,8 @@ come back only when TCP retransmits them, after a backed-off timeout of up to ab
 A disaster before that retransmission would lose what no mode's ack condition claims to have delivered.
 
 ``--testbed vm`` runs the same loop on the VM testbed (:func:`draw_vm`, :func:`vm_drill_config`): the
-testbed is brought up and snapshot "ready" prepared once (:func:`testbed.drill.with_testbed`), and every
-run's modes go through :func:`testbed.drill.run_mode` from that snapshot. A VM schedule is drawn from
+testbed is brought up and snapshot "ready" prepared once (:func:`testbed.drill.vm.with_testbed`), and every
+run's modes go through :func:`testbed.drill.vm.run_mode` from that snapshot. A VM schedule is drawn from
 :data:`VM_BOUNDS` (TCG guests are slow: fewer testers, longer runs, at most two faults) and from the VM
 fault kinds (disk errors, balloon squeezes and mirror power outages exist only there); what the testbed
 fixes at bring-up (the storage server pairs) is the spec's, not drawn. A schedule records the testbed it
@@ -52,11 +52,11 @@ DRAW_VERSION = 1
 """Raised by any change to :func:`draw` or :func:`draw_vm` (old seeds would replay something else)."""
 TESTBEDS = ("netns", "vm")
 FAULT_KINDS = ("partition", "freeze", "loss-burst", "mirror-restart")
-"""The faults a namespace run draws during the run (:data:`testbed.localdrill.FAULTS`)."""
+"""The faults a namespace run draws during the run (:data:`testbed.drill.local.FAULTS`)."""
 FAULT_WEIGHTS = (3, 3, 3, 2)
 """A mirror restart is drawn less often: the primary does not reconnect, so the rest of that run is quiet."""
 DISASTERS = ("site-power-cut", "rolling-disaster")
-"""The disasters a namespace run draws (:data:`testbed.localdrill.SCHEDULES`)."""
+"""The disasters a namespace run draws (:data:`testbed.drill.local.SCHEDULES`)."""
 PARTITIONS = ("both", "to-mirror", "to-primary")
 FREEZE_TARGETS = ("mirror", "primary", "mirror-gateway", "primary-gateway")
 MAX_SEED = (1 << 63) - 1
@@ -64,10 +64,10 @@ GIVE_UP_AFTER = 3  # consecutive runs whose drill crashed: the campaign stops (t
 MODE_OVERHEAD_S = 3.5  # s per mode beside the run to the disaster (setup, drain, check, teardown): the first ETA
 
 VM_FAULT_KINDS = ("partition", "freeze", "loss-burst", "mirror-disk-failure", "balloon-squeeze", "mirror-restart")
-"""The faults a VM run draws during the run (:mod:`testbed.faults`; the restart is :class:`testbed.faults.MirrorRestart`)."""
+"""The faults a VM run draws during the run (:mod:`testbed.drill.faults`; the restart is :class:`testbed.drill.faults.MirrorRestart`)."""
 VM_FAULT_WEIGHTS = (3, 3, 3, 2, 2, 2)
 VM_DISASTERS = ("rolling-disaster", "site-power-cut", "mirror-power-outage")
-"""The disasters a VM run draws (:data:`testbed.faults.SCHEDULES`)."""
+"""The disasters a VM run draws (:data:`testbed.drill.faults.SCHEDULES`)."""
 VM_SITES = ("primary", "mirror")
 """What a VM partition cuts (the site's links, both ways), a freeze stops (QMP) and a squeeze shrinks: a site's VM."""
 VM_EXCLUSIVE = ("freeze", "mirror-restart", "mirror-disk-failure")
@@ -427,8 +427,8 @@ def violations(s: Schedule, bounds: Bounds | None = None) -> list[str]:
 
 def timed_faults(s: Schedule) -> tuple[Any, ...]:
     """The schedule's faults as the namespace drill runs them (``LocalDrillConfig.during``)."""
-    from testbed.faults import Timed
-    from testbed.localdrill import NsFreeze, NsLossBurst, NsMirrorRestart, NsPartition
+    from testbed.drill.faults import Timed
+    from testbed.drill.local import NsFreeze, NsLossBurst, NsMirrorRestart, NsPartition
 
     make = {"partition": lambda f: NsPartition(f.direction), "freeze": lambda f: NsFreeze(f.target),
             "loss-burst": lambda f: NsLossBurst(f.loss), "mirror-restart": lambda f: NsMirrorRestart()}
@@ -438,7 +438,7 @@ def timed_faults(s: Schedule) -> tuple[Any, ...]:
 def drill_config(s: Schedule, modes: tuple[Mode, ...], out: Path, defects: tuple[str, ...] = (), engine: str = "c",
                  drain_timeout: float = 30.0) -> Any:
     """The namespace drill's configuration for one run of ``s``."""
-    from testbed.localdrill import LocalDrillConfig
+    from testbed.drill.local import LocalDrillConfig
 
     return LocalDrillConfig(modes=modes, testers=s.testers, append_size=s.append_size, duration=s.duration,
                             fail_at=s.fail_at, wan_loss=s.wan_loss, servers=s.servers, out=out, schedule=s.disaster,
@@ -492,8 +492,7 @@ def vm_timed_faults(s: Schedule, cfg: Any, spec: Any) -> tuple[Any, ...]:
     run's WAN loss (``LossBurst``), a disk failure fails the mirror's data disk (``MirrorDiskFailure``), a
     squeeze shrinks the site's VM to ``share`` of its memory, at least 128 MiB (``BalloonSqueeze``), and a
     mirror restart kills the mirror site and starts it again with the run's command line (``MirrorRestart``)."""
-    from testbed.drill import mirror_argv
-    from testbed.faults import (
+    from testbed.drill.faults import (
         BalloonSqueeze,
         Fault,
         Freeze,
@@ -503,6 +502,7 @@ def vm_timed_faults(s: Schedule, cfg: Any, spec: Any) -> tuple[Any, ...]:
         Partition,
         Timed,
     )
+    from testbed.drill.vm import mirror_argv
 
     argv = tuple(mirror_argv(replace(cfg, during=tuple(Timed(f.at, f.seconds, Fault()) for f in s.faults))))
     mirror = site_vm(spec, "mirror").name
@@ -531,7 +531,7 @@ def vm_timed_faults(s: Schedule, cfg: Any, spec: Any) -> tuple[Any, ...]:
 
 
 def vm_drill_config(s: Schedule, base: Any, spec: Any, out: Path) -> Any:
-    """The VM drill's configuration (:class:`testbed.drill.DrillConfig`) for one run of ``s``: ``base`` (the
+    """The VM drill's configuration (:class:`testbed.drill.vm.DrillConfig`) for one run of ``s``: ``base`` (the
     spec's, with the campaign's flags) with the schedule's workload, WAN loss, disaster and faults."""
     if s.testbed != "vm":
         raise ValueError(f"schedule of seed {s.seed}: drawn for the {s.testbed} testbed; replay it with "
@@ -650,7 +650,7 @@ DURABLE_KEYS = ("acked", "lost", "corrupt", "unexpected", "prefix_violations", "
 
 
 def _mode_row(entry: dict[str, Any]) -> dict[str, Any]:
-    from testbed.selftest import evidence
+    from testbed.drill.selftest import evidence
 
     row = {"verdict": entry.get("verdict", "unknown"), "durable": entry.get("durable"), "evidence": evidence(entry)}
     row.update({k: entry.get(k) for k in DURABLE_KEYS})
@@ -714,7 +714,7 @@ def run_campaign(cfg: CampaignConfig, say: Say = print) -> dict[str, Any]:
     summary.md are written after every run, so an interrupted campaign leaves its summary so far."""
     if cfg.testbed == "vm":
         return _run_vm_campaign(cfg, say)
-    from testbed.localdrill import run_local_drill
+    from testbed.drill.local import run_local_drill
 
     why = socket_room(cfg.out, cfg.runs, cfg.replay.servers if cfg.replay else max(cfg.bounds.servers))
     if why:
@@ -737,10 +737,10 @@ def run_campaign(cfg: CampaignConfig, say: Say = print) -> dict[str, Any]:
 
 
 def _run_vm_campaign(cfg: CampaignConfig, say: Say) -> dict[str, Any]:
-    """The campaign on the VM testbed: up and snapshot "ready" once (:func:`testbed.drill.with_testbed`, which
+    """The campaign on the VM testbed: up and snapshot "ready" once (:func:`testbed.drill.vm.with_testbed`, which
     also tears the testbed down at the end, on Ctrl-C or error), then every run's modes from that snapshot."""
-    from testbed.drill import DrillConfig, TeardownFailed, with_testbed
-    from testbed.faults import Timeline
+    from testbed.drill.faults import Timeline
+    from testbed.drill.vm import DrillConfig, TeardownFailed, with_testbed
     from testbed.spec import load as load_spec
 
     if cfg.spec is None:
@@ -792,8 +792,8 @@ def _run_vm_campaign(cfg: CampaignConfig, say: Say) -> dict[str, Any]:
 def _vm_run(tb: VmTestbed, base: Any, spec: Any, s: Schedule, modes: tuple[Mode, ...], folder: Path, log: Say) -> dict[str, Any]:
     """One VM run: every mode from snapshot "ready" with the schedule's configuration; the faults a mode
     promises nothing about are not run in it (:func:`vm_skip`; ``faults_not_run`` in its entry)."""
-    from testbed.drill import run_mode
-    from testbed.runner import overall_verdict
+    from testbed.drill.runner import overall_verdict
+    from testbed.drill.vm import run_mode
 
     cfg = vm_drill_config(s, base, spec, folder)
     entries = []

@@ -18,8 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
 from matplotlib import ticker  # noqa: E402
 
-from testbed.experiment import Experiment, num, point_id, point_label, truthy  # noqa: E402
-from testbed.plots import latencies  # noqa: E402
+from testbed.drill.experiment import Experiment, num, point_id, point_label, truthy  # noqa: E402
+from testbed.drill.plots import latencies  # noqa: E402
 
 
 def _x(exp: Experiment) -> tuple[str, list[str]]:

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from smfs.modes import Mode
+from testbed.drill.faults import Timeline
 from testbed.errors import InfrastructureError  # InfrastructureError: re-exported
-from testbed.faults import Timeline
 from testbed.progress import Say
 
 DRAIN_INTERVAL = 0.5  # s between two probes of the mirror while draining
@@ -197,7 +197,7 @@ def run_mode(bed: Bed, cfg: RunConfig, mode: Mode, say: Say, progress: Callable[
              ) -> dict[str, Any]:
     """One mode on ``bed``, from a clean state; returns its entry for result.json."""
     from smfs.modes import promises
-    from testbed.report import ledger_figures
+    from testbed.drill.report import ledger_figures
     from workloads.checker import check, verdict_for
     from workloads.ledger import normalize
 
@@ -330,10 +330,10 @@ destroyed, so every acked append must be on it (every mode acks after its local 
 
 
 def _wire_check(entry: dict[str, Any], res: dict[str, Any] | None, tl: Timeline) -> None:
-    """network-sync's ack condition, checked on the wire (:mod:`testbed.wirecheck`): an ack given before
+    """network-sync's ack condition, checked on the wire (:mod:`testbed.drill.wirecheck`): an ack given before
     its bytes and repairs left the site breaks the mode's promise whatever the disaster found, so the
     verdict is ``data-loss`` (the append was acked while a WAN loss could take it); reported apart."""
-    from testbed.wirecheck import summary_line
+    from testbed.drill.wirecheck import summary_line
 
     if res is None:
         return

@@ -48,7 +48,7 @@ from testbed.errors import TestbedError
 from testbed.progress import Say
 from testbed.registry import PREFIX
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TAG_ENV = "SMFS_INTERRUPTS_TAG"
 """Set in every interrupted command's environment; its processes (and theirs) carry it in /proc/PID/environ."""
 KINDS = ("registry", "domains", "links", "netns", "nft", "processes", "files")

@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # testbed.vm.bed loads libvirt, which the namespace drill's f
 
 Bed = TypeVar("Bed")
 """What a fault acts on: the VM testbed (every fault here), or the namespace drill's bed
-(``testbed.localdrill.NsFault``); :class:`Runner` passes it through untouched."""
+(``testbed.drill.local.NsFault``); :class:`Runner` passes it through untouched."""
 
 
 class FaultError(TestbedError, RuntimeError):
@@ -39,7 +39,7 @@ class Timeline:
     prefix: str = ""
     gate: Callable[[], None] | None = None
     """Called once, right before the disaster's instant (:func:`site_instant`): the drill's ``instant =
-    "ack"`` waits there for the next acked append (:func:`testbed.runner.await_ack`)."""
+    "ack"`` waits there for the next acked append (:func:`testbed.drill.runner.await_ack`)."""
 
     def pass_gate(self) -> None:
         """Run the gate (once) if there is one."""
@@ -223,7 +223,7 @@ class BalloonSqueeze(VmFault):
 class MirrorRestart(VmFault):
     """The mirror site's storage servers crash (SIGKILL of their process session in the mirror guest; the
     guest's page cache survives, as after a process crash) and start again on heal with ``argv``, the
-    command line the drill starts them with (:func:`testbed.drill.mirror_argv`), recovering their logs
+    command line the drill starts them with (:func:`testbed.drill.vm.mirror_argv`), recovering their logs
     before they answer. The primary does not reconnect: it fails what is pending and every later append
     (its testers stop), the stack's behaviour, as after the namespace campaign's ``mirror-restart``."""
 

@@ -7,7 +7,7 @@ site its storage address, start the mirror site and both FEC gateways, wait unti
 take snapshot "ready". Per mode: restore "ready", start the primary site in the mode, stream the
 testers' ledger over a virtio-serial port to the host, inject the faults at ``fail_at``, let the
 mirror drain what is still in the WAN, stop it, recover its listing read-only, and check.
-The result directory and exit codes are those of the namespace drill (:mod:`testbed.localdrill`).
+The result directory and exit codes are those of the namespace drill (:mod:`testbed.drill.local`).
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from smfs.modes import Mode
+from testbed.drill.faults import Runner, Timed, Timeline, during, schedule
+from testbed.drill.report import table
+from testbed.drill.runner import EXIT_CODES, InfrastructureError, RunConfig, overall_verdict
 from testbed.errors import TestbedError
-from testbed.faults import Runner, Timed, Timeline, during, schedule
 from testbed.progress import Say
-from testbed.report import table
-from testbed.runner import EXIT_CODES, InfrastructureError, RunConfig, overall_verdict
 from testbed.vm.guestproc import RUN_DIR, wait_file
 from workloads.ledger import is_ack_line
 
@@ -346,7 +346,7 @@ def _gateway_stats(g: Any) -> dict[str, Any] | None:
 
 def _fec_totals(per_site: dict[str, dict[str, Any] | None], out: Path) -> dict[str, Any]:
     """Both gateways' statistics, saved as ``fec-<site>.json``, with the namespace drill's totals."""
-    from testbed.gateways import GatewayPair
+    from testbed.drill.gateways import GatewayPair
 
     files = {site: out / f"fec-{site}.json" for site in per_site}
     for site, stats in per_site.items():
@@ -387,7 +387,7 @@ waiting in its storage and tunnel sockets, and the size of its log stores."""
 
 
 class VmBed:
-    """The VM testbed as the drill recipe's :class:`~testbed.runner.Bed`: each mode from snapshot
+    """The VM testbed as the drill recipe's :class:`~testbed.drill.runner.Bed`: each mode from snapshot
     "ready", the primary site started in the mode, the ledger streamed over a virtio-serial port,
     the spec's faults during the run and its disaster schedule at the end."""
 
@@ -400,7 +400,7 @@ class VmBed:
         self.runner: Runner | None = None
         self.fec_sites: dict[str, dict[str, Any] | None] = {}
         self.tl: Timeline | None = None
-        self.capture: Any = None  # testbed.wirecheck.Capture in network-sync modes
+        self.capture: Any = None  # testbed.drill.wirecheck.Capture in network-sync modes
         self.ack_traces: dict[str, str | None] = {}
 
     def begin(self, mode: Mode, out: Path, tl: Timeline) -> None:
@@ -476,8 +476,8 @@ class VmBed:
     def _start_capture(self, out: Path, tl: Timeline) -> None:
         """The wire check's capture: what leaves the primary VM, on its host tap, from before its
         primary servers connect (the replay numbers each flow's bytes from its SYN) to the disaster."""
+        from testbed.drill.wirecheck import Capture, WireError
         from testbed.vm import wan
-        from testbed.wirecheck import Capture, WireError
 
         tap = wan.tap_of(self.tb, self.prim)
         if not tap:
@@ -512,7 +512,7 @@ class VmBed:
         return stream
 
     def cpu_times(self) -> dict[str, str]:
-        """Each site VM's /proc/stat, read through its guest agent (see :func:`testbed.runner.cpu_busy`);
+        """Each site VM's /proc/stat, read through its guest agent (see :func:`testbed.drill.runner.cpu_busy`);
         a guest that does not answer is left out."""
         out = {}
         for site, vm in (("primary", self.prim), ("mirror", self.mirr)):
@@ -561,10 +561,10 @@ class VmBed:
                     self.ack_traces[f"acks-{i}.txt"] = None
 
     def wire_evidence(self, clock: dict[str, Any], entries: list[Any]) -> dict[str, Any] | None:
-        """Stop the capture (the site is gone) and hold the primary's acks against it (:mod:`testbed.wirecheck`):
+        """Stop the capture (the site is gone) and hold the primary's acks against it (:mod:`testbed.drill.wirecheck`):
         each ack is bounded by the host's receipt of its ledger line (no guest clock in the verdict)."""
         from smfs.gateway import SITE_IDS
-        from testbed import wirecheck
+        from testbed.drill import wirecheck
 
         cap, self.capture = self.capture, None
         if cap is None:
@@ -673,7 +673,7 @@ def wan_backlog(tb: VmTestbed, towards: str) -> int | None:
 
 def run_mode(tb: VmTestbed, cfg: DrillConfig, mode: Mode, say: Say) -> dict[str, Any]:
     """One mode from snapshot "ready" through the shared recipe; returns its entry for result.json."""
-    from testbed.runner import run_mode as recipe
+    from testbed.drill.runner import run_mode as recipe
 
     return recipe(VmBed(tb, cfg, say), cfg.run_config(), mode, say)
 
@@ -778,12 +778,12 @@ def run_drill(spec_path: str | Path, modes: tuple[Mode, ...], out: Path | None =
     }
     if "teardown_error" in facts:
         result["teardown_error"] = facts["teardown_error"]
-    from testbed.plots import paper_findings
+    from testbed.drill.plots import paper_findings
 
     result["paper"] = paper_findings(entries)
     (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
     try:
-        from testbed.plots import write_report
+        from testbed.drill.plots import write_report
 
         write_report(result, out)
     except Exception as err:  # noqa: BLE001 - the verdict stands without the plots
