@@ -85,21 +85,21 @@ def _run_bench(name: str, cold: bool = False) -> object:
         native.build()
         return bench_native()
     if name == "gateway-c":  # a gateway pair in namespaces: Python and C engines beside the bare path
-        from testbed.bench_gateway_c import bench_gateway_c
+        from testbed.bench.gateway_c import bench_gateway_c
         from testbed.drill.gateways import ensure_c_gateway
 
         ensure_c_gateway()
         return {f"loss_{loss:g}pct": bench_gateway_c(loss=loss) for loss in (0.0, 0.1, 1.0, 2.0)}
     if name == "local-drill":
-        from testbed.bench_drill import bench_local_drill
+        from testbed.bench.drill import bench_local_drill
 
         return bench_local_drill()
     if name == "gateway":
-        from testbed.bench_gateway import bench_gateway
+        from testbed.bench.gateway import bench_gateway
 
         return bench_gateway()
     if name == "vm":
-        from testbed.bench_vm import bench_vm
+        from testbed.bench.vm import bench_vm
 
         return bench_vm(cold=cold, say=lambda msg: print(f"bench: vm: {msg}", file=sys.stderr, flush=True))
     raise AssertionError(name)

@@ -56,7 +56,7 @@ def test_storage_traffic_crosses_the_gateways(gateways) -> None:
 def test_a_paced_gateway_never_sends_faster_than_the_wan(tmp_path: Path) -> None:
     """With the WAN's rate given, the egress gateway holds its datagrams (data and repairs, on the
     wire) below it: a bulk TCP transfer is slowed at the site's edge, not dropped in bursts on the WAN."""
-    from testbed.bench_gateway import _transfer
+    from testbed.bench.gateway import _transfer
 
     rate = 16_000_000
     tb = NamespaceTestbed()

@@ -19,8 +19,8 @@ import pytest
 from smfs.fec import Repair
 from smfs.gateway import C_BINARY_ENV
 from smfs.tunnel import encode_data, encode_repair
-from testbed.bench_gateway import _transfer
-from testbed.bench_gateway_c import Pair, start_pair
+from testbed.bench.gateway import _transfer
+from testbed.bench.gateway_c import Pair, start_pair
 from testbed.drill.gateways import CONTROL, TUNNEL_PORT
 from testbed.netns.bed import ADDRS, NamespaceTestbed, other
 

@@ -3,7 +3,7 @@ one run: a bulk TCP transfer through the pair (TUN MTU 1398 for r = 8 and a 1500
 inner packets are ~1400 bytes), and the bare path with its route MTU set to the same 1398 bytes.
 Prints JSON: MB/s, packets/s through the gateways, repairs per data packet, rebuilt fraction.
 
-``python -m testbed.bench_gateway_c [--seconds 4] [--loss 0]`` (root)."""
+``python -m testbed.bench.gateway_c [--seconds 4] [--loss 0]`` (root)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import Any
 
 from smfs.auth import create_key_file
 from smfs.gateway import C_BINARY_ENV, tun_mtu
-from testbed.bench_gateway import _transfer
+from testbed.bench.gateway import _transfer
 from testbed.drill.gateways import CONTROL, GATEWAY_READY_TIMEOUT, TUNNEL_PORT
 from testbed.netns.bed import ADDRS, SITES, NamespaceTestbed, other
 

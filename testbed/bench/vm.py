@@ -10,7 +10,7 @@ from typing import Any
 
 from testbed.paths import cache_dir
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def bench_vm(spec: str | Path = REPO / "specs" / "ci.toml", cold: bool = False,
