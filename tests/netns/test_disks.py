@@ -117,7 +117,7 @@ def test_a_server_outlives_the_command_that_started_it(tmp_path: Path) -> None:
     disk = disks.DataDisk(vm="vm3", site="mirror", file=tmp_path / "vm3-data.raw", folder=tmp_path / "disks")
     subprocess.run(["truncate", "-s", "16M", str(disk.file)], check=True)
     registry = Registry(tmp_path / "registry.json")
-    code = ("import sys; from pathlib import Path; from testbed import disks; from testbed.registry import Registry; "
+    code = ("import sys; from pathlib import Path; from testbed.vm import disks; from testbed.registry import Registry; "
             f"d = disks.DataDisk(vm='vm3', site='mirror', file=Path({str(disk.file)!r}), folder=Path({str(disk.folder)!r})); "
             f"print(disks.start(d, owner={OWNER!r}, registry=Registry(Path({str(registry.path)!r}))))")
     pid = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)

@@ -166,3 +166,27 @@ def test_used_out_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         local_drill.body(Context(), out=str(tmp_path / "out"))
     assert err.value.code == 2 and err.value.message.startswith("error: --out ") and "not empty" in err.value.message
     assert (tmp_path / "out" / "remote-sync" / "result.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("argv", [
+    ("up",), ("drill",), ("drill", "--self-test"), ("local-drill",), ("experiment", "experiments/loss.toml", "--quick"),
+    ("snapshot", "s1"), ("restore", "ready"), ("shape", "--loss", "1%"), ("calibrate",),
+    ("capture",), ("bench", "vm"),
+], ids=lambda argv: "-".join(argv))
+def test_every_task_that_makes_or_removes_things_waits_its_turn(cache: Path, tmp_path: Path,
+                                                                 argv: tuple[str, ...]) -> None:
+    """Each task that creates, changes or removes a testbed's resources takes the one-testbed lock
+    (issue #13: a drill reused a running testbed with no lock): while another command holds it, the
+    task exits 2 with one line naming the holder, before it creates anything (its --out included)."""
+    holder = _holder(120)
+    out = tmp_path / "out"
+    extra = ("--out", str(out)) if argv[0] in ("drill", "local-drill", "experiment", "campaign") else ()
+    try:
+        res = _inv(*argv, *extra)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.stderr.splitlines() == [line for line in res.stderr.splitlines() if line.startswith(
+        f"error: the testbed is in use: ./inv drill (pid {holder.pid}, since ")], res.stderr
+    assert len(res.stderr.splitlines()) == 1 and not out.exists()
