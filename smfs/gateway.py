@@ -571,6 +571,7 @@ class Gateway:
                 "paused_s": round(self.pacer.paused_s, 3)},
             "edge_drops": _tun_tx_dropped(self.args.tun),
             "cpu_s": round(cpu, 3),
+            "cpu_sys_s": round(os.times().system, 3),  # the kernel's share: TUN, sockets, the stack
             "cpu_us_per_packet": round(cpu * 1e6 / handled, 2) if handled else None,
             "reasons": dict(self.reasons),
             "t": time.time(),

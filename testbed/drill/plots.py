@@ -194,12 +194,13 @@ def report_md(result: dict[str, Any]) -> str:
     if cpu:
         machines = sorted({k for _mode, c in cpu for k in c})
         lines += ["", "## CPU during the run", "",
-                  "Share of each machine's CPU time busy (stolen by the host, for a guest) from the testers' "
+                  "Share of each machine's CPU time busy (of it in its kernel: network stack, TUN, disk; and "
+                  "stolen by the host, for a guest) from the testers' "
                   "start to the disaster. Near 100 % busy, the emulation's CPU bounded the mode's throughput, "
                   "not the WAN: a comparison of modes then measures the testbed as much as the mirroring.", "",
                   "| mode | " + " | ".join(machines) + " |", "|---|" + "---|" * len(machines)]
         for name, c in cpu:
-            cells = [f"{c[k]['busy'] * 100:.0f} % ({c[k]['steal'] * 100:.0f} %)" if k in c else "-" for k in machines]
+            cells = [_cpu_cell(c[k]) if k in c else "-" for k in machines]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "## Plots", ""]
     lines += [f"![{p}]({p})" for p in ("throughput.png", "latency-cdf.png", "acked-vs-lost.png", "fec.png")]
@@ -216,3 +217,9 @@ def write_report(result: dict[str, Any], out: Path) -> list[Path]:
     files = write_plots(result, out)
     (out / "report.md").write_text(report_md(result))
     return [*files, out / "report.md"]
+
+
+def _cpu_cell(c: dict[str, Any]) -> str:
+    """``busy % (kernel K %, stolen S %)``; results from before the kernel's share was sampled lack it."""
+    kernel = f"kernel {c['kernel'] * 100:.0f} %, " if "kernel" in c else ""
+    return f"{c['busy'] * 100:.0f} % ({kernel}stolen {c['steal'] * 100:.0f} %)"

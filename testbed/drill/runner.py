@@ -307,6 +307,7 @@ def cpu_busy(before: Mapping[str, str], after: Mapping[str, str]) -> dict[str, d
             continue
         user, nice, system, idle, iowait, irq, softirq, steal = d[:8]
         out[name] = {"busy": round((user + nice + system + irq + softirq) / total, 3),
+                     "kernel": round((system + irq + softirq) / total, 3),  # of which the kernel's
                      "steal": round(steal / total, 3), "cpus": b[1]}
     return dict(sorted(out.items()))
 

@@ -293,8 +293,8 @@ def test_cpu_busy_from_two_proc_stat_readings() -> None:
 
     got = cpu_busy({"primary": stat(100, 1000), "mirror": stat(0, 0), "gone": stat(1, 1)},
                    {"primary": stat(700, 1090, steal=10), "mirror": stat(20, 970)})
-    assert got == {"mirror": {"busy": 0.03, "steal": 0.0, "cpus": 2},
-                   "primary": {"busy": 0.9, "steal": 0.01, "cpus": 2}}
+    assert got == {"mirror": {"busy": 0.03, "kernel": 0.01, "steal": 0.0, "cpus": 2},
+                   "primary": {"busy": 0.9, "kernel": 0.3, "steal": 0.01, "cpus": 2}}
     assert cpu_busy({"x": "garbage"}, {"x": stat(1, 1)}) == {} and cpu_busy({"x": stat(1, 1)}, {"x": stat(1, 1)}) == {}
 
 
@@ -302,7 +302,9 @@ def test_the_report_shows_each_machines_cpu_per_mode(tmp_path: Path) -> None:
     from testbed.drill.plots import report_md
 
     res = _result(remote_lost=0)
-    res["modes"][0]["cpu"] = {"primary": {"busy": 0.97, "steal": 0.02, "cpus": 1}, "mirror": {"busy": 0.4, "steal": 0.0, "cpus": 1}}
+    res["modes"][0]["cpu"] = {"primary": {"busy": 0.97, "kernel": 0.6, "steal": 0.02, "cpus": 1},
+                             "mirror": {"busy": 0.4, "steal": 0.0, "cpus": 1}}
     md = report_md(res)
-    assert "| mode | mirror | primary |" in md and "| local-sync | 40 % (0 %) | 97 % (2 %) |" in md
+    assert "| mode | mirror | primary |" in md
+    assert "| local-sync | 40 % (stolen 0 %) | 97 % (kernel 60 %, stolen 2 %) |" in md
     assert "## CPU" not in report_md(_result(remote_lost=0))

@@ -51,7 +51,14 @@ def test_ci_drill_keeps_durable_promises_and_counts_local_sync_losses(tmp_path: 
     listing = json.loads((out / "local-sync" / "mirror-listing.json").read_text())
     present = {(int(log), rec[0]) for log, recs in listing["logs"].items() for rec in recs}
     assert ls["acked"] == len(acked) > 0
-    assert ls["lost"] == len(acked - present) > 0, "the rolling disaster should cost local-sync acked appends"
+    assert ls["lost"] == len(acked - present)
+    # What reached the mirror crossed the WAN at its rate (8 Mbit/s) between the testers' start and the
+    # disaster: the mirror holding more is a WAN that was not shaped. Acked beyond that must be lost, so a
+    # primary that outran the WAN must show losses; a slow (TCG, loaded) primary may not outrun it at all.
+    started = next(e["t"] for e in ls["timeline"] if e["event"].startswith("testers started"))
+    capacity = 1e6 * (ls["instant"]["t_rel"] - started) / (64 * 1024) + 8  # appends; + what the queues held
+    assert len(acked & present) <= capacity, (len(acked & present), capacity)
+    assert ls["lost"] >= len(acked) - capacity, (ls["lost"], len(acked), capacity)
     assert ls["verdict"] == "ok"  # local-sync promised nothing
     assert (out / "report.md").exists() and (out / "latency-cdf.png").exists()
     assert not (vmbed.testbeds_dir() / "active").exists()
