@@ -52,7 +52,8 @@ from smfs.tunnel import MIN_KEY, ReplayWindow, Sealer, TunnelError, decode_raw, 
 from smfs.units import parse_hostport
 
 TUNSETIFF = 0x400454CA
-IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
+IFF_TUN, IFF_NO_PI, IFF_VNET_HDR = 0x0001, 0x1000, 0x4000
+TSO_SEGS = 64  # gateway.c TSO_SEGS: the TUN's gso_max_segs, so one read fits the gateway's batch
 WAN_MTU = 1500  # bytes: the WAN links' MTU; tunnel datagrams must cross them unfragmented
 TUN_BATCH = 64  # packets read from the TUN before the encoder takes them
 _IPV4_UDP = 20 + 8  # bytes of IPv4 and UDP header around a tunnel datagram
@@ -77,9 +78,12 @@ if TYPE_CHECKING:
 # about a second and a half at every gateway start.
 
 
-def open_tun(name: str) -> int:
+def open_tun(name: str, vnet_hdr: bool = False) -> int:
+    """The TUN ``name``; ``vnet_hdr``: each packet with a virtio_net_hdr, so the C gateway can offer
+    the kernel TSO (one read per TCP super-packet, cut into segments by smfs/native/offload.c)."""
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
-    fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
+    flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
+    fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
     return fd
 
 
@@ -94,14 +98,17 @@ def tun_mtu(r: int, wan_mtu: int = WAN_MTU) -> int:
     return wan_mtu - _IPV4_UDP - max(data, repair)
 
 
-def configure_tun(name: str, address: str, routes: list[str], mtu: int, queue: int = 0) -> None:
+def configure_tun(name: str, address: str, routes: list[str], mtu: int, queue: int = 0, tso: bool = False) -> None:
     """Address-free TUN up with ``mtu``, the peer subnets routed into it; ``queue`` (packets, 0: the
-    kernel's 500) bounds what waits in it for the gateway: the site edge's buffer when paced.
+    kernel's 500) bounds what waits in it for the gateway: the site edge's buffer when paced. With
+    ``tso`` an entry of that queue is one TCP super-packet of up to ``TSO_SEGS`` segments (TCP sizes
+    them to about a millisecond of its pacing rate: a few segments at the WAN's rates).
 
     With iproute2's ``ip`` (two or three short commands) rather than pyroute2, whose import alone
     takes 0.1 s here and seconds in a TCG guest, at every gateway start. OSError naming the command
     and ip's own message when one fails."""
-    cmds = [["ip", "link", "set", "dev", name, "mtu", str(mtu), *(["txqueuelen", str(queue)] if queue else []), "up"]]
+    cmds = [["ip", "link", "set", "dev", name, "mtu", str(mtu), *(["txqueuelen", str(queue)] if queue else []),
+             *(["gso_max_segs", str(TSO_SEGS)] if tso else []), "up"]]
     cmds += [["ip", "route", "replace", dst, "dev", name, "src", address] for dst in routes]
     for cmd in cmds:
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -570,6 +577,7 @@ class Gateway:
                 "rate_bps": self.args.wan_rate_bps, "pauses": self.pacer.pauses,
                 "paused_s": round(self.pacer.paused_s, 3)},
             "edge_drops": _tun_tx_dropped(self.args.tun),
+            "tun_offload": None,  # the C engine's TSO reads (this engine reads packet by packet)
             "cpu_s": round(cpu, 3),
             "cpu_sys_s": round(os.times().system, 3),  # the kernel's share: TUN, sockets, the stack
             "cpu_us_per_packet": round(cpu * 1e6 / handled, 2) if handled else None,
@@ -618,6 +626,8 @@ def exec_c_gateway(args: argparse.Namespace, binary: Path, tun: int) -> None:
             "--r", str(args.r), "--wan-mtu", str(args.wan_mtu), "--wan-rate-bps", str(args.wan_rate_bps),
             # comma-separated; c = 0 is the empty string
             "--interleaves", ",".join(map(str, args.interleaves)), "--flush-ms", repr(float(args.flush_ms))]
+    if args.tun_offload == "tso":
+        argv.append("--vnet-hdr")
     if defects.active("network-sync-callback-before-repairs"):
         argv.append("--safe-at-send")
     for handler in logging.getLogger().handlers:
@@ -677,6 +687,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the interleave of each FEC layer, c = their count (default 1 11 19); the bare "
                         "flag is c = 0: no repairs, a lost packet stays lost, safe once sent")
     p.add_argument("--flush-ms", type=float, default=FecParams().flush_ms)
+    p.add_argument("--tun-offload", choices=("tso", "none"), default="tso",
+                   help="the C engine: take TCP super-packets from the TUN and cut them itself (tso), or "
+                        "let the kernel cut them (none); the Python engine always reads packet by packet")
     p.add_argument("--engine", choices=("python", "c"), default="python",
                    help="the data path: this module (python) or smfs/native's smfs-gateway (c), "
                         "built by `make -f smfs/native/gateway.mk`")
@@ -687,7 +700,8 @@ def main(argv: list[str] | None = None) -> int:
         binary = c_binary() if args.engine == "c" else None
         key = bytes.fromhex(Path(args.key_file).read_text().strip())
         # pyroute2's synchronous API runs its own event loop: configure before ours starts.
-        tun = open_tun(args.tun)
+        tso = binary is not None and args.tun_offload == "tso"
+        tun = open_tun(args.tun, vnet_hdr=tso)
         if not 576 <= args.wan_mtu <= 65535:
             raise ValueError(f"--wan-mtu: {args.wan_mtu} is outside 576-65535; use the site network's MTU, e.g. 1500 or 9000")
         if args.wan_rate_bps < 0:
@@ -695,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
         if not 0 <= args.edge_queue <= 100_000:
             raise ValueError(f"--edge-queue: {args.edge_queue} is outside 0-100000 packets; use about one "
                              "bandwidth-delay product, or 0 for the kernel's default")
-        configure_tun(args.tun, args.address, args.route, tun_mtu(args.r, args.wan_mtu), args.edge_queue)
+        configure_tun(args.tun, args.address, args.route, tun_mtu(args.r, args.wan_mtu), args.edge_queue, tso)
         if binary is not None:
             FecParams(r=args.r, c=len(args.interleaves), interleaves=tuple(args.interleaves), flush_ms=args.flush_ms)
             Sealer(key, SITE_IDS[args.site])  # the checks the Python engine makes at start

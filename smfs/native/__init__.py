@@ -252,6 +252,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "smfs_ft_held_latencies": (c_size_t, [P, POINTER(c_double), c_size_t]),
         "smfs_ft_set_held": (None, [P, c_double]),
         "smfs_is_pure_ack": (c_int, [c_char_p, c_size_t]),
+        "smfs_vnet_segment": (c_long, [c_char_p, c_char_p, c_size_t, c_void_p, c_size_t, c_size_t, POINTER(c_uint32)]),
         "smfs_bench_codec": (
             c_int, [POINTER(_Params), c_char_p, c_size_t, c_size_t, c_double, c_uint64, c_double,
                     POINTER(c_double), POINTER(c_double), POINTER(c_uint64), POINTER(c_uint64)]),
@@ -779,3 +780,15 @@ def is_pure_ack(ip_packet: bytes, variant: str | None = None) -> bool:
     """:func:`smfs.callbacks.is_pure_ack` in C (what the C gateway marks lazy)."""
     data = _as_bytes(ip_packet)
     return bool(load(variant).smfs_is_pure_ack(data, len(data)))
+
+
+def vnet_segment(hdr: bytes, packet: bytes, stride: int = 65536, max_segments: int = 256,
+                 variant: str | None = None) -> list[bytes]:
+    """offload.c's ``smfs_vnet_segment``: one read from a TUN with IFF_VNET_HDR (``hdr``, the
+    10-byte virtio_net_hdr, then ``packet``) as the packets a TUN without offloads gives."""
+    lib = load(variant)
+    out = ctypes.create_string_buffer(stride * max_segments)
+    lens = (c_uint32 * max_segments)()
+    n = _check(lib.smfs_vnet_segment(bytes(hdr), bytes(packet), len(packet), out, stride, max_segments, lens),
+               "vnet segment")
+    return [out.raw[i * stride: i * stride + lens[i]] for i in range(n)]

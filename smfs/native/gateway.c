@@ -18,6 +18,7 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <linux/errqueue.h>
+#include <linux/if_tun.h>
 #include <math.h>
 #include <netinet/in.h>
 #include <signal.h>
@@ -26,10 +27,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/timerfd.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -39,6 +42,7 @@
 
 #define TUN_BATCH 64               /* packets read from the TUN before they are sent */
 #define TUN_ROUNDS (256 / TUN_BATCH)
+#define TSO_SEGS 64                /* most segments one TSO read may give (the TUN's gso_max_segs) */
 #define WAN_BATCH 64               /* datagrams per recvmmsg */
 #define WAN_ROUNDS (256 / WAN_BATCH)
 #define RBUF 65536                 /* bytes per read buffer (TUN packet or WAN datagram) */
@@ -324,7 +328,7 @@ struct config {
     const char *site_name, *tun_name, *stats, *ready, *key_file;
     struct sockaddr_in local, peer, control;
     char local_s[64], peer_s[64];
-    int tun_fd, site, peer_site, wan_mtu, safe_at_send;
+    int tun_fd, site, peer_site, wan_mtu, safe_at_send, vnet_hdr;
     long long wan_rate_bps;
     struct smfs_fec_params params;
 };
@@ -343,7 +347,9 @@ struct gw {
     struct reason reasons[MAX_REASONS];
     size_t n_reasons;
     /* egress */
-    uint8_t *rbuf;        /* TUN_BATCH * RBUF */
+    uint8_t *rbuf;        /* (TUN_BATCH + TSO_SEGS) * RBUF */
+    uint8_t *gbuf;        /* one TSO read (RBUF), before it is cut into rbuf's slots */
+    uint64_t tun_reads, tso_reads;
     uint8_t *arena;
     uint32_t arena_used;
     struct outmsg *outq;
@@ -791,6 +797,41 @@ static void pause_tun(struct gw *g, double seconds, double now)
     }
 }
 
+/* One TUN read into slot `at` of rbuf: the number of packets it gave (a TSO read: its segments, in
+ * slots at, at + 1, ...; their lengths in lens), 0 for an empty or refused read, -1 with errno. */
+static ssize_t tun_read(struct gw *g, long at, uint32_t *lens)
+{
+    uint8_t *slot = g->rbuf + (size_t)at * RBUF;
+    if (!g->cfg.vnet_hdr) {
+        ssize_t n = read(g->tun, slot, RBUF);
+        if (n > 0)
+            lens[at] = (uint32_t)n;
+        g->tun_reads += n > 0;
+        return n > 0 ? 1 : n;
+    }
+    uint8_t hdr[SMFS_VNET_HDR_LEN];
+    struct iovec iov[2] = {{hdr, sizeof hdr}, {slot, RBUF}};
+    ssize_t n = readv(g->tun, iov, 2);
+    if (n < 0)
+        return n;
+    if (n <= (ssize_t)sizeof hdr)
+        return 0;
+    g->tun_reads++;
+    size_t len = (size_t)n - sizeof hdr;
+    const uint8_t *src = slot;
+    if (hdr[1] != SMFS_VNET_GSO_NONE) { /* cut from a copy: segment 0 lands where the read did */
+        memcpy(g->gbuf, slot, len);
+        src = g->gbuf;
+        g->tso_reads++;
+    }
+    long k = smfs_vnet_segment(hdr, src, len, slot, RBUF, TSO_SEGS, lens + at);
+    if (k < 0) {
+        reason_add(g, "tun read: offloaded packet refused (%s)", strerror((int)-k));
+        return 0;
+    }
+    return k;
+}
+
 static void on_tun(struct gw *g)
 {
     double now = mono();
@@ -810,9 +851,9 @@ static void on_tun(struct gw *g)
                 batch = room;
         }
         long got = 0;
-        uint32_t lens[TUN_BATCH];
+        uint32_t lens[TUN_BATCH + TSO_SEGS];
         while (got < batch) {
-            ssize_t n = read(g->tun, g->rbuf + (size_t)got * RBUF, RBUF);
+            ssize_t n = tun_read(g, got, lens);
             if (n < 0) {
                 if (errno == EINTR)
                     continue;
@@ -828,7 +869,7 @@ static void on_tun(struct gw *g)
                 reason_add(g, "tun read: empty packet");
                 continue;
             }
-            lens[got++] = (uint32_t)n;
+            got += n;
         }
         if (!got)
             break;
@@ -872,7 +913,9 @@ static void encoder_timer(struct gw *g, double now)
 
 static void tun_write(struct gw *g, const uint8_t *p, size_t len)
 {
-    if (write(g->tun, p, len) < 0) {
+    static const uint8_t none[SMFS_VNET_HDR_LEN]; /* no offload: the checksums are the packet's own */
+    struct iovec iov[2] = {{(void *)none, sizeof none}, {(void *)p, len}};
+    if ((g->cfg.vnet_hdr ? writev(g->tun, iov, 2) : write(g->tun, p, len)) < 0) {
         g->stats[S_TUN_WRITE_ERR]++;
         reason_add(g, "tun: %s", strerror(errno));
     } else {
@@ -1132,6 +1175,11 @@ static void write_stats(struct gw *g)
         fprintf(f, " \"edge_drops\": %lld,\n", drops);
     else
         fprintf(f, " \"edge_drops\": null,\n");
+    if (c->vnet_hdr) /* TSO from the TUN: reads, and those that were one TSO packet cut into segments */
+        fprintf(f, " \"tun_offload\": {\"reads\": %" PRIu64 ", \"tso_reads\": %" PRIu64 "},\n", g->tun_reads,
+                g->tso_reads);
+    else
+        fprintf(f, " \"tun_offload\": null,\n");
     struct timespec cpu_ts;
     clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &cpu_ts);
     double cpu = (double)cpu_ts.tv_sec + (double)cpu_ts.tv_nsec * 1e-9;
@@ -1215,6 +1263,10 @@ static void parse_args(int argc, char **argv, struct config *c)
         const char *a = argv[i];
         if (!strcmp(a, "--safe-at-send")) {
             c->safe_at_send = 1;
+            continue;
+        }
+        if (!strcmp(a, "--vnet-hdr")) { /* the TUN was opened with IFF_VNET_HDR: offer it TSO */
+            c->vnet_hdr = 1;
             continue;
         }
         if (i + 1 >= argc)
@@ -1365,7 +1417,8 @@ static void setup(struct gw *g)
         g->pacer.tokens = g->pacer.burst;
         g->pacer.t = mono();
     }
-    g->rbuf = alloc_or_die((size_t)TUN_BATCH * RBUF);
+    g->rbuf = alloc_or_die((size_t)(TUN_BATCH + TSO_SEGS) * RBUF);
+    g->gbuf = alloc_or_die(RBUF);
     g->arena = alloc_or_die(ARENA);
     g->outq = alloc_or_die(sizeof *g->outq * OUTQ_MAX);
     g->omm = alloc_or_die(sizeof *g->omm * OUTQ_MAX);
@@ -1391,6 +1444,8 @@ static void setup(struct gw *g)
     if (fl < 0 || fcntl(g->tun, F_SETFL, fl | O_NONBLOCK) < 0)
         die("TUN fd %d: %s", g->tun, strerror(errno));
     fcntl(g->tun, F_SETFD, FD_CLOEXEC);
+    if (c->vnet_hdr && ioctl(g->tun, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN) < 0)
+        die("TUNSETOFFLOAD on %s: %s", c->tun_name, strerror(errno));
     g->wan = udp_socket(&c->local, 1);
     g->ctl = udp_socket(&c->control, 0);
 

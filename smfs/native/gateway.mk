@@ -21,7 +21,7 @@ SAN := -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-f
 LIBS := -lcrypto -lm
 STATIC_LIBS := -Wl,-Bstatic -lcrypto -lm -lpthread -ldl
 
-CORE := $(addprefix $(D)/,smfs_core.c fec.c tunnel.c flows.c)
+CORE := $(addprefix $(D)/,smfs_core.c fec.c tunnel.c flows.c offload.c)
 HDRS := $(addprefix $(D)/,smfs_core.h smfs_internal.h)
 DEPS := $(D)/gateway.c $(CORE) $(HDRS) $(D)/gateway.mk
 

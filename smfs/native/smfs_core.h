@@ -250,6 +250,25 @@ int smfs_is_pure_ack(const uint8_t *ip, size_t len);
 /* FlowTracker.held = held: the gateway's running total of seconds held back by its pacer. */
 void smfs_ft_set_held(struct smfs_flow_tracker *ft, double held);
 
+/* ---- TUN offloads (offload.c) ------------------------------------------------------------ */
+
+#define SMFS_VNET_HDR_LEN 10         /* struct virtio_net_hdr, little-endian */
+#define SMFS_VNET_F_NEEDS_CSUM 1
+#define SMFS_VNET_GSO_NONE 0
+#define SMFS_VNET_GSO_TCPV4 1
+
+/* One read from a TUN with IFF_VNET_HDR (the 10-byte header `hdr`, then `len` bytes of packet) as
+ * the packets a TUN without offloads would have given: a TCP/IPv4 GSO packet cut into segments of
+ * gso_size payload bytes as the kernel's software GSO cuts it (IP id + i, sequence + offset, FIN and
+ * PSH on the last, CWR on the first, both checksums complete); any other packet as it is, its
+ * checksum finished if it was left to the device. Segment i goes to out + i * stride, its length to
+ * lens[i]; returns the number of segments (>= 1), -EINVAL for what the kernel never hands a TUN
+ * offered only TUN_F_CSUM and TUN_F_TSO4 (another GSO type, headers that do not fit, a fragment, a
+ * checksum offset outside the packet), -ENOSPC for more than `max` segments or one longer than
+ * `stride`. out may be pkt for a packet that is not GSO (its checksum finished in place). */
+long smfs_vnet_segment(const uint8_t *hdr, const uint8_t *pkt, size_t len, uint8_t *out, size_t stride,
+                       size_t max, uint32_t *lens);
+
 /* ---- Benchmarks (bench.c): one core, in C, no ctypes per packet -------------------------- */
 
 /* Encode `n` packets of `size` bytes from pkts (n * size bytes) repeatedly for >= min_s; then

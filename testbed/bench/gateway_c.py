@@ -69,12 +69,12 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _run_engine(engine: str, seconds: float, loss: float, tmp: Path) -> dict[str, Any]:
+def _run_engine(engine: str, seconds: float, loss: float, tmp: Path, offload: str = "tso") -> dict[str, Any]:
     tb = NamespaceTestbed()
     try:
         tb.build()
         tb.set_loss(loss)
-        pair = start_pair(tb, tmp, {"primary": engine, "mirror": engine})
+        pair = start_pair(tb, tmp, {"primary": engine, "mirror": engine}, extra=["--tun-offload", offload])
         time.sleep(0.2)
         cpu0 = {s: _cpu_s(pair.procs[s].pid) for s in SITES}
         got = _transfer(tb, tmp, 9120, seconds)
@@ -94,6 +94,10 @@ def _run_engine(engine: str, seconds: float, loss: float, tmp: Path) -> dict[str
         "lost_for_good": mirr["lost_for_good"],
         "edge_drops": prim["edge_drops"],
         "cpu_us_per_packet": {s: round(cpu[s] * 1e6 / max(1, packets), 2) for s in SITES},
+        # the sender's TUN reads (TSO: one per TCP super-packet) and the packets per read
+        "tun_offload": prim.get("tun_offload"),
+        "packets_per_read": (round(packets / prim["tun_offload"]["reads"], 2)
+                             if prim.get("tun_offload") and prim["tun_offload"]["reads"] else None),
     }
 
 
@@ -128,9 +132,11 @@ def bench_gateway_c(seconds: float = 4.0, loss: float = 0.0) -> dict[str, Any]:
         bare = _run_bare(seconds, loss, mtu, tmp)
         plain = _run_bare(seconds, loss, mtu, tmp, offloads=False)
         res = {"seconds": seconds, "wan_loss_pct": loss, "inner_mtu": mtu, "bare": bare, "bare_no_offloads": plain}
-        for engine in ("python", "c"):
+        # "c" reads TSO super-packets from the TUN and cuts them itself; "c_no_tso" reads what the kernel
+        # cut, packet by packet, as the Python engine does
+        for engine, kind, offload in (("python", "python", "none"), ("c_no_tso", "c", "none"), ("c", "c", "tso")):
             (tmp / engine).mkdir()
-            res[engine] = _run_engine(engine, seconds, loss, tmp / engine)
+            res[engine] = _run_engine(kind, seconds, loss, tmp / engine, offload)
             res[engine]["ratio_to_bare"] = round(res[engine]["MBps"] / bare["MBps"], 3) if bare["MBps"] else None
             res[engine]["ratio_to_bare_no_offloads"] = (round(res[engine]["MBps"] / plain["MBps"], 3)
                                                         if plain["MBps"] else None)

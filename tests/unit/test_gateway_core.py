@@ -790,7 +790,7 @@ def test_the_cli_takes_a_bare_interleaves_flag_as_c0(monkeypatch: pytest.MonkeyP
         raise _Execd(argv)
 
     monkeypatch.setattr(gw_mod, "c_binary", lambda: "/nonexistent/smfs-gateway")
-    monkeypatch.setattr(gw_mod, "open_tun", lambda _name: 99)
+    monkeypatch.setattr(gw_mod, "open_tun", lambda _name, vnet_hdr=False: 99)
     monkeypatch.setattr(gw_mod, "configure_tun", lambda *_a: None)
     monkeypatch.setattr(gw_mod.os, "set_inheritable", lambda *_a: None)
     monkeypatch.setattr(gw_mod.os, "execv", execv)
