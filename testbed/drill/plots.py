@@ -202,6 +202,13 @@ def report_md(result: dict[str, Any]) -> str:
         for name, c in cpu:
             cells = [_cpu_cell(c[k]) if k in c else "-" for k in machines]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        by_process = [(m["mode"], m["cpu_by_process"]) for m in modes if m.get("cpu_by_process")]
+        if by_process:
+            lines += ["", "Where it went (share of each machine's CPU time, by what ran):", ""]
+            for name, machines_rows in by_process:
+                for machine, rows in machines_rows.items():
+                    lines.append(f"- {name}, {machine}: " + ", ".join(
+                        f"{r['what']} {r['share'] * 100:.0f} %" for r in rows))
     lines += ["", "## Plots", ""]
     lines += [f"![{p}]({p})" for p in ("throughput.png", "latency-cdf.png", "acked-vs-lost.png", "fec.png")]
     lines += ["", "## Fault timelines", ""]

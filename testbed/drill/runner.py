@@ -224,7 +224,10 @@ def run_mode(bed: Bed, cfg: RunConfig, mode: Mode, say: Say, progress: Callable[
         bed.before_disaster(mode)
         clocks.append(bed.clock())
         if cpu0 is not None and sample_cpu is not None:
-            entry["cpu"] = cpu_busy(cpu0, sample_cpu())
+            cpu1 = sample_cpu()
+            entry["cpu"] = cpu_busy(cpu0, cpu1)
+            if by_process := cpu_by_process(cpu0, cpu1):
+                entry["cpu_by_process"] = by_process
         if cfg.instant == "ack":
             tl.gate = lambda: await_ack(stream, tl)
         instant = bed.disaster(tl)
@@ -310,6 +313,71 @@ def cpu_busy(before: Mapping[str, str], after: Mapping[str, str]) -> dict[str, d
                      "kernel": round((system + irq + softirq) / total, 3),  # of which the kernel's
                      "steal": round(steal / total, 3), "cpus": b[1]}
     return dict(sorted(out.items()))
+
+
+def cpu_by_process(before: Mapping[str, str], after: Mapping[str, str], top: int = 6) -> dict[str, list[dict[str, Any]]]:
+    """Per machine, where its busy CPU went between two readings that carry each process's stat line
+    (``@@stat``) and command line (``@@cmdline``, see :data:`testbed.drill.vm.PROC_CPU_SCRIPT`): the
+    ``top`` biggest shares of all its CPU time by what ran (a ``-m`` module, the compiled gateway, a
+    program's name, ``kernel threads`` for softirq and worker threads), the rest summed as ``other``,
+    and ``irq+softirq`` charged to no process. Machines without process lines are left out."""
+    out = {}
+    for name in before.keys() & after.keys():
+        a, b = _cpu_fields(before[name]), _cpu_fields(after[name])
+        procs_a, procs_b = _process_ticks(before[name]), _process_ticks(after[name])
+        if a is None or b is None or not procs_b:
+            continue
+        d = [y - x for x, y in zip(a[0], b[0], strict=True)]
+        total = sum(d[:8])
+        if total <= 0:
+            continue
+        shares: dict[str, int] = {}
+        for pid, (what, ticks) in procs_b.items():
+            prev = procs_a.get(pid)
+            used = ticks - (prev[1] if prev is not None and prev[0] == what else 0)
+            if used > 0:
+                shares[what] = shares.get(what, 0) + used
+        ranked = sorted(shares.items(), key=lambda kv: (-kv[1], kv[0]))
+        rows = [{"what": w, "share": round(t / total, 3)} for w, t in ranked[:top]]
+        if rest := sum(t for _w, t in ranked[top:]):
+            rows.append({"what": "other", "share": round(rest / total, 3)})
+        rows.append({"what": "irq+softirq", "share": round((d[5] + d[6]) / total, 3)})
+        out[name] = rows
+    return dict(sorted(out.items()))
+
+
+def _process_ticks(text: str) -> dict[int, tuple[str, int]]:
+    """``{pid: (what it runs, utime + stime)}`` from a reading's ``@@stat`` and ``@@cmdline`` parts."""
+    if "@@stat" not in text or "@@cmdline" not in text:
+        return {}
+    stats, cmdlines = text.split("@@stat", 1)[1].split("@@cmdline", 1)
+    argv: dict[int, list[str]] = {}
+    for line in cmdlines.splitlines():
+        m = re.match(r"/proc/(\d+)/cmdline:(.*)", line)
+        if m:
+            argv[int(m.group(1))] = [w for w in m.group(2).split("\0") if w]
+    out = {}
+    for line in stats.splitlines():
+        head, sep, rest = line.rpartition(")")
+        fields = rest.split()
+        if not sep or len(fields) < 13 or not head.split(" (", 1)[0].strip().isdigit():
+            continue
+        pid = int(head.split(" (", 1)[0])
+        comm = head.split(" (", 1)[1] if " (" in head else "?"
+        out[pid] = (_what_runs(argv.get(pid, []), comm), int(fields[11]) + int(fields[12]))
+    return out
+
+
+def _what_runs(argv: list[str], comm: str) -> str:
+    """A process's label: the module of ``python3 -m M``, the compiled gateway, a program's name;
+    a process without a command line is a kernel thread."""
+    if not argv:
+        return "kernel threads"
+    if "-m" in argv[:-1]:
+        return argv[argv.index("-m") + 1]
+    if argv[0].endswith("smfs-gateway") or argv[0].endswith("smfs-gateway-static"):
+        return "gateway (C)"
+    return Path(argv[0]).name or comm
 
 
 def _cpu_fields(proc_stat: str) -> tuple[list[int], int] | None:

@@ -308,3 +308,53 @@ def test_the_report_shows_each_machines_cpu_per_mode(tmp_path: Path) -> None:
     assert "| mode | mirror | primary |" in md
     assert "| local-sync | 40 % (stolen 0 %) | 97 % (kernel 60 %, stolen 2 %) |" in md
     assert "## CPU" not in report_md(_result(remote_lost=0))
+
+
+def _reading(cpu: tuple[int, int, int, int, int], procs: dict[int, tuple[str, int, int, str]]) -> str:
+    """A guest reading as PROC_CPU_SCRIPT prints it: cpu line (user, system, idle, irq, softirq), then
+    each process's stat line (comm, utime, stime) and command line (NUL-separated, empty for a kthread)."""
+    user, system, idle, irq, softirq = cpu
+    text = f"cpu  {user} 0 {system} {idle} 0 {irq} {softirq} 0 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n@@stat\n"
+    for pid, (comm, ut, st, _cmd) in procs.items():
+        text += f"{pid} ({comm}) S 1 1 1 0 -1 4194560 1 0 0 0 {ut} {st} 0 0 20 0 1 0 5 0 0\n"
+    text += "@@cmdline\n"
+    for pid, (_comm, _ut, _st, cmd) in procs.items():
+        text += f"/proc/{pid}/cmdline:{cmd}\n"
+    return text
+
+
+def test_cpu_by_process_names_what_ran_and_charges_only_the_window() -> None:
+    """Each machine's CPU by what ran between two readings: a module run with -m, the compiled gateway,
+    kernel threads; a process that started in the window counts whole, a pid reused by another program
+    counts from zero; irq and softirq apart; a reading without process lines (the host's) is left out."""
+    from testbed.drill.runner import cpu_by_process
+
+    before = _reading((100, 50, 1000, 0, 0), {
+        10: ("python3", 50, 10, "python3\0-m\0smfs.site\0--mode\0x\0"),
+        11: ("smfs-gateway-st", 5, 5, "/opt/smfs/smfs-gateway-static\0--tun\0smfs0\0"),
+        12: ("ksoftirqd/0", 1, 1, ""),
+        13: ("sleep", 0, 0, "sleep\0100\0")})
+    after = _reading((500, 250, 1150, 10, 40), {
+        10: ("python3", 250, 60, "python3\0-m\0smfs.site\0--mode\0x\0"),
+        11: ("smfs-gateway-st", 105, 85, "/opt/smfs/smfs-gateway-static\0--tun\0smfs0\0"),
+        12: ("ksoftirqd/0", 21, 31, ""),
+        13: ("python3", 30, 0, "python3\0-m\0workloads.tester\0"),   # pid 13 reused
+        20: ("cat", 4, 6, "cat\0/proc/stat\0")})
+    got = cpu_by_process({"primary": before, "host": "cpu  1 2 3 4 5 6 7 8\n"},
+                         {"primary": after, "host": "cpu  9 9 9 9 9 9 9 9\n"})
+    assert list(got) == ["primary"]
+    # the window: user 400 + system 200 + idle 150 + irq 10 + softirq 40 = 800 ticks
+    assert got["primary"] == [{"what": "smfs.site", "share": 0.312}, {"what": "gateway (C)", "share": 0.225},
+                              {"what": "kernel threads", "share": 0.062}, {"what": "workloads.tester", "share": 0.037},
+                              {"what": "cat", "share": 0.013}, {"what": "irq+softirq", "share": 0.062}]
+    assert cpu_by_process({"primary": after}, {"primary": before}) == {}  # nothing ran: no rows at all
+
+
+def test_the_report_says_where_each_machines_cpu_went() -> None:
+    from testbed.drill.plots import report_md
+
+    res = _result(remote_lost=0)
+    res["modes"][0]["cpu"] = {"primary": {"busy": 0.97, "kernel": 0.6, "steal": 0.02, "cpus": 1}}
+    res["modes"][0]["cpu_by_process"] = {"primary": [{"what": "smfs.site", "share": 0.5},
+                                                     {"what": "gateway (C)", "share": 0.25}]}
+    assert "- local-sync, primary: smfs.site 50 %, gateway (C) 25 %" in report_md(res)
