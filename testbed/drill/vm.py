@@ -72,7 +72,6 @@ __all__ = ["EXIT_CODES", "DrillConfig", "run_drill"]
 
 from testbed.spec import DRILL_KEYS  # noqa: E402 - the fields a drill reads; any other is a typo (one list, in the spec)
 
-
 PROC_CPU_SCRIPT = ("cat /proc/stat; echo @@stat; cat /proc/[0-9]*/stat 2>/dev/null; echo @@cmdline; "
                    "grep -a -H '' /proc/[0-9]*/cmdline 2>/dev/null; true")
 """The guest's CPU counters in one command (three processes, not one per process: a fork costs
