@@ -195,10 +195,11 @@ class Gateway:
         # flush (a flush now would send a repair per partial bin at every pause and multiply the
         # repairs); the flush timer counts again once a read finds the TUN empty.
         self._backlogged = False
-        # The running total of seconds the TUN was backlogged behind the pacer (_held_clock): the
-        # tracker splits each callback latency into that part (the WAN's rate) and the gateway's own.
+        # The running total of seconds the pacer kept the TUN unread (_held_clock: its pauses, the
+        # WAN's rate): the tracker splits each callback latency into that part and the gateway's own
+        # (which includes any time the gateway fell behind the TUN for want of CPU).
         self._held_s = 0.0
-        self._held_from = 0.0
+        self._paused_from = 0.0
         self.loop.add_reader(self.tun, self._on_tun)
         self.loop.add_reader(self.wan, self._on_wan)
         self.loop.add_reader(self.control, self._on_control)
@@ -242,9 +243,7 @@ class Gateway:
                     try:
                         packets.append(read(tun, 65535))
                     except BlockingIOError:
-                        if self._backlogged:
-                            self._held_s += now - self._held_from
-                            self._backlogged = False
+                        self._backlogged = False
                         break
                 if not packets:
                     break
@@ -282,21 +281,22 @@ class Gateway:
         self._arm_timer()
 
     def _held_clock(self, now: float) -> float:
-        """Seconds the TUN has been backlogged behind the pacer so far (at ``now``)."""
-        return self._held_s + (now - self._held_from if self._backlogged else 0.0)
+        """Seconds the pacer has kept the TUN unread so far (at ``now``): its pauses only; a TUN left
+        full because the gateway is slow is the gateway's own time, not the WAN's."""
+        return self._held_s + (now - self._paused_from if self._tun_paused else 0.0)
 
     def _pause_tun(self, seconds: float) -> None:
         """Stop reading the TUN for ``seconds`` (the pacer's debt; at least :data:`PAUSE_MIN_S`, so a
         debt of a few bytes cannot spin the loop at one clock reading)."""
-        if not self._backlogged:
-            self._held_from = self.loop.time()
         self._backlogged = True
         if not self._tun_paused:
             self._tun_paused = True
+            self._paused_from = self.loop.time()
             self.loop.remove_reader(self.tun)
             self.loop.call_later(max(seconds, PAUSE_MIN_S), self._resume_tun)
 
     def _resume_tun(self) -> None:
+        self._held_s += self.loop.time() - self._paused_from
         self._tun_paused = False
         self.loop.add_reader(self.tun, self._on_tun)
         self._on_tun()  # read now: if the TUN is empty this ends the backlog, and the flush timer counts again

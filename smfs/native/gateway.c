@@ -362,7 +362,7 @@ struct gw {
     int has_retry;
     double retry_at, retry_delay;
     int paced, tun_paused, backlogged;
-    double held_s, held_from; /* gateway.py _held_clock: seconds held back by the pacer (backlogged) */
+    double held_s, held_from; /* gateway.py _held_clock: seconds the pacer kept the TUN unread (paused) */
     double resume_at;
     struct pacer pacer;
     /* ingress */
@@ -652,10 +652,10 @@ static void defer_repair(struct gw *g, const struct outmsg *m, int err, double n
     }
 }
 
-/* gateway.py _held_clock: the running total of seconds the TUN was backlogged behind the pacer. */
+/* gateway.py _held_clock: the running total of seconds the pacer kept the TUN unread (its pauses). */
 static double held_clock(const struct gw *g, double now)
 {
-    return g->held_s + (g->backlogged ? now - g->held_from : 0.0);
+    return g->held_s + (g->tun_paused ? now - g->held_from : 0.0);
 }
 
 static void track_repair(struct gw *g, uint32_t layer, uint32_t n, const uint64_t *seqs, double now)
@@ -786,11 +786,10 @@ static void queue_repair(void *ctx, const struct smfs_repair *rep)
 
 static void pause_tun(struct gw *g, double seconds, double now)
 {
-    if (!g->backlogged)
-        g->held_from = now;
     g->backlogged = 1;
     if (!g->tun_paused) {
         g->tun_paused = 1;
+        g->held_from = now;
         struct epoll_event ev = {.events = 0, .data.fd = g->tun};
         epoll_ctl(g->ep, EPOLL_CTL_MOD, g->tun, &ev);
         g->resume_at = now + fmax(seconds, PAUSE_MIN_S);
@@ -857,11 +856,9 @@ static void on_tun(struct gw *g)
             if (n < 0) {
                 if (errno == EINTR)
                     continue;
-                if (errno == EAGAIN) {
-                    if (g->backlogged)
-                        g->held_s += now - g->held_from;
+                if (errno == EAGAIN)
                     g->backlogged = 0;
-                } else
+                else
                     reason_add(g, "tun read: %s", strerror(errno));
                 break;
             }
@@ -1486,6 +1483,7 @@ static void run(struct gw *g)
     while (!g->stop) {
         double now = mono();
         if (g->tun_paused && now >= g->resume_at) { /* _resume_tun */
+            g->held_s += now - g->held_from;
             g->tun_paused = 0;
             struct epoll_event ev = {.events = EPOLLIN, .data.fd = g->tun};
             epoll_ctl(g->ep, EPOLL_CTL_MOD, g->tun, &ev);

@@ -707,7 +707,7 @@ def test_the_callback_latency_is_split_into_the_pacers_part_and_the_gateways(pac
     assert paced.safe() == 100_000
     lat = paced.gw.snapshot()["callback_latency_ms"]
     held_s = paced.gw._held_clock(paced.loop.now)
-    assert 0.1 < paced.gw.pacer.paused_s <= held_s < 0.3 and not paced.gw._backlogged  # held: first pause to an empty read
+    assert 0.1 < paced.gw.pacer.paused_s <= held_s < 0.3 and not paced.gw._backlogged  # held: the pacer's pauses
     assert lat["n"] == 100 and 50 < lat["p50"] < 200 and lat["held_p99"] <= held_s * 1000
     assert lat["held_p50"] > 0.5 * lat["p50"]  # mostly the pacer's
     assert lat["own_p99"] <= PARAMS.flush_ms + 1  # the gateway's own: at most the flush delay (+ a tick)
