@@ -100,6 +100,12 @@ class AckTracker:
     def pending(self) -> int:
         return len(self._pending)
 
+    def waiting_for(self, kind: AckOn) -> int | None:
+        """The lowest ``kind`` offset that would complete a pending append (the end of the oldest one
+        that ``kind`` does not cover yet), None when none waits for it."""
+        limit = self.offsets[kind]
+        return next((item.end for item in self._pending if item.end > limit), None)
+
     def _complete(self) -> list[Pending]:
         limit = self.offsets[self._limit]
         done: list[Pending] = []

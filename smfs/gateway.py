@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from smfs import defects
-from smfs.callbacks import Announcer, FlowTracker, decode_subscribe, is_pure_ack
+from smfs.callbacks import Announcer, FlowTracker, decode_subscription, is_pure_ack
 from smfs.fec import Decoder, Encoder, FecParams, Repair
 from smfs.pacer import Pacer
 from smfs.tunnel import MIN_KEY, ReplayWindow, Sealer, TunnelError, decode_raw, encode_data, encode_repair
@@ -438,14 +438,14 @@ class Gateway:
             except BlockingIOError:
                 break
             try:
-                flow, nonce = decode_subscribe(data, self.key, addr)  # authenticated, from this very sender
+                flow, nonce, want = decode_subscription(data, self.key, addr)  # authenticated, from this very sender
             except ValueError as err:
                 self.reasons[f"control: {err}"] += 1
                 continue
             if self.announcer.subscriber(flow) != addr:
                 log.info("callbacks for %s -> %s", flow, addr)
             self.encoder.budgeted = False
-            self._send_callbacks(self.announcer.on_subscribe(flow, addr, self.loop.time(), nonce))
+            self._send_callbacks(self.announcer.on_subscribe(flow, addr, self.loop.time(), nonce, want))
         self._arm_timer()
 
     # -- ingress -----------------------------------------------------------------------------

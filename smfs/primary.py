@@ -33,6 +33,7 @@ from typing import Any
 
 from smfs import auth, defects
 from smfs.acks import AckTracker, Pending, SequenceRejected
+from smfs.callbacks import encode_subscribe
 from smfs.logstore import LogStore
 from smfs.modes import Mode
 from smfs.wire import FrameDecoder, FrameType, ProtocolError, encode, encode_header
@@ -97,6 +98,7 @@ class PrimaryServer:
         self._mreader: asyncio.StreamReader | None = None
         self._mwriter: asyncio.StreamWriter | None = None
         self.flow: tuple[str, int, str, int] | None = None
+        self._subscription: _Subscription | None = None  # network-sync, while subscribed to the callbacks
         self.stats = {"acked": 0, "failed": 0, "callbacks": 0, "callbacks_rejected": 0, "clients_refused": 0,
                       "clients_idle": 0}
         # Seeded defect: acks do not wait for the local write (AckTracker), which a write-behind
@@ -232,6 +234,7 @@ class PrimaryServer:
                         self._answer(writer, FrameType.FAIL, frame.log, frame.seq, str(err))
                         continue
                     self._clients[writer] = self._clients.get(writer, 0) + 1
+                    self._want_callbacks()
                     self._queue.put_nowait((item, frame.payload))
                     self._queued += len(frame.payload)
         except ProtocolError as err:
@@ -258,6 +261,24 @@ class PrimaryServer:
         for item in items:
             self._settled(item)
             self._answer(item.client, FrameType.ACK, item.log, item.seq)  # type: ignore[arg-type]
+        self._want_callbacks()
+
+    def _want_callbacks(self, again: bool = False) -> None:
+        """network-sync: (re)subscribe when the offset this server waits for changed (the end of its
+        oldest append the callbacks do not cover yet; none: the highest offset, so no callback comes
+        until an append waits), or ``again`` (a lost subscribe, a restarted gateway): a callback per
+        append, not per few packets (see :mod:`smfs.callbacks`)."""
+        sub = self._subscription
+        if sub is None:
+            return
+        want = self.tracker.waiting_for("network")
+        want = (1 << 64) - 1 if want is None else want
+        if want != sub.want or again:
+            sub.want = want
+            sub.sent = time.monotonic()
+            with contextlib.suppress(OSError):  # the loopback socket: a full buffer only delays it to the next tick
+                sub.sock.sendto(encode_subscribe(sub.flow, sub.nonce, self.gateway_key, sub.sock.getsockname(),
+                                                 want), self.gateway_control)
 
     def _settled(self, item: Pending) -> None:
         """One append of ``item.client`` less outstanding."""
@@ -337,7 +358,7 @@ class PrimaryServer:
         highest offset once (offsets only grow): per datagram only a recv and a MAC check, no task
         or timer. In a TCG guest an ``await wait_for(sock_recv())`` per callback cost about as much
         CPU as the gateway's whole data path, and network-sync's primary ran CPU-bound on it."""
-        from smfs.callbacks import NONCE_LEN, Flow, decode_callback, encode_subscribe
+        from smfs.callbacks import NONCE_LEN, Flow, decode_callback
 
         assert self.flow is not None and self.gateway_control is not None
         loop = asyncio.get_running_loop()
@@ -346,7 +367,7 @@ class PrimaryServer:
         sock.setblocking(False)
         # One subscription for this connection: only callbacks with its nonce and a good MAC count.
         nonce = os.urandom(NONCE_LEN)
-        subscribe = encode_subscribe(Flow(*self.flow), nonce, self.gateway_key, sock.getsockname())
+        self._subscription = _Subscription(sock, Flow(*self.flow), nonce)
         last_cb = [0.0]
         failed: list[BaseException] = []  # an error in the reader ends this task, as an error here would
 
@@ -382,15 +403,26 @@ class PrimaryServer:
         with sock:
             loop.add_reader(sock.fileno(), readable)
             try:
-                last_sub = 0.0
                 while not failed:
                     # (Re)subscribe after a second without callbacks: the first subscription may be
                     # lost, and a restarted gateway has forgotten it. A duplicate is harmless.
                     now = time.monotonic()
-                    if now - max(last_sub, last_cb[0]) > 1.0:
-                        sock.sendto(subscribe, self.gateway_control)
-                        last_sub = now
+                    if now - max(self._subscription.sent, last_cb[0]) > 1.0:
+                        self._want_callbacks(again=True)
                     await asyncio.sleep(0.1)
                 raise failed[0]
             finally:
+                self._subscription = None
                 loop.remove_reader(sock.fileno())
+
+
+class _Subscription:
+    """network-sync: this connection's subscription to its gateway's callbacks (its socket, flow and
+    nonce), the offset it last asked for and when it last (re)subscribed."""
+
+    __slots__ = ("sock", "flow", "nonce", "want", "sent")
+
+    def __init__(self, sock: socket.socket, flow: Any, nonce: bytes) -> None:
+        self.sock, self.flow, self.nonce = sock, flow, nonce
+        self.want: int | None = None
+        self.sent = 0.0

@@ -21,7 +21,7 @@ import socket
 import sys
 from pathlib import Path
 
-from smfs import defects
+from smfs import defects, profiling
 from smfs.auth import read_key_file
 from smfs.logstore import LogStore
 from smfs.mirror import IDLE_TIMEOUT, WILDCARDS, MirrorServer
@@ -120,6 +120,7 @@ async def _run(args: argparse.Namespace) -> None:
             for i in range(args.servers)
         ]
     await asyncio.gather(*(s.start() for s in servers))
+    profiling.start(f"{args.role}-site")
     (run / f"{args.role}.ready").write_text("ready\n")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -156,7 +156,7 @@ static double pacer_wait(struct pacer *p, double now)
 /* ---- announcer (smfs/callbacks.py Announcer) ---------------------------------------------- */
 
 #define SUB_NONCE 8                             /* callbacks.py NONCE_LEN */
-#define SUBSCRIBE_BODY (4 + 12 + SUB_NONCE)     /* _SUBSCRIBE.size */
+#define SUBSCRIBE_BODY (4 + 12 + SUB_NONCE + 8)     /* _SUBSCRIBE.size */
 #define SUBSCRIBE_LEN (SUBSCRIBE_BODY + SMFS_MAC_LEN)
 #define CALLBACK_BODY (4 + 12 + 8 + SUB_NONCE)  /* _CALLBACK.size */
 #define CALLBACK_LEN (CALLBACK_BODY + SMFS_MAC_LEN)
@@ -165,6 +165,7 @@ struct sub {
     struct smfs_flow flow;
     uint64_t offset;
     uint8_t nonce[SUB_NONCE]; /* the subscription's, echoed in each callback */
+    uint64_t want;            /* the lowest offset the subscriber wants to hear of (0: every advance) */
     struct sockaddr_in dest;
     int has_dest;
     double changed;
@@ -492,7 +493,7 @@ static int send_callback(struct gw *g, const struct sub *s)
 static void ann_announce(struct gw *g, struct sub *s, double now)
 {
     struct announcer *a = g->ann;
-    if (!s->has_dest || !s->offset)
+    if (!s->has_dest || !s->offset || s->offset < s->want)
         return;
     if (s->active == NONE) {
         s->active = a->n_active;
@@ -532,7 +533,7 @@ static void ann_timer(struct gw *g, double now)
             ann_deactivate(a, i); /* moves the last one to k */
             continue;
         }
-        if (s->announced <= a->since) /* callbacks.py: one announced since the last tick had a fresh one */
+        if (s->announced <= a->since && s->offset >= s->want) /* callbacks.py: one announced since the last tick had a fresh one */
             g->stats[S_CB_RESENT] += (uint64_t)send_callback(g, s);
         k++;
     }
@@ -588,6 +589,9 @@ static void on_control(struct gw *g)
         s->dest = from;
         s->has_dest = 1;
         memcpy(s->nonce, m + 16, SUB_NONCE);
+        s->want = 0;
+        for (int k = 0; k < 8; k++)
+            s->want = s->want << 8 | m[16 + SUB_NONCE + k];
         smfs_encoder_set_budgeted(g->enc, 0); /* gateway.py: a callback waits from now on */
         ann_announce(g, s, now);
     }

@@ -12,7 +12,9 @@ The result directory and exit codes are those of the namespace drill (:mod:`test
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
 import re
 import secrets
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from smfs.modes import Mode
+from smfs.profiling import ENV as PROFILE_ENV
 from testbed.drill.faults import Runner, Timed, Timeline, during, schedule
 from testbed.drill.report import table
 from testbed.drill.runner import EXIT_CODES, InfrastructureError, RunConfig, overall_verdict
@@ -504,7 +507,10 @@ class VmBed:
                 "--mode", mode.name, "--segment-bytes", str(self.cfg.segment_bytes), "--key-file", KEY_FILE]
         if mode.ack_on == "network":
             args += ["--gateway-control", CONTROL, "--gateway-key-file", TUNNEL_KEY_FILE, "--ack-trace", f"{RUN}/acks"]
-        self.pg.spawn("primary-site", args, env=self.env)
+        env = dict(self.env or {})
+        if os.environ.get("SMFS_PROFILE"):  # diagnostics: smfs/profiling.py, fetched before the disaster
+            env[PROFILE_ENV] = f"{RUN}/profile"
+        self.pg.spawn("primary-site", args, env=env or None)
         wait_file(self.pg, f"{RUN}/primary/primary.ready", "primary-site", "primary site")
         tl.mark(f"primary site up ({self.cfg.servers} servers, {'through the gateways' if mode.fec else 'bare TCP'})")
 
@@ -556,6 +562,10 @@ class VmBed:
             self.runner.heal_all()
 
     def before_disaster(self, mode: Mode) -> None:
+        if os.environ.get("SMFS_PROFILE") and self.out is not None:  # the primary's profile dies with it
+            with contextlib.suppress(Exception):
+                text = self.pg.read_file(f"{RUN}/profile/primary-site.txt")
+                (self.out / "logs" / "primary-site-profile.txt").write_bytes(text)
         if mode.fec:
             self.fec_sites["primary"] = _gateway_stats(self.pg)  # its stats die with it: read just before
         if self.capture is not None:  # the acks given so far; later ones die with the primary unchecked

@@ -144,6 +144,7 @@ from smfs.auth import read_key_file
 from smfs.callbacks import Flow, decode_callback, encode_subscribe
 dst, port, src, n, control = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
 key = read_key_file(sys.argv[6])
+want = int(sys.argv[7]) if len(sys.argv) > 7 else 0
 chost, cport = control.rsplit(":", 1)
 s = socket.create_connection((dst, port), source_address=(src, 0), timeout=10)
 flow = Flow(src, s.getsockname()[1], dst, port)
@@ -157,10 +158,10 @@ thief.bind(("127.0.0.1", 0))
 thief.setblocking(False)
 thief.sendto(encode_subscribe(flow, nonce, key, ctl.getsockname()), (chost, int(cport)))  # replayed elsewhere: refused
 time.sleep(0.2)
-ctl.sendto(encode_subscribe(flow, nonce, key, ctl.getsockname()), (chost, int(cport)))
+ctl.sendto(encode_subscribe(flow, nonce, key, ctl.getsockname(), want), (chost, int(cport)))
 t0 = time.monotonic()
 s.sendall(b"x" * n)
-best, count, foreign = 0, 0, 0
+best, count, foreign, below = 0, 0, 0, 0
 while best < n and time.monotonic() < t0 + 10:
     try:
         data, _ = ctl.recvfrom(64)
@@ -170,7 +171,7 @@ while best < n and time.monotonic() < t0 + 10:
     if got != flow or tag != nonce:
         foreign += 1
         continue
-    best, count = max(best, offset), count + 1
+    best, count, below = max(best, offset), count + 1, below + (offset < want)
 wait = time.monotonic() - t0
 stolen = 0
 while True:
@@ -180,16 +181,19 @@ while True:
     except BlockingIOError:
         break
 s.close()
-print(json.dumps({"offset": best, "callbacks": count, "foreign": foreign, "stolen": stolen, "n": n,
+print(json.dumps({"offset": best, "callbacks": count, "foreign": foreign, "stolen": stolen, "n": n, "below": below,
                   "s": round(wait, 3)}))
 """
 
 
-def test_network_sync_callbacks_arrive_from_the_c_gateway(testbed_ns, tmp_path: Path, c_gateway) -> None:
+@pytest.mark.parametrize("want", [0, 2_000_000])
+def test_network_sync_callbacks_arrive_from_the_c_gateway(testbed_ns, tmp_path: Path, c_gateway, want: int) -> None:
     """A server subscribes its flow on the primary's control port; the C gateway's callbacks (with
     a MAC under the testbed key and the subscription's nonce) reach the whole stream's length once
     every byte and its repairs are on the WAN. A subscribe under another key, and one replayed from
-    another address, are refused: no callback goes anywhere else."""
+    another address, are refused: no callback goes anywhere else. A subscription that waits for
+    the stream's end (``want``) hears of no offset below it: one callback (and its re-announcements)
+    instead of one per few packets."""
     tb = testbed_ns
     pair = start_pair(tb, tmp_path, {"primary": "c", "mirror": "c"})
     ready = tmp_path / "sink.ready"
@@ -200,13 +204,17 @@ def test_network_sync_callbacks_arrive_from_the_c_gateway(testbed_ns, tmp_path: 
         time.sleep(0.02)
     n = 2_000_000
     out = tb.sh("primary", sys.executable, "-c", _CALLBACK_CLIENT, ADDRS["mirror"].storage, "9112",
-                ADDRS["primary"].storage, str(n), CONTROL, str(tmp_path / "tunnel.key"))
+                ADDRS["primary"].storage, str(n), CONTROL, str(tmp_path / "tunnel.key"), str(want))
     sink.wait(timeout=10)
     res = json.loads(out.strip().splitlines()[-1])
     st = _stats(pair, "primary")
     assert res["offset"] >= n and res["foreign"] == 0 and res["stolen"] == 0, res
     assert st["reasons"].get("control: bad mac") == 2, st["reasons"]  # the forged and the replayed subscribe
     assert st["callbacks_sent"] >= res["callbacks"] > 0, (res, st)
+    if want:
+        assert res["below"] == 0 and res["callbacks"] <= 1 + st["callbacks_resent"], (res, st)
+    else:
+        assert res["callbacks"] > 10, res  # every advance: many along a 2 MB stream
     assert st["callback_latency_ms"]["n"] > 0 and st["callback_latency_ms"]["p50"] < 100, st
 
 

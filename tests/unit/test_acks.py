@@ -123,3 +123,18 @@ def test_acks_before_the_local_write_only_with_the_seeded_defect(
     assert remote == (["c0", "c1"] if seeded else [])
     assert [d.client for d in t.local_written(items)] == ([] if seeded else ["c0", "c1"])
     assert t.pending() == 0
+
+
+def test_what_the_network_condition_waits_for_is_the_oldest_uncovered_end() -> None:
+    """The offset a network-sync server subscribes for (smfs.callbacks' ``want``): the end of its oldest
+    append the callbacks do not cover yet, past one covered but not yet written locally; none when
+    nothing waits."""
+    t = AckTracker(MODES["network-sync"])
+    assert t.waiting_for("network") is None
+    items = _submit(t, 3)
+    assert t.waiting_for("network") == items[0].end
+    assert t.advance("network", items[0].end) == []  # covered, not written locally: still pending
+    assert t.waiting_for("network") == items[1].end
+    t.local_written(items)
+    t.advance("network", items[2].end)
+    assert t.pending() == 0 and t.waiting_for("network") is None

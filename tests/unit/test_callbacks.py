@@ -20,6 +20,7 @@ from smfs.callbacks import (
     FlowTracker,
     decode_callback,
     decode_subscribe,
+    decode_subscription,
     encode_callback,
     encode_subscribe,
     parse_tcp,
@@ -478,10 +479,15 @@ def test_callback_and_subscribe_messages() -> None:
                        NONCE)
     assert len(data) == 48 and data == body + _mac(KEY, body)  # HMAC-SHA-256 under the tunnel key, 16 bytes
     assert decode_callback(data, KEY) == (FLOW, 2**40 + 3, NONCE)
-    sub = encode_subscribe(FLOW, NONCE, KEY, SUB)
-    sbody = struct.pack("!4s4sH4sH8s", b"SMSB", socket.inet_aton(SRC), 40000, socket.inet_aton(DST), 7000, NONCE)
-    assert len(sub) == 40 and sub == sbody + _mac(KEY, sbody, socket.inet_aton(SUB[0]), struct.pack("!H", SUB[1]))
+    sub = encode_subscribe(FLOW, NONCE, KEY, SUB, want=2**33 + 7)
+    sbody = struct.pack("!4s4sH4sH8sQ", b"SMSB", socket.inet_aton(SRC), 40000, socket.inet_aton(DST), 7000, NONCE,
+                        2**33 + 7)
+    assert len(sub) == 48 and sub == sbody + _mac(KEY, sbody, socket.inet_aton(SUB[0]), struct.pack("!H", SUB[1]))
     assert decode_subscribe(sub, KEY, SUB) == (FLOW, NONCE)
+    assert decode_subscription(sub, KEY, SUB) == (FLOW, NONCE, 2**33 + 7)
+    assert decode_subscription(encode_subscribe(FLOW, NONCE, KEY, SUB), KEY, SUB)[2] == 0  # every advance
+    with pytest.raises(ValueError):
+        encode_subscribe(FLOW, NONCE, KEY, SUB, want=-1)
     for bad in (b"", data[:-1], b"XXXX" + data[4:]):
         with pytest.raises(CallbackError):
             decode_callback(bad, KEY)
@@ -562,3 +568,19 @@ def test_pure_acks_are_the_lazy_packets() -> None:
     assert not is_pure_ack(seg(flags=TCP_FIN | TCP_ACK)) and not is_pure_ack(seg(flags=TCP_RST))
     assert not is_pure_ack(seg(proto=17)) and not is_pure_ack(seg(frag=0x2000)) and not is_pure_ack(seg()[:39])
     assert not is_pure_ack(b"\x60" + seg()[1:])  # IPv6 version nibble
+
+
+def test_a_subscriber_hears_only_of_the_offsets_it_waits_for() -> None:
+    """A subscription's ``want``: no callback below it, at once (and re-announced) from it on; a new
+    subscribe with another ``want`` replaces it and learns the current offset when that reaches it."""
+    ann = Announcer(KEY, interval=0.05, linger=1.0)
+    assert ann.on_subscribe(FLOW, "srv", 0.0, NONCE, want=5000) == []
+    assert ann.on_safe(FLOW, 1000, 0.01) == [] and ann.on_safe(FLOW, 4999, 0.02) == []
+    assert ann.handle_timer(1.0) == []  # nothing announced: no re-announcement either
+    [(dest, data)] = ann.on_safe(FLOW, 6000, 0.03)
+    assert dest == "srv" and decode_callback(data, KEY) == (FLOW, 6000, NONCE)
+    assert [decode_callback(d, KEY)[1] for _dest, d in ann.handle_timer(0.09)] == [6000]  # re-announced
+    assert ann.on_subscribe(FLOW, "srv", 0.1, NONCE, want=9000) == []  # 6000 < 9000: wait
+    assert ann.on_safe(FLOW, 8000, 0.11) == [] and ann.handle_timer(0.2) == []
+    [(_d, data)] = ann.on_subscribe(FLOW, "srv", 0.21, NONCE, want=7000)  # already there: at once
+    assert decode_callback(data, KEY)[1] == 8000
