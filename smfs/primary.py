@@ -277,7 +277,7 @@ class PrimaryServer:
             sub.want = want
             sub.sent = time.monotonic()
             with contextlib.suppress(OSError):  # the loopback socket: a full buffer only delays it to the next tick
-                sub.sock.sendto(encode_subscribe(sub.flow, sub.nonce, self.gateway_key, sub.sock.getsockname(),
+                sub.sock.sendto(encode_subscribe(sub.flow, sub.nonce, self.gateway_key, sub.name,
                                                  want), self.gateway_control)
 
     def _settled(self, item: Pending) -> None:
@@ -409,7 +409,7 @@ class PrimaryServer:
                     now = time.monotonic()
                     if now - max(self._subscription.sent, last_cb[0]) > 1.0:
                         self._want_callbacks(again=True)
-                    await asyncio.sleep(0.1)
+                    await asyncio.sleep(0.25)  # per server: in a TCG guest each wake-up costs ~1 ms
                 raise failed[0]
             finally:
                 self._subscription = None
@@ -420,9 +420,10 @@ class _Subscription:
     """network-sync: this connection's subscription to its gateway's callbacks (its socket, flow and
     nonce), the offset it last asked for and when it last (re)subscribed."""
 
-    __slots__ = ("sock", "flow", "nonce", "want", "sent")
+    __slots__ = ("sock", "name", "flow", "nonce", "want", "sent")
 
     def __init__(self, sock: socket.socket, flow: Any, nonce: bytes) -> None:
         self.sock, self.flow, self.nonce = sock, flow, nonce
+        self.name = sock.getsockname()  # the subscribe's MAC covers it: asked once, not per subscribe
         self.want: int | None = None
         self.sent = 0.0
