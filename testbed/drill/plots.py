@@ -190,6 +190,14 @@ def report_md(result: dict[str, Any]) -> str:
             lines += ["", "**Not counted above:** a receiving gateway jumped over sequence numbers it never saw "
                       "(a gap of a decoder window or more: an outage that long, or a restarted peer), which "
                       "'lost on WAN' does not include: " + ", ".join(f"{k} {v}" for k, v in jumped.items()) + "."]
+    dropped = [(m["mode"], site, c) for m in modes for site, c in sorted((m.get("host_tap") or {}).items())
+               if c.get("tx_dropped")]
+    if dropped:
+        lines += ["", "**Dropped by the host on the way into a VM** (its tap's queue full: the guest did not take "
+                  "packets as fast as they came, a loss the WAN's settings do not explain and no WAN figure "
+                  "counts; a verdict that depends on it tests this machine as much as the stack): "
+                  + ", ".join(f"{mode} {site} {c['tx_dropped']} of {c.get('tx_packets', 0) + c['tx_dropped']}"
+                              for mode, site, c in dropped) + "."]
     cpu = [(m["mode"], m["cpu"]) for m in modes if m.get("cpu")]
     if cpu:
         machines = sorted({k for _mode, c in cpu for k in c})

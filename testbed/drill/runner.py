@@ -219,6 +219,8 @@ def run_mode(bed: Bed, cfg: RunConfig, mode: Mode, say: Say, progress: Callable[
         clocks = [bed.clock()]
         sample_cpu = getattr(bed, "cpu_times", None)  # {machine: /proc/stat's cpu line}, where the bed can
         cpu0 = sample_cpu() if sample_cpu is not None else None
+        sample_taps = getattr(bed, "tap_counters", None)  # {site: host tap counters}, where the VMs have taps
+        taps0 = sample_taps() if sample_taps is not None else None
         _run_until(bed, cfg, mode, t_start, stream, say, progress)
         bed.heal_all()
         bed.before_disaster(mode)
@@ -228,6 +230,8 @@ def run_mode(bed: Bed, cfg: RunConfig, mode: Mode, say: Say, progress: Callable[
             entry["cpu"] = cpu_busy(cpu0, cpu1)
             if by_process := cpu_by_process(cpu0, cpu1):
                 entry["cpu_by_process"] = by_process
+        if taps0 is not None and sample_taps is not None:
+            entry["host_tap"] = tap_deltas(taps0, sample_taps())
         if cfg.instant == "ack":
             tl.gate = lambda: await_ack(stream, tl)
         instant = bed.disaster(tl)
@@ -313,6 +317,13 @@ def cpu_busy(before: Mapping[str, str], after: Mapping[str, str]) -> dict[str, d
                      "kernel": round((system + irq + softirq) / total, 3),  # of which the kernel's
                      "steal": round(steal / total, 3), "cpus": b[1]}
     return dict(sorted(out.items()))
+
+
+def tap_deltas(before: Mapping[str, Mapping[str, int]], after: Mapping[str, Mapping[str, int]]) -> dict[str, dict[str, int]]:
+    """Per site, what its VM's host tap counted between two readings (packets into the VM, and those
+    dropped at its full queue); a site missing from either reading is left out."""
+    return {site: {k: after[site][k] - before[site][k] for k in before[site].keys() & after[site].keys()}
+            for site in sorted(before.keys() & after.keys())}
 
 
 def cpu_by_process(before: Mapping[str, str], after: Mapping[str, str], top: int = 6) -> dict[str, list[dict[str, Any]]]:

@@ -522,6 +522,21 @@ class VmBed:
                                   "--run", f"{RUN}/primary", "--ledger-stream", LEDGER_PORT_DEV], env=self.env)
         return stream
 
+    def tap_counters(self) -> dict[str, dict[str, int]]:
+        """Each site VM's host tap: packets handed into the VM (tx) and dropped there because the VM's
+        queue was full (tx_dropped: a guest too slow to take them, a loss in no WAN's figures)."""
+        from testbed.vm.wan import tap_of
+
+        out = {}
+        for site, vm in (("primary", self.prim), ("mirror", self.mirr)):
+            try:
+                tap = tap_of(self.tb, vm)
+                base = Path(f"/sys/class/net/{tap}/statistics")
+                out[site] = {k: int((base / k).read_text()) for k in ("tx_packets", "tx_dropped")}
+            except Exception:  # noqa: BLE001 - a figure for the report, never a reason to fail the mode
+                continue
+        return out
+
     def cpu_times(self) -> dict[str, str]:
         """Each site VM's /proc/stat, then each process's stat line and command line, in one guest command
         (see :func:`testbed.drill.runner.cpu_busy` and :func:`~testbed.drill.runner.cpu_by_process`); a

@@ -358,3 +358,18 @@ def test_the_report_says_where_each_machines_cpu_went() -> None:
     res["modes"][0]["cpu_by_process"] = {"primary": [{"what": "smfs.site", "share": 0.5},
                                                      {"what": "gateway (C)", "share": 0.25}]}
     assert "- local-sync, primary: smfs.site 50 %, gateway (C) 25 %" in report_md(res)
+
+
+def test_packets_the_host_dropped_into_a_vm_are_reported() -> None:
+    """A site VM's host tap counts packets dropped at its full queue (a guest too slow): the report
+    names them per mode and site; none, no note."""
+    from testbed.drill.plots import report_md
+    from testbed.drill.runner import tap_deltas
+
+    got = tap_deltas({"mirror": {"tx_packets": 100, "tx_dropped": 2}, "gone": {"tx_packets": 1, "tx_dropped": 0}},
+                     {"mirror": {"tx_packets": 5100, "tx_dropped": 537}, "primary": {"tx_packets": 9, "tx_dropped": 0}})
+    assert got == {"mirror": {"tx_packets": 5000, "tx_dropped": 535}}
+    res = _result(remote_lost=0)
+    assert "Dropped by the host" not in report_md(res)
+    res["modes"][0]["host_tap"] = got | {"primary": {"tx_packets": 10, "tx_dropped": 0}}
+    assert "local-sync mirror 535 of 5535." in report_md(res)
