@@ -198,6 +198,14 @@ def report_md(result: dict[str, Any]) -> str:
                   "counts; a verdict that depends on it tests this machine as much as the stack): "
                   + ", ".join(f"{mode} {site} {c['tx_dropped']} of {c.get('tx_packets', 0) + c['tx_dropped']}"
                               for mode, site, c in dropped) + "."]
+    overflowed = [(m["mode"], site, u) for m in modes for site, u in sorted((m.get("udp") or {}).items())
+                  if u.get("rcvbuf_errors")]
+    if overflowed:
+        lines += ["", "**Dropped at a full UDP receive buffer inside a VM** (a receiving gateway slower than "
+                  "the WAN's bursts: the datagrams crossed the WAN and were lost after it, which the FEC "
+                  "counts as WAN loss and which the paper's claim, about loss on the link, does not cover): "
+                  + ", ".join(f"{mode} {site} {u['rcvbuf_errors']} of {u['in_datagrams'] + u['rcvbuf_errors']}"
+                              for mode, site, u in overflowed) + "."]
     cpu = [(m["mode"], m["cpu"]) for m in modes if m.get("cpu")]
     if cpu:
         machines = sorted({k for _mode, c in cpu for k in c})

@@ -223,15 +223,20 @@ def run_mode(bed: Bed, cfg: RunConfig, mode: Mode, say: Say, progress: Callable[
         taps0 = sample_taps() if sample_taps is not None else None
         _run_until(bed, cfg, mode, t_start, stream, say, progress)
         bed.heal_all()
-        bed.before_disaster(mode)
-        clocks.append(bed.clock())
+        # The figures first (a guest command each: seconds under TCG), then what dies with the primary
+        # (its gateway's statistics, its ack traces), then the disaster: read before the figures, the
+        # acks given while they were taken went unchecked by the wire check.
         if cpu0 is not None and sample_cpu is not None:
             cpu1 = sample_cpu()
             entry["cpu"] = cpu_busy(cpu0, cpu1)
             if by_process := cpu_by_process(cpu0, cpu1):
                 entry["cpu_by_process"] = by_process
+            if udp := udp_drops(cpu0, cpu1):
+                entry["udp"] = udp
         if taps0 is not None and sample_taps is not None:
             entry["host_tap"] = tap_deltas(taps0, sample_taps())
+        bed.before_disaster(mode)
+        clocks.append(bed.clock())
         if cfg.instant == "ack":
             tl.gate = lambda: await_ack(stream, tl)
         instant = bed.disaster(tl)
@@ -317,6 +322,33 @@ def cpu_busy(before: Mapping[str, str], after: Mapping[str, str]) -> dict[str, d
                      "kernel": round((system + irq + softirq) / total, 3),  # of which the kernel's
                      "steal": round(steal / total, 3), "cpus": b[1]}
     return dict(sorted(out.items()))
+
+
+def udp_drops(before: Mapping[str, str], after: Mapping[str, str]) -> dict[str, dict[str, int]]:
+    """Per machine, its kernel's UDP datagrams received and dropped for a full socket receive buffer
+    (``/proc/net/snmp``'s ``InDatagrams`` and ``RcvbufErrors``, between two readings that carry them
+    after ``@@snmp``): a receiving gateway too slow for the WAN's bursts loses datagrams there, after
+    the WAN, and FEC sees them as WAN loss. Machines without the counters are left out."""
+    out = {}
+    for name in sorted(before.keys() & after.keys()):
+        a, b = _udp_counters(before[name]), _udp_counters(after[name])
+        if a and b:
+            out[name] = {"in_datagrams": b["InDatagrams"] - a["InDatagrams"],
+                         "rcvbuf_errors": b["RcvbufErrors"] - a["RcvbufErrors"]}
+    return out
+
+
+def _udp_counters(text: str) -> dict[str, int] | None:
+    if "@@snmp" not in text:
+        return None
+    lines = [ln.split() for ln in text.split("@@snmp", 1)[1].splitlines() if ln.startswith("Udp:")]
+    if len(lines) < 2 or len(lines[0]) != len(lines[1]):
+        return None
+    try:
+        got = dict(zip(lines[0][1:], map(int, lines[1][1:]), strict=True))
+    except ValueError:
+        return None
+    return got if {"InDatagrams", "RcvbufErrors"} <= got.keys() else None
 
 
 def tap_deltas(before: Mapping[str, Mapping[str, int]], after: Mapping[str, Mapping[str, int]]) -> dict[str, dict[str, int]]:

@@ -75,10 +75,11 @@ __all__ = ["EXIT_CODES", "DrillConfig", "run_drill"]
 
 from testbed.spec import DRILL_KEYS  # noqa: E402 - the fields a drill reads; any other is a typo (one list, in the spec)
 
-PROC_CPU_SCRIPT = ("cat /proc/stat; echo @@stat; cat /proc/[0-9]*/stat 2>/dev/null; echo @@cmdline; "
-                   "grep -a -H '' /proc/[0-9]*/cmdline 2>/dev/null; true")
-"""The guest's CPU counters in one command (three processes, not one per process: a fork costs
-milliseconds under TCG): the summed cpu line, then every process's stat line and command line."""
+PROC_CPU_SCRIPT = ("cat /proc/stat; echo @@snmp; grep '^Udp:' /proc/net/snmp; echo @@stat; "
+                   "cat /proc/[0-9]*/stat 2>/dev/null; echo @@cmdline; grep -a -H '' /proc/[0-9]*/cmdline 2>/dev/null; true")
+"""The guest's counters in one command (four processes, not one per process: a fork costs
+milliseconds under TCG): the summed cpu line, the kernel's UDP counters (a receive buffer that
+overflowed), then every process's stat line and command line."""
 
 
 @dataclass(frozen=True)
@@ -541,13 +542,15 @@ class VmBed:
         """Each site VM's /proc/stat, then each process's stat line and command line, in one guest command
         (see :func:`testbed.drill.runner.cpu_busy` and :func:`~testbed.drill.runner.cpu_by_process`); a
         guest that does not answer is left out."""
-        out = {}
-        for site, vm in (("primary", self.prim), ("mirror", self.mirr)):
+        def read(vm: str) -> str | None:
             try:
-                out[site] = self.tb.guest(vm).sh(PROC_CPU_SCRIPT, timeout=20, check=False)
+                return self.tb.guest(vm).sh(PROC_CPU_SCRIPT, timeout=20, check=False)
             except Exception:  # noqa: BLE001 - a figure for the report, never a reason to fail the mode
-                continue
-        return out
+                return None
+
+        with ThreadPoolExecutor(2) as pool:  # both guests at once: the disaster waits for these
+            got = dict(zip(("primary", "mirror"), pool.map(read, (self.prim, self.mirr)), strict=True))
+        return {site: text for site, text in got.items() if text is not None}
 
     def clock(self) -> dict[str, float]:
         """The primary guest's clock against the host's (the ledger's times are the guest's)."""

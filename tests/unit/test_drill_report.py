@@ -373,3 +373,22 @@ def test_packets_the_host_dropped_into_a_vm_are_reported() -> None:
     assert "Dropped by the host" not in report_md(res)
     res["modes"][0]["host_tap"] = got | {"primary": {"tx_packets": 10, "tx_dropped": 0}}
     assert "local-sync mirror 535 of 5535." in report_md(res)
+
+
+def test_udp_receive_buffer_overflows_inside_a_guest_are_counted_and_reported() -> None:
+    """The guest's /proc/net/snmp Udp counters between the testers' start and the disaster: datagrams
+    dropped at a full socket buffer (a receiving gateway too slow) are named in the report."""
+    from testbed.drill.plots import report_md
+    from testbed.drill.runner import udp_drops
+
+    def reading(in_dgrams: int, rcvbuf: int) -> str:
+        return ("cpu  1 0 1 1 0 0 0 0 0 0\n@@snmp\nUdp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors "
+                f"SndbufErrors\nUdp: {in_dgrams} 3 {rcvbuf} 9 {rcvbuf} 0\n@@stat\n@@cmdline\n")
+
+    got = udp_drops({"mirror": reading(100, 5), "primary": reading(1, 0), "host": "cpu  1 1 1 1"},
+                    {"mirror": reading(5100, 300), "primary": reading(7, 0), "host": "cpu  2 2 2 2"})
+    assert got == {"mirror": {"in_datagrams": 5000, "rcvbuf_errors": 295},
+                   "primary": {"in_datagrams": 6, "rcvbuf_errors": 0}}
+    res = _result(remote_lost=0)
+    res["modes"][0]["udp"] = got
+    assert "local-sync mirror 295 of 5295." in report_md(res) and "local-sync primary" not in report_md(res)
