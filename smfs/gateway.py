@@ -53,6 +53,7 @@ from smfs.units import parse_hostport
 
 TUNSETIFF = 0x400454CA
 IFF_TUN, IFF_NO_PI, IFF_VNET_HDR = 0x0001, 0x1000, 0x4000
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # <asm-generic/socket.h>; not in Python's socket module
 TSO_SEGS = 64  # gateway.c TSO_SEGS: the TUN's gso_max_segs, so one read fits the gateway's batch
 WAN_MTU = 1500  # bytes: the WAN links' MTU; tunnel datagrams must cross them unfragmented
 TUN_BATCH = 64  # packets read from the TUN before the encoder takes them
@@ -126,8 +127,14 @@ def wan_socket(local: str) -> socket.socket:
     and raised by the next send or recv."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        # As root, the FORCE options get the 4 MiB past net.core.[rw]mem_max (212992 by default: a
+        # receive buffer of ~150 datagrams, which a gateway slower than the WAN's bursts overflows,
+        # after the WAN, in runs FEC cannot repair); otherwise what the limit allows.
+        for force, plain in ((SO_SNDBUFFORCE, socket.SO_SNDBUF), (SO_RCVBUFFORCE, socket.SO_RCVBUF)):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, force, 4 << 20)
+            except PermissionError:
+                sock.setsockopt(socket.SOL_SOCKET, plain, 4 << 20)
         sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
         sock.bind(parse_hostport(local))
         sock.setblocking(False)
