@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -214,27 +215,48 @@ def run_mode(bed: Bed, cfg: RunConfig, mode: Mode, say: Say, progress: Callable[
     try:
         bed.begin(mode, out, tl)
         bed.start_primary(mode, tl)
+        # The first figures before the testers start: a guest command takes seconds under TCG, and taken
+        # after, they delayed the faults' clock (a fault due at 2 s came at 4.8 s).
+        sample_cpu = getattr(bed, "cpu_times", None)  # {machine: /proc/stat's cpu line}, where the bed can
+        sample_taps = getattr(bed, "tap_counters", None)  # {site: host tap counters}, where the VMs have taps
+        t0 = time.monotonic()
+        cpu0 = sample_cpu() if sample_cpu is not None else None
+        taps0 = sample_taps() if sample_taps is not None else None
+        took = time.monotonic() - t0
         stream = bed.start_testers(out / "ledger-raw", tl)
         t_start = tl.mark(f"testers started ({cfg.testers} × {cfg.append_size} B appends)")
         clocks = [bed.clock()]
-        sample_cpu = getattr(bed, "cpu_times", None)  # {machine: /proc/stat's cpu line}, where the bed can
-        cpu0 = sample_cpu() if sample_cpu is not None else None
-        sample_taps = getattr(bed, "tap_counters", None)  # {site: host tap counters}, where the VMs have taps
-        taps0 = sample_taps() if sample_taps is not None else None
-        _run_until(bed, cfg, mode, t_start, stream, say, progress)
+        # The closing figures are taken beside the run, to be done by fail_at: taken after it, they
+        # put seconds between fail_at and the disaster, in which the WAN drained what a broken stack
+        # had acked too early (the self-test missed remote-sync-acks-at-handoff).
+        after: dict[str, Any] = {}
+
+        def closing_figures() -> None:
+            after["cpu"] = sample_cpu() if sample_cpu is not None else None
+            after["taps"] = sample_taps() if sample_taps is not None else None
+
+        figures = threading.Timer(max(0.0, cfg.fail_at - 2 * took - 0.5), closing_figures)
+        figures.daemon = True
+        figures.start()
+        try:
+            _run_until(bed, cfg, mode, t_start, stream, say, progress)
+        finally:
+            figures.cancel()  # not started yet (the run ended early): taken below
+            figures.join(timeout=60)
         bed.heal_all()
-        # The figures first (a guest command each: seconds under TCG), then what dies with the primary
-        # (its gateway's statistics, its ack traces), then the disaster: read before the figures, the
-        # acks given while they were taken went unchecked by the wire check.
-        if cpu0 is not None and sample_cpu is not None:
-            cpu1 = sample_cpu()
+        if "cpu" not in after:
+            closing_figures()
+        cpu1, taps1 = after["cpu"], after["taps"]
+        if cpu0 is not None and cpu1 is not None:
             entry["cpu"] = cpu_busy(cpu0, cpu1)
             if by_process := cpu_by_process(cpu0, cpu1):
                 entry["cpu_by_process"] = by_process
             if udp := udp_drops(cpu0, cpu1):
                 entry["udp"] = udp
-        if taps0 is not None and sample_taps is not None:
-            entry["host_tap"] = tap_deltas(taps0, sample_taps())
+        if taps0 is not None and taps1 is not None:
+            entry["host_tap"] = tap_deltas(taps0, taps1)
+        # What dies with the primary (its gateway's statistics, its ack traces) last, just before the
+        # disaster: read earlier, the acks given meanwhile went unchecked by the wire check.
         bed.before_disaster(mode)
         clocks.append(bed.clock())
         if cfg.instant == "ack":
