@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -219,34 +218,17 @@ def run_mode(bed: Bed, cfg: RunConfig, mode: Mode, say: Say, progress: Callable[
         # after, they delayed the faults' clock (a fault due at 2 s came at 4.8 s).
         sample_cpu = getattr(bed, "cpu_times", None)  # {machine: /proc/stat's cpu line}, where the bed can
         sample_taps = getattr(bed, "tap_counters", None)  # {site: host tap counters}, where the VMs have taps
-        t0 = time.monotonic()
         cpu0 = sample_cpu() if sample_cpu is not None else None
         taps0 = sample_taps() if sample_taps is not None else None
-        took = time.monotonic() - t0
         stream = bed.start_testers(out / "ledger-raw", tl)
         t_start = tl.mark(f"testers started ({cfg.testers} × {cfg.append_size} B appends)")
         clocks = [bed.clock()]
-        # The closing figures are taken beside the run, to be done by fail_at: taken after it, they
-        # put seconds between fail_at and the disaster, in which the WAN drained what a broken stack
-        # had acked too early (the self-test missed remote-sync-acks-at-handoff).
-        after: dict[str, Any] = {}
-
-        def closing_figures() -> None:
-            after["cpu"] = sample_cpu() if sample_cpu is not None else None
-            after["taps"] = sample_taps() if sample_taps is not None else None
-
-        figures = threading.Timer(max(0.0, cfg.fail_at - 2 * took - 0.5), closing_figures)
-        figures.daemon = True
-        figures.start()
-        try:
-            _run_until(bed, cfg, mode, t_start, stream, say, progress)
-        finally:
-            figures.cancel()  # not started yet (the run ended early): taken below
-            figures.join(timeout=60)
+        _run_until(bed, cfg, mode, t_start, stream, say, progress)
         bed.heal_all()
-        if "cpu" not in after:
-            closing_figures()
-        cpu1, taps1 = after["cpu"], after["taps"]
+        # The closing figures (a file read per guest, fast) before what dies with the primary: every
+        # second between fail_at and the disaster lets the WAN drain what a broken stack acked early.
+        cpu1 = sample_cpu() if sample_cpu is not None else None
+        taps1 = sample_taps() if sample_taps is not None else None
         if cpu0 is not None and cpu1 is not None:
             entry["cpu"] = cpu_busy(cpu0, cpu1)
             if by_process := cpu_by_process(cpu0, cpu1):
