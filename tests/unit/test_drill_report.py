@@ -20,7 +20,7 @@ def test_config_from_the_ci_spec() -> None:
     spec = load(REPO / "specs" / "ci.toml")
     cfg = DrillConfig.from_spec(spec, tuple(parse_modes("all")), Path("/tmp/x"))
     assert (cfg.testers, cfg.append_size, cfg.servers, cfg.r) == (4, 64 * 1024, 2, 8)
-    assert (cfg.duration, cfg.fail_at, cfg.burst_seconds) == (60.0, 10.0, 0.5)
+    assert (cfg.duration, cfg.fail_at, cfg.burst_seconds) == (60.0, 16.0, 0.5)
     assert cfg.schedule == "rolling-disaster" and len(cfg.modes) == 5
 
 

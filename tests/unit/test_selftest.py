@@ -33,3 +33,23 @@ def test_a_defect_missed_in_one_run_is_missed() -> None:
     assert "MISSED 2/3" in table([s]) and "lost 3" in table([s])
     (s,) = summarize(rows[:1])
     assert s["caught"] and "caught 1/1" in table([s])
+
+
+def test_a_control_runs_the_variant_its_defect_runs_under() -> None:
+    """The hand-off defect needs the WAN dark before the site dies; its control must get the same dark
+    WAN (else a catch could be the schedule's doing), and other cases keep the spec's burst."""
+    from pathlib import Path
+
+    from testbed.drill.selftest import _configure, _variant
+    from testbed.drill.vm import DrillConfig
+    from testbed.spec import load
+
+    spec = load(Path(__file__).resolve().parents[2] / "specs" / "ci.toml")
+    base = DrillConfig.from_spec(spec, (parse_mode("remote-sync"),), Path("/tmp/x"))
+    by_name = {c.defect: c for c in CASES}
+    handoff = _configure(base, *_variant(by_name["remote-sync-acks-at-handoff"])[2:])
+    assert (handoff.burst_loss, handoff.burst_seconds) == ("100%", 3.0)
+    assert handoff.burst_seconds < base.duration - base.fail_at  # the testers still run when the WAN goes dark
+    other = _configure(base, *_variant(by_name["mirror-acks-before-fsync"])[2:])
+    assert (other.burst_loss, other.burst_seconds, other.flush_ms) == (base.burst_loss, base.burst_seconds, base.flush_ms)
+    assert _variant(by_name["remote-sync-acks-at-handoff"]) != _variant(by_name["primary-acks-before-local-write"])
