@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
             "verbose": "pytest -v"})
 def test(c, k="", marker="", verbose=False):
     """Run the test suite: unit + netns (as root) + the vm tests that fit CI's budget."""
-    args = [sys.executable, "-m", "pytest", str(ROOT / "tests"), "-q" if not verbose else "-v"]
+    # --durations: the slowest tests are named in every run (CI's budget is watched from its output)
+    args = [sys.executable, "-m", "pytest", str(ROOT / "tests"), "-q" if not verbose else "-v", "--durations=25"]
     if marker:
         args += ["-m", marker]
     if k:

@@ -43,8 +43,9 @@ CASES: tuple[Case, ...] = (
     Case("remote-sync-acks-at-handoff", "remote-sync", "rolling-disaster",
          "the WAN goes dark 3 s before the site dies: remote-sync acks nothing then, a stack acking at "
          "hand-off keeps acking into its send buffer", burst_loss="100%", burst_seconds=3.0),
+    # 256 KiB segments as for mirror-skips-directory-fsync: the two share one control run.
     Case("mirror-acks-before-fsync", "remote-sync", "mirror-power-outage",
-         "acked appends in the mirror's page cache die with the mirror's power"),
+         "acked appends in the mirror's page cache die with the mirror's power", segment_bytes=256 << 10),
     Case("primary-acks-before-local-write", "remote-sync", "site-power-cut",
          "acked appends not yet on the primary's own disk when its power is cut"),
     Case("network-sync-callback-before-repairs", "network-sync", "rolling-disaster",
