@@ -141,13 +141,15 @@ def flag_new_out(flag: str, value: str) -> Path | None:
     return out
 
 
-def claim_folder(out: Path | None, parent: Path, stamp: str = "") -> Path:
-    """The run's output folder: ``out`` (created), or a new folder under ``parent`` named by the time."""
+def claim_folder(out: Path | None, parent: Path, stamp: str = "", suffix: str = "") -> Path:
+    """The run's output folder: ``out`` (created), or a new folder under ``parent`` named by the time
+    (``{stamp}<time>{suffix}``, then ``-2``, ``-3``... when taken). Claim it under the testbed's lock: a
+    name chosen before a wait for the lock may be another run's by then."""
     try:
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
             return out
-        return fresh_folder(parent, f"{stamp}{time.strftime('%Y%m%d-%H%M%S')}")
+        return fresh_folder(parent, f"{stamp}{time.strftime('%Y%m%d-%H%M%S')}{suffix}")
     except OSError as err:
         raise user_error(f"output folder {out or parent}: {err.strerror or err}; give --out a folder you can write") from None
 

@@ -8,7 +8,17 @@ from pathlib import Path
 
 from invoke.exceptions import Exit
 
-from testbed.cli.common import WAIT_HELP, flag_out, for_command, run_for_verdict, stamped, task, user_error
+from testbed.cli.common import (
+    WAIT_HELP,
+    claim_folder,
+    flag_new_out,
+    flag_out,
+    for_command,
+    run_for_verdict,
+    stamped,
+    task,
+    user_error,
+)
 
 HELP = ("-h", "--help")
 
@@ -45,15 +55,24 @@ def experiment(c, file, quick=False, out="", resume="", keep=False, wait=False):
         raise user_error(str(err)) from None
     if out and resume:
         raise user_error("--out and --resume: give one; --resume DIR continues in DIR")
-    folder = flag_out("--resume", resume) if resume else flag_out("--out", out)
-    if resume and (folder is None or not folder.is_dir()):
-        raise user_error(f"--resume {resume}: not a folder of an earlier run; pass the folder it wrote")
-    folder = folder or Path("results/experiments") / (exp.name + ("-quick" if quick else "")) / time.strftime("%Y%m%d-%H%M%S")
+    if resume:
+        given = flag_out("--resume", resume)
+        if given is None or not given.is_dir():
+            raise user_error(f"--resume {resume}: not a folder of an earlier run; pass the folder it wrote")
+    else:
+        try:
+            given = flag_new_out("--out", out)  # an earlier run's folder is refused before anything runs
+        except Exit as err:
+            if "not empty" not in str(err.message):
+                raise
+            raise user_error(f"{str(err.message).removeprefix('error: ')}, or --resume {out}") from None
     say = stamped(time.monotonic())
-    say(f"experiment {exp.name}{' (quick)' if quick else ''}: {len(exp.points())} point(s) × {len(exp.modes)} mode(s) × "
-        f"{exp.repetitions} repetition(s) into {folder}")
     try:
         with for_command("./inv experiment", wait):
+            # claimed under the lock: a default name chosen before a wait for it may be another run's by then
+            folder = given if resume else claim_folder(given, Path("results/experiments") / (exp.name + ("-quick" if quick else "")))
+            say(f"experiment {exp.name}{' (quick)' if quick else ''}: {len(exp.points())} point(s) × {len(exp.modes)} "
+                f"mode(s) × {exp.repetitions} repetition(s) into {folder}")
             result = run_for_verdict(lambda: run_experiment(exp, folder, keep=keep, resume=bool(resume), say=say,
                                                             report=write_experiment_report), "the experiment")
     except ExperimentError as err:
@@ -76,7 +95,8 @@ def compare(c, a, b, json_out=False):
     print(json.dumps(res, indent=1, default=str) if json_out else render(res))
 
 
-@task(help={"folder": "a result folder to run again", "out": "where the new run goes (default: beside the old one)",
+@task(help={"folder": "a result folder to run again",
+            "out": "where the new run goes: a new or empty folder (default: a new one beside the old one)",
             "wait": WAIT_HELP})
 def replay(c, folder, out="", wait=False):
     """Run again exactly what a result folder recorded (its spec or experiment file, its modes) into a new folder."""
@@ -87,7 +107,11 @@ def replay(c, folder, out="", wait=False):
 
     src = Path(folder)
     kind, res = load_result(src)  # a CompareError (not a result folder): one line, exit 2
-    target = flag_out("--out", out) or src.parent / (time.strftime("%Y%m%d-%H%M%S") + "-replay")
+    given = flag_new_out("--out", out)  # an earlier run's folder is refused: the drill would clear its modes
+
+    def claim() -> Path:  # under the lock: a default name chosen before a wait for it may be another run's by then
+        return claim_folder(given, src.parent, suffix="-replay")
+
     if kind == "experiment":
         file = src / "experiment-file.toml"
         if not file.is_file():
@@ -100,8 +124,9 @@ def replay(c, folder, out="", wait=False):
         except ExperimentError as err:
             raise user_error(str(err)) from None
         say = stamped(time.monotonic())
-        say(f"replaying experiment {exp.name} from {src} into {target}")
         with for_command("./inv replay", wait):
+            target = claim()
+            say(f"replaying experiment {exp.name} from {src} into {target}")
             run_for_verdict(lambda: run_experiment(exp, target, say=say, report=write_experiment_report), "the replay")
         return
     spec = src / "spec.toml"
@@ -112,8 +137,9 @@ def replay(c, folder, out="", wait=False):
 
     modes = tuple(parse_modes(",".join((res.get("config") or {}).get("modes") or ["all"])))
     say = stamped(time.monotonic())
-    say(f"replaying the drill of {src} ({', '.join(m.name for m in modes)}) into {target}")
     with for_command("./inv replay", wait):
+        target = claim()
+        say(f"replaying the drill of {src} ({', '.join(m.name for m in modes)}) into {target}")
         result = run_for_verdict(lambda: run_drill(spec, modes, target, say=say), "the replay")
     code = EXIT_CODES[result["verdict"]]
     if code:

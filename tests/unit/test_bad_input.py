@@ -180,6 +180,21 @@ def test_testers_abc_is_one_line_not_an_option_parser_traceback(inv: Any) -> Non
     assert (res.returncode, res.stderr) == (2, "error: --testers 'abc': give a whole number, e.g. --testers 64\n")
 
 
+@pytest.mark.parametrize(("flag", "shown"), [("duration", "--duration"), ("fail_at", "--fail-at"),
+                                             ("drain_timeout", "--drain-timeout")])
+@pytest.mark.parametrize("value", ["inf", "Infinity", "nan", "-inf", "1e400"])
+def test_local_drill_with_an_endless_time_is_refused(flag: str, shown: str, value: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The finding as reported: ``local-drill --duration inf`` was accepted (a run that never ends)."""
+    from testbed.cli.drill import local_drill
+    from testbed.drill import local as localdrill
+
+    monkeypatch.setattr(localdrill, "run_local_drill", _must_not_run)
+    with pytest.raises(Exit) as err:
+        local_drill.body(Context(), **{flag: value})
+    assert err.value.code == 2 and err.value.message.startswith(f"error: {shown} ") and "\n" not in err.value.message
+
+
 def test_up_checks_the_clone_name_before_anything(monkeypatch: pytest.MonkeyPatch) -> None:
     from testbed.cli.vm import clone_, up
     from testbed.vm import bed as vmbed

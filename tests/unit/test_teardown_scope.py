@@ -91,6 +91,50 @@ def test_open_folder(cache: Path) -> None:
         Registry().items()
 
 
+def test_written_atomically(cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registry is written whole or not at all: its new content is synced in a temp file before the
+    rename over the old one (then the folder is synced), so a crash (here, the rename failing) leaves the
+    previous registry readable and complete; a temp file left by such a crash, even a link planted in its
+    place, is replaced, never written through."""
+    reg = Registry()
+    reg.add("dir", str(cache / "a"), "o")
+    events: list[tuple[str, int]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        events.append(("replace", os.stat(src).st_ino))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    reg.add("dir", str(cache / "b"), "o")
+    new, folder = reg.path.stat().st_ino, cache.stat().st_ino
+    assert events == [("fsync", new), ("replace", new), ("fsync", folder)], events  # data synced, renamed, name synced
+
+    def crash(src: Any, dst: Any) -> None:
+        raise OSError(5, "crashed before the rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="crashed"):
+        reg.add("dir", str(cache / "c"), "o")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert [r.ident for r in Registry().items()] == [str(cache / "a"), str(cache / "b")]
+    tmp = reg.path.with_suffix(".tmp")
+    assert tmp.exists()  # what the crash left
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    tmp.unlink()
+    tmp.symlink_to(victim)
+    reg.add("dir", str(cache / "d"), "o")
+    assert victim.read_text() == "keep" and not tmp.exists() and not reg.path.is_symlink()
+    assert [r.ident for r in Registry().items()] == [str(cache / x) for x in "abd"]
+    assert (reg.path.stat().st_mode & 0o777) == 0o600
+
+
 @pytest.mark.parametrize("text", ["{not json", '{"kind": "dir"}', '[{"kind": "dir", "owner": "o"}]', "\xff\xfe", ""])
 def test_unreadable(cache: Path, text: str) -> None:
     """Kept aside and named; nothing removed, and every later use refuses until someone deals with it."""
@@ -256,6 +300,34 @@ def test_foreign_domains(cache: Path, libvirt_of: Any) -> None:
     assert "names testbed 'ffffffffffffffff'" in why["smfs-t-other"]
     assert "lacks the prefix smfs-" in why["webserver"]
     assert "not a URI this testbed uses" in why["smfs-t-remote"]
+    assert reg.items() == []
+
+
+class FakeSnapshot:
+    def __init__(self, dom: FakeDomain) -> None:
+        self.dom = dom
+
+    def delete(self, flags: int = 0) -> None:
+        self.dom.calls.append("snapshot-delete")
+
+
+def test_foreign_snapshots(cache: Path, libvirt_of: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A registry entry naming a snapshot is checked by its domain, as a domain is: a snapshot of a domain
+    without the metadata, of another testbed's or of one without the prefix is never deleted; ours is."""
+    doms, _ = libvirt_of
+    monkeypatch.setattr(FakeDomain, "snapshotLookupByName", lambda self, name: FakeSnapshot(self), raising=False)
+    reg = Registry()
+    for name, testbed in (("smfs-t-bare", None), ("smfs-t-other", "ffffffffffffffff"), ("smfs-t-mine", reg.scope.id),
+                          ("webserver", reg.scope.id)):
+        doms[name] = FakeDomain(name, _xml(name, testbed))
+        reg.add("snapshot", f"{name}/ready", "testbed-t", uri="qemu:///system", domain=name, snapshot="ready")
+    said: list[str] = []
+    removed = reg.teardown(say=said.append)
+    assert [r.ident for r in removed] == ["smfs-t-mine/ready"] and "snapshot-delete" in doms["smfs-t-mine"].calls
+    for name in ("smfs-t-bare", "smfs-t-other", "webserver"):
+        assert "snapshot-delete" not in doms[name].calls, name
+    assert sorted(line.split(":")[0] for line in said) == [
+        f"refusing to remove snapshot {n}/ready" for n in ("smfs-t-bare", "smfs-t-other", "webserver")], said
     assert reg.items() == []
 
 
