@@ -30,12 +30,17 @@ SPEC = Path(__file__).resolve().parents[2] / "specs" / "ci.toml"
 
 
 @pytest.fixture(scope="module")
+def tb(ci_bed: Any) -> Any:
+    """The session's ci testbed with the drill's snapshot "ready" (mirror site and both gateways running,
+    WAN shaped)."""
+    return ci_bed
+
+
+@pytest.fixture(scope="module")
 def ready(tb: Any, tmp_path_factory: pytest.TempPathFactory) -> drill.DrillConfig:
-    """The drill's snapshot "ready" (mirror site and both gateways running, WAN shaped)."""
-    out = tmp_path_factory.mktemp("epochs")
-    cfg = drill.DrillConfig.from_spec(tb.spec, (parse_mode("remote-sync+fec"),), out)
-    tb.update(drill_wan=drill.prepare(tb, cfg, Timeline(say=print)))
-    return cfg
+    """A drill's configuration on the ci spec, whose snapshot "ready" ``tb`` holds."""
+    assert drill.SNAPSHOT in tb.state.snapshots
+    return drill.DrillConfig.from_spec(tb.spec, (parse_mode("remote-sync+fec"),), tmp_path_factory.mktemp("epochs"))
 
 
 def _urandom(tb: Any) -> str:

@@ -9,8 +9,6 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -24,14 +22,12 @@ def _spec(tmp_path: Path, faults: str) -> Path:
 
 
 def _drill(spec: Path, out: Path) -> dict[str, Any]:
+    """The drill on the session's ci testbed (the spec has its name): it restores the shared snapshot
+    "ready" and restarts the mirror site, whose idle timeout the faults lengthen."""
     from smfs.modes import parse_modes
     from testbed.drill.vm import run_drill
-    from testbed.vm import bed as vmbed
 
-    if (vmbed.testbeds_dir() / "active").exists():
-        pytest.skip("a testbed is already up (./inv down first); the drill brings up its own")
-    run_drill(spec, tuple(parse_modes("remote-sync")), out, say=print)
-    assert not (vmbed.testbeds_dir() / "active").exists()
+    run_drill(spec, tuple(parse_modes("remote-sync")), out, keep=True, say=print)
     return json.loads((out / "result.json").read_text())
 
 
@@ -39,7 +35,7 @@ def _events(mode: dict[str, Any]) -> list[str]:
     return [e["event"] for e in mode["timeline"]]
 
 
-def test_faults_during_the_run_are_injected_healed_and_cost_remote_sync_nothing(tmp_path: Path) -> None:
+def test_faults_during_the_run_are_injected_healed_and_cost_remote_sync_nothing(ci_bed: object, tmp_path: Path) -> None:
     spec = _spec(tmp_path, """[faults]
 schedule = "rolling-disaster"
 fail_at = "16s"
@@ -81,7 +77,7 @@ for = "3s"
     assert len(result["config"]["during"]) == 4
 
 
-def test_mirror_disk_failure_and_mirror_power_outage_keep_remote_sync_acked_appends(tmp_path: Path) -> None:
+def test_mirror_disk_failure_and_mirror_power_outage_keep_remote_sync_acked_appends(ci_bed: object, tmp_path: Path) -> None:
     spec = _spec(tmp_path, """[faults]
 schedule = "mirror-power-outage"
 fail_at = "28s"

@@ -6,21 +6,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[2]
 CAUGHT_RELIABLY = ("remote-sync-acks-at-handoff,mirror-acks-before-fsync,primary-acks-before-local-write,"
                    "network-sync-callback-before-repairs,mirror-skips-directory-fsync")
 """Every seeded defect, one run each (network-sync-callback-before-repairs by the wire check)."""
 
 
-def test_seeded_defects_are_caught_and_the_correct_stack_is_not_accused(tmp_path: Path) -> None:
+def test_seeded_defects_are_caught_and_the_correct_stack_is_not_accused(ci_bed: object, tmp_path: Path) -> None:
     from testbed.drill.selftest import run_self_test
-    from testbed.vm import bed as vmbed
 
-    if (vmbed.testbeds_dir() / "active").exists():
-        pytest.skip("a testbed is already up (./inv down first); the self-test brings up its own")
-    result = run_self_test(REPO / "specs" / "ci.toml", CAUGHT_RELIABLY, runs=1, out=tmp_path / "st", say=print)
+    # On the session's ci testbed and its snapshot "ready", as `./inv self-test` reuses a running testbed.
+    result = run_self_test(REPO / "specs" / "ci.toml", CAUGHT_RELIABLY, runs=1, out=tmp_path / "st", keep=True,
+                           say=print)
     on_disk = json.loads((tmp_path / "st" / "self-test.json").read_text())
     assert on_disk["verdict"] == result["verdict"] == "ok", (result["controls"], result["rows"])
     assert {c["schedule"] for c in result["controls"]} == {"rolling-disaster", "mirror-power-outage", "site-power-cut"}
@@ -32,4 +29,3 @@ def test_seeded_defects_are_caught_and_the_correct_stack_is_not_accused(tmp_path
     assert "wire check" in rows["network-sync-callback-before-repairs"]["evidence"]
     [wired] = [c for c in result["controls"] if c["mode"] == "network-sync"]
     assert wired["flush_ms"] == 100.0 and wired["verdict"] == "ok"  # the correct stack passes the wire check
-    assert not (vmbed.testbeds_dir() / "active").exists()
